@@ -1,0 +1,9 @@
+"""megalign: convert autoregressive LMs into masked diffusion LMs on Megatron-Core, with REPR-ALIGN."""
+
+__version__ = "0.1.0"
+
+import warnings
+
+# Expected on CPU machines: megatron-core falls back to torch implementations without TE/apex.
+warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+warnings.filterwarnings("ignore", message="Apex is not installed. Falling back to Torch Norm")

@@ -1,0 +1,70 @@
+"""Per-layer cosine alignment between student and teacher hidden states, on one pipeline stage.
+
+``L_align = sum_l w_l * (1 - mean_{i in V} cos(h^S_l[i], h^T_l[i]))`` with the layer weights
+``w`` normalised to sum to one over *all* aligned layers of the model, so the per-stage terms add
+up to the full loss. ``V`` is the diffusion loss's supervised set. Under sequence parallelism a
+rank holds a slice of the positions: its term is its partial sum divided by the *global* count, and
+the partial terms add up over the TP group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+
+
+@dataclass
+class StageAlignment:
+    loss: torch.Tensor  # this rank's share of sum_l w_l (1 - mean cos_l), differentiable
+    cos_sums: dict[int, torch.Tensor]  # per aligned layer: sum of cos over this rank's positions
+    count: torch.Tensor  # |V| over the whole micro-batch (all TP ranks)
+
+
+def supervised_positions(supervised: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
+    """[b, s] bool -> [s_local, b] in the layout of Megatron hidden states on this rank."""
+    positions = supervised.transpose(0, 1)
+    if sequence_parallel:
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        rank = parallel_state.get_tensor_model_parallel_rank()
+        chunk = positions.shape[0] // tp
+        positions = positions[rank * chunk : (rank + 1) * chunk]
+    return positions
+
+
+def stage_alignment(
+    student: dict[int, torch.Tensor],
+    teacher: dict[int, torch.Tensor],
+    supervised: torch.Tensor,
+    layer_weights: dict[int, float],
+    sequence_parallel: bool,
+) -> StageAlignment:
+    positions = supervised_positions(supervised, sequence_parallel)
+    weight = positions.to(torch.float32)
+    local_count = weight.sum()
+    count = local_count.detach().clone()
+    if sequence_parallel:
+        torch.distributed.all_reduce(count, group=parallel_state.get_tensor_model_parallel_group())
+    denom = count.clamp(min=1.0)
+    loss = torch.zeros((), dtype=torch.float32, device=weight.device)
+    cos_sums = {}
+    for index, h_student in student.items():
+        cos = F.cosine_similarity(h_student.float(), teacher[index].float(), dim=-1)  # [s, b]
+        cos_sum = (cos * weight).sum()
+        loss = loss + layer_weights[index] * (local_count - cos_sum) / denom
+        cos_sums[index] = cos_sum.detach()
+    return StageAlignment(loss=loss, cos_sums=cos_sums, count=count)
+
+
+def normalised_layer_weights(
+    num_layers: int, layers: list[int] | None, weights: list[float] | None
+) -> dict[int, float]:
+    """Aligned index -> weight summing to one (default: all L+1 states, uniform)."""
+    layers = list(range(num_layers + 1)) if layers is None else list(layers)
+    weights = [1.0] * len(layers) if weights is None else [float(w) for w in weights]
+    total = sum(weights)
+    if total <= 0:
+        raise ValueError("align.layer_weights must not all be zero")
+    return {layer: w / total for layer, w in zip(layers, weights)}

@@ -1,0 +1,60 @@
+"""Forward-only p2p of the teacher's residual stream between adjacent pipeline stages.
+
+Design. Stage k's teacher layers need stage k-1's teacher output for the same micro-batch. The
+student's activations travel through Megatron-Core's 1F1B communicator, which pairs every forward
+tensor with a gradient in the backward direction. The teacher needs no gradient, so its stream
+does *not* ride in that communicator: it has its own process group (same ranks as the pipeline
+group), on which stage k-1 posts a non-blocking ``isend`` while running micro-batch i's forward
+step, and stage k does a blocking ``recv`` in its forward step for micro-batch i. Every stage runs
+its forward steps in micro-batch order in the non-interleaved 1F1B schedule, so the two sides of
+each pair agree on the order; the separate communicator keeps the teacher's messages out of the
+student's ordering; the send being non-blocking and posted before the student's own send of the
+same micro-batch rules out a wait cycle. Sends are completed (``wait``) once per training step.
+
+Bytes per micro-batch across one stage boundary (h = hidden, s = sequence [/TP under SP], b =
+micro-batch, e = element size): plain diffusion training moves s*b*h*e forward (activation) and
+s*b*h*e backward (its gradient); REPR-ALIGN adds s*b*h*e_teacher forward only, nothing backward,
+and no student or teacher hidden state of any other layer: the ratio is 1.5 when the teacher runs
+in the student's dtype (bf16 teacher with fp32 pipeline: 1.25). Only scalars (per-layer cosine
+sums) cross stages otherwise, once per step, for logging.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+
+def _pipeline_group_of_this_rank():
+    """A new process group with the ranks of this rank's pipeline group (all ranks call this)."""
+    mine = sorted(dist.get_process_group_ranks(parallel_state.get_pipeline_model_parallel_group()))
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    layouts = sorted({tuple(ranks) for ranks in gathered})
+    group, _ = dist.new_subgroups_by_enumeration([list(ranks) for ranks in layouts])
+    return group
+
+
+class TeacherStream:
+    def __init__(self):
+        self.group = _pipeline_group_of_this_rank()
+        self.prev_rank = parallel_state.get_pipeline_model_parallel_prev_rank()
+        self.next_rank = parallel_state.get_pipeline_model_parallel_next_rank()
+        self._pending: list = []
+        self.bytes_sent = 0
+
+    def recv(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        buffer = torch.empty(shape, dtype=dtype, device=device)
+        dist.recv(buffer, src=self.prev_rank, group=self.group)
+        return buffer
+
+    def send(self, tensor: torch.Tensor) -> None:
+        tensor = tensor.detach().contiguous()
+        self._pending.append((dist.isend(tensor, dst=self.next_rank, group=self.group), tensor))
+        self.bytes_sent += tensor.numel() * tensor.element_size()
+
+    def wait(self) -> None:
+        for work, _ in self._pending:
+            work.wait()
+        self._pending.clear()

@@ -1,0 +1,414 @@
+"""Typed run configuration: dataclasses loaded from YAML, with dotted ``key.sub=value`` overrides.
+
+Every check that can be made without a process group is made here (``validate``), so a bad
+configuration fails before anything is launched, with one message naming the key and a fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and how to fix it."""
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of the AR model the student and teacher share."""
+
+    arch: str = "llama"  # llama (RMSNorm, SwiGLU, RoPE) | gpt2 (LayerNorm, GeLU, learned positions)
+    num_layers: int = 4
+    hidden_size: int = 64
+    ffn_hidden_size: Optional[int] = None  # default: 4*hidden (gpt2), 8/3*hidden rounded (llama)
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None  # GQA; None = multi-head attention
+    seq_length: int = 128
+    max_position_embeddings: Optional[int] = None  # default: seq_length
+    qkv_bias: bool = False
+    tie_embeddings: bool = True
+    rotary_base: int = 10000
+    norm_epsilon: float = 1e-5
+    init_method_std: float = 0.02
+    make_vocab_size_divisible_by: int = 128
+    padded_vocab_size: Optional[int] = None  # default: tokenizer (+ mask row) rounded up
+    document_attention: bool = True  # attention stays inside each packed document
+    mask_token_init: str = "mean"  # mean (mean of the real vocabulary's rows) | unused (row as is)
+    init_checkpoint: Optional[str] = None  # AR weights (megatron dist checkpoint) for both models
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+    # Data-parallel size is what is left: world_size / (tp * pp).
+
+
+@dataclass
+class DiffusionConfig:
+    """Masked-diffusion objective (see megalign/diffusion/objective.py)."""
+
+    eps: float = 0.002  # t ~ U(eps, 1 - eps)
+    shift: bool = True  # position i predicts token i+1 (AR shift kept)
+    loss_weighting: str = "none"  # none (mean CE over supervised) | inv_t (MDLM ELBO, 1/t)
+    mask_token_id: Optional[int] = None  # default: the tokenizer's <mask> or first padded row
+
+
+@dataclass
+class AlignConfig:
+    """REPR-ALIGN: lambda * (1 - cos(student, teacher)) over aligned hidden states."""
+
+    weight: float = 0.0  # lambda; 0 = plain diffusion training (no teacher is built)
+    layers: Optional[list] = None  # aligned state indices 0..L (0 = embedding, L = final norm)
+    layer_weights: Optional[list] = None  # same length as layers; normalised to sum 1
+    teacher_dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+
+
+@dataclass
+class DataConfig:
+    paths: list = field(default_factory=list)  # [prefix] or [w1, prefix1, w2, prefix2, ...]
+    tokenizer: str = ""  # SentencePiece .model file
+    split: str = "98,2,0"
+    micro_batch_size: int = 2
+    global_batch_size: int = 8
+    cache_dir: Optional[str] = None  # Megatron index cache; default <run_dir>/data_cache
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"  # adam | adamw
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip_grad: float = 1.0
+    freeze: list = field(default_factory=list)  # regexes over parameter names (re.search)
+
+
+@dataclass
+class ScheduleConfig:
+    train_iters: int = 100
+    warmup_iters: int = 10
+    lr_decay_style: str = "cosine"  # cosine | linear | constant
+
+
+@dataclass
+class CheckpointConfig:
+    save: Optional[str] = None  # directory for the final (and interval) checkpoints
+    save_interval: int = 0  # 0 = only at the end
+
+
+@dataclass
+class LoggingConfig:
+    run_dir: str = "runs/default"
+    log_interval: int = 1
+    tensorboard: bool = True
+
+
+@dataclass
+class DebugConfig:
+    dump_first_batch: Optional[str] = None  # .pt file with the first micro-batch's inputs and losses
+
+
+@dataclass
+class Config:
+    seed: int = 1234
+    precision: str = "fp32"  # fp32 | bf16
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+
+CHOICES = {
+    "model.arch": ("llama", "gpt2"),
+    "model.mask_token_init": ("mean", "unused"),
+    "diffusion.loss_weighting": ("none", "inv_t"),
+    "align.teacher_dtype": ("auto", "fp32", "bf16"),
+    "optimizer.name": ("adam", "adamw"),
+    "schedule.lr_decay_style": ("cosine", "linear", "constant"),
+    "precision": ("fp32", "bf16"),
+}
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _unwrap_optional(tp):
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def _coerce(key: str, value: Any, tp) -> Any:
+    base, optional = _unwrap_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{key}: null is not allowed; give a {base.__name__}")
+    if dataclasses.is_dataclass(base):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {base.__name__} fields, got {value!r}")
+        return _build(base, value, key + ".")
+    origin = typing.get_origin(base) or base
+    if origin is bool:
+        if isinstance(value, bool):
+            return value
+    elif origin is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif origin is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif origin is str:
+        if isinstance(value, str):
+            return value
+    elif origin is list:
+        if isinstance(value, list):
+            return value
+    raise ConfigError(
+        f"{key}: expected {getattr(origin, '__name__', origin)}, got {value!r} "
+        f"({type(value).__name__})"
+    )
+
+
+def _build(cls, values: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; known keys: {names}"
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+        kwargs[key] = _coerce(prefix + key, value, hints[key])
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{dotted}': '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``a.b=value``; the value is parsed as YAML (``3``, ``1e-4``, ``true``, ``[1, 2]``, ``null``)."""
+    if "=" not in text or text.startswith("="):
+        raise ConfigError(f"override '{text}' is not of the form key.sub=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({err})") from None
+    return key.strip(), value
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+    """YAML file (optional) + overrides -> ``Config``; relative paths in the file are kept as given."""
+    tree: dict = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file '{path}' does not exist")
+        with open(path, encoding="utf-8") as handle:
+            try:
+                tree = yaml.safe_load(handle) or {}
+            except yaml.YAMLError as err:
+                raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    return _build(Config, tree)
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def required_vocab_size(tokenizer_vocab: int, tokenizer_mask: Optional[int]) -> int:
+    """Rows the model needs: the tokenizer's vocabulary plus a mask row when it has no <mask>."""
+    return tokenizer_vocab + (0 if tokenizer_mask is not None else 1)
+
+
+def padded_vocab_size(cfg: Config, tokenizer_vocab: int, tokenizer_mask: Optional[int]) -> int:
+    """Vocabulary rows in the embedding; independent of TP so every layout trains the same model."""
+    if cfg.model.padded_vocab_size is not None:
+        return cfg.model.padded_vocab_size
+    need = required_vocab_size(tokenizer_vocab, tokenizer_mask)
+    return _round_up(need, cfg.model.make_vocab_size_divisible_by)
+
+
+def mask_token_id(cfg: Config, tokenizer_vocab: int, tokenizer_mask: Optional[int]) -> int:
+    if cfg.diffusion.mask_token_id is not None:
+        return cfg.diffusion.mask_token_id
+    return tokenizer_mask if tokenizer_mask is not None else tokenizer_vocab
+
+
+def num_query_groups(model: ModelConfig) -> int:
+    return model.num_query_groups or model.num_attention_heads
+
+
+def data_parallel_size(cfg: Config, world_size: int) -> int:
+    return world_size // (cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size)
+
+
+def validate(
+    cfg: Config,
+    world_size: int,
+    tokenizer_vocab: Optional[int] = None,
+    tokenizer_mask: Optional[int] = None,
+) -> None:
+    """Raise ``ConfigError`` for the first impossible combination found."""
+    for key, allowed in CHOICES.items():
+        node = cfg
+        for part in key.split("."):
+            node = getattr(node, part)
+        if node not in allowed:
+            raise ConfigError(f"{key}={node!r} is not one of {list(allowed)}")
+
+    m, p, d = cfg.model, cfg.parallel, cfg.data
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    positive = {
+        "parallel.tensor_model_parallel_size": tp,
+        "parallel.pipeline_model_parallel_size": pp,
+        "model.num_layers": m.num_layers,
+        "model.hidden_size": m.hidden_size,
+        "model.num_attention_heads": m.num_attention_heads,
+        "model.seq_length": m.seq_length,
+        "data.micro_batch_size": d.micro_batch_size,
+        "data.global_batch_size": d.global_batch_size,
+        "schedule.train_iters": cfg.schedule.train_iters,
+        "logging.log_interval": cfg.logging.log_interval,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}={value} must be at least 1")
+
+    if world_size % (tp * pp) != 0:
+        raise ConfigError(
+            f"parallel: tensor ({tp}) x pipeline ({pp}) = {tp * pp} does not divide the world size "
+            f"{world_size}; launch a multiple of {tp * pp} processes or change the parallel sizes"
+        )
+    if m.hidden_size % m.num_attention_heads != 0:
+        raise ConfigError(
+            f"model.hidden_size={m.hidden_size} is not divisible by "
+            f"model.num_attention_heads={m.num_attention_heads}"
+        )
+    if m.num_attention_heads % tp != 0:
+        raise ConfigError(
+            f"parallel.tensor_model_parallel_size={tp} does not divide "
+            f"model.num_attention_heads={m.num_attention_heads}; choose a TP size that divides it"
+        )
+    groups = num_query_groups(m)
+    if m.num_attention_heads % groups != 0:
+        raise ConfigError(
+            f"model.num_query_groups={groups} does not divide "
+            f"model.num_attention_heads={m.num_attention_heads}"
+        )
+    if groups % tp != 0:
+        raise ConfigError(
+            f"parallel.tensor_model_parallel_size={tp} does not divide "
+            f"model.num_query_groups={groups} (KV groups); choose a TP size that divides {groups}"
+        )
+    if m.num_layers % pp != 0:
+        raise ConfigError(
+            f"parallel.pipeline_model_parallel_size={pp} does not divide "
+            f"model.num_layers={m.num_layers}; choose a PP size that divides {m.num_layers}"
+        )
+    if p.sequence_parallel and tp == 1:
+        raise ConfigError("parallel.sequence_parallel=true needs tensor_model_parallel_size > 1")
+    if p.sequence_parallel and m.seq_length % tp != 0:
+        raise ConfigError(
+            f"model.seq_length={m.seq_length} must be divisible by tensor_model_parallel_size={tp} "
+            "with parallel.sequence_parallel=true"
+        )
+
+    dp = data_parallel_size(cfg, world_size)
+    if d.global_batch_size % (d.micro_batch_size * dp) != 0:
+        raise ConfigError(
+            f"data.global_batch_size={d.global_batch_size} is not divisible by "
+            f"data.micro_batch_size ({d.micro_batch_size}) x data-parallel size ({dp}); "
+            f"use a multiple of {d.micro_batch_size * dp}"
+        )
+    if not 0.0 < cfg.diffusion.eps < 0.5:
+        raise ConfigError(f"diffusion.eps={cfg.diffusion.eps} must lie in (0, 0.5)")
+    if cfg.align.weight < 0:
+        raise ConfigError(f"align.weight={cfg.align.weight} must be >= 0")
+    if cfg.align.layers is not None:
+        bad = [i for i in cfg.align.layers if not isinstance(i, int) or not 0 <= i <= m.num_layers]
+        if bad or not cfg.align.layers:
+            raise ConfigError(
+                f"align.layers={cfg.align.layers}: give indices in 0..{m.num_layers} "
+                "(0 = embedding output, i = output of block i, "
+                f"{m.num_layers} = final-norm output)"
+            )
+    if cfg.align.layer_weights is not None:
+        count = len(cfg.align.layers) if cfg.align.layers is not None else m.num_layers + 1
+        if len(cfg.align.layer_weights) != count or any(w < 0 for w in cfg.align.layer_weights):
+            raise ConfigError(
+                f"align.layer_weights needs {count} non-negative numbers (one per aligned layer)"
+            )
+    if cfg.schedule.warmup_iters < 0 or cfg.schedule.warmup_iters > cfg.schedule.train_iters:
+        raise ConfigError(
+            f"schedule.warmup_iters={cfg.schedule.warmup_iters} must lie in "
+            f"0..schedule.train_iters ({cfg.schedule.train_iters})"
+        )
+    if not d.paths:
+        raise ConfigError("data.paths is empty; give [prefix] or [weight1, prefix1, ...]")
+    if not d.tokenizer:
+        raise ConfigError("data.tokenizer is empty; give a SentencePiece .model file")
+
+    if tokenizer_vocab is not None:
+        need = required_vocab_size(tokenizer_vocab, tokenizer_mask)
+        vocab = padded_vocab_size(cfg, tokenizer_vocab, tokenizer_mask)
+        if vocab < need:
+            raise ConfigError(
+                f"model.padded_vocab_size={vocab} is smaller than the {need} rows the tokenizer and "
+                "the mask token need"
+            )
+        if vocab % tp != 0:
+            key = (
+                "model.padded_vocab_size"
+                if m.padded_vocab_size is not None
+                else "model.make_vocab_size_divisible_by"
+            )
+            raise ConfigError(
+                f"{key}: the padded vocabulary ({vocab}) is not divisible by "
+                f"tensor_model_parallel_size={tp}; use a multiple of {tp}"
+            )
+        mask = mask_token_id(cfg, tokenizer_vocab, tokenizer_mask)
+        if not 0 <= mask < vocab:
+            raise ConfigError(
+                f"diffusion.mask_token_id={mask} lies outside the padded vocabulary (0..{vocab - 1})"
+            )

@@ -1,0 +1,111 @@
+"""Training samples: Megatron-Core ``GPTDataset`` blends over indexed files, read in a
+deterministic order that resumes from the consumed-samples count.
+
+Each micro-batch carries the *global sample index* of its samples: the diffusion noise is a pure
+function of it (``megalign.diffusion.masking``). Document boundaries are the EOD tokens inside a
+sample (``megalign.model.attention.document_ids``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+from megalign.config import ConfigError
+from megalign.data.indexed import check_indexed_dataset
+
+
+def parse_blend(paths: list) -> tuple[list[str], Optional[list[float]]]:
+    """``[prefix]``, ``[prefix1, prefix2]`` or ``[w1, prefix1, w2, prefix2]`` -> Megatron blend."""
+    if all(isinstance(p, str) for p in paths):
+        return [str(p) for p in paths], None
+    if len(paths) % 2 or not all(
+        isinstance(w, (int, float)) and isinstance(p, str) for w, p in zip(paths[::2], paths[1::2])
+    ):
+        raise ConfigError(
+            f"data.paths={paths}: give prefixes only, or alternate weight and prefix "
+            "([0.7, data/a_text_document, 0.3, data/b_text_document])"
+        )
+    weights = [float(w) for w in paths[::2]]
+    if any(w <= 0 for w in weights):
+        raise ConfigError(f"data.paths: blend weights must be positive, got {weights}")
+    return [str(p) for p in paths[1::2]], weights
+
+
+def build_datasets(
+    paths: list,
+    tokenizer,
+    seq_length: int,
+    split: str,
+    seed: int,
+    num_samples: list[int],
+    cache_dir: str,
+    reset_position_ids: bool,
+):
+    """(train, valid, test) datasets; index caches are built once by rank 0 while others wait."""
+    prefixes, weights = parse_blend(paths)
+    for prefix in prefixes:
+        check_indexed_dataset(prefix)
+    config = GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        blend=(prefixes, weights),
+        split=split,
+        path_to_cache=cache_dir,
+        tokenizer=tokenizer,
+        reset_position_ids=reset_position_ids,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+    )
+    os.makedirs(cache_dir, exist_ok=True)
+    return BlendedMegatronDatasetBuilder(GPTDataset, num_samples, lambda: True, config).build()
+
+
+class _Indexed(torch.utils.data.Dataset):
+    """Adds the global sample index and the full s+1 token sample to each item."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.dataset[index]
+        tokens = torch.cat([item["tokens"], item["labels"][-1:]])
+        return {
+            "tokens": tokens,
+            "position_ids": item["position_ids"],
+            "sample_index": torch.tensor(index),
+        }
+
+
+class PretrainingSampler:
+    """Micro-batches of consecutive sample indices; DP rank r takes the r-th of every dp chunk."""
+
+    def __init__(self, total: int, consumed: int, micro_batch_size: int, dp_rank: int, dp_size: int):
+        self.total, self.consumed = total, consumed
+        self.micro_batch_size, self.dp_rank, self.dp_size = micro_batch_size, dp_rank, dp_size
+
+    def __len__(self):
+        return (self.total - self.consumed) // (self.micro_batch_size * self.dp_size)
+
+    def __iter__(self):
+        step = self.micro_batch_size * self.dp_size
+        for start in range(self.consumed, self.total - step + 1, step):
+            first = start + self.dp_rank * self.micro_batch_size
+            yield list(range(first, first + self.micro_batch_size))
+
+
+def micro_batches(
+    dataset, consumed: int, micro_batch_size: int, dp_rank: int, dp_size: int
+):
+    """Iterator of collated micro-batches for this DP rank, starting after ``consumed`` samples."""
+    sampler = PretrainingSampler(len(dataset), consumed, micro_batch_size, dp_rank, dp_size)
+    loader = torch.utils.data.DataLoader(_Indexed(dataset), batch_sampler=sampler, num_workers=0)
+    return iter(loader)

@@ -1,0 +1,34 @@
+"""Forward (noising) process of masked diffusion, reproducible per sample.
+
+A sample's noise level ``t ~ U(eps, 1 - eps)`` and its Bernoulli(t) token mask are drawn from a
+generator seeded by ``(seed, global sample index)`` alone. So every TP and PP rank that sees a
+sample draws the same mask, different samples (and so DP ranks) draw different ones, and a restart
+that resumes at a sample index draws exactly what an uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_MASK64 = (1 << 63) - 1
+
+
+def sample_seed(seed: int, sample_index: int) -> int:
+    """Mix (seed, index) into one generator seed (splitmix64 finaliser: nearby inputs decorrelate)."""
+    z = (seed * 0x9E3779B97F4A7C15 + sample_index + 1) & ((1 << 64) - 1)
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & ((1 << 64) - 1)
+    return (z ^ (z >> 31)) & _MASK64
+
+
+def sample_noise(
+    sample_indices: torch.Tensor, length: int, seed: int, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample ``t`` [b] and token mask [b, length] (True = replaced by the mask token)."""
+    ts, masks = [], []
+    for index in sample_indices.tolist():
+        generator = torch.Generator().manual_seed(sample_seed(seed, int(index)))
+        t = eps + (1.0 - 2.0 * eps) * torch.rand((), generator=generator)
+        ts.append(t)
+        masks.append(torch.rand(length, generator=generator) < t)
+    return torch.stack(ts), torch.stack(masks)

@@ -1,0 +1,89 @@
+"""Process start-up: rank discovery (torchrun or Slurm), process groups, Megatron parallel state."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def launch_env() -> LaunchEnv:
+    """Read ranks from torchrun's variables, else from Slurm's (one task per process), else 1."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return LaunchEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        launch = LaunchEnv(
+            int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+        )
+        env.setdefault("RANK", str(launch.rank))
+        env.setdefault("WORLD_SIZE", str(launch.world_size))
+        env.setdefault("LOCAL_RANK", str(launch.local_rank))
+        env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+        if "MASTER_ADDR" not in env:
+            raise RuntimeError(
+                "running under Slurm without torchrun: set MASTER_ADDR to the first node's host name "
+                "(examples/slurm shows how)"
+            )
+        return launch
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    env.setdefault("MASTER_PORT", "29500")
+    env.setdefault("RANK", "0")
+    env.setdefault("WORLD_SIZE", "1")
+    return LaunchEnv(0, 1, 0)
+
+
+def initialize(
+    launch: LaunchEnv,
+    tensor_parallel: int,
+    pipeline_parallel: int,
+    seed: int,
+    timeout_minutes: float = 10.0,
+) -> None:
+    """Start the process group (NCCL with CUDA, gloo without) and Megatron's model-parallel state."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(launch.local_rank)
+        backend = "nccl"
+    else:
+        from megalign.platform import cpu
+
+        cpu.apply()
+        backend = "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=backend,
+            rank=launch.rank,
+            world_size=launch.world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_parallel,
+        pipeline_model_parallel_size=pipeline_parallel,
+    )
+    torch.manual_seed(seed)
+    mcore_random.model_parallel_cuda_manual_seed(seed)
+
+
+def device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def shutdown() -> None:
+    from megatron.core import parallel_state
+
+    if dist.is_initialized():
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()

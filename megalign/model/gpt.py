@@ -1,0 +1,131 @@
+"""Student and teacher models: Megatron-Core ``GPTModel`` built from one ``TransformerConfig``.
+
+The student and the teacher differ only in the attention mask type: bidirectional for the student,
+causal for the teacher. With document attention both receive an explicit block-diagonal mask
+(``megalign.model.attention``), so the mask type only tells the attention kernel how to read it.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megalign.config import Config, num_query_groups
+
+
+def transformer_engine_available() -> bool:
+    """TE kernels are used only when TE imports and a GPU is present."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def ffn_hidden_size(cfg: Config) -> int:
+    m = cfg.model
+    if m.ffn_hidden_size is not None:
+        return m.ffn_hidden_size
+    if m.arch == "gpt2":
+        return 4 * m.hidden_size
+    return -(-int(8 * m.hidden_size / 3) // 64) * 64  # SwiGLU: 8/3 h rounded up to 64
+
+
+def transformer_config(cfg: Config, params_dtype: torch.dtype) -> TransformerConfig:
+    m = cfg.model
+    llama = m.arch == "llama"
+    on_gpu = torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        ffn_hidden_size=ffn_hidden_size(cfg),
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=num_query_groups(m),
+        kv_channels=m.hidden_size // m.num_attention_heads,
+        tensor_model_parallel_size=cfg.parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=cfg.parallel.pipeline_model_parallel_size,
+        sequence_parallel=cfg.parallel.sequence_parallel,
+        normalization="RMSNorm" if llama else "LayerNorm",
+        layernorm_epsilon=m.norm_epsilon,
+        gated_linear_unit=llama,
+        activation_func=F.silu if llama else F.gelu,
+        add_bias_linear=not llama,
+        add_qkv_bias=m.qkv_bias or not llama,
+        init_method_std=m.init_method_std,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        use_cpu_initialization=not on_gpu,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+    )
+
+
+def layer_spec(cfg: Config, attn_mask_type: AttnMaskType):
+    """TE spec on GPUs with Transformer Engine, Megatron-Core's local spec otherwise."""
+    if transformer_engine_available():
+        from megatron.core.models.gpt.gpt_layer_specs import (
+            get_gpt_layer_with_transformer_engine_spec,
+        )
+
+        spec = get_gpt_layer_with_transformer_engine_spec()
+    else:
+        spec = get_gpt_layer_local_spec(
+            normalization="RMSNorm" if cfg.model.arch == "llama" else "LayerNorm"
+        )
+    spec.submodules.self_attention.params["attn_mask_type"] = attn_mask_type
+    return spec
+
+
+def attention_mask_type(cfg: Config, causal: bool) -> AttnMaskType:
+    if cfg.model.document_attention:
+        return AttnMaskType.arbitrary  # explicit mask from megalign.model.attention
+    return AttnMaskType.causal if causal else AttnMaskType.no_mask
+
+
+def build_gpt(cfg: Config, vocab_size: int, causal: bool, params_dtype: torch.dtype) -> GPTModel:
+    """This rank's stage of the model (layers for this PP stage, TP shard of each)."""
+    m = cfg.model
+    model = GPTModel(
+        config=transformer_config(cfg, params_dtype),
+        transformer_layer_spec=layer_spec(cfg, attention_mask_type(cfg, causal)),
+        vocab_size=vocab_size,
+        max_sequence_length=m.max_position_embeddings or m.seq_length,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        parallel_output=True,
+        share_embeddings_and_output_weights=m.tie_embeddings,
+        position_embedding_type="rope" if m.arch == "llama" else "learned_absolute",
+        rotary_base=m.rotary_base,
+    )
+    if not torch.cuda.is_available():
+        return model
+    return model.cuda(torch.cuda.current_device())
+
+
+_LAYER = re.compile(r"(^|\.)layers\.(\d+)\.")
+
+
+def global_parameter_name(name: str, model: GPTModel) -> str:
+    """Replace the stage-local layer index in ``name`` by the global one (PP-independent)."""
+    match = _LAYER.search(name)
+    if match is None:
+        return name
+    local = int(match.group(2))
+    layer_number = model.decoder.layers[local].layer_number  # 1-based, global
+    return name[: match.start(2)] + str(layer_number - 1) + name[match.end(2) :]

@@ -1,0 +1,155 @@
+"""Run Megatron-Core (0.16.x) on machines without CUDA.
+
+Megatron-Core hard-codes CUDA in a handful of places on the training path (scalars created with
+``device="cuda"`` in the schedules and optimizer, p2p receive buffers on
+``torch.cuda.current_device()``, ``Tensor.cuda()`` for shared embeddings, a CUDA RNG tracker and a
+grad-clipping assert on ``torch.cuda.FloatTensor``). No configuration flag avoids them, so this module
+redirects exactly those to the CPU:
+
+* ``torch.cuda.current_device`` returns ``"cpu"`` and ``torch.cuda.synchronize`` is a no-op;
+* a process-wide ``TorchFunctionMode`` rewrites ``device="cuda*"`` arguments to the CPU and makes
+  ``Tensor.cuda()`` return the tensor itself;
+* Megatron's RNG tracker is replaced by one that forks the CPU generator;
+* ``clip_grad_by_total_norm_fp32`` is replaced by a CPU implementation with the same arithmetic.
+
+It is the only place in megalign that patches anything, and ``apply()`` is called once at start-up
+only when ``torch.cuda.is_available()`` is false. ``PATCHED_SITES`` lists every replaced
+attribute so a test can check each still exists when the megatron-core pin moves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+PATCHED_SITES = (
+    "torch.cuda.current_device",
+    "torch.cuda.synchronize",
+    "megatron.core.tensor_parallel.random.CudaRNGStatesTracker",
+    "megatron.core.tensor_parallel.random.model_parallel_cuda_manual_seed",
+    "megatron.core.optimizer.clip_grads.clip_grad_by_total_norm_fp32",
+    "megatron.core.optimizer.optimizer.clip_grad_by_total_norm_fp32",
+)
+
+_applied = False
+_mode: TorchFunctionMode | None = None
+
+
+def _is_cuda(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+class _CudaToCpu(TorchFunctionMode):
+    """Sends every tensor Megatron asks to put on CUDA to the CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if "device" in kwargs and _is_cuda(kwargs["device"]):
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        return func(*args, **kwargs)
+
+
+def _cpu_rng_tracker_class():
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    class CpuRNGStatesTracker(mcore_random.CudaRNGStatesTracker):
+        """Megatron's named RNG streams (data-parallel, model-parallel, expert) on the CPU generator."""
+
+        def add(self, name, seed):
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            self.seeds_.add(seed)
+            if name in self.states_:
+                raise Exception(f"cuda rng state {name} already exists")
+            saved = torch.get_rng_state()
+            torch.manual_seed(seed)
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(saved)
+            self._is_initialized = True
+
+        def get_states(self):
+            return {name: state.clone() for name, state in self.states_.items()}
+
+        def set_states(self, states):
+            self._is_initialized = True
+            self.states_ = states
+
+        @contextlib.contextmanager
+        def fork(self, name=mcore_random._MODEL_PARALLEL_RNG_TRACKER_NAME):
+            if name not in self.states_:
+                raise Exception(f"cuda rng state {name} is not added")
+            saved = torch.get_rng_state()
+            torch.set_rng_state(self.states_[name])
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(saved)
+
+    return CpuRNGStatesTracker
+
+
+def _cpu_model_parallel_manual_seed(seed: int, *args, **kwargs):
+    """CPU counterpart of ``model_parallel_cuda_manual_seed`` (same seed offsets)."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    tracker = _cpu_rng_tracker_class()()
+    mcore_random._CUDA_RNG_STATE_TRACKER = tracker
+    mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    ep_rank = parallel_state.get_expert_model_parallel_rank()
+    etp_rank = parallel_state.get_expert_tensor_parallel_rank()
+    torch.manual_seed(seed)
+    tracker.add(mcore_random._DATA_PARALLEL_RNG_TRACKER_NAME, seed)
+    tracker.add(mcore_random._MODEL_PARALLEL_RNG_TRACKER_NAME, seed + 2718 + tp_rank)
+    tracker.add(
+        mcore_random._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 1024 + 100 * ep_rank + etp_rank
+    )
+
+
+def _cpu_clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """Scale gradients in place by ``max_norm / total_norm`` when that is below one."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr) for p in parameters if getattr(p, attr, None) is not None]
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0:
+        for grad in grads:
+            grad.detach().mul_(clip_coeff)
+
+
+def apply() -> None:
+    """Install the CPU redirections (idempotent). Call before building any Megatron object."""
+    global _applied, _mode
+    if _applied:
+        return
+    if torch.cuda.is_available():
+        raise RuntimeError("megalign.platform.cpu.apply() must not be used when CUDA is available")
+    from megatron.core.optimizer import clip_grads, optimizer
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+    mcore_random.CudaRNGStatesTracker = _cpu_rng_tracker_class()
+    mcore_random.model_parallel_cuda_manual_seed = _cpu_model_parallel_manual_seed
+    clip_grads.clip_grad_by_total_norm_fp32 = _cpu_clip_grad_by_total_norm_fp32
+    optimizer.clip_grad_by_total_norm_fp32 = _cpu_clip_grad_by_total_norm_fp32
+    _mode = _CudaToCpu()
+    _mode.__enter__()
+    _applied = True
+
+
+def is_applied() -> bool:
+    return _applied

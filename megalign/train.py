@@ -1,0 +1,354 @@
+"""megalign-train: convert an AR model into a masked diffusion LM, optionally with REPR-ALIGN.
+
+    torchrun --nproc-per-node N -m megalign.train --config FILE [key.sub=value ...]
+
+Read top to bottom: configuration (checked before any process group exists), distributed
+start-up, student (and frozen teacher), Megatron DDP + optimizer + LR schedule, data, then the
+training loop around Megatron-Core's pipeline schedule.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megalign.config import (
+    Config,
+    ConfigError,
+    load_config,
+    mask_token_id,
+    padded_vocab_size,
+    to_dict,
+    validate,
+)
+
+
+class TrainingError(RuntimeError):
+    """A failure during training that the user can act on (NaN loss, bad freeze pattern, ...)."""
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="megalign-train", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--config", help="YAML run configuration (examples/configs/*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. align.weight=10")
+    return parser.parse_args(argv)
+
+
+def load_and_validate(args, world_size: int):
+    """Config + tokenizer, fully checked; nothing distributed has started yet."""
+    from megalign.data.tokenizer import build_tokenizer
+
+    cfg = load_config(args.config, args.overrides)
+    validate(cfg, world_size)
+    tokenizer = build_tokenizer(cfg.data.tokenizer)
+    validate(cfg, world_size, tokenizer.vocab_size, tokenizer.mask)
+    return cfg, tokenizer
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def build_models(cfg: Config, vocab_size: int, mask_id: int, tokenizer_vocab: int):
+    """Student (trainable) and, with alignment on, the frozen teacher from the same AR weights."""
+    from megalign.align.loss import normalised_layer_weights
+    from megalign.align.teacher import Teacher
+    from megalign.checkpoint import load_model_weights
+    from megalign.model.embedding import init_mask_token_embedding
+    from megalign.model.gpt import build_gpt
+
+    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    student = build_gpt(cfg, vocab_size, causal=False, params_dtype=dtype)
+    if cfg.model.init_checkpoint:
+        load_model_weights(student, cfg.model.init_checkpoint)
+    layer_weights = normalised_layer_weights(
+        cfg.model.num_layers, cfg.align.layers, cfg.align.layer_weights
+    )
+    teacher = None
+    if cfg.align.weight > 0:
+        teacher = Teacher(cfg, vocab_size, student.state_dict(), set(layer_weights))
+    if cfg.model.mask_token_init == "mean":
+        init_mask_token_embedding(student, mask_id, tokenizer_vocab)
+    return student, teacher, layer_weights
+
+
+def freeze_parameters(model, patterns: list[str]) -> int:
+    """requires_grad=False for parameters whose global name matches a pattern (re.search)."""
+    from megalign.model.gpt import global_parameter_name
+
+    matches = torch.zeros(len(patterns), dtype=torch.int64)
+    frozen = 0
+    for name, param in model.named_parameters():
+        global_name = global_parameter_name(name, model)
+        hit = [bool(re.search(p, global_name)) for p in patterns]
+        for i, h in enumerate(hit):
+            matches[i] += int(h)
+        if any(hit):
+            param.requires_grad_(False)
+            frozen += param.numel()
+    dist.all_reduce(matches)
+    unmatched = [p for p, n in zip(patterns, matches.tolist()) if n == 0]
+    if unmatched:
+        raise TrainingError(
+            f"optimizer.freeze patterns {unmatched} match no parameter; names look like "
+            "'embedding.word_embeddings.weight', 'decoder.layers.0.mlp.linear_fc1.weight', "
+            "'output_layer.weight'"
+        )
+    return frozen
+
+
+def wrap_and_optimize(cfg: Config, student):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    config = student.config
+    model = DistributedDataParallel(
+        config=config,
+        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True),
+        module=student,
+    )
+    o = cfg.optimizer
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam",
+            lr=o.lr,
+            min_lr=o.min_lr,
+            weight_decay=o.weight_decay,
+            decoupled_weight_decay=o.name == "adamw",
+            adam_beta1=o.beta1,
+            adam_beta2=o.beta2,
+            adam_eps=o.eps,
+            clip_grad=o.clip_grad,
+            bf16=cfg.precision == "bf16",
+            params_dtype=config.params_dtype,
+        ),
+        [model],
+    )
+    gbs, s = cfg.data.global_batch_size, cfg.schedule
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=o.lr,
+        min_lr=o.min_lr,
+        lr_warmup_steps=s.warmup_iters * gbs,
+        lr_decay_steps=s.train_iters * gbs,
+        lr_decay_style=s.lr_decay_style,
+        start_wd=o.weight_decay,
+        end_wd=o.weight_decay,
+        wd_incr_steps=s.train_iters * gbs,
+        wd_incr_style="constant",
+    )
+    config.no_sync_func = model.no_sync
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss if cfg.precision != "fp32" else None
+    return model, optimizer, scheduler
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+@dataclass
+class Trainer:
+    """Everything one rank needs to train; built by ``setup``."""
+
+    cfg: Config
+    student: torch.nn.Module
+    teacher: Optional[object]
+    model: torch.nn.Module  # Megatron DDP around the student
+    optimizer: object
+    scheduler: object
+    step: object  # megalign.training.step.DiffusionStep
+    train_dataset: object
+    num_microbatches: int
+
+    def data_iterator(self, consumed_samples: int = 0):
+        from megatron.core import parallel_state
+
+        from megalign.data.dataset import micro_batches
+
+        return micro_batches(
+            self.train_dataset,
+            consumed_samples,
+            self.cfg.data.micro_batch_size,
+            parallel_state.get_data_parallel_rank(),
+            parallel_state.get_data_parallel_world_size(),
+        )
+
+    def forward_backward(self, data_iterator, step=None, record_first: bool = False):
+        """Gradients of one global batch (in the DDP buffers); returns the reduced statistics."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        step = step or self.step
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        step.begin(self.num_microbatches, self.model.config.grad_scale_func, record_first)
+        get_forward_backward_func()(
+            forward_step_func=step,
+            data_iterator=data_iterator,
+            model=[self.model],
+            num_microbatches=self.num_microbatches,
+            seq_length=self.cfg.model.seq_length,
+            micro_batch_size=self.cfg.data.micro_batch_size,
+            forward_only=False,
+        )
+        if step.teacher is not None:
+            step.teacher.finish_step()
+        return step.reduce()
+
+    def optimizer_step(self) -> tuple[Optional[float], float]:
+        """Apply the gradients; returns (grad norm, learning rate used)."""
+        lr = self.optimizer.param_groups[0]["lr"]
+        _, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=self.cfg.data.global_batch_size)
+        return (None if grad_norm is None else float(grad_norm)), lr
+
+
+def setup(cfg: Config, tokenizer, log=print) -> Trainer:
+    """Process groups, models, optimizer and data for this rank."""
+    from megatron.core import parallel_state
+
+    from megalign import distributed
+    from megalign.data.dataset import build_datasets
+    from megalign.training.step import DiffusionStep
+
+    distributed.initialize(
+        distributed.launch_env(),
+        cfg.parallel.tensor_model_parallel_size,
+        cfg.parallel.pipeline_model_parallel_size,
+        cfg.seed,
+    )
+    dp_size = parallel_state.get_data_parallel_world_size()
+    vocab = padded_vocab_size(cfg, tokenizer.vocab_size, tokenizer.mask)
+    mask_id = mask_token_id(cfg, tokenizer.vocab_size, tokenizer.mask)
+    log(
+        f"> megalign: world {dist.get_world_size()} = TP {cfg.parallel.tensor_model_parallel_size}"
+        f" x PP {cfg.parallel.pipeline_model_parallel_size} x DP {dp_size}; padded vocab {vocab}, "
+        f"mask token {mask_id}, align weight {cfg.align.weight}"
+    )
+    student, teacher, layer_weights = build_models(cfg, vocab, mask_id, tokenizer.vocab_size)
+    frozen = freeze_parameters(student, cfg.optimizer.freeze) if cfg.optimizer.freeze else 0
+    model, optimizer, scheduler = wrap_and_optimize(cfg, student)
+    trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    log(f"> rank 0 stage parameters: {trainable} trainable, {frozen} frozen")
+
+    gbs = cfg.data.global_batch_size
+    train_ds, _, _ = build_datasets(
+        cfg.data.paths,
+        tokenizer,
+        cfg.model.seq_length,
+        cfg.data.split,
+        cfg.seed,
+        [cfg.schedule.train_iters * gbs, 0, 0],
+        cfg.data.cache_dir or os.path.join(cfg.logging.run_dir, "data_cache"),
+        reset_position_ids=cfg.model.document_attention,
+    )
+    step = DiffusionStep(cfg, student, teacher, layer_weights, mask_id, tokenizer.eod, tokenizer.pad)
+    return Trainer(
+        cfg=cfg,
+        student=student,
+        teacher=teacher,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        step=step,
+        train_dataset=train_ds,
+        num_microbatches=gbs // (cfg.data.micro_batch_size * dp_size),
+    )
+
+
+def run(cfg: Config, tokenizer) -> list[dict]:
+    from megalign.checkpoint import save_model_weights
+    from megalign.training.metrics import MetricsLogger
+
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    logger = MetricsLogger(cfg.logging.run_dir, cfg.logging.tensorboard, enabled=rank0)
+    trainer = setup(cfg, tokenizer, log=logger.info)
+    data_iterator = trainer.data_iterator()
+    gbs, train_iters = cfg.data.global_batch_size, cfg.schedule.train_iters
+
+    records = []
+    for iteration in range(1, train_iters + 1):
+        start = time.perf_counter()
+        dump_now = iteration == 1 and cfg.debug.dump_first_batch is not None
+        result = trainer.forward_backward(data_iterator, record_first=dump_now)
+        loss = result.diffusion_loss + result.align_loss
+        if not math.isfinite(loss):
+            raise TrainingError(
+                f"iteration {iteration}: loss is {loss} (diffusion {result.diffusion_loss}, "
+                f"align {result.align_loss}); lower optimizer.lr or check the data. "
+                "No checkpoint was written for this iteration."
+            )
+        grad_norm, lr = trainer.optimizer_step()
+        step_time = time.perf_counter() - start
+        if dump_now:
+            dump = trainer.step.first_microbatch_dump()
+            if rank0:
+                torch.save(dump, cfg.debug.dump_first_batch)
+        record = {
+            "iteration": iteration,
+            "loss": loss,
+            "diffusion_loss": result.diffusion_loss,
+            "align_loss": result.align_loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "step_time_s": step_time,
+            "tokens_per_s": gbs * cfg.model.seq_length / step_time,
+        }
+        if trainer.teacher is not None:
+            record["align_cos"] = result.align_cos
+        records.append(record)
+        if iteration % cfg.logging.log_interval == 0 or iteration == train_iters:
+            logger.log(record, train_iters)
+        interval = cfg.checkpoint.save_interval
+        if cfg.checkpoint.save and interval and iteration % interval == 0 and iteration != train_iters:
+            save_model_weights(trainer.student, os.path.join(cfg.checkpoint.save, f"iter_{iteration:07d}"))
+    if cfg.checkpoint.save:
+        path = os.path.join(cfg.checkpoint.save, f"iter_{train_iters:07d}")
+        save_model_weights(trainer.student, path)
+        logger.info(f"> saved the student's weights to {path}")
+    logger.close()
+    return records
+
+
+def main(argv=None) -> int:
+    from megalign import distributed
+    from megalign.checkpoint import CheckpointError
+    from megalign.data.indexed import DataError
+
+    args = parse_args(argv)
+    launch = distributed.launch_env()
+    try:
+        cfg, tokenizer = load_and_validate(args, launch.world_size)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"megalign-train: error: {err}", file=sys.stderr)
+        return 2
+    if launch.rank == 0:
+        os.makedirs(cfg.logging.run_dir, exist_ok=True)
+        with open(os.path.join(cfg.logging.run_dir, "config.yaml"), "w", encoding="utf-8") as handle:
+            import yaml
+
+            yaml.safe_dump(to_dict(cfg), handle, sort_keys=False)
+    try:
+        run(cfg, tokenizer)
+    except (TrainingError, ConfigError, DataError, CheckpointError) as err:
+        print(f"megalign-train: error on rank {launch.rank}: {err}", file=sys.stderr)
+        return 1
+    finally:
+        distributed.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

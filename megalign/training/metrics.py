@@ -1,0 +1,77 @@
+"""Rank-0 logging: a Megatron-style console line, TensorBoard scalars and ``metrics.jsonl``.
+
+``metrics.jsonl`` gets one JSON object per logged iteration, written with a single ``write`` of a
+complete line and flushed, so the file stays valid JSON lines when the run is killed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from typing import Optional
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: str, tensorboard: bool, enabled: bool):
+        self.enabled = enabled
+        self._writer = None
+        self._jsonl = None
+        if not enabled:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=os.path.join(run_dir, "tensorboard"))
+
+    def log(self, record: dict, train_iters: int) -> None:
+        if not self.enabled:
+            return
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        if self._writer is not None:
+            step = record["iteration"]
+            for key, value in record.items():
+                if key == "iteration":
+                    continue
+                if isinstance(value, list):
+                    for index, item in enumerate(value):
+                        self._writer.add_scalar(f"{key}/layer_{index:02d}", item, step)
+                else:
+                    self._writer.add_scalar(key, value, step)
+            self._writer.flush()
+        print(console_line(record, train_iters), flush=True)
+
+    def info(self, message: str) -> None:
+        if self.enabled:
+            print(message, file=sys.stdout, flush=True)
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._writer is not None:
+            self._writer.close()
+
+
+def console_line(record: dict, train_iters: int) -> str:
+    parts = [
+        f" iteration {record['iteration']:8d}/{train_iters:8d}",
+        f"elapsed time per iteration (ms): {record['step_time_s'] * 1000:.1f}",
+        f"tokens/s: {record['tokens_per_s']:.0f}",
+        f"learning rate: {record['lr']:.6E}",
+        f"loss: {record['loss']:.6E}",
+        f"diffusion loss: {record['diffusion_loss']:.6E}",
+        f"align loss: {record['align_loss']:.6E}",
+        f"grad norm: {_fmt(record['grad_norm'])}",
+    ]
+    cos = record.get("align_cos")
+    if cos:
+        parts.append("align cos: [" + " ".join(f"{c:.3f}" for c in cos) + "]")
+    return " | ".join(parts) + " |"
+
+
+def _fmt(value: Optional[float]) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"

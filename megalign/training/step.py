@@ -1,0 +1,195 @@
+"""The per-micro-batch forward step given to Megatron-Core's schedules, and per-step statistics.
+
+Every pipeline stage reads the same micro-batch (the masks are a function of the sample index)
+and runs, in order: the teacher's layers of this stage on the clean tokens (REPR-ALIGN only), the
+student's layers on the masked tokens, then this stage's alignment term, attached to the stage's
+output so its gradient enters the local graph. The last stage's diffusion loss goes through the
+schedule's loss path. Scalars for logging are summed here and reduced once per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megalign.align.injection import attach_loss
+from megalign.align.loss import stage_alignment
+from megalign.align.teacher import Teacher
+from megalign.config import Config
+from megalign.distributed import device
+from megalign.diffusion.objective import DiffusionBatch, loss_terms, make_batch
+from megalign.model.hidden_states import HiddenStateRecorder
+
+
+@dataclass
+class StepStats:
+    """Sums over this step's micro-batches on this rank (zeros for what lives on other stages)."""
+
+    num_layers: int
+    diffusion: float = 0.0
+    layer_distance: list = field(default_factory=list)  # per aligned layer: sum of (1 - mean cos)
+    first_microbatch: Optional[dict] = None
+
+    def __post_init__(self):
+        self.layer_distance = [0.0] * (self.num_layers + 1)
+
+
+@dataclass
+class StepResult:
+    diffusion_loss: float
+    align_loss: float
+    align_cos: list  # per aligned layer (None for layers not aligned)
+
+
+class DiffusionStep:
+    def __init__(
+        self,
+        cfg: Config,
+        student,
+        teacher: Optional[Teacher],
+        layer_weights: dict[int, float],
+        mask_token_id: int,
+        eod: int,
+        pad: int,
+    ):
+        self.cfg = cfg
+        self.teacher = teacher
+        self.layer_weights = layer_weights
+        self.mask_token_id, self.eod, self.pad = mask_token_id, eod, pad
+        self.last_stage = parallel_state.is_pipeline_last_stage()
+        self.recorder = (
+            HiddenStateRecorder(student, set(layer_weights)) if teacher is not None else None
+        )
+        self.num_microbatches = 1
+        self.grad_scale_func = None
+        self.record_first = False
+        self.stats = StepStats(cfg.model.num_layers)
+
+    def begin(self, num_microbatches: int, grad_scale_func, record_first: bool) -> None:
+        self.num_microbatches = num_microbatches
+        self.grad_scale_func = grad_scale_func
+        self.record_first = record_first
+        self.stats = StepStats(self.cfg.model.num_layers)
+
+    def _aux_scale(self) -> float:
+        scale = 1.0 / self.num_microbatches
+        if self.grad_scale_func is not None:
+            scale = float(self.grad_scale_func(torch.ones(1)).item()) * scale
+        return scale
+
+    def make_batch(self, raw: dict) -> DiffusionBatch:
+        return make_batch(
+            raw["tokens"].to(device()),
+            raw["position_ids"].to(device()),
+            raw["sample_index"],
+            self.cfg.diffusion,
+            self.cfg.seed,
+            self.mask_token_id,
+            self.eod,
+            self.pad,
+            self.cfg.model.document_attention,
+            with_teacher=self.teacher is not None,
+        )
+
+    def __call__(self, data_iterator, model):
+        batch = self.make_batch(next(data_iterator))
+        first = self.record_first
+        self.record_first = False
+        if first:
+            self.stats.first_microbatch = {
+                "clean_tokens": batch.clean_tokens.cpu(),
+                "input_tokens": batch.input_tokens.cpu(),
+                "t": batch.t.cpu(),
+                "supervised": batch.supervised.cpu(),
+                "sample_indices": batch.sample_indices.cpu(),
+                "layer_distance": [0.0] * (self.cfg.model.num_layers + 1),
+                "diffusion_loss": 0.0,
+            }
+        teacher_states = self.teacher.forward(batch) if self.teacher is not None else None
+        output = model(
+            batch.input_tokens,
+            batch.position_ids,
+            batch.student_mask,
+            labels=batch.labels if self.last_stage else None,
+        )
+        if self.teacher is not None:
+            alignment = stage_alignment(
+                self.recorder.pop(),
+                teacher_states,
+                batch.supervised,
+                self.layer_weights,
+                self.cfg.parallel.sequence_parallel,
+            )
+            if alignment.cos_sums:
+                output = attach_loss(output, self.cfg.align.weight * alignment.loss, self._aux_scale())
+            self._record_alignment(alignment, first)
+        return output, partial(self._loss, batch, first)
+
+    def _record_alignment(self, alignment, first: bool) -> None:
+        denom = alignment.count.clamp(min=1.0)
+        for index, cos_sum in alignment.cos_sums.items():
+            if self.cfg.parallel.sequence_parallel:
+                dist.all_reduce(cos_sum, group=parallel_state.get_tensor_model_parallel_group())
+            distance = float(((alignment.count - cos_sum) / denom).item())
+            self.stats.layer_distance[index] += distance
+            if first:
+                self.stats.first_microbatch["layer_distance"][index] = distance
+
+    def _loss(self, batch: DiffusionBatch, first: bool, per_token_ce: torch.Tensor):
+        loss_sum, count = loss_terms(per_token_ce, batch, self.cfg.diffusion.loss_weighting)
+        value = float((loss_sum.detach() / count.clamp(min=1)).item())
+        self.stats.diffusion += value
+        if first:
+            self.stats.first_microbatch["diffusion_loss"] = value
+        return loss_sum, count, {"diffusion_loss": value}
+
+    def reduce(self) -> StepResult:
+        """Means over micro-batches and DP ranks; per-layer values gathered from every stage."""
+        L = self.cfg.model.num_layers
+        values = torch.tensor([self.stats.diffusion, *self.stats.layer_distance], dtype=torch.float64)
+        values = _sum_over_pipeline_then_mean_over_dp(values) / self.num_microbatches
+        distances = values[1:].tolist()
+        align_cos = [
+            (1.0 - distances[i]) if i in self.layer_weights and self.teacher is not None else None
+            for i in range(L + 1)
+        ]
+        align_loss = 0.0
+        if self.teacher is not None:
+            align_loss = self.cfg.align.weight * sum(
+                w * distances[i] for i, w in self.layer_weights.items()
+            )
+        return StepResult(float(values[0]), float(align_loss), align_cos)
+
+    def first_microbatch_dump(self) -> Optional[dict]:
+        """The first micro-batch's inputs and loss terms, with scalars gathered from all stages."""
+        record = self.stats.first_microbatch
+        if record is None:
+            return None
+        values = torch.tensor([record["diffusion_loss"], *record["layer_distance"]], dtype=torch.float64)
+        group = parallel_state.get_pipeline_model_parallel_group()
+        dist.all_reduce(values, group=group)
+        distances = values[1:].tolist()
+        dump = {k: v for k, v in record.items() if k not in ("layer_distance",)}
+        dump["diffusion_loss"] = float(values[0])
+        dump["align_cos"] = {i: 1.0 - distances[i] for i in self.layer_weights} if self.teacher else {}
+        dump["align_loss"] = (
+            self.cfg.align.weight * sum(w * distances[i] for i, w in self.layer_weights.items())
+            if self.teacher
+            else 0.0
+        )
+        dump["align_weight"] = self.cfg.align.weight
+        dump["loss_weighting"] = self.cfg.diffusion.loss_weighting
+        dump["shift"] = self.cfg.diffusion.shift
+        return dump
+
+
+def _sum_over_pipeline_then_mean_over_dp(values: torch.Tensor) -> torch.Tensor:
+    values = values.to(device())
+    dist.all_reduce(values, group=parallel_state.get_pipeline_model_parallel_group())
+    dist.all_reduce(values, group=parallel_state.get_data_parallel_group())
+    return (values / parallel_state.get_data_parallel_world_size()).cpu()

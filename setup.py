@@ -1,0 +1,33 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="megalign",
+    version="0.1.0",
+    description=(
+        "Convert autoregressive LMs into masked diffusion LMs on Megatron-Core, "
+        "with per-layer representation alignment (REPR-ALIGN) under TP x PP x DP"
+    ),
+    python_requires=">=3.11",
+    packages=find_packages(include=["megalign", "megalign.*"]),
+    install_requires=[
+        "megatron-core>=0.16.1",  # tested on 0.16.1
+        "torch",  # install torch==2.13.0 (CPU wheel) first on CPU machines; see README
+        "numpy",
+        "pyyaml",
+        "sentencepiece",
+        "psutil",  # undeclared runtime dependency of megatron.core.dist_checkpointing
+        "tqdm",
+        "tensorboard",
+    ],
+    extras_require={
+        "test": ["pytest>=7"],
+        "hf": ["transformers", "tokenizers", "gguf"],
+        "gpu": ["transformer-engine[pytorch]"],  # apex: optional, from the NGC container
+    },
+    entry_points={
+        "console_scripts": [
+            "megalign-train=megalign.train:main",
+            "megalign-preprocess=megalign.data.preprocess:main",
+        ]
+    },
+)

@@ -1,0 +1,92 @@
+"""Multi-process worker for the equivalence and alignment tests (run under torchrun).
+
+On one layout it computes, from the same AR weights (``model.init_checkpoint``) and global batch:
+the plain diffusion step (no teacher) and the REPR-ALIGN step, each with its loss terms and the
+full-shape gradient of every student parameter; the p2p bytes of each; the teacher's state before
+and after three optimizer steps; and the losses of those steps. Rank results go to --out.
+"""
+
+import argparse
+import json
+import os
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megalign.config import load_config
+from megalign.data.tokenizer import build_tokenizer
+from megalign.model.gather import full_tensors
+from megalign.telemetry.p2p import count_p2p
+from megalign.train import setup
+from megalign.training.step import DiffusionStep
+
+
+def result_dict(result):
+    return {"diffusion_loss": result.diffusion_loss, "align_loss": result.align_loss,
+            "align_cos": result.align_cos}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    cfg = load_config(args.config, args.overrides)
+    tokenizer = build_tokenizer(cfg.data.tokenizer)
+    trainer = setup(cfg, tokenizer, log=lambda message: None)
+    student, teacher, step = trainer.student, trainer.teacher, trainer.step
+    plain = DiffusionStep(cfg, student, None, step.layer_weights, step.mask_token_id, step.eod, step.pad)
+
+    with count_p2p() as plain_p2p:
+        plain_result = trainer.forward_backward(trainer.data_iterator(), step=plain)
+    plain_grads = full_tensors(student, "grad")
+    with count_p2p() as align_p2p:
+        align_result = trainer.forward_backward(trainer.data_iterator())
+    align_grads = full_tensors(student, "grad")
+
+    teacher_before = {k: v.detach().clone() for k, v in teacher.model.named_parameters()}
+    iterator = trainer.data_iterator()
+    losses = []
+    for _ in range(args.steps):
+        result = trainer.forward_backward(iterator)
+        trainer.optimizer_step()
+        losses.append(result.diffusion_loss + result.align_loss)
+    teacher_after = dict(teacher.model.named_parameters())
+    optimizer_params = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+
+    rank = dist.get_rank()
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    dp_rank = parallel_state.get_data_parallel_rank()
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    per_rank = {
+        "teacher_unchanged": all(torch.equal(teacher_before[k], teacher_after[k]) for k in teacher_before),
+        "teacher_has_grad": any(p.grad is not None for p in teacher.model.parameters()),
+        "teacher_requires_grad": any(p.requires_grad for p in teacher.model.parameters()),
+        "teacher_in_optimizer": any(id(p) in optimizer_params for p in teacher.model.parameters()),
+        "teacher_output_layer": teacher.model.output_layer is not None,
+        "plain_p2p": vars(plain_p2p),
+        "align_p2p": vars(align_p2p),
+        "pp_rank": pp_rank,
+        "is_last_stage": parallel_state.is_pipeline_last_stage(),
+        "teacher_stream_bytes": teacher.stream.bytes_sent if teacher.stream else 0,
+    }
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"rank{rank}.json"), "w") as handle:
+        json.dump(per_rank, handle)
+    if tp_rank == 0 and dp_rank == 0:
+        torch.save({"plain": plain_grads, "align": align_grads},
+                   os.path.join(args.out, f"grads_stage{pp_rank}.pt"))
+    if rank == 0:
+        with open(os.path.join(args.out, "summary.json"), "w") as handle:
+            json.dump({"plain": result_dict(plain_result), "align": result_dict(align_result),
+                       "losses": losses, "world_size": dist.get_world_size()}, handle)
+    dist.barrier()
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

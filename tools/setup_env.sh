@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Create (or reuse) the project's virtual environment in .venv and install megalign into it.
+# torch is pinned to 2.13.0 and installed first: on CPU machines that is the local CPU wheel, and
+# an unpinned torch would pull several GB of CUDA packages.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet torch==2.13.0
+.venv/bin/python -m pip install --quiet -e ".[test]"
