@@ -315,11 +315,6 @@ def validate(
         if value < 1:
             raise ConfigError(f"{key}={value} must be at least 1")
 
-    if world_size % (tp * pp) != 0:
-        raise ConfigError(
-            f"parallel: tensor ({tp}) x pipeline ({pp}) = {tp * pp} does not divide the world size "
-            f"{world_size}; launch a multiple of {tp * pp} processes or change the parallel sizes"
-        )
     if m.hidden_size % m.num_attention_heads != 0:
         raise ConfigError(
             f"model.hidden_size={m.hidden_size} is not divisible by "
@@ -354,6 +349,11 @@ def validate(
             "with parallel.sequence_parallel=true"
         )
 
+    if world_size % (tp * pp) != 0:
+        raise ConfigError(
+            f"parallel: tensor ({tp}) x pipeline ({pp}) = {tp * pp} does not divide the world size "
+            f"{world_size}; launch a multiple of {tp * pp} processes or change the parallel sizes"
+        )
     dp = data_parallel_size(cfg, world_size)
     if d.global_batch_size % (d.micro_batch_size * dp) != 0:
         raise ConfigError(

@@ -38,13 +38,15 @@ def main():
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     trainer = setup(cfg, tokenizer, log=lambda message: None)
     student, teacher, step = trainer.student, trainer.teacher, trainer.step
+    initial_params = full_tensors(student, "param")
     plain = DiffusionStep(cfg, student, None, step.layer_weights, step.mask_token_id, step.eod, step.pad)
 
     with count_p2p() as plain_p2p:
         plain_result = trainer.forward_backward(trainer.data_iterator(), step=plain)
     plain_grads = full_tensors(student, "grad")
     with count_p2p() as align_p2p:
-        align_result = trainer.forward_backward(trainer.data_iterator())
+        align_result = trainer.forward_backward(trainer.data_iterator(), record_first=True)
+    first = step.stats.first_microbatch
     align_grads = full_tensors(student, "grad")
 
     teacher_before = {k: v.detach().clone() for k, v in teacher.model.named_parameters()}
@@ -67,6 +69,9 @@ def main():
         "teacher_requires_grad": any(p.requires_grad for p in teacher.model.parameters()),
         "teacher_in_optimizer": any(id(p) in optimizer_params for p in teacher.model.parameters()),
         "teacher_output_layer": teacher.model.output_layer is not None,
+        "first_sample_indices": first["sample_indices"].tolist(),
+        "first_input_tokens": first["input_tokens"].tolist(),
+        "first_t": first["t"].tolist(),
         "plain_p2p": vars(plain_p2p),
         "align_p2p": vars(align_p2p),
         "pp_rank": pp_rank,
@@ -77,7 +82,7 @@ def main():
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as handle:
         json.dump(per_rank, handle)
     if tp_rank == 0 and dp_rank == 0:
-        torch.save({"plain": plain_grads, "align": align_grads},
+        torch.save({"plain": plain_grads, "align": align_grads, "params": initial_params},
                    os.path.join(args.out, f"grads_stage{pp_rank}.pt"))
     if rank == 0:
         with open(os.path.join(args.out, "summary.json"), "w") as handle:

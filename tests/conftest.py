@@ -1,0 +1,72 @@
+"""Shared fixtures: the bundled corpus as Megatron indexed files, an AR checkpoint, torchrun."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CONFIG = REPO / "examples" / "configs" / "tiny.yaml"
+TOKENIZER = REPO / "data" / "tokenizer" / "kjv_bpe4k.model"
+CORPUS = REPO / "data" / "corpus" / "kjv.jsonl.gz"
+WORKERS = REPO / "tests" / "workers"
+
+
+def run_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def torchrun(nproc: int, script, args, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``script`` on ``nproc`` local processes; fails the test with the output on error."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", str(script), *map(str, args)]
+    result = subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True,
+                            timeout=timeout)
+    if result.returncode != 0:
+        pytest.fail(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
+                    f"{result.stderr[-8000:]}")
+    return result
+
+
+def run_python(args, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=run_env(),
+                            capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        pytest.fail(f"{args} failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
+                    f"{result.stderr[-8000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def corpus_prefix(tmp_path_factory) -> str:
+    from megalign.data.preprocess import preprocess
+
+    out = tmp_path_factory.mktemp("corpus")
+    return preprocess([str(CORPUS)], str(TOKENIZER), str(out / "kjv"), "text", True)
+
+
+@pytest.fixture(scope="session")
+def data_overrides(corpus_prefix, tmp_path_factory) -> list[str]:
+    cache = tmp_path_factory.mktemp("index_cache")
+    return [f"data.paths=[{corpus_prefix}]", f"data.tokenizer={TOKENIZER}",
+            f"data.cache_dir={cache}", "logging.tensorboard=false"]
+
+
+@pytest.fixture(scope="session")
+def ar_checkpoint(tmp_path_factory, data_overrides) -> str:
+    """'AR weights' shared by every layout: a tiny model written with dist_checkpointing."""
+    out = tmp_path_factory.mktemp("ar")
+    run_python(["-m", "megalign.train", "--config", TINY_CONFIG, *data_overrides,
+                "parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=1",
+                "schedule.train_iters=1", "schedule.warmup_iters=0", "align.weight=0",
+                f"logging.run_dir={out}/run", f"checkpoint.save={out}/ckpt"])
+    return str(out / "ckpt" / "iter_0000001")

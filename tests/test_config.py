@@ -1,0 +1,72 @@
+"""Configuration: typed loading, overrides, and every impossible combination failing early."""
+
+import pytest
+
+from conftest import TINY_CONFIG, run_python
+from megalign.config import ConfigError, load_config, validate
+
+def test_yaml_and_overrides_are_typed():
+    cfg = load_config(str(TINY_CONFIG), ["align.weight=3", "model.num_layers=2",
+                                         "optimizer.freeze=[embedding]", "diffusion.shift=false"])
+    assert cfg.align.weight == 3.0 and isinstance(cfg.align.weight, float)
+    assert cfg.model.num_layers == 2 and cfg.diffusion.shift is False
+    assert cfg.optimizer.freeze == ["embedding"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.num_layer=3", "did you mean 'model.num_layers'"),
+    ("modle.num_layers=3", "did you mean 'model'"),
+    ("model.num_layers=three", "model.num_layers: expected int"),
+    ("align.weight=true", "align.weight: expected float"),
+    ("model.num_layers", "not of the form key.sub=value"),
+])
+def test_bad_keys_and_types_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(str(TINY_CONFIG), [override])
+
+
+@pytest.mark.parametrize("overrides, world, key", [
+    (["parallel.tensor_model_parallel_size=3"], 6, "num_attention_heads"),
+    (["model.num_attention_heads=8", "model.num_query_groups=2",
+      "parallel.tensor_model_parallel_size=4", "parallel.pipeline_model_parallel_size=1"], 4,
+     "num_query_groups"),
+    (["parallel.pipeline_model_parallel_size=3", "parallel.tensor_model_parallel_size=1"], 3,
+     "num_layers"),
+    (["data.global_batch_size=6", "parallel.tensor_model_parallel_size=1",
+      "parallel.pipeline_model_parallel_size=1"], 2, "data.global_batch_size"),
+    (["parallel.tensor_model_parallel_size=2"], 3, "world size"),
+    (["diffusion.loss_weighting=elbo"], 4, "diffusion.loss_weighting"),
+    (["align.layers=[0, 9]"], 4, "align.layers"),
+])
+def test_impossible_combinations(overrides, world, key):
+    cfg = load_config(str(TINY_CONFIG), overrides)
+    with pytest.raises(ConfigError, match=key):
+        validate(cfg, world)
+
+
+def test_vocabulary_must_be_padded_for_tp():
+    cfg = load_config(str(TINY_CONFIG), ["model.make_vocab_size_divisible_by=1"])
+    with pytest.raises(ConfigError, match="make_vocab_size_divisible_by.*not divisible"):
+        validate(cfg, 4, tokenizer_vocab=4001, tokenizer_mask=3)
+    cfg = load_config(str(TINY_CONFIG), ["model.padded_vocab_size=4000"])
+    with pytest.raises(ConfigError, match="padded_vocab_size=4000 is smaller"):
+        validate(cfg, 4, tokenizer_vocab=4000, tokenizer_mask=None)
+
+
+SINGLE = ["parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=1"]
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["parallel.tensor_model_parallel_size=3"], "parallel.tensor_model_parallel_size"),
+    (["model.num_layerz=2"], "model.num_layers"),
+    ([*SINGLE, "data.tokenizer=/nonexistent.model"], "/nonexistent.model"),
+    ([*SINGLE, "model.make_vocab_size_divisible_by=1", "model.padded_vocab_size=100"],
+     "model.padded_vocab_size"),
+])
+def test_cli_fails_before_launch(tmp_path, overrides, key):
+    run_dir = tmp_path / "run"
+    result = run_python(["-m", "megalign.train", "--config", TINY_CONFIG, *overrides,
+                         f"logging.run_dir={run_dir}"], check=False, timeout=120)
+    assert result.returncode == 2
+    assert key in result.stderr and "Traceback" not in result.stderr
+    assert not run_dir.exists()  # nothing was started or written

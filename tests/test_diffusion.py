@@ -1,0 +1,73 @@
+"""The masked-diffusion example: reproducible noise, shift semantics, loss normalisation."""
+
+import torch
+
+from megalign.config import DiffusionConfig
+from megalign.diffusion.masking import sample_noise
+from megalign.diffusion.objective import loss_terms, make_batch
+
+EOD, PAD, MASK = 2, 0, 3
+
+
+def test_noise_is_a_function_of_seed_and_sample_index():
+    t1, m1 = sample_noise(torch.tensor([5, 6, 7]), 64, seed=1, eps=0.002)
+    t2, m2 = sample_noise(torch.tensor([7, 5]), 64, seed=1, eps=0.002)
+    assert torch.equal(t1[0], t2[1]) and torch.equal(m1[2], m2[0])  # order/batching-free
+    assert not torch.equal(m1[0], m1[1])  # different samples draw different masks
+    t3, m3 = sample_noise(torch.tensor([5]), 64, seed=2, eps=0.002)
+    assert not torch.equal(m1[0], m3[0])
+    t, _ = sample_noise(torch.arange(2000), 8, seed=0, eps=0.1)
+    assert float(t.min()) >= 0.1 and float(t.max()) <= 0.9
+    assert abs(float(t.mean()) - 0.5) < 0.03
+
+
+def test_mask_rate_follows_t():
+    t, masks = sample_noise(torch.arange(400), 512, seed=3, eps=0.002)
+    rate = masks.float().mean(dim=1)
+    assert float((rate - t).abs().mean()) < 0.03
+
+
+def _batch(shift, tokens=None):
+    if tokens is None:
+        tokens = torch.arange(10, 10 + 33).unsqueeze(0).repeat(2, 1)
+        tokens[:, 10] = EOD
+    positions = torch.arange(32).unsqueeze(0).repeat(2, 1)
+    cfg = DiffusionConfig(shift=shift)
+    return tokens, make_batch(tokens, positions, torch.tensor([0, 1]), cfg, 1234, MASK, EOD, PAD,
+                              document_attention=True, with_teacher=True)
+
+
+def test_shifted_targets_are_next_tokens_whose_mask_is_set():
+    tokens, b = _batch(shift=True)
+    _, masks = sample_noise(torch.tensor([0, 1]), 33, 1234, DiffusionConfig().eps)
+    assert torch.equal(b.labels, tokens[:, 1:])
+    assert torch.equal(b.input_tokens == MASK, masks[:, :32])
+    expected = masks[:, 1:] & (tokens[:, :32] != EOD)
+    assert torch.equal(b.supervised, expected)
+    assert not b.supervised[:, 10].any()  # the EOD position would predict the next document's first token
+
+
+def test_unshifted_targets_are_the_masked_tokens_themselves():
+    tokens, b = _batch(shift=False)
+    assert torch.equal(b.labels, tokens[:, :32])
+    assert torch.equal(b.supervised, b.input_tokens == MASK)
+
+
+def test_document_masks():
+    _, b = _batch(shift=True)
+    # token 10 is the EOD closing document 0 (positions 0..10); document 1 is 11..31
+    assert not b.student_mask[0, 0, 3, 8] and not b.student_mask[0, 0, 3, 10]
+    assert b.student_mask[0, 0, 3, 11] and b.student_mask[0, 0, 11, 3]
+    assert not b.student_mask[0, 0, 12, 20] and not b.student_mask[0, 0, 20, 12]  # bidirectional
+    assert b.teacher_mask[0, 0, 12, 20] and not b.teacher_mask[0, 0, 20, 12]  # causal
+
+
+def test_loss_normalisation():
+    _, b = _batch(shift=True)
+    ce = torch.rand(2, 32)
+    total, count = loss_terms(ce, b, "none")
+    assert int(count) == int(b.supervised.sum())
+    assert torch.allclose(total, (ce * b.supervised).sum())
+    total, count = loss_terms(ce, b, "inv_t")
+    assert int(count) == 64
+    assert torch.allclose(total, (ce * b.supervised / b.t[:, None]).sum())

@@ -1,0 +1,234 @@
+"""The backbone: the same model, weights and global batch give the same losses, per-layer cosines
+and gradients under every parallel layout (real torchrun + gloo runs), and match a plain
+single-process PyTorch computation of the formula written here, independently of Megatron."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import TINY_CONFIG, WORKERS, torchrun
+
+# name -> (TP, PP, processes); DP = processes / (TP * PP)
+LAYOUTS = {
+    "tp1pp1": (1, 1, 1),
+    "tp2pp1": (2, 1, 2),
+    "tp1pp2": (1, 2, 2),
+    "tp2pp2": (2, 2, 4),
+    "dp2": (1, 1, 2),
+}
+GLOBAL_BATCH, MICRO_BATCH, ALIGN_WEIGHT = 4, 2, 10.0
+RTOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, data_overrides, ar_checkpoint):
+    out = tmp_path_factory.mktemp("equivalence")
+    results = {}
+    for name, (tp, pp, nproc) in LAYOUTS.items():
+        torchrun(nproc, WORKERS / "train_checks.py", [
+            "--config", TINY_CONFIG, "--out", out / name, *data_overrides,
+            f"parallel.tensor_model_parallel_size={tp}",
+            f"parallel.pipeline_model_parallel_size={pp}",
+            f"model.init_checkpoint={ar_checkpoint}",
+            f"data.global_batch_size={GLOBAL_BATCH}", f"data.micro_batch_size={MICRO_BATCH}",
+            f"align.weight={ALIGN_WEIGHT}", f"logging.run_dir={out / name}/run",
+        ])
+        summary = json.loads((out / name / "summary.json").read_text())
+        ranks = [json.loads((out / name / f"rank{r}.json").read_text()) for r in range(nproc)]
+        grads = {"plain": {}, "align": {}, "params": {}}
+        for stage in range(pp):
+            part = torch.load(out / name / f"grads_stage{stage}.pt")
+            for kind in grads:
+                grads[kind].update(part[kind])
+        results[name] = {"summary": summary, "ranks": ranks, "grads": grads, "pp": pp}
+    return results
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp(min=1e-30))
+
+
+def close(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=RTOL, abs_tol=1e-7)
+
+
+@pytest.mark.parametrize("layout", [name for name in LAYOUTS if name != "tp1pp1"])
+def test_losses_and_cosines_match(runs, layout):
+    ref, got = runs["tp1pp1"]["summary"], runs[layout]["summary"]
+    for kind in ("plain", "align"):
+        assert close(got[kind]["diffusion_loss"], ref[kind]["diffusion_loss"]), (kind, got, ref)
+        assert close(got[kind]["align_loss"], ref[kind]["align_loss"]), (kind, got, ref)
+    for c_got, c_ref in zip(got["align"]["align_cos"], ref["align"]["align_cos"]):
+        assert close(c_got, c_ref)
+    assert len(got["losses"]) == 3
+    for l_got, l_ref in zip(got["losses"], ref["losses"]):
+        assert close(l_got, l_ref), (got["losses"], ref["losses"])
+
+
+@pytest.mark.parametrize("layout", [name for name in LAYOUTS if name != "tp1pp1"])
+@pytest.mark.parametrize("kind", ["plain", "align"])
+def test_gradients_match(runs, layout, kind):
+    ref, got = runs["tp1pp1"]["grads"][kind], runs[layout]["grads"][kind]
+    assert ref and set(ref) <= set(got), set(ref) - set(got)
+    errors = {name: rel_err(got[name], ref[name]) for name in ref}
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= RTOL, (worst, errors[worst])
+
+
+def test_alignment_changes_gradients_but_not_the_diffusion_loss(runs):
+    summary, grads = runs["tp1pp1"]["summary"], runs["tp1pp1"]["grads"]
+    # the teacher's forward must not perturb the student: bit-identical diffusion loss
+    assert summary["plain"]["diffusion_loss"] == summary["align"]["diffusion_loss"]
+    assert summary["align"]["align_loss"] > 0
+    assert any(rel_err(grads["align"][n], grads["plain"][n]) > 1e-3 for n in grads["plain"])
+
+
+def test_teacher_is_frozen_and_outside_the_optimizer(runs):
+    for name, run in runs.items():
+        for rank in run["ranks"]:
+            assert rank["teacher_unchanged"], name
+            assert not rank["teacher_has_grad"], name
+            assert not rank["teacher_requires_grad"], name
+            assert not rank["teacher_in_optimizer"], name
+            assert not rank["teacher_output_layer"], name
+
+
+@pytest.mark.parametrize("layout", ["tp1pp2", "tp2pp2"])
+def test_pipeline_p2p_carries_only_the_teacher_stream_forward(runs, layout):
+    hidden, seq = 64, 128
+    activation_bytes = seq * MICRO_BATCH * hidden * 4
+    micro_batches = GLOBAL_BATCH // MICRO_BATCH
+    total_plain = total_align = 0
+    for rank in runs[layout]["ranks"]:
+        plain, align = rank["plain_p2p"], rank["align_p2p"]
+        total_plain += plain["forward_bytes"] + plain["backward_bytes"]
+        total_align += align["forward_bytes"] + align["backward_bytes"]
+        # backward sends carry no teacher data
+        assert align["backward_bytes"] == plain["backward_bytes"]
+        assert align["backward_messages"] == plain["backward_messages"]
+        # every message is one [s, b, h] tensor: no other layer's hidden states travel
+        assert all(tuple(shape) == (seq, MICRO_BATCH, hidden) for _, shape, _, _ in align["sends"])
+        if rank["is_last_stage"]:
+            assert align["forward_bytes"] == 0
+        else:
+            # the student's activation plus the teacher's residual stream, once per micro-batch
+            assert align["forward_messages"] == 2 * micro_batches
+            assert align["forward_bytes"] == 2 * micro_batches * activation_bytes
+    assert total_align / total_plain == pytest.approx(1.5)
+
+
+def test_masks_identical_across_tp_pp_ranks_and_distinct_across_dp(runs):
+    from megalign.diffusion.masking import sample_noise
+
+    ranks = runs["tp2pp2"]["ranks"]
+    assert all(r["first_input_tokens"] == ranks[0]["first_input_tokens"] for r in ranks)
+    assert all(r["first_t"] == ranks[0]["first_t"] for r in ranks)
+    dp = runs["dp2"]["ranks"]
+    assert dp[0]["first_sample_indices"] != dp[1]["first_sample_indices"]
+    assert dp[0]["first_input_tokens"] != dp[1]["first_input_tokens"]
+    # reproducible from (seed, sample index) alone
+    for rank in dp + ranks:
+        t, _ = sample_noise(torch.tensor(rank["first_sample_indices"]), 129, 1234, 0.002)
+        assert t.tolist() == pytest.approx(rank["first_t"], abs=0)
+
+
+# ------------------------------------------------------------------ plain PyTorch reference
+
+
+def _rms_norm(x, weight, eps=1e-5):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def _rope(x, base=10000.0):
+    """x [s, b, n, d]; rotate-half convention, positions 0..s-1."""
+    s, d = x.shape[0], x.shape[-1]
+    inv_freq = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    angles = torch.outer(torch.arange(s, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)[:, None, None, :]
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+    return x * angles.cos() + torch.cat([-x2, x1], dim=-1) * angles.sin()
+
+
+def _llama(params, tokens, blocked, num_layers, heads, groups):
+    """Returns the L+1 aligned states and the logits. tokens [b, s]; blocked [b, 1, s, s]."""
+    emb = params["embedding.word_embeddings.weight"]
+    h = emb[tokens].transpose(0, 1)  # [s, b, hidden]
+    s, b, hidden = h.shape
+    hn = hidden // heads
+    states = [h]
+    for i in range(num_layers):
+        p = lambda n: params[f"decoder.layers.{i}.{n}"]  # noqa: E731
+        x = _rms_norm(h, p("input_layernorm.weight"))
+        qkv = (x @ p("self_attention.linear_qkv.weight").T).view(s, b, groups, (heads // groups + 2) * hn)
+        q, k, v = torch.split(qkv, [heads // groups * hn, hn, hn], dim=-1)
+        q = _rope(q.reshape(s, b, heads, hn))
+        k = _rope(k).repeat_interleave(heads // groups, dim=2)
+        v = v.repeat_interleave(heads // groups, dim=2)
+        scores = torch.einsum("sbnd,tbnd->bnst", q, k) / math.sqrt(hn)
+        scores = scores.masked_fill(blocked, float("-inf"))
+        context = torch.einsum("bnst,tbnd->sbnd", scores.softmax(-1), v).reshape(s, b, hidden)
+        h = h + context @ p("self_attention.linear_proj.weight").T
+        x = _rms_norm(h, p("pre_mlp_layernorm.weight"))
+        gate, up = torch.chunk(x @ p("mlp.linear_fc1.weight").T, 2, dim=-1)
+        h = h + (F.silu(gate) * up) @ p("mlp.linear_fc2.weight").T
+        if i < num_layers - 1:
+            states.append(h)
+    final = _rms_norm(h, params["decoder.final_layernorm.weight"])
+    states.append(final)
+    return states, final @ emb.T
+
+
+def test_matches_plain_pytorch_reference(runs, corpus_prefix, data_overrides):
+    """Loss, per-layer cosines and student gradients of TP1PP1 equal a from-scratch computation."""
+    from megalign.config import load_config, mask_token_id
+    from megalign.data.dataset import build_datasets, micro_batches
+    from megalign.data.tokenizer import build_tokenizer
+    from megalign.diffusion.objective import make_batch
+
+    cfg = load_config(str(TINY_CONFIG), [*data_overrides, f"data.global_batch_size={GLOBAL_BATCH}"])
+    tok = build_tokenizer(cfg.data.tokenizer)
+    train, _, _ = build_datasets(cfg.data.paths, tok, cfg.model.seq_length, cfg.data.split, cfg.seed,
+                                 [cfg.schedule.train_iters * GLOBAL_BATCH, 0, 0], cfg.data.cache_dir,
+                                 reset_position_ids=True)
+    iterator = micro_batches(train, 0, MICRO_BATCH, 0, 1)
+    mask_id = mask_token_id(cfg, tok.vocab_size, tok.mask)
+    m = cfg.model
+
+    params = {n: t.clone().requires_grad_(True) for n, t in runs["tp1pp1"]["grads"]["params"].items()}
+    teacher_params = {n: t.detach() for n, t in params.items()}
+    num_mb = GLOBAL_BATCH // MICRO_BATCH
+    L = m.num_layers
+    total, cos_means = 0.0, torch.zeros(L + 1)
+    for _ in range(num_mb):
+        raw = next(iterator)
+        batch = make_batch(raw["tokens"], raw["position_ids"], raw["sample_index"], cfg.diffusion,
+                           cfg.seed, mask_id, tok.eod, tok.pad, True, with_teacher=True)
+        s_states, logits = _llama(params, batch.input_tokens, batch.student_mask, L,
+                                  m.num_attention_heads, m.num_query_groups)
+        with torch.no_grad():
+            t_states, _ = _llama(teacher_params, batch.clean_tokens, batch.teacher_mask, L,
+                                 m.num_attention_heads, m.num_query_groups)
+        ce = F.cross_entropy(logits.transpose(0, 1).reshape(-1, logits.shape[-1]),
+                             batch.labels.reshape(-1), reduction="none").view_as(batch.labels)
+        sup = batch.supervised.float()
+        diffusion = (ce * sup).sum() / sup.sum()
+        sup_sb = sup.T
+        layer_cos = torch.stack([(F.cosine_similarity(a, b, dim=-1) * sup_sb).sum() / sup_sb.sum()
+                                 for a, b in zip(s_states, t_states)])
+        align = ALIGN_WEIGHT * (1.0 - layer_cos).mean()
+        (diffusion + align).div(num_mb).backward()
+        total += float(diffusion + align) / num_mb
+        cos_means += layer_cos.detach() / num_mb
+
+    summary = runs["tp1pp1"]["summary"]["align"]
+    got_total = summary["diffusion_loss"] + summary["align_loss"]
+    assert got_total == pytest.approx(total, rel=RTOL)
+    assert summary["align_cos"] == pytest.approx(cos_means.tolist(), rel=RTOL)
+    megatron_grads = runs["tp1pp1"]["grads"]["align"]
+    for name, param in params.items():
+        assert rel_err(megatron_grads[name], param.grad) <= RTOL, name

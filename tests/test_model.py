@@ -1,0 +1,32 @@
+"""Attention direction, per-document attention and the step-0 embedding alignment."""
+
+import json
+
+import pytest
+
+from conftest import TINY_CONFIG, WORKERS, torchrun
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory, data_overrides):
+    out = tmp_path_factory.mktemp("model") / "report.json"
+    torchrun(1, WORKERS / "model_checks.py", ["--config", TINY_CONFIG, "--out", out, *data_overrides])
+    return json.loads(out.read_text())
+
+
+def test_student_is_bidirectional_and_teacher_causal(report):
+    assert report["bidirectional_first_position_change"] > 1e-4
+    assert report["causal_first_position_change"] == 0.0
+
+
+def test_document_attention_isolates_documents(report):
+    for kind in ("bidirectional", "causal"):
+        assert report[f"{kind}_doc_other_document_change"] == 0.0
+        assert report[f"{kind}_doc_same_document_change"] > 1e-4
+
+
+def test_embedding_states_align_exactly_at_step_zero(report):
+    assert report["embedding_cos_visible_count"] > 0
+    assert report["embedding_cos_visible_min"] == pytest.approx(1.0, abs=1e-6)
+    assert report["embedding_cos_visible_max"] == pytest.approx(1.0, abs=1e-6)
+    assert report["embedding_cos_masked_max"] < 0.999
