@@ -1,0 +1,99 @@
+"""REPR-ALIGN overhead vs plain masked-diffusion training, measured side by side in one run.
+
+    python bench/align_overhead.py [--iters 20] [key.sub=value ...]
+
+Starts 4 processes (TP=2 x PP=2 on CPU by default), builds one student (and its frozen teacher),
+then alternates plain diffusion steps (no teacher) and REPR-ALIGN steps on the same model, so both
+see the same machine state. Prints median step times, their ratio, and the p2p bytes per
+micro-batch of each (counted on every rank, summed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULTS = ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2",
+            "align.weight=10", "logging.tensorboard=false", "logging.run_dir=runs/bench_align",
+            "schedule.train_iters=200"]
+
+
+def worker(args) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from megalign.config import load_config
+    from megalign.data.tokenizer import build_tokenizer
+    from megalign.telemetry.p2p import count_p2p
+    from megalign.train import setup
+    from megalign.training.step import DiffusionStep
+
+    cfg = load_config(args.config, [*DEFAULTS, *args.overrides])
+    tokenizer = build_tokenizer(cfg.data.tokenizer)
+    trainer = setup(cfg, tokenizer, log=lambda message: None)
+    s = trainer.step
+    plain = DiffusionStep(cfg, trainer.student, None, s.layer_weights, s.mask_token_id, s.eod, s.pad)
+    steps = {"plain": plain, "align": s}
+    iterators = {name: trainer.data_iterator() for name in steps}
+    times = {name: [] for name in steps}
+    bytes_per_mb = {}
+    for i in range(args.warmup + args.iters):
+        for name, step in steps.items():
+            dist.barrier()
+            start = time.perf_counter()
+            trainer.forward_backward(iterators[name], step=step)
+            trainer.optimizer_step()
+            dist.barrier()
+            if i >= args.warmup:
+                times[name].append(time.perf_counter() - start)
+    for name, step in steps.items():
+        with count_p2p() as counts:
+            trainer.forward_backward(iterators[name], step=step)
+        total = torch.tensor([counts.forward_bytes + counts.backward_bytes], dtype=torch.float64)
+        dist.all_reduce(total)
+        bytes_per_mb[name] = float(total) / trainer.num_microbatches
+    if dist.get_rank() == 0:
+        median = {name: statistics.median(values) for name, values in times.items()}
+        print(f"layout: TP {cfg.parallel.tensor_model_parallel_size} x PP "
+              f"{cfg.parallel.pipeline_model_parallel_size}, hidden {cfg.model.hidden_size}, "
+              f"layers {cfg.model.num_layers}, seq {cfg.model.seq_length}, micro-batch "
+              f"{cfg.data.micro_batch_size}, {trainer.num_microbatches} micro-batches/step, "
+              f"{args.iters} timed steps each (after {args.warmup} warm-up)")
+        for name in steps:
+            print(f"{name:>6}: median step {median[name] * 1000:8.1f} ms | "
+                  f"p2p bytes per micro-batch {bytes_per_mb[name]:12.0f}")
+        print(f"step-time ratio (REPR-ALIGN / plain): {median['align'] / median['plain']:.3f}")
+        if bytes_per_mb["plain"]:
+            ratio = bytes_per_mb["align"] / bytes_per_mb["plain"]
+            print(f"p2p bytes ratio (REPR-ALIGN / plain): {ratio:.3f}")
+    dist.barrier()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(REPO / "examples/configs/tiny.yaml"))
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--nproc", type=int, default=4)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return 0
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={args.nproc}", __file__, "--worker", "--config", args.config,
+           "--iters", str(args.iters), "--warmup", str(args.warmup), *args.overrides]
+    return subprocess.call(cmd, cwd=REPO, env=env)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
