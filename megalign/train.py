@@ -48,8 +48,10 @@ def parse_args(argv=None):
 def load_and_validate(args, world_size: int):
     """Config + tokenizer, fully checked; nothing distributed has started yet."""
     from megalign.data.tokenizer import build_tokenizer
+    from megalign.model.gpt import check_platform
 
     cfg = load_config(args.config, args.overrides)
+    check_platform(cfg)
     validate(cfg, world_size)
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     validate(cfg, world_size, tokenizer.vocab_size, tokenizer.mask)
@@ -83,16 +85,22 @@ def build_models(cfg: Config, vocab_size: int, mask_id: int, tokenizer_vocab: in
 
 
 def freeze_parameters(model, patterns: list[str]) -> int:
-    """requires_grad=False for parameters whose global name matches a pattern (re.search)."""
+    """requires_grad=False for parameters whose global name matches a pattern (re.search).
+
+    With tied embeddings the last pipeline stage holds a copy of the word embedding as its output
+    layer; both names refer to one logical tensor, so a pattern matching either freezes both.
+    """
     from megalign.model.gpt import global_parameter_name
 
+    tied = ("embedding.word_embeddings.weight", "output_layer.weight")
     matches = torch.zeros(len(patterns), dtype=torch.int64)
     frozen = 0
     for name, param in model.named_parameters():
-        global_name = global_parameter_name(name, model)
-        hit = [bool(re.search(p, global_name)) for p in patterns]
-        for i, h in enumerate(hit):
-            matches[i] += int(h)
+        names = [global_parameter_name(name, model)]
+        if model.share_embeddings_and_output_weights and names[0] in tied:
+            names = list(tied)
+        hit = [any(re.search(p, n) for n in names) for p in patterns]
+        matches += torch.tensor(hit, dtype=torch.int64)
         if any(hit):
             param.requires_grad_(False)
             frozen += param.numel()

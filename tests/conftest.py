@@ -61,12 +61,15 @@ def data_overrides(corpus_prefix, tmp_path_factory) -> list[str]:
             f"data.cache_dir={cache}", "logging.tensorboard=false"]
 
 
-@pytest.fixture(scope="session")
-def ar_checkpoint(tmp_path_factory, data_overrides) -> str:
+def make_ar_checkpoint(out, data_overrides, extra=()) -> str:
     """'AR weights' shared by every layout: a tiny model written with dist_checkpointing."""
-    out = tmp_path_factory.mktemp("ar")
     run_python(["-m", "megalign.train", "--config", TINY_CONFIG, *data_overrides,
                 "parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=1",
                 "schedule.train_iters=1", "schedule.warmup_iters=0", "align.weight=0",
-                f"logging.run_dir={out}/run", f"checkpoint.save={out}/ckpt"])
+                f"logging.run_dir={out}/run", f"checkpoint.save={out}/ckpt", *extra])
     return str(out / "ckpt" / "iter_0000001")
+
+
+@pytest.fixture(scope="session")
+def ar_checkpoint(tmp_path_factory, data_overrides) -> str:
+    return make_ar_checkpoint(tmp_path_factory.mktemp("ar"), data_overrides)

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TINY_CONFIG, WORKERS, torchrun
+from conftest import TINY_CONFIG, WORKERS, make_ar_checkpoint, torchrun
 
 # name -> (TP, PP, processes); DP = processes / (TP * PP)
 LAYOUTS = {
@@ -25,18 +25,16 @@ GLOBAL_BATCH, MICRO_BATCH, ALIGN_WEIGHT = 4, 2, 10.0
 RTOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, data_overrides, ar_checkpoint):
-    out = tmp_path_factory.mktemp("equivalence")
+def run_layouts(out, layouts, data_overrides, checkpoint, extra=()):
     results = {}
-    for name, (tp, pp, nproc) in LAYOUTS.items():
+    for name, (tp, pp, nproc) in layouts.items():
         torchrun(nproc, WORKERS / "train_checks.py", [
             "--config", TINY_CONFIG, "--out", out / name, *data_overrides,
             f"parallel.tensor_model_parallel_size={tp}",
             f"parallel.pipeline_model_parallel_size={pp}",
-            f"model.init_checkpoint={ar_checkpoint}",
+            f"model.init_checkpoint={checkpoint}",
             f"data.global_batch_size={GLOBAL_BATCH}", f"data.micro_batch_size={MICRO_BATCH}",
-            f"align.weight={ALIGN_WEIGHT}", f"logging.run_dir={out / name}/run",
+            f"align.weight={ALIGN_WEIGHT}", f"logging.run_dir={out / name}/run", *extra,
         ])
         summary = json.loads((out / name / "summary.json").read_text())
         ranks = [json.loads((out / name / f"rank{r}.json").read_text()) for r in range(nproc)]
@@ -47,6 +45,25 @@ def runs(tmp_path_factory, data_overrides, ar_checkpoint):
                 grads[kind].update(part[kind])
         results[name] = {"summary": summary, "ranks": ranks, "grads": grads, "pp": pp}
     return results
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, data_overrides, ar_checkpoint):
+    return run_layouts(tmp_path_factory.mktemp("equivalence"), LAYOUTS, data_overrides,
+                       ar_checkpoint)
+
+
+GPT2 = ["model.arch=gpt2", "model.num_query_groups=null"]
+FREEZE = ["optimizer.freeze=[word_embeddings, 'layers\\.0\\.mlp']"]
+
+
+@pytest.fixture(scope="module")
+def gpt2_runs(tmp_path_factory, data_overrides):
+    """GPT-2-style model (LayerNorm, GeLU, learned positions, biases) with frozen parameters."""
+    out = tmp_path_factory.mktemp("gpt2")
+    checkpoint = make_ar_checkpoint(out / "ar", data_overrides, GPT2)
+    layouts = {"tp1pp1": (1, 1, 1), "tp2pp2": (2, 2, 4)}
+    return run_layouts(out, layouts, data_overrides, checkpoint, [*GPT2, *FREEZE])
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -79,6 +96,28 @@ def test_gradients_match(runs, layout, kind):
     worst = max(errors, key=errors.get)
     print(f"{layout} {kind}: worst gradient relative error {errors[worst]:.2e} ({worst})")
     assert errors[worst] <= RTOL, (worst, errors[worst])
+
+
+def test_gpt2_layouts_match_with_frozen_parameters(gpt2_runs):
+    ref, got = gpt2_runs["tp1pp1"], gpt2_runs["tp2pp2"]
+    for kind in ("plain", "align"):
+        for key in ("diffusion_loss", "align_loss"):
+            assert close(got["summary"][kind][key], ref["summary"][kind][key]), (kind, key)
+        assert set(ref["grads"][kind]) <= set(got["grads"][kind])
+        for name, grad in ref["grads"][kind].items():
+            assert rel_err(got["grads"][kind][name], grad) <= RTOL, (kind, name)
+    for l_got, l_ref in zip(got["summary"]["losses"], ref["summary"]["losses"]):
+        assert close(l_got, l_ref)
+    for run in gpt2_runs.values():
+        frozen = {name for rank in run["ranks"] for name in rank["frozen"]}
+        # the embedding, its tied copy on the last stage, and layer 0's MLP; biases exist (GPT-2)
+        assert "embedding.word_embeddings.weight" in frozen
+        assert "decoder.layers.0.mlp.linear_fc1.bias" in frozen
+        assert "embedding.position_embeddings.weight" not in frozen
+        if run["pp"] > 1:
+            assert "output_layer.weight" in frozen
+        assert all(rank["frozen_unchanged"] and rank["trainable_changed"] for rank in run["ranks"])
+        assert "embedding.word_embeddings.weight" not in run["grads"]["align"]  # no grad buffer
 
 
 def test_alignment_changes_gradients_but_not_the_diffusion_loss(runs):

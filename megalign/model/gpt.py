@@ -17,7 +17,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megalign.config import Config, num_query_groups
+from megalign.config import Config, ConfigError, num_query_groups
 
 
 def transformer_engine_available() -> bool:
@@ -29,6 +29,18 @@ def transformer_engine_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def check_platform(cfg: Config) -> None:
+    """Configuration choices this machine's kernels cannot run (raises ``ConfigError``)."""
+    if cfg.parallel.sequence_parallel and not transformer_engine_available():
+        raise ConfigError(
+            "parallel.sequence_parallel=true needs Transformer Engine's layer norms (GPU); "
+            "Megatron-Core's torch norms, used without TE, do not support sequence parallelism. "
+            "Set parallel.sequence_parallel=false on this machine."
+        )
+    if cfg.precision == "bf16" and not torch.cuda.is_available():
+        raise ConfigError("precision=bf16 needs a GPU; use precision=fp32 on CPU")
 
 
 def ffn_hidden_size(cfg: Config) -> int:

@@ -50,6 +50,7 @@ def main():
     align_grads = full_tensors(student, "grad")
 
     teacher_before = {k: v.detach().clone() for k, v in teacher.model.named_parameters()}
+    student_before = {k: v.detach().clone() for k, v in student.named_parameters()}
     iterator = trainer.data_iterator()
     losses = []
     for _ in range(args.steps):
@@ -58,6 +59,8 @@ def main():
         losses.append(result.diffusion_loss + result.align_loss)
     teacher_after = dict(teacher.model.named_parameters())
     optimizer_params = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    student_after = dict(student.named_parameters())
+    frozen = [k for k, p in student_after.items() if not p.requires_grad]
 
     rank = dist.get_rank()
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
@@ -69,6 +72,10 @@ def main():
         "teacher_requires_grad": any(p.requires_grad for p in teacher.model.parameters()),
         "teacher_in_optimizer": any(id(p) in optimizer_params for p in teacher.model.parameters()),
         "teacher_output_layer": teacher.model.output_layer is not None,
+        "frozen": frozen,
+        "frozen_unchanged": all(torch.equal(student_before[k], student_after[k]) for k in frozen),
+        "trainable_changed": all(not torch.equal(student_before[k], p) for k, p in
+                                 student_after.items() if p.requires_grad),
         "first_sample_indices": first["sample_indices"].tolist(),
         "first_input_tokens": first["input_tokens"].tolist(),
         "first_t": first["t"].tolist(),
