@@ -18,13 +18,18 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read; the message names the directory."""
 
 
-def save_model_weights(model, directory: str) -> None:
+def _sharded_state_dict(chunks: list) -> dict:
+    """Keys inside are global (layer numbers, TP offsets), so any layout can read any other's."""
+    return {f"chunk{index}": chunk.sharded_state_dict() for index, chunk in enumerate(chunks)}
+
+
+def save_model_weights(chunks: list, directory: str) -> None:
     temp = directory.rstrip("/") + ".tmp"
     if dist.get_rank() == 0:
         shutil.rmtree(temp, ignore_errors=True)
         os.makedirs(temp)
     dist.barrier()
-    dist_checkpointing.save(model.sharded_state_dict(), temp)
+    dist_checkpointing.save(_sharded_state_dict(chunks), temp)
     dist.barrier()
     if dist.get_rank() == 0:
         if os.path.isdir(directory):
@@ -33,16 +38,17 @@ def save_model_weights(model, directory: str) -> None:
     dist.barrier()
 
 
-def load_model_weights(model, directory: str) -> None:
+def load_model_weights(chunks: list, directory: str) -> None:
     if not os.path.isdir(directory) or not dist_checkpointing.check_is_distributed_checkpoint(directory):
         raise CheckpointError(
             f"'{directory}' is not a megalign/Megatron distributed checkpoint "
             "(model.init_checkpoint must name a directory written by megalign)"
         )
     try:
-        state = dist_checkpointing.load(model.sharded_state_dict(), directory)
+        state = dist_checkpointing.load(_sharded_state_dict(chunks), directory)
     except Exception as err:
         raise CheckpointError(
             f"checkpoint '{directory}' could not be loaded into this model: {err}"
         ) from None
-    model.load_state_dict(state)
+    for index, chunk in enumerate(chunks):
+        chunk.load_state_dict(state[f"chunk{index}"])

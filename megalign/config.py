@@ -49,6 +49,7 @@ class ModelConfig:
 class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: Optional[int] = None  # model chunks per PP rank (interleaved 1F1B)
     sequence_parallel: bool = False
     # Data-parallel size is what is left: world_size / (tp * pp).
 
@@ -341,6 +342,18 @@ def validate(
             f"parallel.pipeline_model_parallel_size={pp} does not divide "
             f"model.num_layers={m.num_layers}; choose a PP size that divides {m.num_layers}"
         )
+    vpp = p.virtual_pipeline_model_parallel_size
+    if vpp is not None:
+        if pp < 2 or vpp < 2:
+            raise ConfigError(
+                "parallel.virtual_pipeline_model_parallel_size needs pipeline_model_parallel_size "
+                ">= 2 and a value >= 2 (or null for the non-interleaved schedule)"
+            )
+        if m.num_layers % (pp * vpp) != 0:
+            raise ConfigError(
+                f"parallel.virtual_pipeline_model_parallel_size={vpp}: pipeline ({pp}) x virtual "
+                f"({vpp}) = {pp * vpp} model chunks do not divide model.num_layers={m.num_layers}"
+            )
     if p.sequence_parallel and tp == 1:
         raise ConfigError("parallel.sequence_parallel=true needs tensor_model_parallel_size > 1")
     if p.sequence_parallel and m.seq_length % tp != 0:
@@ -360,6 +373,12 @@ def validate(
             f"data.global_batch_size={d.global_batch_size} is not divisible by "
             f"data.micro_batch_size ({d.micro_batch_size}) x data-parallel size ({dp}); "
             f"use a multiple of {d.micro_batch_size * dp}"
+        )
+    if vpp is not None and (d.global_batch_size // (d.micro_batch_size * dp)) % pp != 0:
+        raise ConfigError(
+            f"data.global_batch_size={d.global_batch_size}: the interleaved schedule needs a "
+            f"number of micro-batches per step divisible by pipeline_model_parallel_size={pp}; "
+            f"use a multiple of {d.micro_batch_size * dp * pp}"
         )
     if not 0.0 < cfg.diffusion.eps < 0.5:
         raise ConfigError(f"diffusion.eps={cfg.diffusion.eps} must lie in (0, 0.5)")

@@ -48,6 +48,7 @@ def initialize(
     tensor_parallel: int,
     pipeline_parallel: int,
     seed: int,
+    virtual_pipeline_parallel: int | None = None,
     timeout_minutes: float = 10.0,
 ) -> None:
     """Start the process group (NCCL with CUDA, gloo without) and Megatron's model-parallel state."""
@@ -72,6 +73,7 @@ def initialize(
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_parallel,
         pipeline_model_parallel_size=pipeline_parallel,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_parallel,
     )
     torch.manual_seed(seed)
     mcore_random.model_parallel_cuda_manual_seed(seed)

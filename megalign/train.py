@@ -62,29 +62,31 @@ def load_and_validate(args, world_size: int):
 
 
 def build_models(cfg: Config, vocab_size: int, mask_id: int, tokenizer_vocab: int):
-    """Student (trainable) and, with alignment on, the frozen teacher from the same AR weights."""
+    """Student chunks (trainable) and, with alignment on, the frozen teacher from the same AR weights."""
     from megalign.align.loss import normalised_layer_weights
     from megalign.align.teacher import Teacher
     from megalign.checkpoint import load_model_weights
     from megalign.model.embedding import init_mask_token_embedding
-    from megalign.model.gpt import build_gpt
+    from megalign.model.gpt import build_chunks
 
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-    student = build_gpt(cfg, vocab_size, causal=False, params_dtype=dtype)
+    students = build_chunks(cfg, vocab_size, causal=False, params_dtype=dtype)
     if cfg.model.init_checkpoint:
-        load_model_weights(student, cfg.model.init_checkpoint)
+        load_model_weights(students, cfg.model.init_checkpoint)
     layer_weights = normalised_layer_weights(
         cfg.model.num_layers, cfg.align.layers, cfg.align.layer_weights
     )
     teacher = None
     if cfg.align.weight > 0:
-        teacher = Teacher(cfg, vocab_size, student.state_dict(), set(layer_weights))
+        ar_weights = [chunk.state_dict() for chunk in students]
+        teacher = Teacher(cfg, vocab_size, ar_weights, set(layer_weights))
     if cfg.model.mask_token_init == "mean":
-        init_mask_token_embedding(student, mask_id, tokenizer_vocab)
-    return student, teacher, layer_weights
+        for chunk in students:
+            init_mask_token_embedding(chunk, mask_id, tokenizer_vocab)
+    return students, teacher, layer_weights
 
 
-def freeze_parameters(model, patterns: list[str]) -> int:
+def freeze_parameters(chunks: list, patterns: list[str]) -> int:
     """requires_grad=False for parameters whose global name matches a pattern (re.search).
 
     With tied embeddings the last pipeline stage holds a copy of the word embedding as its output
@@ -95,9 +97,10 @@ def freeze_parameters(model, patterns: list[str]) -> int:
     tied = ("embedding.word_embeddings.weight", "output_layer.weight")
     matches = torch.zeros(len(patterns), dtype=torch.int64)
     frozen = 0
-    for name, param in model.named_parameters():
-        names = [global_parameter_name(name, model)]
-        if model.share_embeddings_and_output_weights and names[0] in tied:
+    named = [(chunk, name, param) for chunk in chunks for name, param in chunk.named_parameters()]
+    for chunk, name, param in named:
+        names = [global_parameter_name(name, chunk)]
+        if chunk.share_embeddings_and_output_weights and names[0] in tied:
             names = list(tied)
         hit = [any(re.search(p, n) for n in names) for p in patterns]
         matches += torch.tensor(hit, dtype=torch.int64)
@@ -115,18 +118,22 @@ def freeze_parameters(model, patterns: list[str]) -> int:
     return frozen
 
 
-def wrap_and_optimize(cfg: Config, student):
+def wrap_and_optimize(cfg: Config, students: list):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    config = student.config
-    model = DistributedDataParallel(
-        config=config,
-        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True),
-        module=student,
-    )
+    config = students[0].config
+    models = [
+        DistributedDataParallel(
+            config=config,
+            ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True),
+            module=chunk,
+            disable_bucketing=index > 0,  # as Megatron-LM: only the first chunk overlaps
+        )
+        for index, chunk in enumerate(students)
+    ]
     o = cfg.optimizer
     optimizer = get_megatron_optimizer(
         OptimizerConfig(
@@ -142,7 +149,7 @@ def wrap_and_optimize(cfg: Config, student):
             bf16=cfg.precision == "bf16",
             params_dtype=config.params_dtype,
         ),
-        [model],
+        models,
     )
     gbs, s = cfg.data.global_batch_size, cfg.schedule
     scheduler = OptimizerParamScheduler(
@@ -158,10 +165,11 @@ def wrap_and_optimize(cfg: Config, student):
         wd_incr_steps=s.train_iters * gbs,
         wd_incr_style="constant",
     )
-    config.no_sync_func = model.no_sync
+    no_sync = [model.no_sync for model in models]
+    config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss if cfg.precision != "fp32" else None
-    return model, optimizer, scheduler
+    return models, optimizer, scheduler
 
 
 # ----------------------------------------------------------------------------- loop
@@ -172,40 +180,45 @@ class Trainer:
     """Everything one rank needs to train; built by ``setup``."""
 
     cfg: Config
-    student: torch.nn.Module
+    students: list  # this rank's model chunks (one unless virtual pipeline stages are used)
     teacher: Optional[object]
-    model: torch.nn.Module  # Megatron DDP around the student
+    models: list  # Megatron DDP around each student chunk
     optimizer: object
     scheduler: object
     step: object  # megalign.training.step.DiffusionStep
     train_dataset: object
     num_microbatches: int
 
-    def data_iterator(self, consumed_samples: int = 0):
+    def data_iterator(self, consumed_samples: int = 0) -> list:
+        """One iterator per model chunk; each yields this DP rank's micro-batches in order."""
         from megatron.core import parallel_state
 
         from megalign.data.dataset import micro_batches
 
-        return micro_batches(
-            self.train_dataset,
-            consumed_samples,
-            self.cfg.data.micro_batch_size,
-            parallel_state.get_data_parallel_rank(),
-            parallel_state.get_data_parallel_world_size(),
-        )
+        return [
+            micro_batches(
+                self.train_dataset,
+                consumed_samples,
+                self.cfg.data.micro_batch_size,
+                parallel_state.get_data_parallel_rank(),
+                parallel_state.get_data_parallel_world_size(),
+            )
+            for _ in self.students
+        ]
 
     def forward_backward(self, data_iterator, step=None, record_first: bool = False):
         """Gradients of one global batch (in the DDP buffers); returns the reduced statistics."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         step = step or self.step
-        self.model.zero_grad_buffer()
+        for model in self.models:
+            model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        step.begin(self.num_microbatches, self.model.config.grad_scale_func, record_first)
+        step.begin(self.num_microbatches, self.models[0].config.grad_scale_func, record_first)
         get_forward_backward_func()(
             forward_step_func=step,
             data_iterator=data_iterator,
-            model=[self.model],
+            model=self.models,
             num_microbatches=self.num_microbatches,
             seq_length=self.cfg.model.seq_length,
             micro_batch_size=self.cfg.data.micro_batch_size,
@@ -236,6 +249,7 @@ def setup(cfg: Config, tokenizer, log=print) -> Trainer:
         cfg.parallel.tensor_model_parallel_size,
         cfg.parallel.pipeline_model_parallel_size,
         cfg.seed,
+        cfg.parallel.virtual_pipeline_model_parallel_size,
     )
     dp_size = parallel_state.get_data_parallel_world_size()
     vocab = padded_vocab_size(cfg, tokenizer.vocab_size, tokenizer.mask)
@@ -245,10 +259,10 @@ def setup(cfg: Config, tokenizer, log=print) -> Trainer:
         f" x PP {cfg.parallel.pipeline_model_parallel_size} x DP {dp_size}; padded vocab {vocab}, "
         f"mask token {mask_id}, align weight {cfg.align.weight}"
     )
-    student, teacher, layer_weights = build_models(cfg, vocab, mask_id, tokenizer.vocab_size)
-    frozen = freeze_parameters(student, cfg.optimizer.freeze) if cfg.optimizer.freeze else 0
-    model, optimizer, scheduler = wrap_and_optimize(cfg, student)
-    trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    students, teacher, layer_weights = build_models(cfg, vocab, mask_id, tokenizer.vocab_size)
+    frozen = freeze_parameters(students, cfg.optimizer.freeze) if cfg.optimizer.freeze else 0
+    models, optimizer, scheduler = wrap_and_optimize(cfg, students)
+    trainable = sum(p.numel() for c in students for p in c.parameters() if p.requires_grad)
     log(f"> rank 0 stage parameters: {trainable} trainable, {frozen} frozen")
 
     gbs = cfg.data.global_batch_size
@@ -262,12 +276,12 @@ def setup(cfg: Config, tokenizer, log=print) -> Trainer:
         cfg.data.cache_dir or os.path.join(cfg.logging.run_dir, "data_cache"),
         reset_position_ids=cfg.model.document_attention,
     )
-    step = DiffusionStep(cfg, student, teacher, layer_weights, mask_id, tokenizer.eod, tokenizer.pad)
+    step = DiffusionStep(cfg, students, teacher, layer_weights, mask_id, tokenizer.eod, tokenizer.pad)
     return Trainer(
         cfg=cfg,
-        student=student,
+        students=students,
         teacher=teacher,
-        model=model,
+        models=models,
         optimizer=optimizer,
         scheduler=scheduler,
         step=step,
@@ -321,10 +335,10 @@ def run(cfg: Config, tokenizer) -> list[dict]:
             logger.log(record, train_iters)
         interval = cfg.checkpoint.save_interval
         if cfg.checkpoint.save and interval and iteration % interval == 0 and iteration != train_iters:
-            save_model_weights(trainer.student, os.path.join(cfg.checkpoint.save, f"iter_{iteration:07d}"))
+            save_model_weights(trainer.students, os.path.join(cfg.checkpoint.save, f"iter_{iteration:07d}"))
     if cfg.checkpoint.save:
         path = os.path.join(cfg.checkpoint.save, f"iter_{train_iters:07d}")
-        save_model_weights(trainer.student, path)
+        save_model_weights(trainer.students, path)
         logger.info(f"> saved the student's weights to {path}")
     logger.close()
     return records

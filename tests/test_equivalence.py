@@ -13,13 +13,15 @@ import torch.nn.functional as F
 
 from conftest import TINY_CONFIG, WORKERS, make_ar_checkpoint, torchrun
 
-# name -> (TP, PP, processes); DP = processes / (TP * PP)
+# name -> (TP, PP, processes, extra overrides); DP = processes / (TP * PP)
 LAYOUTS = {
-    "tp1pp1": (1, 1, 1),
-    "tp2pp1": (2, 1, 2),
-    "tp1pp2": (1, 2, 2),
-    "tp2pp2": (2, 2, 4),
-    "dp2": (1, 1, 2),
+    "tp1pp1": (1, 1, 1, []),
+    "tp2pp1": (2, 1, 2, []),
+    "tp1pp2": (1, 2, 2, []),
+    "tp2pp2": (2, 2, 4, []),
+    "dp2": (1, 1, 2, []),
+    # interleaved 1F1B: 2 virtual stages per PP rank, one layer per model chunk
+    "tp1pp2vpp2": (1, 2, 2, ["parallel.virtual_pipeline_model_parallel_size=2"]),
 }
 GLOBAL_BATCH, MICRO_BATCH, ALIGN_WEIGHT = 4, 2, 10.0
 RTOL = 1e-5
@@ -27,14 +29,15 @@ RTOL = 1e-5
 
 def run_layouts(out, layouts, data_overrides, checkpoint, extra=()):
     results = {}
-    for name, (tp, pp, nproc) in layouts.items():
+    for name, (tp, pp, nproc, layout_extra) in layouts.items():
         torchrun(nproc, WORKERS / "train_checks.py", [
             "--config", TINY_CONFIG, "--out", out / name, *data_overrides,
             f"parallel.tensor_model_parallel_size={tp}",
             f"parallel.pipeline_model_parallel_size={pp}",
             f"model.init_checkpoint={checkpoint}",
             f"data.global_batch_size={GLOBAL_BATCH}", f"data.micro_batch_size={MICRO_BATCH}",
-            f"align.weight={ALIGN_WEIGHT}", f"logging.run_dir={out / name}/run", *extra,
+            f"align.weight={ALIGN_WEIGHT}", f"logging.run_dir={out / name}/run", *layout_extra,
+            *extra,
         ])
         summary = json.loads((out / name / "summary.json").read_text())
         ranks = [json.loads((out / name / f"rank{r}.json").read_text()) for r in range(nproc)]
@@ -62,7 +65,7 @@ def gpt2_runs(tmp_path_factory, data_overrides):
     """GPT-2-style model (LayerNorm, GeLU, learned positions, biases) with frozen parameters."""
     out = tmp_path_factory.mktemp("gpt2")
     checkpoint = make_ar_checkpoint(out / "ar", data_overrides, GPT2)
-    layouts = {"tp1pp1": (1, 1, 1), "tp2pp2": (2, 2, 4)}
+    layouts = {"tp1pp1": (1, 1, 1, []), "tp2pp2": (2, 2, 4, [])}
     return run_layouts(out, layouts, data_overrides, checkpoint, [*GPT2, *FREEZE])
 
 

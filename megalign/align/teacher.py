@@ -1,7 +1,7 @@
 """The frozen AR teacher: the student's architecture with causal attention, sharded like it.
 
-Stage k of the teacher holds the same layers and TP shards as stage k of the student and is
-loaded from the same AR weights. It is never wrapped in DDP nor given to the optimizer, runs in
+Stage k of the teacher holds the same layers and TP shards as stage k of the student (the same
+virtual-stage chunks under interleaving) and is loaded from the same AR weights. It is never wrapped in DDP nor given to the optimizer, runs in
 eval mode under ``no_grad`` on the clean tokens, and skips the LM head: its decoder keeps the final
 norm (an aligned state) but ``GPTModel``'s post-processing (output layer, logits) is switched off.
 """
@@ -14,7 +14,7 @@ from megatron.core import parallel_state
 from megalign.align.teacher_stream import TeacherStream
 from megalign.config import Config
 from megalign.diffusion.objective import DiffusionBatch
-from megalign.model.gpt import build_gpt
+from megalign.model.gpt import build_chunks
 from megalign.model.hidden_states import HiddenStateRecorder
 
 
@@ -25,34 +25,42 @@ def teacher_dtype(cfg: Config) -> torch.dtype:
 
 
 class Teacher:
-    def __init__(self, cfg: Config, vocab_size: int, ar_state_dict: dict, aligned: set[int]):
+    """The teacher's model chunks on this rank (one per virtual pipeline stage)."""
+
+    def __init__(self, cfg: Config, vocab_size: int, ar_state_dicts: list[dict], aligned: set[int]):
         self.dtype = teacher_dtype(cfg)
-        self.model = build_gpt(cfg, vocab_size, causal=True, params_dtype=self.dtype)
-        self.model.load_state_dict(ar_state_dict, strict=True)
-        self.model.post_process = False  # hidden states only: no output layer, no logits
-        self.model.output_layer = None
-        self.model.requires_grad_(False)
-        self.model.eval()
-        self.recorder = HiddenStateRecorder(self.model, aligned)
-        self.first_stage = parallel_state.is_pipeline_first_stage()
-        self.last_stage = parallel_state.is_pipeline_last_stage()
-        self.stream = TeacherStream() if parallel_state.get_pipeline_model_parallel_world_size() > 1 else None
-        cfg_par = cfg.parallel
-        self._sp_factor = cfg_par.tensor_model_parallel_size if cfg_par.sequence_parallel else 1
+        self.chunks = build_chunks(cfg, vocab_size, causal=True, params_dtype=self.dtype)
+        self.sends_output = [not chunk.post_process for chunk in self.chunks]
+        for chunk, state in zip(self.chunks, ar_state_dicts):
+            chunk.load_state_dict(state, strict=True)
+            chunk.post_process = False  # hidden states only: no output layer, no logits
+            chunk.output_layer = None
+            chunk.requires_grad_(False)
+            chunk.eval()
+        self.recorders = [HiddenStateRecorder(chunk, aligned) for chunk in self.chunks]
+        pipeline = parallel_state.get_pipeline_model_parallel_world_size() > 1
+        self.stream = TeacherStream() if pipeline else None
+        sp = cfg.parallel.sequence_parallel
+        self._sequence_divisor = cfg.parallel.tensor_model_parallel_size if sp else 1
         self._hidden = cfg.model.hidden_size
 
+    def parameters(self):
+        for chunk in self.chunks:
+            yield from chunk.parameters()
+
     @torch.no_grad()
-    def forward(self, batch: DiffusionBatch) -> dict[int, torch.Tensor]:
-        """Run this stage's teacher layers on the clean tokens; returns the aligned states here."""
-        if not self.first_stage:
+    def forward(self, batch: DiffusionBatch, chunk: int = 0) -> dict[int, torch.Tensor]:
+        """Run this chunk's teacher layers on the clean tokens; returns the aligned states here."""
+        model = self.chunks[chunk]
+        if not model.pre_process:
             b, s = batch.clean_tokens.shape
-            shape = (s // self._sp_factor, b, self._hidden)
+            shape = (s // self._sequence_divisor, b, self._hidden)
             received = self.stream.recv(shape, self.dtype, batch.clean_tokens.device)
-            self.model.set_input_tensor(received)
-        output = self.model(batch.clean_tokens, batch.position_ids, batch.teacher_mask)
-        if not self.last_stage:
+            model.set_input_tensor(received)
+        output = model(batch.clean_tokens, batch.position_ids, batch.teacher_mask)
+        if self.sends_output[chunk]:
             self.stream.send(output)
-        return self.recorder.pop()
+        return self.recorders[chunk].pop()
 
     def finish_step(self) -> None:
         if self.stream is not None:

@@ -10,6 +10,9 @@ its forward steps in micro-batch order in the non-interleaved 1F1B schedule, so 
 each pair agree on the order; the separate communicator keeps the teacher's messages out of the
 student's ordering; the send being non-blocking and posted before the student's own send of the
 same micro-batch rules out a wait cycle. Sends are completed (``wait``) once per training step.
+Under the interleaved schedule every rank runs its forward steps in the same (chunk, micro-batch)
+sequence, so a sender's chunk-c messages and the receiver's chunk-c (or, from the last rank to
+the first, chunk-c+1) receives come in the same order as well.
 
 Bytes per micro-batch across one stage boundary (h = hidden, s = sequence [/TP under SP], b =
 micro-batch, e = element size): plain diffusion training moves s*b*h*e forward (activation) and

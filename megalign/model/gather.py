@@ -31,13 +31,16 @@ def full_tensor(name: str, param: torch.nn.Parameter, local: torch.Tensor, gated
     return _all_gather(local, dim)
 
 
-def full_tensors(model, kind: str) -> dict[str, torch.Tensor]:
-    """``kind``: "param" (weights) or "grad" (Megatron DDP ``main_grad``); all TP ranks call this."""
-    gated = model.config.gated_linear_unit
+def full_tensors(chunks: list, kind: str) -> dict[str, torch.Tensor]:
+    """``kind``: "param" (weights) or "grad" (Megatron DDP ``main_grad``; frozen parameters have
+    none); every TP rank of the stage must call this."""
     tensors = {}
-    for name, param in model.named_parameters():
-        local = param.detach() if kind == "param" else getattr(param, "main_grad", None)
-        if local is None:
-            continue
-        tensors[global_parameter_name(name, model)] = full_tensor(name, param, local, gated).float()
+    for chunk in chunks:
+        gated = chunk.config.gated_linear_unit
+        for name, param in chunk.named_parameters():
+            local = param.detach() if kind == "param" else getattr(param, "main_grad", None)
+            if local is None:
+                continue
+            full = full_tensor(name, param, local, gated).float()
+            tensors[global_parameter_name(name, chunk)] = full
     return tensors

@@ -65,6 +65,7 @@ def transformer_config(cfg: Config, params_dtype: torch.dtype) -> TransformerCon
         kv_channels=m.hidden_size // m.num_attention_heads,
         tensor_model_parallel_size=cfg.parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=cfg.parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=cfg.parallel.virtual_pipeline_model_parallel_size,
         sequence_parallel=cfg.parallel.sequence_parallel,
         normalization="RMSNorm" if llama else "LayerNorm",
         layernorm_epsilon=m.norm_epsilon,
@@ -104,26 +105,36 @@ def layer_spec(cfg: Config, attn_mask_type: AttnMaskType):
     return spec
 
 
+def build_chunks(cfg: Config, vocab_size: int, causal: bool, params_dtype: torch.dtype) -> list:
+    """All model chunks of this rank: one, or ``virtual_pipeline_model_parallel_size`` of them."""
+    vpp = cfg.parallel.virtual_pipeline_model_parallel_size
+    stages = [None] if vpp is None else list(range(vpp))
+    return [build_gpt(cfg, vocab_size, causal, params_dtype, vp_stage=v) for v in stages]
+
+
 def attention_mask_type(cfg: Config, causal: bool) -> AttnMaskType:
     if cfg.model.document_attention:
         return AttnMaskType.arbitrary  # explicit mask from megalign.model.attention
     return AttnMaskType.causal if causal else AttnMaskType.no_mask
 
 
-def build_gpt(cfg: Config, vocab_size: int, causal: bool, params_dtype: torch.dtype) -> GPTModel:
-    """This rank's stage of the model (layers for this PP stage, TP shard of each)."""
+def build_gpt(
+    cfg: Config, vocab_size: int, causal: bool, params_dtype: torch.dtype, vp_stage=None
+) -> GPTModel:
+    """One model chunk of this rank (layers of this PP stage / virtual stage, TP shard of each)."""
     m = cfg.model
     model = GPTModel(
         config=transformer_config(cfg, params_dtype),
         transformer_layer_spec=layer_spec(cfg, attention_mask_type(cfg, causal)),
         vocab_size=vocab_size,
         max_sequence_length=m.max_position_embeddings or m.seq_length,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
         parallel_output=True,
         share_embeddings_and_output_weights=m.tie_embeddings,
         position_embedding_type="rope" if m.arch == "llama" else "learned_absolute",
         rotary_base=m.rotary_base,
+        vp_stage=vp_stage,
     )
     if not torch.cuda.is_available():
         return model

@@ -50,7 +50,7 @@ class DiffusionStep:
     def __init__(
         self,
         cfg: Config,
-        student,
+        students: list,
         teacher: Optional[Teacher],
         layer_weights: dict[int, float],
         mask_token_id: int,
@@ -61,9 +61,12 @@ class DiffusionStep:
         self.teacher = teacher
         self.layer_weights = layer_weights
         self.mask_token_id, self.eod, self.pad = mask_token_id, eod, pad
-        self.last_stage = parallel_state.is_pipeline_last_stage()
-        self.recorder = (
-            HiddenStateRecorder(student, set(layer_weights)) if teacher is not None else None
+        self._chunk_of = {id(chunk): index for index, chunk in enumerate(students)}
+        self._computes_loss = [chunk.post_process for chunk in students]
+        self.recorders = (
+            [HiddenStateRecorder(chunk, set(layer_weights)) for chunk in students]
+            if teacher is not None
+            else None
         )
         self.num_microbatches = 1
         self.grad_scale_func = None
@@ -75,6 +78,14 @@ class DiffusionStep:
         self.grad_scale_func = grad_scale_func
         self.record_first = record_first
         self.stats = StepStats(self.cfg.model.num_layers)
+
+    def _is_first_microbatch(self, batch: DiffusionBatch) -> bool:
+        """The first micro-batch of a recorded step, on every model chunk that processes it."""
+        if not self.record_first:
+            return False
+        if self.stats.first_microbatch is None:
+            return True
+        return torch.equal(self.stats.first_microbatch["sample_indices"], batch.sample_indices.cpu())
 
     def _aux_scale(self) -> float:
         scale = 1.0 / self.num_microbatches
@@ -97,10 +108,12 @@ class DiffusionStep:
         )
 
     def __call__(self, data_iterator, model):
+        """Megatron's forward_step_func; ``model`` is one (DDP-wrapped) student chunk."""
+        chunk = self._chunk_of[id(getattr(model, "module", model))]
+        last_stage = self._computes_loss[chunk]
         batch = self.make_batch(next(data_iterator))
-        first = self.record_first
-        self.record_first = False
-        if first:
+        first = self._is_first_microbatch(batch)
+        if first and self.stats.first_microbatch is None:
             self.stats.first_microbatch = {
                 "clean_tokens": batch.clean_tokens.cpu(),
                 "input_tokens": batch.input_tokens.cpu(),
@@ -110,16 +123,16 @@ class DiffusionStep:
                 "layer_distance": [0.0] * (self.cfg.model.num_layers + 1),
                 "diffusion_loss": 0.0,
             }
-        teacher_states = self.teacher.forward(batch) if self.teacher is not None else None
+        teacher_states = self.teacher.forward(batch, chunk) if self.teacher is not None else None
         output = model(
             batch.input_tokens,
             batch.position_ids,
             batch.student_mask,
-            labels=batch.labels if self.last_stage else None,
+            labels=batch.labels if last_stage else None,
         )
         if self.teacher is not None:
             alignment = stage_alignment(
-                self.recorder.pop(),
+                self.recorders[chunk].pop(),
                 teacher_states,
                 batch.supervised,
                 self.layer_weights,

@@ -64,7 +64,7 @@ def main():
     # step 0: student initialised from the teacher's weights
     cfg.align.weight = 10.0
     student = build_gpt(cfg, vocab, causal=False, params_dtype=torch.float32)
-    teacher = Teacher(cfg, vocab, student.state_dict(), {0, cfg.model.num_layers})
+    teacher = Teacher(cfg, vocab, [student.state_dict()], {0, cfg.model.num_layers})
     recorder = HiddenStateRecorder(student, {0})
     mask_id = mask_token_id(cfg, tok.vocab_size, tok.mask)
     sample = torch.randint(4, tok.vocab_size, (2, cfg.model.seq_length + 1))

@@ -37,45 +37,46 @@ def main():
     cfg = load_config(args.config, args.overrides)
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     trainer = setup(cfg, tokenizer, log=lambda message: None)
-    student, teacher, step = trainer.student, trainer.teacher, trainer.step
-    initial_params = full_tensors(student, "param")
-    plain = DiffusionStep(cfg, student, None, step.layer_weights, step.mask_token_id, step.eod, step.pad)
+    students, teacher, step = trainer.students, trainer.teacher, trainer.step
+    initial_params = full_tensors(students, "param")
+    plain = DiffusionStep(cfg, students, None, step.layer_weights, step.mask_token_id, step.eod, step.pad)
 
     with count_p2p() as plain_p2p:
         plain_result = trainer.forward_backward(trainer.data_iterator(), step=plain)
-    plain_grads = full_tensors(student, "grad")
+    plain_grads = full_tensors(students, "grad")
     with count_p2p() as align_p2p:
         align_result = trainer.forward_backward(trainer.data_iterator(), record_first=True)
     first = step.stats.first_microbatch
-    align_grads = full_tensors(student, "grad")
+    align_grads = full_tensors(students, "grad")
 
-    teacher_before = {k: v.detach().clone() for k, v in teacher.model.named_parameters()}
-    student_before = {k: v.detach().clone() for k, v in student.named_parameters()}
+    teacher_before = [p.detach().clone() for p in teacher.parameters()]
+    student_before = full_tensors(students, "param")
     iterator = trainer.data_iterator()
     losses = []
     for _ in range(args.steps):
         result = trainer.forward_backward(iterator)
         trainer.optimizer_step()
         losses.append(result.diffusion_loss + result.align_loss)
-    teacher_after = dict(teacher.model.named_parameters())
+    teacher_after = list(teacher.parameters())
     optimizer_params = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
-    student_after = dict(student.named_parameters())
-    frozen = [k for k, p in student_after.items() if not p.requires_grad]
+    student_after = full_tensors(students, "param")
+    trainable = set(full_tensors(students, "grad"))
+    frozen = [name for name in student_after if name not in trainable]
 
     rank = dist.get_rank()
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     dp_rank = parallel_state.get_data_parallel_rank()
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     per_rank = {
-        "teacher_unchanged": all(torch.equal(teacher_before[k], teacher_after[k]) for k in teacher_before),
-        "teacher_has_grad": any(p.grad is not None for p in teacher.model.parameters()),
-        "teacher_requires_grad": any(p.requires_grad for p in teacher.model.parameters()),
-        "teacher_in_optimizer": any(id(p) in optimizer_params for p in teacher.model.parameters()),
-        "teacher_output_layer": teacher.model.output_layer is not None,
+        "teacher_unchanged": all(torch.equal(a, b) for a, b in zip(teacher_before, teacher_after)),
+        "teacher_has_grad": any(p.grad is not None for p in teacher.parameters()),
+        "teacher_requires_grad": any(p.requires_grad for p in teacher.parameters()),
+        "teacher_in_optimizer": any(id(p) in optimizer_params for p in teacher.parameters()),
+        "teacher_output_layer": any(c.output_layer is not None for c in teacher.chunks),
         "frozen": frozen,
         "frozen_unchanged": all(torch.equal(student_before[k], student_after[k]) for k in frozen),
-        "trainable_changed": all(not torch.equal(student_before[k], p) for k, p in
-                                 student_after.items() if p.requires_grad),
+        "trainable_changed": all(not torch.equal(student_before[k], student_after[k])
+                                 for k in trainable),
         "first_sample_indices": first["sample_indices"].tolist(),
         "first_input_tokens": first["input_tokens"].tolist(),
         "first_t": first["t"].tolist(),
