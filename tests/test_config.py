@@ -38,7 +38,7 @@ def test_bad_keys_and_types_name_the_key(override, message):
     (["diffusion.loss_weighting=elbo"], 4, "diffusion.loss_weighting"),
     (["align.layers=[0, 9]"], 4, "align.layers"),
     (["parallel.virtual_pipeline_model_parallel_size=4"], 4, "virtual_pipeline_model_parallel_size=4"),
-    (["parallel.virtual_pipeline_model_parallel_size=2", "data.global_batch_size=2",
+    (["parallel.virtual_pipeline_model_parallel_size=2", "data.global_batch_size=3",
       "data.micro_batch_size=1"], 4, "interleaved schedule needs"),
 ])
 def test_impossible_combinations(overrides, world, key):
