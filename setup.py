@@ -20,7 +20,7 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        "test": ["pytest>=7"],
+        "test": ["pytest>=7", "transformers", "tokenizers"],
         "hf": ["transformers", "tokenizers", "gguf"],
         "gpu": ["transformer-engine[pytorch]"],  # apex: optional, from the NGC container
     },
@@ -28,6 +28,7 @@ setup(
         "console_scripts": [
             "megalign-train=megalign.train:main",
             "megalign-preprocess=megalign.data.preprocess:main",
+            "megalign-train-tokenizer=megalign.data.train_tokenizer:main",
         ]
     },
 )

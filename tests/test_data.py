@@ -1,18 +1,29 @@
-"""Indexed files: round trip through Megatron's reader, atomic writes, clear errors."""
+"""Indexed-dataset tools: round trips, determinism across workers and partitions, safety, blends."""
 
 import gzip
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
+import numpy as np
 import pytest
 import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from conftest import CORPUS, TOKENIZER
-from megalign.data.dataset import parse_blend
-from megalign.data.indexed import DataError, check_indexed_dataset, read_jsonl, write_indexed_dataset
-from megalign.data.preprocess import preprocess
+from conftest import CORPUS, REPO, TOKENIZER, run_env
+from megalign.data.dataset import PretrainingSampler, build_datasets, parse_blend
+from megalign.data.indexed import DataError, check_indexed_dataset, write_indexed_dataset
+from megalign.data.preprocess import main as preprocess_main
+from megalign.data.preprocess import preprocess, read_jsonl
 from megalign.data.tokenizer import build_tokenizer
+from megalign.data.train_tokenizer import main as train_tokenizer_main
+
+
+def files_of(prefix):
+    return [open(prefix + ext, "rb").read() for ext in (".bin", ".idx")]
 
 
 def test_round_trip_equals_direct_tokenisation(corpus_prefix):
@@ -22,20 +33,79 @@ def test_round_trip_equals_direct_tokenisation(corpus_prefix):
     assert len(dataset) == len(texts) == 1189
     for i in (0, 17, 1188):
         assert dataset[i].tolist() == tok.encode(texts[i]) + [tok.eod]
+    assert dataset[0].dtype == np.uint16  # chosen from the 4000-token vocabulary
 
 
-def test_interrupted_write_leaves_nothing_valid(tmp_path):
-    prefix = str(tmp_path / "broken")
+def test_output_is_identical_for_any_workers_and_partitions(tmp_path, corpus_prefix):
+    reference = files_of(corpus_prefix)
+    for workers, partitions in ((2, 1), (2, 3)):
+        prefix = preprocess([str(CORPUS)], str(TOKENIZER), str(tmp_path / f"w{workers}p{partitions}"),
+                            "text", True, workers=workers, partitions=partitions)
+        assert files_of(prefix) == reference, (workers, partitions)
+    assert not [p for p in os.listdir(tmp_path) if ".part" in p or ".tmp-" in p]
 
-    def documents():
-        yield [5, 6, 7]
-        raise KeyboardInterrupt  # killed mid-run
 
-    with pytest.raises(KeyboardInterrupt):
-        write_indexed_dataset(documents(), prefix, 4000)
-    assert os.listdir(tmp_path) == []
+def test_merge_step(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    write_indexed_dataset([[5, 6], [7]], a, 4000)
+    write_indexed_dataset([[8, 9, 10]], b, 4000)
+    assert preprocess_main(["--merge", a, b, "--output-prefix", str(tmp_path / "ab")]) == 0
+    merged = IndexedDataset(str(tmp_path / "ab"))
+    assert [merged[i].tolist() for i in range(len(merged))] == [[5, 6], [7], [8, 9, 10]]
+
+
+def test_text_input_and_globs(tmp_path):
+    for name, lines in (("a.txt", ["first document", "", "second one"]), ("b.txt", ["third"])):
+        (tmp_path / name).write_text("\n".join(lines) + "\n")
+    prefix = preprocess([str(tmp_path / "*.txt")], str(TOKENIZER), str(tmp_path / "out"), "text",
+                        False)
+    tok = build_tokenizer(str(TOKENIZER))
+    dataset = IndexedDataset(prefix)
+    assert [dataset[i].tolist() for i in range(len(dataset))] == [
+        tok.encode(t) for t in ("first document", "second one", "third")]
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"text": "fine"}\n{"text": broken\n', ":2: malformed JSON"),
+    (b'{"body": "x"}\n', ":1: no key 'text'"),
+    (b'{"text": "   "}\n', ":1: key 'text' holds an empty"),
+    (b'{"text": "\xff\xfe"}\n', ":1: line is not valid UTF-8"),
+])
+def test_bad_input_names_file_and_line_or_is_skipped(tmp_path, capsys, content, message):
+    path = tmp_path / "bad.jsonl.gz"
+    with gzip.open(path, "wb") as handle:
+        handle.write(b'{"text": "a good document"}\n' + content)
+    out = str(tmp_path / "out")
+    assert preprocess_main(["--input", str(path), "--tokenizer", str(TOKENIZER),
+                            "--output-prefix", out, "--no-progress"]) == 2
+    error = capsys.readouterr().err
+    assert "bad.jsonl.gz" in error and message.replace(":1:", ":2:").replace(":2:", "") in error
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("out")]
+    assert preprocess_main(["--input", str(path), "--tokenizer", str(TOKENIZER),
+                            "--output-prefix", out, "--skip-bad", "--no-progress"]) == 0
+    assert "1 skipped" in capsys.readouterr().err
+    assert len(IndexedDataset(out + "_text_document")) == 1 + content.count(b"fine")
+
+
+def test_killed_run_leaves_nothing_that_looks_valid(tmp_path):
+    out = tmp_path / "big"
+    cmd = [sys.executable, "-m", "megalign.data.preprocess", "--input", *[str(CORPUS)] * 30,
+           "--tokenizer", str(TOKENIZER), "--output-prefix", str(out), "--no-progress"]
+    process = subprocess.Popen(cmd, cwd=REPO, env=run_env(), stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not any(".tmp-" in p and os.path.getsize(tmp_path / p) > 100_000
+                  for p in os.listdir(tmp_path)):
+        assert time.time() < deadline and process.poll() is None
+        time.sleep(0.1)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "big_text_document.bin").exists()
+    assert not (tmp_path / "big_text_document.idx").exists()
     with pytest.raises(DataError, match="does not exist"):
-        check_indexed_dataset(prefix)
+        check_indexed_dataset(str(out) + "_text_document")
+    # the next run removes the dead run's temporaries and succeeds
+    preprocess([str(CORPUS)], str(TOKENIZER), str(out))
+    assert sorted(os.listdir(tmp_path)) == ["big_text_document.bin", "big_text_document.idx"]
 
 
 def test_corrupt_and_truncated_files_are_named(tmp_path):
@@ -52,19 +122,56 @@ def test_corrupt_and_truncated_files_are_named(tmp_path):
         check_indexed_dataset(prefix)
 
 
-@pytest.mark.parametrize("line, message", [
-    (b'{"text": "fine"}\n{"text": broken\n', ":2: malformed JSON"),
-    (b'{"body": "x"}\n', ":1: no key 'text'"),
-    (b'{"text": "   "}\n', ":1: key 'text' holds an empty"),
-    (b'{"text": "\xff\xfe"}\n', ":1: line is not valid UTF-8"),
-])
-def test_bad_lines_name_file_and_line(tmp_path, line, message):
-    path = tmp_path / "bad.jsonl.gz"
-    with gzip.open(path, "wb") as handle:
-        handle.write(line)
-    with pytest.raises(DataError, match=message):
-        preprocess([str(path)], str(TOKENIZER), str(tmp_path / "out"))
-    assert not [p for p in os.listdir(tmp_path) if p.startswith("out")]
+def test_hf_tokenizer_file_and_directory(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    hf = Tokenizer(models.BPE(unk_token="<unk>"))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=["<|endoftext|>", "<unk>"])
+    hf.train_from_iterator(list(read_jsonl(str(CORPUS)))[:50], trainer)
+    hf.save(str(tmp_path / "tokenizer.json"))
+    PreTrainedTokenizerFast(tokenizer_object=hf, eos_token="<|endoftext|>").save_pretrained(
+        str(tmp_path / "hf_dir"))
+    text = list(read_jsonl(str(CORPUS)))[3]
+    for source in (tmp_path / "tokenizer.json", tmp_path / "hf_dir"):
+        tok = build_tokenizer(str(source))
+        assert tok.eod == 0 and tok.mask is None
+        prefix = preprocess([str(CORPUS)], str(source), str(tmp_path / source.stem), "text", True)
+        dataset = IndexedDataset(prefix)  # keep it alive: items are views of its memory map
+        assert dataset[3].tolist() == tok.encode(text) + [0]
+
+
+def test_train_tokenizer_reserves_special_ids(tmp_path):
+    prefix = str(tmp_path / "tok")
+    assert train_tokenizer_main(["--input", str(CORPUS), "--vocab-size", "600",
+                                 "--model-type", "unigram", "--output-prefix", prefix]) == 0
+    tok = build_tokenizer(prefix + ".model")
+    assert (tok.pad, tok.eod, tok.mask, tok.vocab_size) == (0, 2, 3, 600)
+
+
+def test_blended_sampling_proportions_and_resumable_order(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    write_indexed_dataset(([10 + i % 7] * 40 for i in range(300)), a, 4000)
+    write_indexed_dataset(([2000 + i % 7] * 40 for i in range(300)), b, 4000)
+
+    class Tok:
+        vocab_size, eod, pad, unique_identifiers = 4000, 2, 0, {"class": "synthetic"}
+
+    # Megatron's BlendedDataset asks torch.distributed for the rank: a one-process group
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0,
+                                         world_size=1)
+    try:
+        train, _, _ = build_datasets([0.3, a, 0.7, b], Tok(), 32, "100,0,0", 1, [2000, 0, 0],
+                                     str(tmp_path / "cache"), reset_position_ids=False)
+        from_a = sum(int(train[i]["tokens"][0]) < 1000 for i in range(2000))
+    finally:
+        torch.distributed.destroy_process_group()
+    assert abs(from_a / 2000 - 0.3) < 0.02
+    full = list(PretrainingSampler(64, 0, 2, 1, 2))
+    resumed = list(PretrainingSampler(64, 16, 2, 1, 2))
+    assert resumed == full[4:]  # 16 consumed samples = 4 steps of micro-batch 2 x DP 2
+    assert full[0] == [2, 3] and full[1] == [6, 7]  # DP rank 1's slice of each global chunk
 
 
 def test_blend_parsing():

@@ -6,10 +6,10 @@ last), so an interrupted run never leaves a pair that ``IndexedDataset`` would a
 
 from __future__ import annotations
 
-import gzip
-import json
+import contextlib
+import glob
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 import torch
 from megatron.core.datasets.indexed_dataset import (
@@ -25,48 +25,62 @@ class DataError(ValueError):
     """Bad input data; the message names the file (and line) and what to do."""
 
 
-def read_jsonl(path: str, key: str = "text") -> Iterator[str]:
-    """Documents of a JSONL (optionally .gz) file; errors name the file and line."""
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                raise DataError(f"{where}: line is not valid UTF-8") from None
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where}: malformed JSON ({err.msg})") from None
-            if not isinstance(record, dict) or key not in record:
-                raise DataError(f"{where}: no key '{key}' (choose another with --json-keys)")
-            text = record[key]
-            if not isinstance(text, str) or not text.strip():
-                raise DataError(f"{where}: key '{key}' holds an empty or non-string document")
-            yield text
+def _temp_prefix(prefix: str) -> str:
+    return f"{prefix}.tmp-{os.getpid()}"
+
+
+@contextlib.contextmanager
+def atomic_dataset_paths(prefixes: list[str]):
+    """Yield temporary prefixes to write; on success rename ``.bin`` then ``.idx`` into place,
+    on failure remove them. An ``.idx`` only ever appears next to its complete ``.bin``."""
+    temps = [_temp_prefix(prefix) for prefix in prefixes]
+    for prefix in prefixes:
+        os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+    try:
+        yield temps
+        for prefix, temp in zip(prefixes, temps):
+            if os.path.exists(get_idx_path(prefix)):  # never pair a new .bin with an old .idx
+                os.remove(get_idx_path(prefix))
+            os.replace(get_bin_path(temp), get_bin_path(prefix))
+            os.replace(get_idx_path(temp), get_idx_path(prefix))
+    finally:
+        for temp in temps:
+            for path in (get_bin_path(temp), get_idx_path(temp)):
+                if os.path.exists(path):
+                    os.remove(path)
+
+
+def clean_stale_temporaries(prefixes: list[str]) -> None:
+    """Remove temporaries left by killed runs (their process no longer exists)."""
+    for prefix in prefixes:
+        for path in glob.glob(glob.escape(prefix) + ".tmp-*"):
+            pid = path[len(prefix) + len(".tmp-") :].split(".")[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                os.remove(path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_indexed_dataset(
     documents: Iterable[list[int]], output_prefix: str, vocab_size: int
 ) -> tuple[int, int]:
     """Write token-id documents to ``output_prefix.{bin,idx}``; returns (documents, tokens)."""
-    directory = os.path.dirname(os.path.abspath(output_prefix))
-    os.makedirs(directory, exist_ok=True)
-    temp_prefix = f"{output_prefix}.tmp-{os.getpid()}"
-    dtype = DType.optimal_dtype(vocab_size)
-    builder = IndexedDatasetBuilder(get_bin_path(temp_prefix), dtype=dtype)
     num_docs = num_tokens = 0
-    try:
+    with atomic_dataset_paths([output_prefix]) as (temp,):
+        builder = IndexedDatasetBuilder(get_bin_path(temp), dtype=DType.optimal_dtype(vocab_size))
         for ids in documents:
             builder.add_document(torch.tensor(ids, dtype=torch.int64), [len(ids)])
             num_docs += 1
             num_tokens += len(ids)
-        builder.finalize(get_idx_path(temp_prefix))
-        os.replace(get_bin_path(temp_prefix), get_bin_path(output_prefix))
-        os.replace(get_idx_path(temp_prefix), get_idx_path(output_prefix))
-    finally:
-        for path in (get_bin_path(temp_prefix), get_idx_path(temp_prefix)):
-            if os.path.exists(path):
-                os.remove(path)
+        builder.finalize(get_idx_path(temp))
     return num_docs, num_tokens
 
 
