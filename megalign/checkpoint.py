@@ -1,54 +1,246 @@
-"""Model weights on disk through ``megatron.core.dist_checkpointing`` (torch_dist format).
+"""Checkpoints through ``megatron.core.dist_checkpointing`` (torch_dist format).
 
-A checkpoint is written into ``<dir>.tmp`` and renamed to ``<dir>`` by rank 0 once every rank has
-finished, so a directory with the final name is always complete. Loading goes through the model's
-sharded state dict, so any TP/PP layout can read any other's checkpoint.
+A training checkpoint holds the student's weights, the optimizer state, the LR schedule, per-rank
+RNG states, and (in the common part) the iteration, consumed samples, config and a fingerprint of
+the AR checkpoint the teacher comes from. The teacher itself is not saved: it *is* that AR
+checkpoint.
+
+Writes are atomic: everything goes into ``<root>/iter_NNNNNNN.tmp``, which rank 0 renames to
+``iter_NNNNNNN`` once every rank has finished, and only then rewrites ``<root>/latest`` (also via a
+rename). A killed save therefore leaves the previous checkpoint and ``latest`` untouched.
+Parameters are checked to be finite before anything is written. Tensors are stored with global
+keys (global layer numbers, TP offsets), so a checkpoint loads into any TP/PP/VPP layout.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import re
 import shutil
+from typing import Optional
 
+import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from torch.distributed.checkpoint.api import CheckpointException
+
+LATEST = "latest"
+_ITERATION_DIR = re.compile(r"^iter_(\d{7})$")
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read; the message names the directory."""
+    """A checkpoint that cannot be written or read; the message names the directory."""
 
 
-def _sharded_state_dict(chunks: list) -> dict:
-    """Keys inside are global (layer numbers, TP offsets), so any layout can read any other's."""
+def checkpoint_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def resolve(path: str) -> str:
+    """A checkpoint directory, or a root whose ``latest`` names one."""
+    latest = os.path.join(path, LATEST)
+    if os.path.isfile(latest):
+        with open(latest, encoding="utf-8") as handle:
+            name = handle.read().strip()
+        path = os.path.join(path, name)
+    if not os.path.isdir(path) or not dist_checkpointing.check_is_distributed_checkpoint(path):
+        raise CheckpointError(
+            f"'{path}' is not a complete megalign checkpoint (no metadata.json); give a directory "
+            "written by megalign (iter_NNNNNNN) or a checkpoint root with a 'latest' file"
+        )
+    return path
+
+
+def fingerprint(path: Optional[str]) -> Optional[str]:
+    """Cheap identity of a checkpoint directory: names, sizes and metadata of its files."""
+    if not path:
+        return None
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(path)):
+        file = os.path.join(path, name)
+        digest.update(f"{name}:{os.path.getsize(file)}".encode())
+        if name.endswith(".json"):
+            with open(file, "rb") as handle:
+                digest.update(handle.read())
+    return digest.hexdigest()[:16]
+
+
+def _model_state(chunks: list) -> dict:
     return {f"chunk{index}": chunk.sharded_state_dict() for index, chunk in enumerate(chunks)}
 
 
-def save_model_weights(chunks: list, directory: str) -> None:
-    temp = directory.rstrip("/") + ".tmp"
+def _rng_state() -> ShardedObject:
+    """This rank's RNG states, one shard per (PP, TP, DP) position."""
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    state = {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": mcore_random.get_cuda_rng_tracker().get_states(),
+    }
+    ranks = (
+        parallel_state.get_pipeline_model_parallel_rank(),
+        parallel_state.get_tensor_model_parallel_rank(),
+        parallel_state.get_data_parallel_rank(),
+    )
+    sizes = (
+        parallel_state.get_pipeline_model_parallel_world_size(),
+        parallel_state.get_tensor_model_parallel_world_size(),
+        parallel_state.get_data_parallel_world_size(),
+    )
+    return ShardedObject("rng_state", state, sizes, ranks, replica_id=0)
+
+
+def layout() -> list[int]:
+    return [
+        parallel_state.get_tensor_model_parallel_world_size(),
+        parallel_state.get_pipeline_model_parallel_world_size(),
+        parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1,
+        parallel_state.get_data_parallel_world_size(),
+    ]
+
+
+def _check_finite(chunks: list, where: str) -> None:
+    bad = torch.zeros(1)
+    for chunk in chunks:
+        for param in chunk.parameters():
+            if not torch.isfinite(param.detach()).all():
+                bad += 1
+    dist.all_reduce(bad)
+    if bad.item():
+        raise CheckpointError(f"refusing to write {where}: the model has NaN/inf parameters")
+
+
+def _write_atomic(path: str, state: dict) -> None:
+    """dist_checkpointing.save into ``path.tmp``, renamed to ``path`` once every rank is done."""
+    temp = path + ".tmp"
     if dist.get_rank() == 0:
         shutil.rmtree(temp, ignore_errors=True)
         os.makedirs(temp)
     dist.barrier()
-    dist_checkpointing.save(_sharded_state_dict(chunks), temp)
+    dist_checkpointing.save(state, temp)
     dist.barrier()
     if dist.get_rank() == 0:
-        if os.path.isdir(directory):
-            shutil.rmtree(directory)
-        os.replace(temp, directory)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        os.replace(temp, path)
+
+
+def save_weights(path: str, chunks: list, meta: Optional[dict] = None) -> str:
+    """A weights-only checkpoint (an AR model to start from, or to convert)."""
+    _check_finite(chunks, path)
+    _write_atomic(path, {"model": _model_state(chunks), "meta": dict(meta or {}, layout=layout())})
     dist.barrier()
+    return path
 
 
-def load_model_weights(chunks: list, directory: str) -> None:
-    if not os.path.isdir(directory) or not dist_checkpointing.check_is_distributed_checkpoint(directory):
-        raise CheckpointError(
-            f"'{directory}' is not a megalign/Megatron distributed checkpoint "
-            "(model.init_checkpoint must name a directory written by megalign)"
-        )
+def save_checkpoint(
+    root: str,
+    iteration: int,
+    chunks: list,
+    optimizer,
+    scheduler,
+    meta: Optional[dict] = None,
+    keep_last_n: int = 0,
+) -> str:
+    """Write ``<root>/iter_NNNNNNN`` atomically and point ``latest`` at it; returns the path."""
+    path = checkpoint_dir(root, iteration)
+    _check_finite(chunks, path)
+    state = {
+        "model": _model_state(chunks),
+        "meta": dict(meta or {}, layout=layout()),
+        "scheduler": scheduler.state_dict(),
+        "rng_state": _rng_state(),
+    }
+    state["optimizer"] = optimizer.sharded_state_dict(state["model"])
+    _write_atomic(path, state)
+    if dist.get_rank() == 0:
+        _write_latest(root, os.path.basename(path))
+        _prune(root, keep_last_n)
+    dist.barrier()
+    return path
+
+
+def _write_latest(root: str, name: str) -> None:
+    temp = os.path.join(root, LATEST + ".tmp")
+    with open(temp, "w", encoding="utf-8") as handle:
+        handle.write(name + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temp, os.path.join(root, LATEST))
+
+
+def _prune(root: str, keep_last_n: int) -> None:
+    if keep_last_n <= 0:
+        return
+    iterations = sorted(
+        int(m.group(1)) for m in map(_ITERATION_DIR.match, os.listdir(root)) if m is not None
+    )
+    for iteration in iterations[:-keep_last_n]:
+        shutil.rmtree(checkpoint_dir(root, iteration), ignore_errors=True)
+
+
+def read_meta(path: str) -> dict:
+    """The common (non-sharded) part of a checkpoint: iteration, config, layout, ..."""
     try:
-        state = dist_checkpointing.load(_sharded_state_dict(chunks), directory)
+        common = dist_checkpointing.load_common_state_dict(path)
     except Exception as err:
+        raise CheckpointError(f"checkpoint '{path}' is unreadable ({_first_line(err)})") from None
+    return common.get("meta", {})
+
+
+def load_checkpoint(path: str, chunks: list, optimizer=None, scheduler=None) -> dict:
+    """Load weights (and, when given, optimizer/schedule/RNG) from ``path``; returns its meta."""
+    path = resolve(path)
+    meta = read_meta(path)
+    template = {"model": _model_state(chunks)}
+    resume = optimizer is not None
+    if resume and "iteration" not in meta:
         raise CheckpointError(
-            f"checkpoint '{directory}' could not be loaded into this model: {err}"
+            f"'{path}' holds model weights only (no optimizer state or iteration); "
+            "start a run from it with model.init_checkpoint instead of checkpoint.load"
+        )
+    if resume:
+        template["optimizer"] = optimizer.sharded_state_dict(template["model"], is_loading=True)
+        if meta.get("layout") == layout():
+            template["rng_state"] = _rng_state()
+    try:
+        state = dist_checkpointing.load(template, path)
+    except (Exception, CheckpointException) as err:  # the latter is a BaseException
+        raise CheckpointError(
+            f"checkpoint '{path}' could not be loaded into this model ({_first_line(err)}); "
+            "it may be truncated or corrupt, or made for another architecture"
         ) from None
     for index, chunk in enumerate(chunks):
-        chunk.load_state_dict(state[f"chunk{index}"])
+        chunk.load_state_dict(state["model"][f"chunk{index}"])
+    if resume:
+        optimizer.load_state_dict(state["optimizer"])
+        if "rng_state" in state:
+            _restore_rng(state["rng_state"])
+    if scheduler is not None and "scheduler" in state:
+        scheduler.load_state_dict(state["scheduler"])
+    return meta
+
+
+def _first_line(err: BaseException) -> str:
+    """The root cause in one line (for torch.distributed.checkpoint: the first rank's error)."""
+    if isinstance(err, CheckpointException) and err.failures:
+        err = next(iter(err.failures.values()))[0]
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {(lines[0] if lines else '')[:300]}"
+
+
+def _restore_rng(state: dict) -> None:
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    mcore_random.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def describe(meta: dict) -> str:
+    return json.dumps({k: meta.get(k) for k in ("iteration", "consumed_samples", "layout")})

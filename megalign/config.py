@@ -106,8 +106,10 @@ class ScheduleConfig:
 
 @dataclass
 class CheckpointConfig:
-    save: Optional[str] = None  # directory for the final (and interval) checkpoints
-    save_interval: int = 0  # 0 = only at the end
+    save: Optional[str] = None  # root directory: iter_NNNNNNN/ checkpoints and a 'latest' file
+    save_interval: int = 0  # 0 = only at the end (and on SIGTERM/SIGUSR1)
+    keep_last_n: int = 0  # 0 = keep every checkpoint
+    load: Optional[str] = None  # resume: a checkpoint root (its 'latest') or an iter_ directory
 
 
 @dataclass
@@ -179,6 +181,11 @@ def _coerce(key: str, value: Any, tp) -> Any:
     elif origin is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # PyYAML reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif origin is str:
         if isinstance(value, str):
             return value
@@ -312,6 +319,10 @@ def validate(
         "schedule.train_iters": cfg.schedule.train_iters,
         "logging.log_interval": cfg.logging.log_interval,
     }
+    for key, value in {"checkpoint.save_interval": cfg.checkpoint.save_interval,
+                       "checkpoint.keep_last_n": cfg.checkpoint.keep_last_n}.items():
+        if value < 0:
+            raise ConfigError(f"{key}={value} must be >= 0")
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}={value} must be at least 1")
@@ -398,10 +409,10 @@ def validate(
             raise ConfigError(
                 f"align.layer_weights needs {count} non-negative numbers (one per aligned layer)"
             )
-    if cfg.schedule.warmup_iters < 0 or cfg.schedule.warmup_iters > cfg.schedule.train_iters:
+    if not 0 <= cfg.schedule.warmup_iters < cfg.schedule.train_iters:
         raise ConfigError(
             f"schedule.warmup_iters={cfg.schedule.warmup_iters} must lie in "
-            f"0..schedule.train_iters ({cfg.schedule.train_iters})"
+            f"0..schedule.train_iters - 1 ({cfg.schedule.train_iters - 1})"
         )
     if not d.paths:
         raise ConfigError("data.paths is empty; give [prefix] or [weight1, prefix1, ...]")

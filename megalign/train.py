@@ -65,14 +65,14 @@ def build_models(cfg: Config, vocab_size: int, mask_id: int, tokenizer_vocab: in
     """Student chunks (trainable) and, with alignment on, the frozen teacher from the same AR weights."""
     from megalign.align.loss import normalised_layer_weights
     from megalign.align.teacher import Teacher
-    from megalign.checkpoint import load_model_weights
+    from megalign.checkpoint import load_checkpoint
     from megalign.model.embedding import init_mask_token_embedding
     from megalign.model.gpt import build_chunks
 
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     students = build_chunks(cfg, vocab_size, causal=False, params_dtype=dtype)
     if cfg.model.init_checkpoint:
-        load_model_weights(students, cfg.model.init_checkpoint)
+        load_checkpoint(cfg.model.init_checkpoint, students)
     layer_weights = normalised_layer_weights(
         cfg.model.num_layers, cfg.align.layers, cfg.align.layer_weights
     )
@@ -164,6 +164,8 @@ def wrap_and_optimize(cfg: Config, students: list):
         end_wd=o.weight_decay,
         wd_incr_steps=s.train_iters * gbs,
         wd_incr_style="constant",
+        override_opt_param_scheduler=True,  # on resume the current config's schedule applies
+        use_checkpoint_opt_param_scheduler=False,
     )
     no_sync = [model.no_sync for model in models]
     config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
@@ -188,6 +190,7 @@ class Trainer:
     step: object  # megalign.training.step.DiffusionStep
     train_dataset: object
     num_microbatches: int
+    iteration: int = 0  # optimizer steps taken (restored on resume)
 
     def data_iterator(self, consumed_samples: int = 0) -> list:
         """One iterator per model chunk; each yields this DP rank's micro-batches in order."""
@@ -228,11 +231,45 @@ class Trainer:
             step.teacher.finish_step()
         return step.reduce()
 
+    @property
+    def consumed_samples(self) -> int:
+        return self.iteration * self.cfg.data.global_batch_size
+
+    def save(self) -> str:
+        from megalign.checkpoint import checkpoint_dir, fingerprint, save_checkpoint
+
+        cfg = self.cfg
+        meta = {
+            "iteration": self.iteration,
+            "consumed_samples": self.consumed_samples,
+            "config": to_dict(cfg),
+            "ar_checkpoint": cfg.model.init_checkpoint,
+            "ar_checkpoint_fingerprint": fingerprint(cfg.model.init_checkpoint),
+        }
+        return save_checkpoint(cfg.checkpoint.save, self.iteration, self.students,
+                               self.optimizer, self.scheduler, meta, cfg.checkpoint.keep_last_n)
+
+    def resume(self, path: str) -> dict:
+        """Continue from a training checkpoint: weights, optimizer, schedule, RNG, position."""
+        from megalign.checkpoint import fingerprint, load_checkpoint
+
+        meta = load_checkpoint(path, self.students, self.optimizer, self.scheduler)
+        expected = meta.get("ar_checkpoint_fingerprint")
+        if expected and expected != fingerprint(self.cfg.model.init_checkpoint):
+            raise TrainingError(
+                f"checkpoint {path} was trained against the AR checkpoint "
+                f"{meta.get('ar_checkpoint')} (fingerprint {expected}); model.init_checkpoint="
+                f"{self.cfg.model.init_checkpoint} differs, so the teacher would differ"
+            )
+        self.iteration = int(meta["iteration"])
+        return meta
+
     def optimizer_step(self) -> tuple[Optional[float], float]:
         """Apply the gradients; returns (grad norm, learning rate used)."""
         lr = self.optimizer.param_groups[0]["lr"]
         _, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=self.cfg.data.global_batch_size)
+        self.iteration += 1
         return (None if grad_norm is None else float(grad_norm)), lr
 
 
@@ -291,17 +328,32 @@ def setup(cfg: Config, tokenizer, log=print) -> Trainer:
 
 
 def run(cfg: Config, tokenizer) -> list[dict]:
-    from megalign.checkpoint import save_model_weights
+    from megalign.checkpoint import describe, read_meta, resolve, save_weights
     from megalign.training.metrics import MetricsLogger
+    from megalign.training.signals import ExitOnSignal
 
     rank0 = int(os.environ.get("RANK", "0")) == 0
     logger = MetricsLogger(cfg.logging.run_dir, cfg.logging.tensorboard, enabled=rank0)
+    stop = ExitOnSignal()
+    if cfg.checkpoint.load and not cfg.model.init_checkpoint:
+        # the teacher is the AR model the run started from, whatever layout resumes it
+        cfg.model.init_checkpoint = read_meta(resolve(cfg.checkpoint.load)).get("ar_checkpoint")
     trainer = setup(cfg, tokenizer, log=logger.info)
-    data_iterator = trainer.data_iterator()
+    if trainer.teacher is not None and not cfg.model.init_checkpoint and cfg.checkpoint.save:
+        # a randomly initialised "AR model": keep it, so a resumed run gets the same teacher
+        cfg.model.init_checkpoint = save_weights(
+            os.path.join(cfg.checkpoint.save, "ar_init"), trainer.students
+        )
+        logger.info(f"> saved the initial AR weights (the teacher) to {cfg.model.init_checkpoint}")
+    if cfg.checkpoint.load:
+        meta = trainer.resume(cfg.checkpoint.load)
+        logger.info(f"> resumed from {cfg.checkpoint.load}: {describe(meta)}")
+    data_iterator = trainer.data_iterator(trainer.consumed_samples)
     gbs, train_iters = cfg.data.global_batch_size, cfg.schedule.train_iters
 
     records = []
-    for iteration in range(1, train_iters + 1):
+    while trainer.iteration < train_iters:
+        iteration = trainer.iteration + 1
         start = time.perf_counter()
         dump_now = iteration == 1 and cfg.debug.dump_first_batch is not None
         result = trainer.forward_backward(data_iterator, record_first=dump_now)
@@ -334,12 +386,16 @@ def run(cfg: Config, tokenizer) -> list[dict]:
         if iteration % cfg.logging.log_interval == 0 or iteration == train_iters:
             logger.log(record, train_iters)
         interval = cfg.checkpoint.save_interval
-        if cfg.checkpoint.save and interval and iteration % interval == 0 and iteration != train_iters:
-            save_model_weights(trainer.students, os.path.join(cfg.checkpoint.save, f"iter_{iteration:07d}"))
-    if cfg.checkpoint.save:
-        path = os.path.join(cfg.checkpoint.save, f"iter_{train_iters:07d}")
-        save_model_weights(trainer.students, path)
-        logger.info(f"> saved the student's weights to {path}")
+        signalled = stop.requested()
+        if cfg.checkpoint.save and (
+            iteration == train_iters or signalled or (interval and iteration % interval == 0)
+        ):
+            path = trainer.save()
+            logger.info(f"> saved checkpoint {path}")
+        if signalled:
+            logger.info(f"> {stop.received or 'a signal on another rank'}: stopping after "
+                        f"iteration {iteration}")
+            break
     logger.close()
     return records
 

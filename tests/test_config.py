@@ -6,11 +6,12 @@ from conftest import TINY_CONFIG, run_python
 from megalign.config import ConfigError, load_config, validate
 
 def test_yaml_and_overrides_are_typed():
-    cfg = load_config(str(TINY_CONFIG), ["align.weight=3", "model.num_layers=2",
+    cfg = load_config(str(TINY_CONFIG), ["align.weight=3", "model.num_layers=2", "optimizer.lr=3e-4",
                                          "optimizer.freeze=[embedding]", "diffusion.shift=false"])
     assert cfg.align.weight == 3.0 and isinstance(cfg.align.weight, float)
     assert cfg.model.num_layers == 2 and cfg.diffusion.shift is False
     assert cfg.optimizer.freeze == ["embedding"]
+    assert cfg.optimizer.lr == 3e-4  # YAML 1.1 reads 3e-4 as a string; float fields accept it
 
 
 @pytest.mark.parametrize("override, message", [
