@@ -29,6 +29,7 @@ setup(
             "megalign-train=megalign.train:main",
             "megalign-preprocess=megalign.data.preprocess:main",
             "megalign-train-tokenizer=megalign.data.train_tokenizer:main",
+            "megalign-convert=megalign.convert.cli:main",
         ]
     },
 )

@@ -234,22 +234,37 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
-    """YAML file (optional) + overrides -> ``Config``; relative paths in the file are kept as given."""
+def _merge(base: dict, update: dict) -> dict:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def load_config(paths=None, overrides: Optional[list[str]] = None) -> Config:
+    """YAML file(s), merged in order (later wins), + overrides -> ``Config``."""
     tree: dict = {}
-    if path is not None:
+    for path in [paths] if isinstance(paths, str) else (paths or []):
         if not os.path.isfile(path):
             raise ConfigError(f"config file '{path}' does not exist")
         with open(path, encoding="utf-8") as handle:
             try:
-                tree = yaml.safe_load(handle) or {}
+                part = yaml.safe_load(handle) or {}
             except yaml.YAMLError as err:
                 raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from None
-        if not isinstance(tree, dict):
+        if not isinstance(part, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
+        _merge(tree, part)
     for text in overrides or []:
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
+    return _build(Config, tree)
+
+
+def config_from_dict(tree: dict) -> Config:
+    """A ``Config`` from a nested dict (as stored in checkpoints); unknown keys are errors."""
     return _build(Config, tree)
 
 

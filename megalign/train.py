@@ -40,7 +40,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         prog="megalign-train", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--config", help="YAML run configuration (examples/configs/*.yaml)")
+    parser.add_argument("--config", action="append",
+                        help="YAML run configuration(s), merged in order (examples/configs/*.yaml)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. align.weight=10")
     return parser.parse_args(argv)
 
