@@ -110,7 +110,7 @@ def test_unsupported_architecture_and_bad_layout_are_clear(tmp_path):
         tmp_path / "bert")
     result = run_python(["-m", "megalign.convert.cli", "--from", "hf", "--to", "megalign",
                          "--input", tmp_path / "bert", "--output", tmp_path / "out"], check=False)
-    assert result.returncode == 2 and "is not supported" in result.stderr
+    assert result.returncode == 2 and "bert is not supported" in result.stderr
     tiny_hf_model("llama").save_pretrained(tmp_path / "hf")
     result = run_python(["-m", "megalign.convert.cli", "--from", "hf", "--to", "megalign",
                          "--input", tmp_path / "hf", "--output", tmp_path / "out", "--tp", "4"],

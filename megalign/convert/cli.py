@@ -26,7 +26,7 @@ import sys
 import torch
 import yaml
 
-from megalign.config import Config, ConfigError, config_from_dict, to_dict
+from megalign.config import Config, config_from_dict, to_dict
 from megalign.convert.hf import (
     ConversionError,
     check_layout,
@@ -213,7 +213,7 @@ def main(argv=None) -> int:
         return 2
     try:
         output = hf_to_megalign(args) if args.source == "hf" else megalign_to_hf(args)
-    except (ConversionError, ConfigError, CheckpointError, OSError) as err:
+    except (ValueError, CheckpointError, OSError) as err:  # incl. ConversionError, ConfigError
         print(f"megalign-convert: error: {err}", file=sys.stderr)
         return 2
     finally:

@@ -16,7 +16,7 @@ import torch
 
 from megalign.config import ConfigError
 
-SUPPORTED = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "llama", "GPT2LMHeadModel": "gpt2"}
+SUPPORTED = {"llama": "llama", "qwen2": "llama", "gpt2": "gpt2"}  # HF model_type -> megalign arch
 
 
 class ConversionError(ValueError):
@@ -25,11 +25,11 @@ class ConversionError(ValueError):
 
 def model_config_from_hf(hf_config) -> dict:
     """The ``model`` section of a megalign config for an HF causal LM config."""
-    architecture = (getattr(hf_config, "architectures", None) or [type(hf_config).__name__])[0]
-    arch = SUPPORTED.get(architecture)
+    model_type = getattr(hf_config, "model_type", None)
+    arch = SUPPORTED.get(model_type)
     if arch is None:
         raise ConversionError(
-            f"architecture {architecture} is not supported; megalign converts {sorted(SUPPORTED)}"
+            f"model type {model_type} is not supported; megalign converts {sorted(SUPPORTED)}"
         )
     if arch == "gpt2":
         if hf_config.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
@@ -63,7 +63,7 @@ def model_config_from_hf(hf_config) -> dict:
         "num_attention_heads": hf_config.num_attention_heads,
         "num_query_groups": hf_config.num_key_value_heads,
         "max_position_embeddings": hf_config.max_position_embeddings,
-        "qkv_bias": architecture == "Qwen2ForCausalLM",
+        "qkv_bias": model_type == "qwen2",
         "tie_embeddings": bool(hf_config.tie_word_embeddings),
         "rotary_base": int(theta),
         "norm_epsilon": hf_config.rms_norm_eps,
