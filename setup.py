@@ -21,7 +21,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7", "transformers", "tokenizers"],
-        "hf": ["transformers", "tokenizers", "gguf"],
+        "hf": ["transformers", "tokenizers", "gguf", "accelerate"],
         "gpu": ["transformer-engine[pytorch]"],  # apex: optional, from the NGC container
     },
     entry_points={
@@ -30,6 +30,7 @@ setup(
             "megalign-preprocess=megalign.data.preprocess:main",
             "megalign-train-tokenizer=megalign.data.train_tokenizer:main",
             "megalign-convert=megalign.convert.cli:main",
+            "megalign-generate=megalign.generate:main",
         ]
     },
 )

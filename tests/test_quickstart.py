@@ -1,4 +1,5 @@
-"""The README's main command, reduced to a few iterations, end to end (4 processes, TP2 x PP2)."""
+"""The README's main command (SmolLM2 -> diffusion LM with REPR-ALIGN, TP1 x PP2, then generation)
+and the tiny TP2 x PP2 demo, each reduced to a few iterations, end to end."""
 
 import json
 import math
@@ -9,30 +10,66 @@ import sys
 
 import pytest
 
-from conftest import REPO, run_env
+from conftest import REPO, run_env, run_python
 
 
-@pytest.mark.slow
-def test_quickstart_runs_end_to_end(tmp_path):
+def run_script(script, env_extra, args, timeout=1500):
     env = run_env()
-    env.update(MEGALIGN_SKIP_SETUP="1", MEGALIGN_PYTHON=sys.executable)
-    run_dir = tmp_path / "run"
-    result = subprocess.run(
-        ["bash", "examples/quickstart.sh", "schedule.train_iters=4", "schedule.warmup_iters=1",
-         "logging.log_interval=1", f"logging.run_dir={run_dir}",
-         f"checkpoint.save={run_dir}/checkpoints"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    env.update(MEGALIGN_SKIP_SETUP="1", MEGALIGN_PYTHON=sys.executable, **env_extra)
+    result = subprocess.run(["bash", script, *args], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    assert "TP 2 x PP 2 x DP 1" in result.stdout
+    return result
+
+
+def check_metrics(run_dir, iterations, layers):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["iteration"] for r in records] == [1, 2, 3, 4]
+    assert [r["iteration"] for r in records] == list(range(1, iterations + 1))
     for record in records:
         for key in ("loss", "diffusion_loss", "align_loss", "lr", "grad_norm", "step_time_s",
                     "tokens_per_s"):
             assert math.isfinite(record[key]), (key, record)
-        assert len(record["align_cos"]) == 5
+        assert len(record["align_cos"]) == layers + 1
         assert record["loss"] == pytest.approx(record["diffusion_loss"] + record["align_loss"])
+
+
+@pytest.mark.slow
+def test_main_command_smollm2(tmp_path):
+    run_dir = tmp_path / "smollm2"
+    result = run_script("examples/quickstart.sh",
+                        {"MEGALIGN_RUN_DIR": str(run_dir), "GEN_LENGTH": "8", "GEN_STEPS": "4"},
+                        ["schedule.train_iters=2", "schedule.warmup_iters=1",
+                         "logging.log_interval=1"])
+    assert "TP 1 x PP 2 x DP 1" in result.stdout
+    check_metrics(run_dir, 2, layers=30)
+    assert (run_dir / "checkpoints" / "iter_0000002" / "metadata.json").is_file()
+    samples = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{"prompt"')]
+    assert [s["prompt"] for s in samples] == ["And God said", "The LORD is my shepherd"]
+    assert all(s["completion"].strip() for s in samples)
+
+
+@pytest.mark.slow
+def test_tiny_demo_and_generation_errors(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_script("examples/tiny.sh", {},
+                        ["schedule.train_iters=4", "schedule.warmup_iters=1",
+                         "logging.log_interval=1", f"logging.run_dir={run_dir}",
+                         f"checkpoint.save={run_dir}/checkpoints"])
+    assert "TP 2 x PP 2 x DP 1" in result.stdout
+    check_metrics(run_dir, 4, layers=4)
     logged = [line for line in result.stdout.splitlines() if re.match(r" iteration +\d+/", line)]
     assert len(logged) == 4  # rank 0 only, once per iteration
     assert os.listdir(run_dir / "tensorboard")
-    assert (run_dir / "checkpoints" / "iter_0000004" / "metadata.json").is_file()
+    checkpoints = run_dir / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == "iter_0000004"
+
+    out = run_python(["-m", "megalign.generate", "--checkpoint", checkpoints, "--prompt",
+                      "In the beginning", "--gen-length", "8", "--steps", "4"])
+    sample = json.loads(out.stdout.strip().splitlines()[-1])
+    assert sample["prompt"] == "In the beginning" and sample["completion"]
+    too_long = run_python(["-m", "megalign.generate", "--checkpoint", checkpoints, "--prompt",
+                           "word " * 200], check=False)
+    assert too_long.returncode == 2 and "exceeds the model's context" in too_long.stderr
+    missing = run_python(["-m", "megalign.generate", "--checkpoint", tmp_path / "nope",
+                          "--prompt", "x"], check=False)
+    assert missing.returncode == 2 and "not a complete megalign checkpoint" in missing.stderr
