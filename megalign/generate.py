@@ -1,11 +1,16 @@
-"""megalign-generate: sample from a trained diffusion student.
+"""megalign-generate: sample from a trained diffusion student (and, with --ar, its AR teacher).
 
     megalign-generate --checkpoint RUN/checkpoints --prompt "In the beginning" [--gen-length 32]
-    torchrun --nproc-per-node 2 -m megalign.generate --checkpoint ... parallel.pipeline_model_parallel_size=2
+    torchrun --nproc-per-node 2 -m megalign.generate --checkpoint ... --prompt-file prompts.txt \\
+        parallel.pipeline_model_parallel_size=2
 
 The checkpoint (a root with ``latest`` or an ``iter_`` directory) records its config, tokenizer
-included; it is loaded into the layout this command is launched with (one process: TP=1, PP=1,
-resharded by dist_checkpointing). Trailing ``key=value`` arguments override the stored config.
+included; it is resharded into the layout this command is launched with (one process: TP=1,
+PP=1; under torchrun any TP/PP, via trailing ``parallel.*=N`` overrides). Prompts come from
+``--prompt`` (repeatable) or ``--prompt-file`` (one per line, or JSONL with a "prompt" key); all
+are decoded as one batch. Output: one JSON line per prompt on stdout, or ``--output FILE``.
+``--ar`` also decodes each prompt with the AR model the run started from (greedy, or sampled
+with ``--temperature``), for a side-by-side comparison.
 """
 
 from __future__ import annotations
@@ -17,66 +22,155 @@ import sys
 import torch
 
 
+def read_prompts(args) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        with open(args.prompt_file, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                line = line.rstrip("\n")
+                if not line.strip():
+                    continue
+                if line.lstrip().startswith("{"):
+                    try:
+                        line = json.loads(line)["prompt"]
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        raise ValueError(f"{args.prompt_file}:{number}: expected {{\"prompt\": ...}}") from None
+                prompts.append(line)
+    if not prompts:
+        raise ValueError("give --prompt TEXT or --prompt-file FILE")
+    return prompts
+
+
+def load_config_from_checkpoint(path: str, overrides: list[str]):
+    from megalign.checkpoint import CheckpointError, read_meta
+    from megalign.config import config_from_dict, parse_override
+
+    meta = read_meta(path)
+    tree = meta.get("config")
+    if tree is None:
+        raise CheckpointError(f"checkpoint '{path}' records no config")
+    tree.setdefault("parallel", {}).update(
+        tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
+        virtual_pipeline_model_parallel_size=None, sequence_parallel=False)
+    tree["model"]["document_attention"] = True  # explicit masks keep batch padding out
+    for text in overrides:
+        key, value = parse_override(text)
+        node = tree
+        for part in key.split(".")[:-1]:
+            node = node.setdefault(part, {})
+        node[key.split(".")[-1]] = value
+    return config_from_dict(tree), meta
+
+
+def ar_decode(chunks, prompt: list[int], length: int, vocab: int, temperature: float,
+              seed: int) -> list[int]:
+    """Left-to-right decoding with a causal model (the full sequence is recomputed each token)."""
+    from megalign.model.inference import forward_logits
+
+    generator = torch.Generator().manual_seed(seed)
+    tokens = list(prompt)
+    for _ in range(length):
+        x = torch.tensor([tokens])
+        logits = forward_logits(chunks, x, torch.arange(len(tokens)).unsqueeze(0), None)
+        row = logits[0, -1, :vocab].cpu()
+        if temperature > 0:
+            tokens.append(int(torch.multinomial((row / temperature).softmax(-1), 1, generator=generator)))
+        else:
+            tokens.append(int(row.argmax()))
+    return tokens[len(prompt):]
+
+
 def main(argv=None) -> int:
     from megalign import distributed
-    from megalign.checkpoint import CheckpointError, load_checkpoint, read_meta, resolve
-    from megalign.config import ConfigError, config_from_dict, mask_token_id, padded_vocab_size
-    from megalign.config import parse_override
+    from megalign.checkpoint import CheckpointError, load_checkpoint, resolve
+    from megalign.config import ConfigError, mask_token_id, padded_vocab_size
     from megalign.data.tokenizer import build_tokenizer
-    from megalign.diffusion.sampler import SamplerConfig, generate
+    from megalign.diffusion.sampler import CONFIDENCES, RULES, SamplerConfig, sample
     from megalign.model.gpt import build_chunks
+    from megalign.model.inference import forward_logits
 
     parser = argparse.ArgumentParser(prog="megalign-generate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--prompt", action="append", required=True)
+    parser.add_argument("--prompt", action="append")
+    parser.add_argument("--prompt-file")
+    parser.add_argument("--output", help="write JSON lines here instead of stdout")
     parser.add_argument("--gen-length", type=int, default=32)
     parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--block-length", type=int, help="semi-autoregressive block size")
     parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--confidence", choices=CONFIDENCES, default="prob")
+    parser.add_argument("--unmasking", choices=RULES, default="confidence")
+    parser.add_argument("--no-eos-stop", action="store_true", help="do not stop at the EOD token")
+    parser.add_argument("--ar", action="store_true", help="also decode with the AR teacher")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. parallel.*=N")
     args = parser.parse_args(argv)
     try:
+        prompts = read_prompts(args)
         path = resolve(args.checkpoint)
-        tree = read_meta(path).get("config")
-        if tree is None:
-            raise CheckpointError(f"checkpoint '{path}' records no config")
-        tree.setdefault("parallel", {}).update(
-            tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
-            virtual_pipeline_model_parallel_size=None, sequence_parallel=False)
-        tree["model"]["document_attention"] = False  # one sequence: plain bidirectional
-        for text in args.overrides:
-            key, value = parse_override(text)
-            node = tree
-            for part in key.split(".")[:-1]:
-                node = node.setdefault(part, {})
-            node[key.split(".")[-1]] = value
-        cfg = config_from_dict(tree)
+        cfg, meta = load_config_from_checkpoint(path, args.overrides)
         tokenizer = build_tokenizer(cfg.data.tokenizer)
+        vocab = padded_vocab_size(cfg, tokenizer.vocab_size, tokenizer.mask)
+        mask = mask_token_id(cfg, tokenizer.vocab_size, tokenizer.mask)
+        if mask >= vocab:
+            raise ConfigError(f"the model has no mask token (id {mask} >= vocabulary {vocab})")
+        encoded = [tokenizer.encode(p) for p in prompts]
+        longest = max(len(ids) for ids in encoded)
+        if longest + args.gen_length > cfg.model.seq_length:
+            raise ConfigError(
+                f"the longest prompt ({longest} tokens) + --gen-length {args.gen_length} exceeds "
+                f"the model's context of {cfg.model.seq_length} tokens"
+            )
+        sampler = SamplerConfig(args.gen_length, args.steps, args.block_length, args.temperature,
+                                args.top_k, args.top_p, args.confidence, args.unmasking,
+                                None if args.no_eos_stop else tokenizer.eod, args.seed)
+        sampler.check()
         launch = distributed.launch_env()
         distributed.initialize(launch, cfg.parallel.tensor_model_parallel_size,
                                cfg.parallel.pipeline_model_parallel_size, cfg.seed)
-        vocab = padded_vocab_size(cfg, tokenizer.vocab_size, tokenizer.mask)
-        mask = mask_token_id(cfg, tokenizer.vocab_size, tokenizer.mask)
         chunks = build_chunks(cfg, vocab, causal=False, params_dtype=torch.float32)
         load_checkpoint(path, chunks)
-        sampler = SamplerConfig(args.gen_length, args.steps, args.temperature, args.seed)
-        for prompt in args.prompt:
-            ids = tokenizer.encode(prompt)
-            if len(ids) + args.gen_length > cfg.model.seq_length:
-                raise ConfigError(
-                    f"prompt ({len(ids)} tokens) + --gen-length {args.gen_length} exceeds the "
-                    f"model's context of {cfg.model.seq_length} tokens"
-                )
-            out = generate(chunks, ids, mask, tokenizer.vocab_size, cfg.diffusion.shift, sampler)
-            if launch.rank == 0:
-                print(json.dumps({"prompt": prompt, "completion": tokenizer.decode(out)}), flush=True)
-    except (CheckpointError, ConfigError, ValueError, OSError) as err:
+
+        def logits_fn(tokens, attention_mask):
+            positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+            return forward_logits(chunks, tokens, positions, attention_mask)
+
+        outputs = sample(logits_fn, encoded, mask, tokenizer.pad, tokenizer.vocab_size,
+                         cfg.diffusion.shift, sampler)
+        records = [{"prompt": p, "completion": tokenizer.decode(_until_eos(o, sampler.eos_id))}
+                   for p, o in zip(prompts, outputs)]
+        if args.ar:
+            teacher = meta.get("ar_checkpoint")
+            if not teacher:
+                raise CheckpointError(f"checkpoint '{path}' records no AR checkpoint for --ar")
+            cfg.model.document_attention = False
+            causal = build_chunks(cfg, vocab, causal=True, params_dtype=torch.float32)
+            load_checkpoint(teacher, causal)
+            for record, ids in zip(records, encoded):
+                ar = ar_decode(causal, ids, args.gen_length, tokenizer.vocab_size,
+                               args.temperature, args.seed)
+                record["ar_completion"] = tokenizer.decode(_until_eos(ar, sampler.eos_id))
+        if launch.rank == 0:
+            lines = "".join(json.dumps(r) + "\n" for r in records)
+            if args.output:
+                with open(args.output, "w", encoding="utf-8") as handle:
+                    handle.write(lines)
+            else:
+                sys.stdout.write(lines)
+                sys.stdout.flush()
+    except (CheckpointError, ValueError, OSError) as err:  # ValueError includes ConfigError
         print(f"megalign-generate: error: {err}", file=sys.stderr)
         return 2
     finally:
         distributed.shutdown()
     return 0
+
+
+def _until_eos(ids: list[int], eos_id) -> list[int]:
+    return ids[: ids.index(eos_id)] if eos_id is not None and eos_id in ids else ids
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, run_env, run_python
+from conftest import REPO, run_env, run_python, torchrun
 
 
 def run_script(script, env_extra, args, timeout=1500):
@@ -63,10 +63,20 @@ def test_tiny_demo_and_generation_errors(tmp_path):
     checkpoints = run_dir / "checkpoints"
     assert (checkpoints / "latest").read_text().strip() == "iter_0000004"
 
-    out = run_python(["-m", "megalign.generate", "--checkpoint", checkpoints, "--prompt",
-                      "In the beginning", "--gen-length", "8", "--steps", "4"])
-    sample = json.loads(out.stdout.strip().splitlines()[-1])
-    assert sample["prompt"] == "In the beginning" and sample["completion"]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text('In the beginning\n{"prompt": "And Moses said unto the LORD"}\n')
+    generate = ["--checkpoint", checkpoints, "--prompt-file", prompts, "--gen-length", "8",
+                "--steps", "4", "--temperature", "0.7", "--seed", "5", "--unmasking", "p2"]
+    out = run_python(["-m", "megalign.generate", *generate, "--ar"])
+    samples = [json.loads(line) for line in out.stdout.strip().splitlines()]
+    assert [s["prompt"] for s in samples] == ["In the beginning", "And Moses said unto the LORD"]
+    assert all("completion" in s and "ar_completion" in s for s in samples)
+    # the same samples from the checkpoint resharded to TP=2 x PP=2
+    sharded = torchrun(4, "-m", ["megalign.generate", *generate,
+                                 "parallel.tensor_model_parallel_size=2",
+                                 "parallel.pipeline_model_parallel_size=2"])
+    assert [json.loads(line) for line in sharded.stdout.strip().splitlines()] == [
+        {k: v for k, v in s.items() if k != "ar_completion"} for s in samples]
     too_long = run_python(["-m", "megalign.generate", "--checkpoint", checkpoints, "--prompt",
                            "word " * 200], check=False)
     assert too_long.returncode == 2 and "exceeds the model's context" in too_long.stderr

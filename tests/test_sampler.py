@@ -1,0 +1,118 @@
+"""The diffusion sampler's unmasking rules, blocks, EOS and batching, on scripted logits."""
+
+import pytest
+import torch
+
+from megalign.diffusion.sampler import SamplerConfig, prepare, sample
+
+VOCAB, MASK, PAD, EOS = 50, 60, 0, 1
+
+
+def scripted(seed=0):
+    """Random but fixed logits per call: a stand-in model that changes its mind every step."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def logits_fn(tokens, _mask):
+        return torch.randn(*tokens.shape, 64, generator=generator) * 3
+
+    return logits_fn
+
+
+def run(cfg, prompts=([5, 6, 7],), shift=True, logits_fn=None):
+    trace = []
+    out = sample(logits_fn or scripted(), [list(p) for p in prompts], MASK, PAD, VOCAB, shift,
+                 cfg, trace)
+    return out, trace
+
+
+@pytest.mark.parametrize("rule", ["confidence", "origin", "p2"])
+def test_prompt_untouched_and_everything_decoded(rule):
+    cfg = SamplerConfig(gen_length=12, steps=6, unmasking=rule, temperature=1.0, seed=3)
+    out, trace = run(cfg)
+    assert len(trace) == 6
+    for tokens in trace:
+        assert tokens[0, :3].tolist() == [5, 6, 7]
+    assert MASK not in out[0] and all(0 <= t < VOCAB for t in out[0])
+
+
+def test_confidence_rule_commits_a_linear_schedule_and_never_revises():
+    cfg = SamplerConfig(gen_length=12, steps=4)
+    _, trace = run(cfg)
+    masked = [int((t[0, 3:] == MASK).sum()) for t in trace]
+    assert masked == [9, 6, 3, 0]
+    for before, after in zip(trace, trace[1:]):
+        decoded = before[0, 3:] != MASK
+        assert torch.equal(before[0, 3:][decoded], after[0, 3:][decoded])
+
+
+def test_p2_keeps_the_schedule_and_may_revise_decoded_tokens():
+    cfg = SamplerConfig(gen_length=12, steps=4, unmasking="p2")
+    _, trace = run(cfg)
+    assert [int((t[0, 3:] == MASK).sum()) for t in trace] == [9, 6, 3, 0]
+    revised = any(
+        ((before[0, 3:] != MASK) & (after[0, 3:] != before[0, 3:])).any()
+        for before, after in zip(trace, trace[1:])
+    )
+    assert revised
+
+
+def test_origin_rule_finishes_on_the_last_step():
+    cfg = SamplerConfig(gen_length=16, steps=5, unmasking="origin", seed=1)
+    _, trace = run(cfg)
+    counts = [int((t[0, 3:] == MASK).sum()) for t in trace]
+    assert counts == sorted(counts, reverse=True) and counts[-1] == 0
+
+
+def test_blocks_unmask_left_to_right():
+    cfg = SamplerConfig(gen_length=12, steps=6, block_length=4)
+    _, trace = run(cfg)
+    for step, tokens in enumerate(trace):
+        block = step // 2  # 3 blocks, 2 steps each
+        generated = tokens[0, 3:]
+        assert (generated[: 4 * block] != MASK).all()
+        assert (generated[4 * (block + 1):] == MASK).all()
+
+
+def test_shift_reads_the_previous_position():
+    def logits_fn(tokens, _mask):
+        logits = torch.zeros(*tokens.shape, 64)
+        positions = torch.arange(tokens.shape[1])
+        logits[:, positions, (positions + 10) % VOCAB] = 10.0  # position i votes for i + 10
+        return logits
+
+    cfg = SamplerConfig(gen_length=4, steps=4)
+    shifted, _ = run(cfg, logits_fn=logits_fn, shift=True)
+    unshifted, _ = run(cfg, logits_fn=logits_fn, shift=False)
+    assert shifted[0] == [12, 13, 14, 15]  # generated position 3 reads position 2's logits
+    assert unshifted[0] == [13, 14, 15, 16]
+
+
+def test_eos_stops_and_fills():
+    def logits_fn(tokens, _mask):
+        logits = torch.zeros(*tokens.shape, 64)
+        logits[:, :, 20] = 1.0
+        logits[:, 4, EOS] = 5.0  # (shifted) generated position 5 is EOS, very confidently
+        return logits
+
+    cfg = SamplerConfig(gen_length=8, steps=8, eos_id=EOS)
+    out, trace = run(cfg, logits_fn=logits_fn)
+    assert out[0] == [20, 20, EOS, EOS, EOS, EOS, EOS, EOS]
+    assert len(trace) < 8  # stopped early
+
+
+def test_batches_of_different_lengths_are_deterministic_and_pad_is_isolated():
+    tokens, start, mask = prepare([[5], [5, 6, 7]], SamplerConfig(gen_length=4), MASK, PAD)
+    assert start == 3 and tokens[0].tolist() == [PAD, PAD, 5, MASK, MASK, MASK, MASK]
+    assert mask[0, 0, 2, 0] and mask[0, 0, 0, 2] and not mask[0, 0, 2, 3]
+    assert not mask[1].any()
+    cfg = SamplerConfig(gen_length=6, steps=3, temperature=0.8, top_k=10, top_p=0.9, seed=7)
+    first, _ = run(cfg, prompts=([5], [5, 6, 7]), logits_fn=scripted(4))
+    second, _ = run(cfg, prompts=([5], [5, 6, 7]), logits_fn=scripted(4))
+    assert first == second
+
+
+def test_bad_settings_are_rejected():
+    with pytest.raises(ValueError, match="must divide"):
+        run(SamplerConfig(gen_length=10, block_length=4))
+    with pytest.raises(ValueError, match="multiple of the 3 blocks"):
+        run(SamplerConfig(gen_length=12, block_length=4, steps=4))
