@@ -211,7 +211,8 @@ def _build(cls, values: dict, prefix: str = ""):
     return cls(**kwargs)
 
 
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+def set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    """``tree['a']['b'] = value`` for ``dotted`` = ``a.b`` (sections created as needed)."""
     parts = dotted.split(".")
     node = tree
     for part in parts[:-1]:
@@ -259,7 +260,7 @@ def load_config(paths=None, overrides: Optional[list[str]] = None) -> Config:
         _merge(tree, part)
     for text in overrides or []:
         key, value = parse_override(text)
-        _set_dotted(tree, key, value)
+        set_dotted(tree, key, value)
     return _build(Config, tree)
 
 

@@ -43,7 +43,7 @@ def read_prompts(args) -> list[str]:
 
 def load_config_from_checkpoint(path: str, overrides: list[str]):
     from megalign.checkpoint import CheckpointError, read_meta
-    from megalign.config import config_from_dict, parse_override
+    from megalign.config import config_from_dict, parse_override, set_dotted
 
     meta = read_meta(path)
     tree = meta.get("config")
@@ -54,11 +54,7 @@ def load_config_from_checkpoint(path: str, overrides: list[str]):
         virtual_pipeline_model_parallel_size=None, sequence_parallel=False)
     tree["model"]["document_attention"] = True  # explicit masks keep batch padding out
     for text in overrides:
-        key, value = parse_override(text)
-        node = tree
-        for part in key.split(".")[:-1]:
-            node = node.setdefault(part, {})
-        node[key.split(".")[-1]] = value
+        set_dotted(tree, *parse_override(text))
     return config_from_dict(tree), meta
 
 
