@@ -31,6 +31,7 @@ setup(
             "megalign-train-tokenizer=megalign.data.train_tokenizer:main",
             "megalign-convert=megalign.convert.cli:main",
             "megalign-generate=megalign.generate:main",
+            "megalign-eval=megalign.evaluate:main",
         ]
     },
 )

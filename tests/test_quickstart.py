@@ -77,6 +77,16 @@ def test_tiny_demo_and_generation_errors(tmp_path):
                                  "parallel.pipeline_model_parallel_size=2"])
     assert [json.loads(line) for line in sharded.stdout.strip().splitlines()] == [
         {k: v for k, v in s.items() if k != "ar_completion"} for s in samples]
+    evaluate = ["--checkpoint", checkpoints, "--data", REPO / "data/build/kjv_text_document",
+                "--samples", "8", "--t-grid", "3"]
+    single = json.loads(run_python(["-m", "megalign.evaluate", *evaluate, "--ar"]).stdout.splitlines()[-1])
+    assert math.isfinite(single["diffusion_nelbo_per_token"]) and single["positions"] == 8 * 128
+    assert single["perplexity_upper_bound"] == pytest.approx(math.exp(single["diffusion_nelbo_per_token"]))
+    assert math.isfinite(single["ar_perplexity"])
+    split = torchrun(4, "-m", ["megalign.evaluate", *evaluate, "parallel.tensor_model_parallel_size=2",
+                               "parallel.pipeline_model_parallel_size=2"])
+    resharded = json.loads(split.stdout.splitlines()[-1])
+    assert resharded["diffusion_nelbo_per_token"] == pytest.approx(single["diffusion_nelbo_per_token"], rel=1e-5)
     too_long = run_python(["-m", "megalign.generate", "--checkpoint", checkpoints, "--prompt",
                            "word " * 200], check=False)
     assert too_long.returncode == 2 and "exceeds the model's context" in too_long.stderr

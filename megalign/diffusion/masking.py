@@ -32,3 +32,12 @@ def sample_noise(
         ts.append(t)
         masks.append(torch.rand(length, generator=generator) < t)
     return torch.stack(ts), torch.stack(masks)
+
+
+def masks_at(sample_indices: torch.Tensor, length: int, seed: int, t: float, draw: int) -> torch.Tensor:
+    """Masks at a given noise level ``t`` (evaluation grids); ``draw`` picks an independent stream."""
+    masks = []
+    for index in sample_indices.tolist():
+        generator = torch.Generator().manual_seed(sample_seed(seed + 7919 * (draw + 1), int(index)))
+        masks.append(torch.rand(length, generator=generator) < t)
+    return torch.stack(masks)

@@ -49,10 +49,12 @@ def make_batch(
     pad: int,
     document_attention: bool,
     with_teacher: bool = False,
+    noise: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> DiffusionBatch:
-    """``tokens`` [b, s+1] clean sample tokens (Megatron sample with its extra token)."""
+    """``tokens`` [b, s+1] clean sample tokens (Megatron sample with its extra token); ``noise``
+    (t [b], mask [b, s+1]) replaces the training draw, e.g. for evaluation on a t grid."""
     seq = tokens.shape[1] - 1
-    t, masked = sample_noise(sample_indices, seq + 1, seed, cfg.eps)
+    t, masked = noise if noise is not None else sample_noise(sample_indices, seq + 1, seed, cfg.eps)
     t, masked = t.to(tokens.device), masked.to(tokens.device)
     clean = tokens[:, :seq]
     input_tokens = torch.where(masked[:, :seq], torch.full_like(clean, mask_token_id), clean)
