@@ -6,7 +6,8 @@ Diffusion: the negative ELBO per token, ``E_t[(1/t) sum_{masked} CE] / positions
 fixed midpoint grid of ``--t-grid`` noise levels (t_k = (k + 1/2) / K) with masks drawn from
 (seed, sample index, k): deterministic, the same for any layout, and per level exactly the
 training loss with ``diffusion.loss_weighting=inv_t`` on that mask. ``exp(NELBO)`` bounds the
-perplexity from above. With ``--ar``, the AR model the run started from is scored with ordinary
+perplexity from above. ``--infill-span M`` masks the middle M tokens of each sample and reports
+how often the sampler restores them exactly (and per token) from the prefix and suffix. With ``--ar``, the AR model the run started from is scored with ordinary
 next-token perplexity on the same samples. Samples come from the validation split of ``--data``
 (or of the checkpoint's ``data.paths``) under the checkpoint's ``data.split``.
 """
@@ -44,6 +45,30 @@ def diffusion_nelbo(logits_fn, batches, cfg, mask_id, eod, pad, grid: int) -> tu
     return total / max(positions, 1), positions
 
 
+def infilling(logits_fn, batches, cfg, mask_id, eod, vocab_size, span: int, steps: int):
+    """(exact-match rate, token accuracy): the middle ``span`` tokens of each sample are masked
+    and recovered by the sampler from the prefix and suffix around them."""
+    from megalign.diffusion.sampler import SamplerConfig, denoise
+    from megalign.model.attention import attention_mask, document_ids
+
+    exact = correct = samples = 0
+    for raw in batches:
+        clean = raw["tokens"][:, :-1]
+        start = clean.shape[1] // 2 - span // 2
+        tokens = clean.clone()
+        tokens[:, start : start + span] = mask_id
+        blocked = (attention_mask(document_ids(clean, eod), causal=False)
+                   if cfg.model.document_attention else None)
+        positions = raw["position_ids"]
+        denoise(lambda x, m: logits_fn(x, positions, m), tokens, blocked, start, span, mask_id,
+                vocab_size, cfg.diffusion.shift, SamplerConfig(gen_length=span, steps=steps))
+        hit = tokens[:, start : start + span] == clean[:, start : start + span]
+        exact += int(hit.all(dim=1).sum())
+        correct += int(hit.sum())
+        samples += clean.shape[0]
+    return exact / samples, correct / (samples * span)
+
+
 def ar_nll(logits_fn, batches) -> tuple[float, int]:
     """(mean next-token negative log-likelihood, tokens) of a causal model."""
     total, tokens = 0.0, 0
@@ -73,6 +98,9 @@ def main(argv=None) -> int:
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--t-grid", type=int, default=8)
+    parser.add_argument("--infill-span", type=int, default=0,
+                        help="also measure infilling of this many middle tokens (0: off)")
+    parser.add_argument("--infill-steps", type=int, default=0, help="default: the span")
     parser.add_argument("--ar", action="store_true", help="also score the AR teacher")
     parser.add_argument("--output", help="write the JSON result here too")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. parallel.*=N")
@@ -107,6 +135,12 @@ def main(argv=None) -> int:
         result = {"checkpoint": path, "samples": len(batches) * args.batch_size,
                   "t_grid": args.t_grid, "diffusion_nelbo_per_token": nelbo,
                   "perplexity_upper_bound": math.exp(min(nelbo, 700)), "positions": positions}
+        if args.infill_span:
+            exact, accuracy = infilling(model_fn(student), batches, cfg, mask, tokenizer.eod,
+                                        tokenizer.vocab_size, args.infill_span,
+                                        args.infill_steps or args.infill_span)
+            result.update(infill_span=args.infill_span, infill_exact_match=exact,
+                          infill_token_accuracy=accuracy)
         if args.ar:
             teacher = meta.get("ar_checkpoint")
             if not teacher:

@@ -79,7 +79,9 @@ def test_tiny_demo_and_generation_errors(tmp_path):
         {k: v for k, v in s.items() if k != "ar_completion"} for s in samples]
     evaluate = ["--checkpoint", checkpoints, "--data", REPO / "data/build/kjv_text_document",
                 "--samples", "8", "--t-grid", "3"]
-    single = json.loads(run_python(["-m", "megalign.evaluate", *evaluate, "--ar"]).stdout.splitlines()[-1])
+    single = json.loads(run_python(["-m", "megalign.evaluate", *evaluate, "--ar",
+                                    "--infill-span", "4"]).stdout.splitlines()[-1])
+    assert 0 <= single["infill_exact_match"] <= single["infill_token_accuracy"] <= 1
     assert math.isfinite(single["diffusion_nelbo_per_token"]) and single["positions"] == 8 * 128
     assert single["perplexity_upper_bound"] == pytest.approx(math.exp(single["diffusion_nelbo_per_token"]))
     assert math.isfinite(single["ar_perplexity"])

@@ -116,3 +116,31 @@ def test_bad_settings_are_rejected():
         run(SamplerConfig(gen_length=10, block_length=4))
     with pytest.raises(ValueError, match="multiple of the 3 blocks"):
         run(SamplerConfig(gen_length=12, block_length=4, steps=4))
+
+
+def test_infilling_restores_a_span_with_an_oracle_and_keeps_the_context():
+    from megalign.evaluate import infilling
+
+    class Cfg:
+        class diffusion:
+            shift = True
+
+        class model:
+            document_attention = False
+
+    tokens = torch.randint(2, VOCAB, (2, 17))
+    raw = {"tokens": tokens, "position_ids": torch.arange(16).repeat(2, 1),
+           "sample_index": torch.tensor([0, 1])}
+    seen = []
+
+    def oracle(x, _positions, _mask):  # position i knows token i + 1
+        seen.append(x.clone())
+        logits = torch.zeros(*x.shape, 64)
+        logits.scatter_(2, tokens[:, 1:].unsqueeze(-1), 9.0)
+        return logits
+
+    exact, accuracy = infilling(oracle, [raw], Cfg, MASK, EOS, VOCAB, span=4, steps=2)
+    assert (exact, accuracy) == (1.0, 1.0)
+    first = seen[0]
+    assert (first[:, 6:10] == MASK).all()  # the middle span is masked...
+    assert torch.equal(first[:, :6], tokens[:, :6]) and torch.equal(first[:, 10:], tokens[:, 10:16])

@@ -123,24 +123,34 @@ def sample(
     cfg.check()
     if shift and min(len(p) for p in prompts) == 0:
         raise ValueError("with the AR shift every prompt needs at least one token")
-    generator = torch.Generator().manual_seed(cfg.seed)
     tokens, start, mask = prepare(prompts, cfg, mask_id, pad_id)
-    block = cfg.block_length or cfg.gen_length
-    steps_per_block = cfg.steps // (cfg.gen_length // block)
-    done = torch.zeros(len(prompts), dtype=torch.bool)
-    for block_start in range(start, start + cfg.gen_length, block):
+    denoise(logits_fn, tokens, mask, start, cfg.gen_length, mask_id, vocab_size, shift, cfg, trace)
+    return [tokens[row, start:].tolist() for row in range(len(prompts))]
+
+
+@torch.no_grad()
+def denoise(logits_fn, tokens: torch.Tensor, attention_mask, start: int, length: int,
+            mask_id: int, vocab_size: int, shift: bool, cfg: SamplerConfig,
+            trace: Optional[list] = None) -> torch.Tensor:
+    """Fill the masked span ``tokens[:, start:start+length]`` in place (blocks left to right);
+    the tokens around it (prompt, or prefix and suffix for infilling) are never changed."""
+    generator = torch.Generator().manual_seed(cfg.seed)
+    block = cfg.block_length or length
+    steps_per_block = cfg.steps // (length // block)
+    done = torch.zeros(tokens.shape[0], dtype=torch.bool)
+    for block_start in range(start, start + length, block):
         region = slice(block_start, block_start + block)
         for step in range(steps_per_block):
             if done.all():
                 break
-            logits = logits_fn(tokens, mask)[..., :vocab_size].float().cpu()
+            logits = logits_fn(tokens, attention_mask)[..., :vocab_size].float().cpu()
             rows = logits[:, block_start - 1 : block_start + block - 1] if shift else logits[:, region]
             predicted, confidence = _predict(rows.reshape(-1, vocab_size), cfg, generator)
-            predicted = predicted.view(len(prompts), block)
-            confidence = confidence.view(len(prompts), block)
+            predicted = predicted.view(tokens.shape[0], block)
+            confidence = confidence.view(tokens.shape[0], block)
             current = tokens[:, region]
             masked = current == mask_id
-            for row in range(len(prompts)):
+            for row in range(tokens.shape[0]):
                 if done[row]:
                     continue
                 current[row] = _update(current[row], masked[row], predicted[row], confidence[row],
@@ -150,7 +160,7 @@ def sample(
                 trace.append(tokens.clone())
             if cfg.eos_id is not None:
                 done |= _finish_at_eos(tokens, start, mask_id, cfg.eos_id)
-    return [tokens[row, start:].tolist() for row in range(len(prompts))]
+    return tokens
 
 
 def _update(current, masked, predicted, confidence, step, steps, cfg, mask_id, generator,
