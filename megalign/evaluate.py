@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     from megalign.checkpoint import CheckpointError, load_checkpoint, resolve
     from megalign.data.dataset import build_datasets, micro_batches
     from megalign.data.tokenizer import build_tokenizer
-    from megalign.generate import load_config_from_checkpoint
+    from megalign.generate import load_ar_model, load_config_from_checkpoint
     from megalign.model.gpt import build_chunks
     from megalign.model.inference import forward_logits
     from megalign.config import mask_token_id, padded_vocab_size
@@ -142,13 +142,7 @@ def main(argv=None) -> int:
             result.update(infill_span=args.infill_span, infill_exact_match=exact,
                           infill_token_accuracy=accuracy)
         if args.ar:
-            teacher = meta.get("ar_checkpoint")
-            if not teacher:
-                raise CheckpointError(f"checkpoint '{path}' records no AR checkpoint for --ar")
-            cfg.model.document_attention = False
-            causal = build_chunks(cfg, vocab, causal=True, params_dtype=torch.float32)
-            load_checkpoint(teacher, causal)
-            nll, _ = ar_nll(model_fn(causal), batches)
+            nll, _ = ar_nll(model_fn(load_ar_model(cfg, meta, path, vocab)), batches)
             result.update(ar_nll_per_token=nll, ar_perplexity=math.exp(min(nll, 700)))
         if launch.rank == 0:
             line = json.dumps(result)

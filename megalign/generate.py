@@ -58,6 +58,20 @@ def load_config_from_checkpoint(path: str, overrides: list[str]):
     return config_from_dict(tree), meta
 
 
+def load_ar_model(cfg, meta: dict, path: str, vocab: int) -> list:
+    """The causal AR model a run started from (``meta['ar_checkpoint']``), for --ar."""
+    from megalign.checkpoint import CheckpointError, load_checkpoint
+    from megalign.model.gpt import build_chunks
+
+    teacher = meta.get("ar_checkpoint")
+    if not teacher:
+        raise CheckpointError(f"checkpoint '{path}' records no AR checkpoint for --ar")
+    cfg.model.document_attention = False
+    causal = build_chunks(cfg, vocab, causal=True, params_dtype=torch.float32)
+    load_checkpoint(teacher, causal)
+    return causal
+
+
 def ar_decode(chunks, prompt: list[int], length: int, vocab: int, temperature: float,
               seed: int) -> list[int]:
     """Left-to-right decoding with a causal model (the full sequence is recomputed each token)."""
@@ -139,12 +153,7 @@ def main(argv=None) -> int:
         records = [{"prompt": p, "completion": tokenizer.decode(_until_eos(o, sampler.eos_id))}
                    for p, o in zip(prompts, outputs)]
         if args.ar:
-            teacher = meta.get("ar_checkpoint")
-            if not teacher:
-                raise CheckpointError(f"checkpoint '{path}' records no AR checkpoint for --ar")
-            cfg.model.document_attention = False
-            causal = build_chunks(cfg, vocab, causal=True, params_dtype=torch.float32)
-            load_checkpoint(teacher, causal)
+            causal = load_ar_model(cfg, meta, path, vocab)
             for record, ids in zip(records, encoded):
                 ar = ar_decode(causal, ids, args.gen_length, tokenizer.vocab_size,
                                args.temperature, args.seed)

@@ -237,7 +237,7 @@ class Trainer:
         return self.iteration * self.cfg.data.global_batch_size
 
     def save(self) -> str:
-        from megalign.checkpoint import checkpoint_dir, fingerprint, save_checkpoint
+        from megalign.checkpoint import fingerprint, save_checkpoint
 
         cfg = self.cfg
         meta = {

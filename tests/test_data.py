@@ -1,7 +1,6 @@
 """Indexed-dataset tools: round trips, determinism across workers and partitions, safety, blends."""
 
 import gzip
-import json
 import os
 import signal
 import subprocess
