@@ -92,6 +92,9 @@ def test_tiny_demo_and_generation_errors(tmp_path):
     too_long = run_python(["-m", "megalign.generate", "--checkpoint", checkpoints, "--prompt",
                            "word " * 200], check=False)
     assert too_long.returncode == 2 and "exceeds the model's context" in too_long.stderr
+    no_mask = run_python(["-m", "megalign.generate", "--checkpoint", checkpoints, "--prompt", "x",
+                          "diffusion.mask_token_id=5000"], check=False)
+    assert no_mask.returncode == 2 and "has no mask token" in no_mask.stderr
     missing = run_python(["-m", "megalign.generate", "--checkpoint", tmp_path / "nope",
                           "--prompt", "x"], check=False)
     assert missing.returncode == 2 and "not a complete megalign checkpoint" in missing.stderr
