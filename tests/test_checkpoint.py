@@ -156,3 +156,23 @@ def test_nan_is_never_checkpointed(tmp_path, data_overrides, ar_checkpoint):
     assert all((run / "ckpt" / p / "metadata.json").is_file() for p in saved)
     if failed_at is not None:  # nothing at or after the iteration whose loss was not finite
         assert all(int(p[5:]) < failed_at for p in saved), (failed_at, saved)
+
+
+def test_sigusr1_saves_and_stops(tmp_path, data_overrides):
+    """Slurm's --signal: a signal to any one rank makes every rank save the same iteration."""
+    run = tmp_path / "signalled"
+    process = launch(2, [*TRAIN, *data_overrides, f"logging.run_dir={run}",
+                         f"checkpoint.save={run}/ckpt", "schedule.train_iters=500"])
+    deadline = time.time() + 300
+    while 3 not in metrics(run):
+        assert time.time() < deadline and process.poll() is None, process.stderr.read()[-3000:]
+        time.sleep(0.02)
+    workers = [p for p in psutil.Process(process.pid).children()
+               if "megalign.train" in " ".join(p.cmdline())]
+    workers[-1].send_signal(signal.SIGUSR1)  # one rank only
+    code, out, err = finish(process)
+    assert code == 0, err[-3000:]
+    assert "stopping after iteration" in out
+    stopped = max(metrics(run))
+    assert stopped < 500
+    assert (run / "ckpt" / "latest").read_text().strip() == f"iter_{stopped:07d}"

@@ -54,12 +54,22 @@ def test_tiny_demo_and_generation_errors(tmp_path):
     result = run_script("examples/tiny.sh", {},
                         ["schedule.train_iters=4", "schedule.warmup_iters=1",
                          "logging.log_interval=1", f"logging.run_dir={run_dir}",
-                         f"checkpoint.save={run_dir}/checkpoints"])
+                         f"checkpoint.save={run_dir}/checkpoints",
+                         f"debug.dump_first_batch={run_dir}/first_batch.pt"])
     assert "TP 2 x PP 2 x DP 1" in result.stdout
     check_metrics(run_dir, 4, layers=4)
     logged = [line for line in result.stdout.splitlines() if re.match(r" iteration +\d+/", line)]
     assert len(logged) == 4  # rank 0 only, once per iteration
     assert os.listdir(run_dir / "tensorboard")
+    import torch
+
+    dump = torch.load(run_dir / "first_batch.pt")
+    assert dump["clean_tokens"].shape == dump["input_tokens"].shape == dump["supervised"].shape
+    assert dump["t"].shape == dump["clean_tokens"].shape[:1] and len(dump["align_cos"]) == 5
+    assert dump["align_loss"] == pytest.approx(
+        10 * sum(1 - c for c in dump["align_cos"].values()) / 5)
+    visible = dump["input_tokens"] == dump["clean_tokens"]
+    assert not (dump["input_tokens"][~visible] != 3).any()  # hidden tokens are the mask token
     checkpoints = run_dir / "checkpoints"
     assert (checkpoints / "latest").read_text().strip() == "iter_0000004"
 
