@@ -20,6 +20,11 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megalign.config import Config, ConfigError, num_query_groups
 
 
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's GeLU (tanh approximation, HF ``gelu_new``)."""
+    return F.gelu(x, approximate="tanh")
+
+
 def transformer_engine_available() -> bool:
     """TE kernels are used only when TE imports and a GPU is present."""
     if not torch.cuda.is_available():
@@ -70,7 +75,7 @@ def transformer_config(cfg: Config, params_dtype: torch.dtype) -> TransformerCon
         normalization="RMSNorm" if llama else "LayerNorm",
         layernorm_epsilon=m.norm_epsilon,
         gated_linear_unit=llama,
-        activation_func=F.silu if llama else F.gelu,
+        activation_func=F.silu if llama else gelu_tanh,
         add_bias_linear=not llama,
         add_qkv_bias=m.qkv_bias or not llama,
         init_method_std=m.init_method_std,
