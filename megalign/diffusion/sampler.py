@@ -72,10 +72,15 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     return logits
 
 
+def _probabilities(logits: torch.Tensor, cfg: SamplerConfig) -> torch.Tensor:
+    """Tempered, top-k / top-p filtered distribution over the vocabulary."""
+    tempered = logits / cfg.temperature if cfg.temperature > 0 else logits
+    return _filter(tempered, cfg.top_k, cfg.top_p).softmax(-1)
+
+
 def _predict(logits: torch.Tensor, cfg: SamplerConfig, generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens and confidences for rows of logits [n, vocab]."""
-    tempered = logits / cfg.temperature if cfg.temperature > 0 else logits
-    probs = _filter(tempered, cfg.top_k, cfg.top_p).softmax(-1)
+    probs = _probabilities(logits, cfg)
     if cfg.temperature > 0:
         tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     else:
@@ -168,8 +173,7 @@ def _update(current, masked, predicted, confidence, step, steps, cfg, mask_id, g
     left = steps - step
     if cfg.unmasking == "p2":
         # decoded positions compete with their current token's confidence under this step's model
-        probs = _filter(logits_row / cfg.temperature if cfg.temperature > 0 else logits_row,
-                        cfg.top_k, cfg.top_p).softmax(-1)
+        probs = _probabilities(logits_row, cfg)
         kept = confidence_of(probs, current.clamp(max=probs.shape[-1] - 1), cfg.confidence)
         candidate = torch.where(masked, predicted, current)
         score = torch.where(masked, confidence, kept)

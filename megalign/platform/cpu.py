@@ -149,7 +149,3 @@ def apply() -> None:
     _mode = _CudaToCpu()
     _mode.__enter__()
     _applied = True
-
-
-def is_applied() -> bool:
-    return _applied
