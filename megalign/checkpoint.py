@@ -15,7 +15,9 @@ keys (global layer numbers, TP offsets), so a checkpoint loads into any TP/PP/VP
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
+import pickle
 import os
 import re
 import shutil
@@ -24,7 +26,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
-from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedObject, is_main_replica
 from torch.distributed.checkpoint.api import CheckpointException
 
 LATEST = "latest"
@@ -51,7 +54,48 @@ def resolve(path: str) -> str:
             f"'{path}' is not a complete megalign checkpoint (no metadata.json); give a directory "
             "written by megalign (iter_NNNNNNN) or a checkpoint root with a 'latest' file"
         )
+    _check_safe_to_load(path)
     return path
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles torch.distributed.checkpoint's ``.metadata`` (a plain ``pickle``, which would
+    run any code a crafted file names) allowing only the types such metadata is made of."""
+
+    _DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner",
+                    "torch.distributed.checkpoint.filesystem")
+
+    def find_class(self, module: str, name: str):
+        obj = getattr(importlib.import_module(module), name, None) if module.startswith("torch") else None
+        allowed = (
+            (module in self._DCP_MODULES and isinstance(obj, type))
+            or (module == "torch" and (name == "Size" or isinstance(obj, torch.dtype)))
+            or (module, name) in (("torch.serialization", "_get_layout"),
+                                  ("collections", "OrderedDict"))
+        )
+        if not allowed:
+            raise pickle.UnpicklingError(f"'{module}.{name}' is not allowed in checkpoint metadata")
+        return obj if obj is not None else super().find_class(module, name)
+
+
+def _check_safe_to_load(path: str) -> None:
+    """Refuse a checkpoint whose pickled parts would execute code when loaded: ``.metadata``
+    through an allow-list, the common state through ``torch.load(weights_only=True)``."""
+    file = os.path.join(path, ".metadata")
+    try:
+        with open(file, "rb") as handle:
+            _MetadataUnpickler(handle).load()
+        common = os.path.join(path, "common.pt")
+        if os.path.isfile(common):
+            file = common
+            torch.load(common, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, AttributeError, ImportError, EOFError, OSError,
+            RuntimeError) as err:
+        raise CheckpointError(
+            f"refusing to load checkpoint '{path}': {file} is not plain checkpoint data "
+            f"({_first_line(err)}); it may be corrupt or crafted to run code. Only load "
+            "checkpoints from sources you trust"
+        ) from None
 
 
 def fingerprint(path: Optional[str]) -> Optional[str]:
@@ -114,19 +158,86 @@ def _check_finite(chunks: list, where: str) -> None:
         raise CheckpointError(f"refusing to write {where}: the model has NaN/inf parameters")
 
 
-def _write_atomic(path: str, state: dict) -> None:
-    """dist_checkpointing.save into ``path.tmp``, renamed to ``path`` once every rank is done."""
-    temp = path + ".tmp"
-    if dist.get_rank() == 0:
+def _agree(error: Optional[BaseException], path: str, temp: Optional[str] = None) -> None:
+    """Collective: if any rank failed, every rank raises the same CheckpointError (naming the
+    first failing rank's cause), after rank 0 removed the partial ``temp`` directory."""
+    flag = torch.tensor([0.0 if error is None else 1.0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if not flag.item():
+        return
+    reasons = [None] * dist.get_world_size()
+    dist.all_gather_object(reasons, None if error is None else _first_line(error))
+    rank, reason = next((r, text) for r, text in enumerate(reasons) if text is not None)
+    if dist.get_rank() == 0 and temp is not None:
         shutil.rmtree(temp, ignore_errors=True)
-        os.makedirs(temp)
-    dist.barrier()
-    dist_checkpointing.save(state, temp)
-    dist.barrier()
+    raise CheckpointError(
+        f"could not write checkpoint '{path}' (rank {rank}: {reason}); the previous checkpoint "
+        "and 'latest' are unchanged. Free space or fix permissions on the checkpoint directory"
+    )
+
+
+def _state_bytes(state: dict) -> int:
+    """Bytes this rank will write: main replicas of sharded tensors (plain tensors on rank 0)."""
+    total = 0
+    for value in nested_values(state):
+        data = getattr(value, "data", value)
+        if not torch.is_tensor(data):
+            continue
+        if hasattr(value, "replica_id"):
+            owned = is_main_replica(value.replica_id)
+        else:
+            owned = dist.get_rank() == 0
+        total += data.numel() * data.element_size() if owned else 0
+    return total
+
+
+def _preflight(temp: str, state: dict) -> Optional[BaseException]:
+    """Check, before anything is written, that every rank can write ``temp`` and that the whole
+    checkpoint fits: Megatron's save would otherwise fail on some ranks only, mid-collective."""
+    needed = torch.tensor([float(_state_bytes(state))])
+    dist.all_reduce(needed)
+    try:
+        probe = os.path.join(temp, f".probe-{dist.get_rank()}")
+        with open(probe, "wb") as handle:
+            handle.write(b"\0")
+        os.remove(probe)
+        free = shutil.disk_usage(temp).free
+        required = int(needed.item() * 1.05) + (1 << 20)
+        if free < required:
+            return OSError(f"needs about {required / 2**20:.1f} MiB but {temp} has "
+                           f"{free / 2**20:.1f} MiB free")
+    except OSError as err:
+        return err
+    return None
+
+
+def _write_atomic(path: str, state: dict) -> None:
+    """dist_checkpointing.save into ``path.tmp``, renamed to ``path`` once every rank is done.
+    Every step that can fail is agreed on by all ranks, so a failure never leaves some ranks
+    waiting in a collective, nor a partial directory behind."""
+    temp = path + ".tmp"
+    error: Optional[BaseException] = None
     if dist.get_rank() == 0:
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        os.replace(temp, path)
+        try:
+            shutil.rmtree(temp, ignore_errors=True)
+            os.makedirs(temp)
+        except OSError as err:
+            error = err
+    _agree(error, path, temp)
+    _agree(_preflight(temp, state), path, temp)
+    try:
+        dist_checkpointing.save(state, temp)
+    except (Exception, CheckpointException) as err:  # the latter is a BaseException
+        error = err
+    _agree(error, path, temp)
+    if dist.get_rank() == 0:
+        try:
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            os.replace(temp, path)
+        except OSError as err:
+            error = err
+    _agree(error, path, temp)
 
 
 def save_weights(path: str, chunks: list, meta: Optional[dict] = None) -> str:
@@ -157,10 +268,14 @@ def save_checkpoint(
     }
     state["optimizer"] = optimizer.sharded_state_dict(state["model"])
     _write_atomic(path, state)
+    error = None
     if dist.get_rank() == 0:
-        _write_latest(root, os.path.basename(path))
-        _prune(root, keep_last_n)
-    dist.barrier()
+        try:
+            _write_latest(root, os.path.basename(path))
+            _prune(root, keep_last_n)
+        except OSError as err:
+            error = err
+    _agree(error, os.path.join(root, LATEST))
     return path
 
 

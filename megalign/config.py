@@ -110,6 +110,17 @@ class CheckpointConfig:
     save_interval: int = 0  # 0 = only at the end (and on SIGTERM/SIGUSR1)
     keep_last_n: int = 0  # 0 = keep every checkpoint
     load: Optional[str] = None  # resume: a checkpoint root (its 'latest') or an iter_ directory
+    auto_resume: bool = True  # without checkpoint.load, resume from checkpoint.save's 'latest'
+    on_save_failure: str = "stop"  # stop (exit non-zero) | continue (keep training, retry later)
+
+
+@dataclass
+class ResilienceConfig:
+    """Bounded failure detection (megalign/training/watchdog.py)."""
+
+    collective_timeout_minutes: float = 10.0  # process-group timeout (gloo and NCCL)
+    heartbeat_interval_s: float = 2.0
+    failure_timeout_s: float = 60.0  # a rank silent this long is declared dead; 0 = no watchdog
 
 
 @dataclass
@@ -137,6 +148,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 
 
@@ -148,6 +160,7 @@ CHOICES = {
     "optimizer.name": ("adam", "adamw"),
     "schedule.lr_decay_style": ("cosine", "linear", "constant"),
     "precision": ("fp32", "bf16"),
+    "checkpoint.on_save_failure": ("stop", "continue"),
 }
 
 
@@ -303,6 +316,21 @@ def num_query_groups(model: ModelConfig) -> int:
     return model.num_query_groups or model.num_attention_heads
 
 
+def _validate_resilience(r: ResilienceConfig) -> None:
+    if r.collective_timeout_minutes <= 0:
+        raise ConfigError(
+            f"resilience.collective_timeout_minutes={r.collective_timeout_minutes} must be > 0"
+        )
+    if r.heartbeat_interval_s <= 0:
+        raise ConfigError(f"resilience.heartbeat_interval_s={r.heartbeat_interval_s} must be > 0")
+    if r.failure_timeout_s and r.failure_timeout_s < 3 * r.heartbeat_interval_s:
+        raise ConfigError(
+            f"resilience.failure_timeout_s={r.failure_timeout_s} must be at least 3 x "
+            f"resilience.heartbeat_interval_s ({r.heartbeat_interval_s}), or 0 to turn the "
+            "watchdog off; a shorter bound would declare healthy ranks dead"
+        )
+
+
 def data_parallel_size(cfg: Config, world_size: int) -> int:
     return world_size // (cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size)
 
@@ -342,6 +370,7 @@ def validate(
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}={value} must be at least 1")
+    _validate_resilience(cfg.resilience)
 
     if m.hidden_size % m.num_attention_heads != 0:
         raise ConfigError(

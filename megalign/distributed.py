@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +64,11 @@ def initialize(
 
         cpu.apply()
         backend = "gloo"
+    if (launch.rank == 0 and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
+            and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"):
+        print("megalign: warning: torchrun restarts with the agent's shared store can hand the "
+              "restarted workers stale addresses (pytorch/pytorch#135712); launch torchrun with "
+              "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1", file=sys.stderr, flush=True)
     if not dist.is_initialized():
         dist.init_process_group(
             backend=backend,

@@ -10,6 +10,7 @@ training loop around Megatron-Core's pipeline schedule.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import math
 import os
 import re
@@ -288,6 +289,7 @@ def setup(cfg: Config, tokenizer, log=print) -> Trainer:
         cfg.parallel.pipeline_model_parallel_size,
         cfg.seed,
         cfg.parallel.virtual_pipeline_model_parallel_size,
+        timeout_minutes=cfg.resilience.collective_timeout_minutes,
     )
     dp_size = parallel_state.get_data_parallel_world_size()
     vocab = padded_vocab_size(cfg, tokenizer.vocab_size, tokenizer.mask)
@@ -328,14 +330,32 @@ def setup(cfg: Config, tokenizer, log=print) -> Trainer:
     )
 
 
+def latest_checkpoint_to_resume(cfg: Config) -> Optional[str]:
+    """``checkpoint.load``, else (with ``checkpoint.auto_resume``) ``checkpoint.save`` when it
+    already holds a complete checkpoint: a restarted or requeued job continues by itself."""
+    from megalign.checkpoint import LATEST
+
+    ckpt = cfg.checkpoint
+    if ckpt.load:
+        return ckpt.load
+    if ckpt.auto_resume and ckpt.save and os.path.isfile(os.path.join(ckpt.save, LATEST)):
+        return ckpt.save
+    return None
+
+
 def run(cfg: Config, tokenizer) -> list[dict]:
-    from megalign.checkpoint import describe, read_meta, resolve, save_weights
+    from megalign.checkpoint import CheckpointError, describe, read_meta, resolve, save_weights
+    from megalign.data.dataset import parse_blend
+    from megalign.data.indexed import DataFileGuard
+    from megalign.training import watchdog
     from megalign.training.metrics import MetricsLogger
     from megalign.training.signals import ExitOnSignal
 
     rank0 = int(os.environ.get("RANK", "0")) == 0
     logger = MetricsLogger(cfg.logging.run_dir, cfg.logging.tensorboard, enabled=rank0)
     stop = ExitOnSignal()
+    data_files = DataFileGuard(parse_blend(cfg.data.paths)[0])
+    cfg.checkpoint.load = latest_checkpoint_to_resume(cfg)
     if cfg.checkpoint.load and not cfg.model.init_checkpoint:
         # the teacher is the AR model the run started from, whatever layout resumes it
         cfg.model.init_checkpoint = read_meta(resolve(cfg.checkpoint.load)).get("ar_checkpoint")
@@ -349,12 +369,21 @@ def run(cfg: Config, tokenizer) -> list[dict]:
     if cfg.checkpoint.load:
         meta = trainer.resume(cfg.checkpoint.load)
         logger.info(f"> resumed from {cfg.checkpoint.load}: {describe(meta)}")
+    if trainer.iteration >= cfg.schedule.train_iters:
+        logger.info(f"> nothing to do: the checkpoint is at iteration {trainer.iteration} and "
+                    f"schedule.train_iters={cfg.schedule.train_iters}")
     data_iterator = trainer.data_iterator(trainer.consumed_samples)
+    # from here on (not during start-up, where rank 0 may build data indices in one long C++
+    # call that holds the GIL): start-up is bounded by the collective timeout instead
+    watchdog.start(dist.get_rank(), dist.get_world_size(), cfg.resilience.heartbeat_interval_s,
+                   cfg.resilience.failure_timeout_s)
     gbs, train_iters = cfg.data.global_batch_size, cfg.schedule.train_iters
 
     records = []
     while trainer.iteration < train_iters:
         iteration = trainer.iteration + 1
+        watchdog.progress(trainer.iteration)
+        data_files.verify()
         start = time.perf_counter()
         dump_now = iteration == 1 and cfg.debug.dump_first_batch is not None
         result = trainer.forward_backward(data_iterator, record_first=dump_now)
@@ -391,8 +420,13 @@ def run(cfg: Config, tokenizer) -> list[dict]:
         if cfg.checkpoint.save and (
             iteration == train_iters or signalled or (interval and iteration % interval == 0)
         ):
-            path = trainer.save()
-            logger.info(f"> saved checkpoint {path}")
+            try:
+                logger.info(f"> saved checkpoint {trainer.save()}")
+            except CheckpointError as err:
+                if cfg.checkpoint.on_save_failure == "stop" or iteration == train_iters:
+                    raise
+                logger.info(f"> WARNING: {err}; training continues "
+                            "(checkpoint.on_save_failure=continue)")
         if signalled:
             logger.info(f"> {stop.received or 'a signal on another rank'}: stopping after "
                         f"iteration {iteration}")
@@ -406,6 +440,9 @@ def main(argv=None) -> int:
     from megalign.checkpoint import CheckpointError
     from megalign.data.indexed import DataError
 
+    from megalign.training import watchdog
+
+    faulthandler.enable()  # a SIGBUS/SIGSEGV still says where
     args = parse_args(argv)
     launch = distributed.launch_env()
     try:
@@ -422,9 +459,26 @@ def main(argv=None) -> int:
     try:
         run(cfg, tokenizer)
     except (TrainingError, ConfigError, DataError, CheckpointError) as err:
-        print(f"megalign-train: error on rank {launch.rank}: {err}", file=sys.stderr)
+        print(f"megalign-train: error on rank {launch.rank}: {err}", file=sys.stderr, flush=True)
+        if watchdog.active() is not None:
+            watchdog.active().publish_failure(str(err))
+        return 1
+    except Exception as err:
+        dog = watchdog.active()
+        if not watchdog.is_communication_error(err):  # a bug: tell the others, keep the traceback
+            if dog is not None:
+                dog.publish_failure(f"{type(err).__name__}: {err}")
+            raise
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        print(f"megalign-train: error on rank {launch.rank}: a collective failed or timed out "
+              f"({first}); another rank died or stalled (collective timeout: "
+              f"resilience.collective_timeout_minutes={cfg.resilience.collective_timeout_minutes:g})",
+              file=sys.stderr, flush=True)
+        if dog is not None:
+            dog.await_verdict()  # names the failed rank and exits, within failure_timeout_s
         return 1
     finally:
+        watchdog.stop()
         distributed.shutdown()
     return 0
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -44,6 +46,41 @@ def run_python(args, timeout: int = 600, check: bool = True) -> subprocess.Compl
         pytest.fail(f"{args} failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
                     f"{result.stderr[-8000:]}")
     return result
+
+
+def launch(nproc, args, launcher=(), env=None, **kwargs) -> subprocess.Popen:
+    """Start torchrun (``launcher``: extra torchrun options) without waiting for it."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", *launcher, *args]
+    kwargs = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **kwargs}
+    return subprocess.Popen(cmd, cwd=REPO, env=env or run_env(), text=True,
+                            start_new_session=True, **kwargs)
+
+
+def finish(process, timeout=600):
+    out, err = process.communicate(timeout=timeout)
+    return process.returncode, out, err
+
+
+def kill_group(process):
+    """SIGKILL torchrun and every worker (the workers run in sessions of their own)."""
+    import psutil
+
+    parent = psutil.Process(process.pid)
+    for proc in [*parent.children(recursive=True), parent]:
+        try:
+            proc.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    process.communicate()
+
+
+def metrics(run_dir) -> dict:
+    """metrics.jsonl by iteration (the last record wins: a restarted run logs again)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return {}
+    return {r["iteration"]: r for r in map(json.loads, path.read_text().splitlines())}
 
 
 @pytest.fixture(scope="session")

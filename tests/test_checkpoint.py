@@ -5,49 +5,17 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import psutil
 import pytest
 
-from conftest import REPO, TINY_CONFIG, WORKERS, run_env, torchrun
+from conftest import TINY_CONFIG, WORKERS, finish, kill_group, launch, metrics, torchrun
 
 ITERS = 30
 TRAIN = ["-m", "megalign.train", "--config", str(TINY_CONFIG), f"schedule.train_iters={ITERS}",
          "schedule.warmup_iters=2", "data.global_batch_size=4", "logging.log_interval=1",
          "parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=2"]
-
-
-def launch(nproc, args, **kwargs):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={nproc}", *args]
-    return subprocess.Popen(cmd, cwd=REPO, env=run_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs)
-
-
-def finish(process, timeout=600):
-    out, err = process.communicate(timeout=timeout)
-    return process.returncode, out, err
-
-
-def kill_group(process):
-    """SIGKILL torchrun and every worker (the workers run in sessions of their own)."""
-    parent = psutil.Process(process.pid)
-    for proc in [*parent.children(recursive=True), parent]:
-        try:
-            proc.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    process.communicate()
-
-
-def metrics(run_dir):
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return {}
-    return {r["iteration"]: r for r in map(json.loads, path.read_text().splitlines())}
 
 
 @pytest.fixture(scope="module")

@@ -41,6 +41,10 @@ def test_bad_keys_and_types_name_the_key(override, message):
     (["parallel.virtual_pipeline_model_parallel_size=4"], 4, "virtual_pipeline_model_parallel_size=4"),
     (["parallel.virtual_pipeline_model_parallel_size=2", "data.global_batch_size=3",
       "data.micro_batch_size=1"], 4, "interleaved schedule needs"),
+    (["resilience.failure_timeout_s=2", "resilience.heartbeat_interval_s=1"], 4,
+     "resilience.failure_timeout_s=2"),
+    (["resilience.collective_timeout_minutes=0"], 4, "collective_timeout_minutes"),
+    (["checkpoint.on_save_failure=retry"], 4, "checkpoint.on_save_failure"),
 ])
 def test_impossible_combinations(overrides, world, key):
     cfg = load_config(str(TINY_CONFIG), overrides)

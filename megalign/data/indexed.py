@@ -108,3 +108,37 @@ def check_indexed_dataset(prefix: str) -> None:
             f"dataset file '{get_bin_path(prefix)}' is truncated ({actual} bytes, index expects "
             f"{expected}); rebuild it with megalign-preprocess"
         )
+
+
+class DataFileGuard:
+    """Notices a training file that vanishes or changes under a running job.
+
+    Why: the files are memory-mapped; a truncated ``.bin`` kills the process with SIGBUS at the
+    next read past its new end, and a deleted or replaced one silently keeps serving stale pages
+    to this run while a restart would see different data. Checked (two ``stat`` calls per file)
+    at the start of every iteration, before that iteration's reads.
+    """
+
+    def __init__(self, prefixes: list[str]):
+        self.paths = [p for prefix in prefixes for p in (get_idx_path(prefix), get_bin_path(prefix))]
+        self.identity = {path: self._identity(os.stat(path)) for path in self.paths}
+
+    @staticmethod
+    def _identity(stat: os.stat_result) -> tuple:
+        return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+    def verify(self) -> None:
+        for path, known in self.identity.items():
+            try:
+                now = self._identity(os.stat(path))
+            except FileNotFoundError:
+                raise DataError(
+                    f"dataset file '{path}' disappeared during training; restore it (the job "
+                    "resumes from its latest checkpoint when restarted)"
+                ) from None
+            if now != known:
+                raise DataError(
+                    f"dataset file '{path}' changed during training (size {known[2]} -> "
+                    f"{now[2]} bytes, or replaced); restore the original file, or rebuild the "
+                    "data and start a new run: a resumed run must read the same samples"
+                )

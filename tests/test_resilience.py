@@ -1,0 +1,242 @@
+"""Fault injection: dead and stalled ranks end the job within the bound, torchrun restarts resume
+exactly, failed saves keep the previous checkpoint, data files that change are named, and
+crafted pickles are refused."""
+
+import contextlib
+import os
+import pickle
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from conftest import REPO, TINY_CONFIG, finish, launch, metrics, run_env, run_python
+
+pytestmark = pytest.mark.slow
+
+HEARTBEAT, FAILURE_TIMEOUT = 1, 6
+BOUND = FAILURE_TIMEOUT + 2 * HEARTBEAT  # documented worst case of the watchdog
+SLACK = 10  # process exit and a loaded 2-core machine
+TRAIN = ["-m", "megalign.train", "--config", str(TINY_CONFIG), "schedule.warmup_iters=2",
+         "data.global_batch_size=4", "logging.log_interval=1",
+         "parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=2",
+         f"resilience.heartbeat_interval_s={HEARTBEAT}",
+         f"resilience.failure_timeout_s={FAILURE_TIMEOUT}"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def tagged_env(tmp_path):
+    """The environment for this test's jobs, tagged so that every process they leave behind is
+    killed afterwards: a SIGKILLed rank's checkpoint-writer manager process outlives it."""
+    env = dict(run_env(), MEGALIGN_TEST_TAG=str(tmp_path))
+    yield env
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if process.environ().get("MEGALIGN_TEST_TAG") == str(tmp_path):
+                process.kill()
+
+
+def start_ranks(tmp_path, env: dict, world: int, args: list) -> list:
+    """One process per rank with no launcher around them (as srun starts them): each rank's
+    exit code and stderr are its own."""
+    port, processes = free_port(), []
+    for rank in range(world):
+        env = dict(env, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        with open(tmp_path / f"rank{rank}.err", "w") as err:
+            processes.append(subprocess.Popen([sys.executable, *args], cwd=REPO, env=env,
+                                              stdout=subprocess.DEVNULL, stderr=err))
+    return processes
+
+
+def wait_for_iteration(run_dir, iteration: int, processes) -> None:
+    deadline = time.time() + 300
+    while iteration not in metrics(run_dir):
+        assert time.time() < deadline, "training did not start"
+        assert all(p.poll() is None for p in processes), "a rank exited before the fault"
+        time.sleep(0.02)
+
+
+def seconds_until_exit(processes, limit: float) -> float:
+    start = time.monotonic()
+    for process in processes:
+        try:
+            process.wait(timeout=max(limit - (time.monotonic() - start), 0.1))
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"ranks still running {limit:.0f} s after the fault")
+    return time.monotonic() - start
+
+
+@pytest.mark.parametrize("victim, fault", [(1, signal.SIGKILL), (0, signal.SIGKILL),
+                                           (1, signal.SIGSTOP)])
+def test_a_dead_or_stalled_rank_ends_every_rank_within_the_bound(tmp_path, tagged_env,
+                                                                 data_overrides, victim, fault):
+    run = tmp_path / "run"
+    processes = start_ranks(tmp_path, tagged_env, 2, [*TRAIN, *data_overrides, f"logging.run_dir={run}",
+                                          "schedule.train_iters=100000"])
+    try:
+        wait_for_iteration(run, 3, processes)
+        processes[victim].send_signal(fault)
+        survivor = 1 - victim
+        elapsed = seconds_until_exit([processes[survivor]], BOUND + SLACK)
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
+    err = (tmp_path / f"rank{survivor}.err").read_text()
+    print(f"victim rank {victim}, {signal.Signals(fault).name}: survivor exited after "
+          f"{elapsed:.1f} s (bound {BOUND} s)")
+    assert processes[survivor].returncode != 0
+    assert f"megalign-train: error on rank {survivor}:" in err, err[-3000:]
+    if victim == 0:  # rank 0's process hosted the rendezvous store
+        assert "lost contact with the rendezvous store" in err, err[-3000:]
+    else:
+        assert f"rank {victim} stopped responding" in err, err[-3000:]
+        assert "Traceback" not in err, err[-3000:]
+
+
+def test_torchrun_restart_resumes_from_latest_and_matches_an_uninterrupted_run(
+        tmp_path, tagged_env, data_overrides):
+    common = [*TRAIN, *data_overrides, "schedule.train_iters=40", "checkpoint.save_interval=5"]
+    full = tmp_path / "full"
+    code, _, err = finish(launch(2, [*common, f"logging.run_dir={full}",
+                                     f"checkpoint.save={full}/ckpt"]))
+    assert code == 0, err[-3000:]
+    run, log = tmp_path / "restarted", tmp_path / "restarted.log"
+    # output to a file: the killed rank's orphaned helper would hold a pipe open
+    with open(log, "w") as output:
+        process = launch(2, [*common, f"logging.run_dir={run}", f"checkpoint.save={run}/ckpt"],
+                         launcher=["--max-restarts=1"], stdout=output, stderr=subprocess.STDOUT,
+                         env=dict(tagged_env, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1"))
+    wait_for_iteration(run, 12, [process])
+    # torchrun's own children only: a worker's checkpoint helpers carry its environment too
+    rank1 = next(p for p in psutil.Process(process.pid).children()
+                 if p.environ().get("RANK") == "1")
+    rank1.kill()
+    assert process.wait(timeout=600) == 0, log.read_text()[-3000:]
+    out = log.read_text()
+    assert out.count("> resumed from") == 1, out[-3000:]  # found 'latest' by itself
+    expected, got = metrics(full), metrics(run)
+    assert sorted(got) == list(range(1, 41))
+    for iteration in range(1, 41):
+        for key in ("loss", "diffusion_loss", "align_loss", "lr"):
+            assert got[iteration][key] == expected[iteration][key], (iteration, key)
+
+
+@contextlib.contextmanager
+def small_filesystem(path, megabytes: int, read_only: bool = False):
+    """A tmpfs of the given size: a disk that fills up (or refuses writes) for real."""
+    path.mkdir()
+    options = f"size={megabytes}m" + (",ro" if read_only else "")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.mark.parametrize("policy", ["stop", "continue"])
+def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, data_overrides, policy):
+    # one checkpoint of this model (weights + Adam moments) is ~5.6 MB: the second one won't fit
+    with small_filesystem(tmp_path / "disk", 10) as disk:
+        run, root = tmp_path / "run", disk / "ckpt"
+        code, out, err = finish(launch(2, [*TRAIN, *data_overrides, f"logging.run_dir={run}",
+                                           "align.weight=0", "schedule.train_iters=6",
+                                           f"checkpoint.save={root}", "checkpoint.save_interval=2",
+                                           f"checkpoint.on_save_failure={policy}"]))
+        assert code != 0
+        assert f"could not write checkpoint '{root}/iter_0000004'" in err or (
+            policy == "continue" and f"could not write checkpoint '{root}/iter_0000006'" in err
+        ), err[-3000:]
+        assert "previous checkpoint and 'latest' are unchanged" in err
+        assert (root / "latest").read_text().strip() == "iter_0000002"
+        assert sorted(os.listdir(root)) == ["iter_0000002", "latest"]  # no partial directory
+        assert max(metrics(run)) == (4 if policy == "stop" else 6)
+        if policy == "continue":
+            assert "training continues (checkpoint.on_save_failure=continue)" in out
+        resumed = run_python([*TRAIN, *data_overrides, "align.weight=0",
+                              "parallel.pipeline_model_parallel_size=1", "schedule.train_iters=3",
+                              f"logging.run_dir={tmp_path}/resumed", f"checkpoint.load={root}"])
+        assert "resumed from" in resumed.stdout
+
+
+def test_a_read_only_checkpoint_directory_is_a_clear_error(tmp_path, data_overrides):
+    with small_filesystem(tmp_path / "ro", 1, read_only=True) as disk:
+        result = run_python([*TRAIN, *data_overrides, "align.weight=0", "schedule.train_iters=3",
+                             "parallel.pipeline_model_parallel_size=1",
+                             f"logging.run_dir={tmp_path}/run", f"checkpoint.save={disk}/ckpt"],
+                            check=False)
+    assert result.returncode == 1
+    assert "could not write checkpoint" in result.stderr and "Read-only file system" in \
+        result.stderr, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate"])
+def test_a_data_file_that_changes_mid_run_is_named(tmp_path, tagged_env, corpus_prefix,
+                                                   data_overrides, damage):
+    prefix = tmp_path / "data" / "kjv"
+    prefix.parent.mkdir()
+    for suffix in (".bin", ".idx"):
+        shutil.copy(corpus_prefix + suffix, str(prefix) + suffix)
+    overrides = [o for o in data_overrides if not o.startswith("data.paths")]
+    run = tmp_path / "run"
+    processes = start_ranks(tmp_path, tagged_env, 1, [*TRAIN, *overrides, f"data.paths=[{prefix}]",
+                                          "parallel.pipeline_model_parallel_size=1",
+                                          f"logging.run_dir={run}", "schedule.train_iters=100000"])
+    bin_file = tmp_path / "data" / "kjv.bin"
+    try:
+        wait_for_iteration(run, 3, processes)
+        if damage == "delete":
+            bin_file.unlink()
+        else:  # by one byte: the mapped pages stay readable, only the guard can notice
+            os.truncate(bin_file, bin_file.stat().st_size - 1)
+        seconds_until_exit(processes, 60)
+    finally:
+        processes[0].kill()
+        processes[0].wait()
+    err = (tmp_path / "rank0.err").read_text()
+    assert processes[0].returncode == 1
+    expected = "disappeared during training" if damage == "delete" else "changed during training"
+    assert f"dataset file '{bin_file}' {expected}" in err, err[-3000:]
+
+
+class _RunsCode:
+    """What an attacker pickles: unpickling it calls os.system."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("part", [".metadata", "common.pt"])
+def test_a_checkpoint_crafted_to_run_code_is_refused(tmp_path, ar_checkpoint, part):
+    from megalign.checkpoint import CheckpointError, resolve
+
+    crafted, marker = tmp_path / "crafted", tmp_path / "pwned"
+    shutil.copytree(ar_checkpoint, crafted)
+    (crafted / part).write_bytes(pickle.dumps(_RunsCode(marker)))
+    with pytest.raises(CheckpointError, match="refusing to load checkpoint"):
+        resolve(str(crafted))
+    result = run_python(["-m", "megalign.generate", "--checkpoint", crafted, "--prompt", "In"],
+                        check=False)
+    assert result.returncode != 0 and "refusing to load checkpoint" in result.stderr, \
+        result.stderr[-3000:]
+    assert not marker.exists()
+    resolve(ar_checkpoint)  # the genuine checkpoint passes the same check
