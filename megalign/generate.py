@@ -142,7 +142,7 @@ def main(argv=None) -> int:
     from megalign.checkpoint import CheckpointError
     from megalign.config import ConfigError
     from megalign.diffusion.sampler import CONFIDENCES, RULES, SamplerConfig, sample
-    from megalign.model.inference import forward_logits
+    from megalign.model.inference import sampler_logits
 
     parser = argparse.ArgumentParser(prog="megalign-generate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -179,13 +179,8 @@ def main(argv=None) -> int:
                                 None if args.no_eos_stop else tokenizer.eod, args.seed)
         sampler.check()
         chunks = load_student(opened)
-
-        def logits_fn(tokens, attention_mask):
-            positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
-            return forward_logits(chunks, tokens, positions, attention_mask)
-
-        outputs = sample(logits_fn, encoded, opened.mask_id, tokenizer.pad, tokenizer.vocab_size,
-                         cfg.diffusion.shift, sampler)
+        outputs = sample(sampler_logits(chunks), encoded, opened.mask_id, tokenizer.pad,
+                         tokenizer.vocab_size, cfg.diffusion.shift, sampler)
         records = [{"prompt": p, "completion": tokenizer.decode(until_eos(o, sampler.eos_id))}
                    for p, o in zip(prompts, outputs)]
         if args.ar:

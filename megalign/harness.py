@@ -42,6 +42,7 @@ from lm_eval.api.registry import register_model
 
 from megalign.diffusion.sampler import SamplerConfig, sample
 from megalign.generate import load_student, open_checkpoint, until_eos
+from megalign.model.inference import forward_logits, sampler_logits
 
 
 @register_model("megalign")
@@ -77,8 +78,6 @@ class MegalignLM(TemplateLM):
 
     def logits(self, tokens: torch.Tensor, attention_mask) -> torch.Tensor:
         """[b, s, tokenizer vocabulary] logits of the student (positions 0..s-1)."""
-        from megalign.model.inference import forward_logits
-
         positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
         return forward_logits(self.chunks, tokens, positions, attention_mask)[..., :self.tokenizer.vocab_size]
 
@@ -127,7 +126,7 @@ class MegalignLM(TemplateLM):
             context, gen_kwargs = request.args
             sampler, until = self._sampler(gen_kwargs)
             prompt = self.tok_encode(context)[-(self.cfg.model.seq_length - sampler.gen_length):]
-            ids = sample(self.logits, [prompt], self.opened.mask_id,
+            ids = sample(sampler_logits(self.chunks), [prompt], self.opened.mask_id,
                          self.tokenizer.pad, self.tokenizer.vocab_size, self.cfg.diffusion.shift,
                          sampler)[0]
             text = cut_at_stop(self.tok_decode(until_eos(ids, self.tokenizer.eod)), until)
