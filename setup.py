@@ -20,7 +20,8 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        "test": ["pytest>=7", "transformers", "tokenizers"],
+        "test": ["pytest>=7", "transformers", "tokenizers", "lm_eval==0.4.13"],
+        "eval": ["lm_eval==0.4.13"],  # megalign-harness (lm-evaluation-harness adapter)
         "hf": ["transformers", "tokenizers", "gguf", "accelerate"],
         "gpu": ["transformer-engine[pytorch]"],  # apex: optional, from the NGC container
     },
@@ -32,6 +33,7 @@ setup(
             "megalign-convert=megalign.convert.cli:main",
             "megalign-generate=megalign.generate:main",
             "megalign-eval=megalign.evaluate:main",
+            "megalign-harness=megalign.harness:main",
         ]
     },
 )

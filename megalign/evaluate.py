@@ -23,10 +23,20 @@ import torch
 import torch.nn.functional as F
 
 
+def inv_t_loss(logits_fn, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum over supervised positions of CE/t, positions) of one noised ``DiffusionBatch``: the
+    training loss with ``diffusion.loss_weighting=inv_t``, from full-vocabulary logits."""
+    from megalign.diffusion.objective import loss_terms
+
+    logits = logits_fn(batch.input_tokens, batch.position_ids, batch.student_mask)
+    ce = F.cross_entropy(logits.transpose(1, 2), batch.labels, reduction="none")
+    return loss_terms(ce, batch, "inv_t")
+
+
 def diffusion_nelbo(logits_fn, batches, cfg, mask_id, eod, pad, grid: int) -> tuple[float, int]:
     """(NELBO per position, positions) over ``batches`` of raw dataset items."""
     from megalign.diffusion.masking import masks_at
-    from megalign.diffusion.objective import loss_terms, make_batch
+    from megalign.diffusion.objective import make_batch
 
     total, positions = 0.0, 0
     for raw in batches:
@@ -37,9 +47,7 @@ def diffusion_nelbo(logits_fn, batches, cfg, mask_id, eod, pad, grid: int) -> tu
             batch = make_batch(raw["tokens"], raw["position_ids"], raw["sample_index"],
                                cfg.diffusion, cfg.seed, mask_id, eod, pad,
                                cfg.model.document_attention, noise=noise)
-            logits = logits_fn(batch.input_tokens, batch.position_ids, batch.student_mask)
-            ce = F.cross_entropy(logits.transpose(1, 2), batch.labels, reduction="none")
-            loss_sum, count = loss_terms(ce, batch, "inv_t")
+            loss_sum, count = inv_t_loss(logits_fn, batch)
             total += float(loss_sum) / grid
             positions += int(count) if k == 0 else 0
     return total / max(positions, 1), positions
@@ -83,13 +91,10 @@ def ar_nll(logits_fn, batches) -> tuple[float, int]:
 
 def main(argv=None) -> int:
     from megalign import distributed
-    from megalign.checkpoint import CheckpointError, load_checkpoint, resolve
+    from megalign.checkpoint import CheckpointError
     from megalign.data.dataset import build_datasets, micro_batches
-    from megalign.data.tokenizer import build_tokenizer
-    from megalign.generate import load_ar_model, load_config_from_checkpoint
-    from megalign.model.gpt import build_chunks
+    from megalign.generate import load_ar_model, load_student, open_checkpoint
     from megalign.model.inference import forward_logits
-    from megalign.config import mask_token_id, padded_vocab_size
 
     parser = argparse.ArgumentParser(prog="megalign-eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -106,14 +111,9 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. parallel.*=N")
     args = parser.parse_args(argv)
     try:
-        path = resolve(args.checkpoint)
-        cfg, meta = load_config_from_checkpoint(path, args.overrides)
-        tokenizer = build_tokenizer(cfg.data.tokenizer)
-        vocab = padded_vocab_size(cfg, tokenizer.vocab_size, tokenizer.mask)
-        mask = mask_token_id(cfg, tokenizer.vocab_size, tokenizer.mask)
-        launch = distributed.launch_env()
-        distributed.initialize(launch, cfg.parallel.tensor_model_parallel_size,
-                               cfg.parallel.pipeline_model_parallel_size, cfg.seed)
+        opened = open_checkpoint(args.checkpoint, args.overrides)
+        path, cfg, tokenizer, mask = opened.path, opened.cfg, opened.tokenizer, opened.mask_id
+        student = load_student(opened)
         _, valid, _ = build_datasets(args.data or cfg.data.paths, tokenizer, cfg.model.seq_length,
                                      cfg.data.split, cfg.seed, [0, args.samples, 0],
                                      f"{path}.eval_cache", cfg.model.document_attention)
@@ -128,8 +128,6 @@ def main(argv=None) -> int:
                 return forward_logits(chunks, tokens, positions, attention_mask)[..., :tokenizer.vocab_size]
             return logits_fn
 
-        student = build_chunks(cfg, vocab, causal=False, params_dtype=torch.float32)
-        load_checkpoint(path, student)
         nelbo, positions = diffusion_nelbo(model_fn(student), batches, cfg, mask,
                                            tokenizer.eod, tokenizer.pad, args.t_grid)
         result = {"checkpoint": path, "samples": len(batches) * args.batch_size,
@@ -142,9 +140,9 @@ def main(argv=None) -> int:
             result.update(infill_span=args.infill_span, infill_exact_match=exact,
                           infill_token_accuracy=accuracy)
         if args.ar:
-            nll, _ = ar_nll(model_fn(load_ar_model(cfg, meta, path, vocab)), batches)
+            nll, _ = ar_nll(model_fn(load_ar_model(cfg, opened.meta, path, opened.vocab)), batches)
             result.update(ar_nll_per_token=nll, ar_perplexity=math.exp(min(nll, 700)))
-        if launch.rank == 0:
+        if distributed.launch_env().rank == 0:
             line = json.dumps(result)
             print(line, flush=True)
             if args.output:

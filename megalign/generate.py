@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 
 import torch
 
@@ -58,6 +59,52 @@ def load_config_from_checkpoint(path: str, overrides: list[str]):
     return config_from_dict(tree), meta
 
 
+@dataclass
+class Opened:
+    """A checkpoint's config and tokenizer, before any process group or weights exist."""
+
+    path: str
+    cfg: object
+    meta: dict
+    tokenizer: object
+    vocab: int  # padded vocabulary rows of the model
+    mask_id: int
+
+
+def open_checkpoint(checkpoint: str, overrides: list[str]) -> Opened:
+    """Resolve ``checkpoint`` and read what inference needs; fails early without a mask token."""
+    from megalign.checkpoint import resolve
+    from megalign.config import ConfigError, mask_token_id, padded_vocab_size
+    from megalign.data.tokenizer import build_tokenizer
+
+    path = resolve(checkpoint)
+    cfg, meta = load_config_from_checkpoint(path, overrides)
+    tokenizer = build_tokenizer(cfg.data.tokenizer)
+    vocab = padded_vocab_size(cfg, tokenizer.vocab_size, tokenizer.mask)
+    mask = mask_token_id(cfg, tokenizer.vocab_size, tokenizer.mask)
+    if mask >= vocab:
+        raise ConfigError(f"the model has no mask token (id {mask} >= vocabulary {vocab})")
+    return Opened(path, cfg, meta, tokenizer, vocab, mask)
+
+
+def load_student(opened: Opened) -> list:
+    """The bidirectional student's chunks, resharded into the launch layout (``parallel.*`` of the
+    config; one process: TP=1, PP=1); starts the process groups unless they exist."""
+    from megatron.core import parallel_state
+
+    from megalign import distributed
+    from megalign.checkpoint import load_checkpoint
+    from megalign.model.gpt import build_chunks
+
+    cfg = opened.cfg
+    if not parallel_state.model_parallel_is_initialized():
+        distributed.initialize(distributed.launch_env(), cfg.parallel.tensor_model_parallel_size,
+                               cfg.parallel.pipeline_model_parallel_size, cfg.seed)
+    chunks = build_chunks(cfg, opened.vocab, causal=False, params_dtype=torch.float32)
+    load_checkpoint(opened.path, chunks)
+    return chunks
+
+
 def load_ar_model(cfg, meta: dict, path: str, vocab: int) -> list:
     """The causal AR model a run started from (``meta['ar_checkpoint']``), for --ar."""
     from megalign.checkpoint import CheckpointError, load_checkpoint
@@ -92,12 +139,10 @@ def ar_decode(chunks, prompt: list[int], length: int, vocab: int, temperature: f
 
 def main(argv=None) -> int:
     from megalign import distributed
-    from megalign.checkpoint import CheckpointError, load_checkpoint, resolve
-    from megalign.config import ConfigError, mask_token_id, padded_vocab_size
-    from megalign.data.tokenizer import build_tokenizer
+    from megalign.checkpoint import CheckpointError
+    from megalign.config import ConfigError
     from megalign.diffusion.sampler import CONFIDENCES, RULES, SamplerConfig, sample
-    from megalign.model.gpt import build_chunks
-    from megalign.model.inference import forward_logits
+    from megalign.model.inference import sampler_logits
 
     parser = argparse.ArgumentParser(prog="megalign-generate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -120,13 +165,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         prompts = read_prompts(args)
-        path = resolve(args.checkpoint)
-        cfg, meta = load_config_from_checkpoint(path, args.overrides)
-        tokenizer = build_tokenizer(cfg.data.tokenizer)
-        vocab = padded_vocab_size(cfg, tokenizer.vocab_size, tokenizer.mask)
-        mask = mask_token_id(cfg, tokenizer.vocab_size, tokenizer.mask)
-        if mask >= vocab:
-            raise ConfigError(f"the model has no mask token (id {mask} >= vocabulary {vocab})")
+        opened = open_checkpoint(args.checkpoint, args.overrides)
+        cfg, tokenizer = opened.cfg, opened.tokenizer
         encoded = [tokenizer.encode(p) for p in prompts]
         longest = max(len(ids) for ids in encoded)
         if longest + args.gen_length > cfg.model.seq_length:
@@ -138,27 +178,18 @@ def main(argv=None) -> int:
                                 args.top_k, args.top_p, args.confidence, args.unmasking,
                                 None if args.no_eos_stop else tokenizer.eod, args.seed)
         sampler.check()
-        launch = distributed.launch_env()
-        distributed.initialize(launch, cfg.parallel.tensor_model_parallel_size,
-                               cfg.parallel.pipeline_model_parallel_size, cfg.seed)
-        chunks = build_chunks(cfg, vocab, causal=False, params_dtype=torch.float32)
-        load_checkpoint(path, chunks)
-
-        def logits_fn(tokens, attention_mask):
-            positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
-            return forward_logits(chunks, tokens, positions, attention_mask)
-
-        outputs = sample(logits_fn, encoded, mask, tokenizer.pad, tokenizer.vocab_size,
-                         cfg.diffusion.shift, sampler)
-        records = [{"prompt": p, "completion": tokenizer.decode(_until_eos(o, sampler.eos_id))}
+        chunks = load_student(opened)
+        outputs = sample(sampler_logits(chunks), encoded, opened.mask_id, tokenizer.pad,
+                         tokenizer.vocab_size, cfg.diffusion.shift, sampler)
+        records = [{"prompt": p, "completion": tokenizer.decode(until_eos(o, sampler.eos_id))}
                    for p, o in zip(prompts, outputs)]
         if args.ar:
-            causal = load_ar_model(cfg, meta, path, vocab)
+            causal = load_ar_model(cfg, opened.meta, opened.path, opened.vocab)
             for record, ids in zip(records, encoded):
                 ar = ar_decode(causal, ids, args.gen_length, tokenizer.vocab_size,
                                args.temperature, args.seed)
-                record["ar_completion"] = tokenizer.decode(_until_eos(ar, sampler.eos_id))
-        if launch.rank == 0:
+                record["ar_completion"] = tokenizer.decode(until_eos(ar, sampler.eos_id))
+        if distributed.launch_env().rank == 0:
             lines = "".join(json.dumps(r) + "\n" for r in records)
             if args.output:
                 with open(args.output, "w", encoding="utf-8") as handle:
@@ -174,7 +205,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def _until_eos(ids: list[int], eos_id) -> list[int]:
+def until_eos(ids: list[int], eos_id) -> list[int]:
     return ids[: ids.index(eos_id)] if eos_id is not None and eos_id in ids else ids
 
 

@@ -144,3 +144,16 @@ def test_infilling_restores_a_span_with_an_oracle_and_keeps_the_context():
     first = seen[0]
     assert (first[:, 6:10] == MASK).all()  # the middle span is masked...
     assert torch.equal(first[:, :6], tokens[:, :6]) and torch.equal(first[:, 10:], tokens[:, 10:16])
+
+
+def test_vocab_parallel_shards_sample_like_the_full_vocabulary(tmp_path):
+    """TP2 shards (only per-position scalars and top-k candidates exchanged) and a pipeline
+    stage without logits decode exactly what one rank with the whole vocabulary decodes."""
+    import json
+
+    from conftest import WORKERS, torchrun
+
+    out = tmp_path / "report.json"
+    torchrun(2, WORKERS / "sampler_shards.py", ["--out", out], timeout=300)
+    report = json.loads(out.read_text())
+    assert report["cases"] == 108 and report["mismatches"] == []

@@ -18,9 +18,25 @@ Block-wise (semi-autoregressive) decoding splits the ``gen_length`` positions in
 ``block_length`` decoded left to right with ``steps / blocks`` steps each; only the current block
 is ever unmasked. With ``eos_id`` a sample stops once an EOS is decoded with nothing masked before
 it (later positions become EOS). Prompts of different lengths are left-padded and the padding is
-kept out of attention. Randomness comes from one generator seeded by ``seed``; every rank computes
-the same tokens (the logits are broadcast over the pipeline), so any TP/PP layout gives the same
-output.
+kept out of attention. Randomness comes from one generator seeded by ``seed`` (sampling at
+temperature > 0 is ``argmax(p / E)`` with ``E ~ Exp(1)`` per vocabulary entry, which is what
+``torch.multinomial`` draws for one sample); every rank draws the same numbers and ends with the
+same tokens, so any TP/PP layout gives the same output.
+
+Vocab-parallel logits are not gathered. ``logits_fn`` may return a ``VocabShard`` (this rank's
+slice of the vocabulary on the last pipeline stage, ``megalign.model.inference.sampler_logits``);
+only per-position scalars then cross the tensor-parallel group: the row maximum, the sum of
+``exp`` (softmax normaliser), the arg-max (value, then lowest index), the chosen token's
+probability, the entropy sum, the local top-2 probabilities for ``margin``, and for ``top_k`` the
+local top-k values (k per rank) to find the k-th largest. These are exact: the same formulas as on
+one rank, up to the order of floating-point sums (tested against one rank on identical logits for
+every temperature / top-k / top-p / confidence / rule combination). Only ``top_p`` without
+``top_k`` needs the whole sorted distribution, so it all-gathers the rows being decoded
+([block positions, vocab], never [b, s, vocab]); with ``top_k`` it sorts just the gathered top-k
+candidates (values and ids). The last stage then broadcasts each position's token and
+confidences (3 numbers) over the pipeline. A real model's logits still differ in their last bits
+between layouts (TP all-reduces), so a decision resting on a float near-tie can differ: e.g.
+``entropy`` confidence on a barely trained model, whose entropies all sit near log(vocab).
 """
 
 from __future__ import annotations
@@ -29,6 +45,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
 
 CONFIDENCES = ("prob", "margin", "entropy")
 RULES = ("confidence", "origin", "p2")
@@ -60,41 +77,121 @@ class SamplerConfig:
             raise ValueError(f"steps ({self.steps}) must be a multiple of the {blocks} blocks")
 
 
-def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    if top_k:
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) > top_p  # keep the smallest set >= top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return logits
+@dataclass
+class VocabShard:
+    """Logits of vocabulary entries ``[offset, offset + width)`` held by this rank.
+
+    ``tp_group``: the ranks holding the other entries (None: this rank has them all). ``logits``
+    is None on pipeline stages without the output layer; they receive each position's results
+    from global rank ``pp_src`` over ``pp_group``."""
+
+    logits: Optional[torch.Tensor]  # [b, s, width]
+    offset: int = 0
+    tp_group: Optional[object] = None
+    pp_group: Optional[object] = None
+    pp_src: int = 0
+    device: torch.device = torch.device("cpu")
 
 
-def _probabilities(logits: torch.Tensor, cfg: SamplerConfig) -> torch.Tensor:
-    """Tempered, top-k / top-p filtered distribution over the vocabulary."""
-    tempered = logits / cfg.temperature if cfg.temperature > 0 else logits
-    return _filter(tempered, cfg.top_k, cfg.top_p).softmax(-1)
+def _reduce(x: torch.Tensor, op, group) -> torch.Tensor:
+    if group is not None:
+        dist.all_reduce(x, op=op, group=group)
+    return x
 
 
-def _predict(logits: torch.Tensor, cfg: SamplerConfig, generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokens and confidences for rows of logits [n, vocab]."""
-    probs = _probabilities(logits, cfg)
-    if cfg.temperature > 0:
-        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    else:
-        tokens = probs.argmax(-1)
-    return tokens, confidence_of(probs, tokens, cfg.confidence)
+def _gather(x: torch.Tensor, group) -> torch.Tensor:
+    """[n, k] per rank -> [n, k * ranks] (rank order)."""
+    if group is None:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=-1)
 
 
-def confidence_of(probs: torch.Tensor, tokens: torch.Tensor, kind: str) -> torch.Tensor:
-    if kind == "prob":
-        return probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    if kind == "margin":
-        top2 = probs.topk(2, dim=-1).values
-        return top2[..., 0] - top2[..., 1]
-    return (probs * probs.clamp_min(1e-12).log()).sum(-1)  # negative entropy
+def _argmax(values: torch.Tensor, offset: int, group) -> torch.Tensor:
+    """Global index of each row's maximum; the lowest index on ties, as ``torch.argmax``."""
+    local = values.argmax(-1)
+    best = values.gather(-1, local.unsqueeze(-1)).squeeze(-1)
+    top = _reduce(best.clone(), dist.ReduceOp.MAX, group)
+    none = torch.full_like(local, torch.iinfo(local.dtype).max)
+    index = torch.where(best == top, local + offset, none)
+    return _reduce(index, dist.ReduceOp.MIN, group)
+
+
+def _at(values: torch.Tensor, ids: torch.Tensor, offset: int, group) -> torch.Tensor:
+    """``values[row, ids[row]]`` for global ids (the owning rank contributes, the others 0)."""
+    local = ids - offset
+    owned = (local >= 0) & (local < values.shape[-1])
+    picked = values.gather(-1, local.clamp(0, values.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)
+    return _reduce(torch.where(owned, picked, torch.zeros_like(picked)), dist.ReduceOp.SUM, group)
+
+
+def _filtered(x: torch.Tensor, ids: torch.Tensor, cfg: "SamplerConfig", group) -> torch.Tensor:
+    """Tempered logits [n, width] with top-k / top-p filtered entries at -inf."""
+    x = x / cfg.temperature if cfg.temperature > 0 else x
+    if not cfg.top_k and cfg.top_p >= 1.0:
+        return x
+    width = x.shape[-1]
+    # candidates: each rank's top-k (top-p alone: every entry, i.e. the rows are gathered); an
+    # entry tied with the k-th value beyond a rank's own k is kept by top-k but not a candidate
+    values, local = x.topk(min(cfg.top_k, width) if cfg.top_k else width, dim=-1)
+    values, candidates = _gather(values, group), _gather(ids[local], group)
+    if cfg.top_k:
+        kth = values.topk(min(cfg.top_k, values.shape[-1]), dim=-1).values[..., -1:]
+        x = x.masked_fill(x < kth, float("-inf"))
+        values = values.masked_fill(values < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        # sorted by value, ties by id, so the kept set does not depend on the layout
+        by_id = candidates.argsort(-1)
+        values, candidates = values.gather(-1, by_id), candidates.gather(-1, by_id)
+        order = values.argsort(dim=-1, descending=True, stable=True)
+        probs = values.gather(-1, order).softmax(-1)
+        keep = probs.cumsum(-1) - probs <= cfg.top_p  # the smallest set reaching top_p
+        kept = candidates.gather(-1, order) - int(ids[0])
+        kept = torch.where(keep & (kept >= 0) & (kept < width), kept, torch.full_like(kept, width))
+        mask = torch.zeros(x.shape[0], width + 1, dtype=torch.bool, device=x.device)
+        x = x.masked_fill(~mask.scatter_(-1, kept, True)[:, :width], float("-inf"))
+    return x
+
+
+def _predict(shard: VocabShard, rows: slice, current: torch.Tensor, cfg: "SamplerConfig",
+             generator, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per position of ``current`` [b, block]: the predicted token, its confidence, and the
+    confidence of the current token (what p2 compares), all [b, block] on the CPU."""
+    n = current.numel()
+    noise = (torch.empty(n, vocab_size).exponential_(1, generator=generator)
+             if cfg.temperature > 0 else None)  # drawn on every rank: the generator stays in step
+    results = torch.zeros(3, n, dtype=torch.float64, device=shard.device)
+    if shard.logits is not None:
+        x = shard.logits[:, rows].float().reshape(n, -1)
+        width, group, offset = x.shape[-1], shard.tp_group, shard.offset
+        ids = torch.arange(offset, offset + width, device=x.device)
+        x = _filtered(x.masked_fill(ids >= vocab_size, float("-inf")), ids, cfg, group)
+        top = _reduce(x.max(-1).values, dist.ReduceOp.MAX, group)
+        weights = (x - top.unsqueeze(-1)).exp()
+        probs = weights / _reduce(weights.sum(-1), dist.ReduceOp.SUM, group).unsqueeze(-1)
+        if noise is not None:
+            draws = torch.ones(n, width)
+            draws[:, : max(0, min(width, vocab_size - offset))] = noise[:, offset : offset + width]
+            tokens = _argmax(probs / draws.to(x.device), offset, group)
+        else:
+            tokens = _argmax(probs, offset, group)
+        if cfg.confidence == "prob":
+            confidence = kept = _at(probs, tokens, offset, group)
+            if cfg.unmasking == "p2":
+                held = current.reshape(-1).to(x.device).clamp(max=vocab_size - 1)
+                kept = _at(probs, held, offset, group)
+        elif cfg.confidence == "margin":
+            top2 = _gather(probs.topk(min(2, width), dim=-1).values, group).topk(2, dim=-1).values
+            confidence = kept = top2[:, 0] - top2[:, 1]
+        else:  # negative entropy
+            confidence = kept = _reduce((probs * probs.clamp_min(1e-12).log()).sum(-1),
+                                        dist.ReduceOp.SUM, group)
+        results = torch.stack([tokens.double(), confidence.double(), kept.double()])
+    if shard.pp_group is not None:
+        dist.broadcast(results, src=shard.pp_src, group=shard.pp_group)
+    results = results.cpu().view(3, *current.shape)
+    return results[0].long(), results[1].float(), results[2].float()
 
 
 def prepare(prompts: list[list[int]], cfg: SamplerConfig, mask_id: int, pad_id: int):
@@ -124,7 +221,8 @@ def sample(
     cfg: SamplerConfig,
     trace: Optional[list] = None,
 ) -> list[list[int]]:
-    """Generated ids per prompt. ``logits_fn(tokens, attention_mask)`` -> [b, s, >=vocab]."""
+    """Generated ids per prompt. ``logits_fn(tokens, attention_mask)`` -> [b, s, >=vocab] logits
+    or this rank's ``VocabShard``."""
     cfg.check()
     if shift and min(len(p) for p in prompts) == 0:
         raise ValueError("with the AR shift every prompt needs at least one token")
@@ -148,19 +246,18 @@ def denoise(logits_fn, tokens: torch.Tensor, attention_mask, start: int, length:
         for step in range(steps_per_block):
             if done.all():
                 break
-            logits = logits_fn(tokens, attention_mask)[..., :vocab_size].float().cpu()
-            rows = logits[:, block_start - 1 : block_start + block - 1] if shift else logits[:, region]
-            predicted, confidence = _predict(rows.reshape(-1, vocab_size), cfg, generator)
-            predicted = predicted.view(tokens.shape[0], block)
-            confidence = confidence.view(tokens.shape[0], block)
+            shard = logits_fn(tokens, attention_mask)
+            if not isinstance(shard, VocabShard):
+                shard = VocabShard(shard)
+            rows = slice(block_start - 1, block_start + block - 1) if shift else region
             current = tokens[:, region]
+            predicted, confidence, kept = _predict(shard, rows, current, cfg, generator, vocab_size)
             masked = current == mask_id
             for row in range(tokens.shape[0]):
                 if done[row]:
                     continue
                 current[row] = _update(current[row], masked[row], predicted[row], confidence[row],
-                                       step, steps_per_block, cfg, mask_id, generator,
-                                       logits_row=rows[row])
+                                       kept[row], step, steps_per_block, cfg, mask_id, generator)
             if trace is not None:
                 trace.append(tokens.clone())
             if cfg.eos_id is not None:
@@ -168,13 +265,10 @@ def denoise(logits_fn, tokens: torch.Tensor, attention_mask, start: int, length:
     return tokens
 
 
-def _update(current, masked, predicted, confidence, step, steps, cfg, mask_id, generator,
-            logits_row):
+def _update(current, masked, predicted, confidence, kept, step, steps, cfg, mask_id, generator):
     left = steps - step
     if cfg.unmasking == "p2":
         # decoded positions compete with their current token's confidence under this step's model
-        probs = _probabilities(logits_row, cfg)
-        kept = confidence_of(probs, current.clamp(max=probs.shape[-1] - 1), cfg.confidence)
         candidate = torch.where(masked, predicted, current)
         score = torch.where(masked, confidence, kept)
         keep = -(-len(current) * (step + 1) // steps)
