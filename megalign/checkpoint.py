@@ -27,6 +27,8 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from torch.distributed.checkpoint.api import CheckpointException
 
+from megalign.training.signals import sigusr1_blocked_in_helpers
+
 LATEST = "latest"
 _ITERATION_DIR = re.compile(r"^iter_(\d{7})$")
 
@@ -121,7 +123,8 @@ def _write_atomic(path: str, state: dict) -> None:
         shutil.rmtree(temp, ignore_errors=True)
         os.makedirs(temp)
     dist.barrier()
-    dist_checkpointing.save(state, temp)
+    with sigusr1_blocked_in_helpers():
+        dist_checkpointing.save(state, temp)
     dist.barrier()
     if dist.get_rank() == 0:
         if os.path.isdir(path):
