@@ -54,3 +54,24 @@ def test_entrypoint_runs_megalign_commands():
     assert result.returncode == 0 and str(REPO / "megalign") in result.stdout, result.stderr
     result = entrypoint()
     assert result.returncode == 0 and "megalign-<name>" in result.stdout
+
+
+@pytest.mark.slow
+def test_cpu_image_runs_the_tiny_conversion():
+    """docker/Dockerfile on a local Debian base with the local CPU torch wheel (BASE_IMAGE), then
+    the tiny TP=2 x PP=2 conversion inside the image through the entrypoint."""
+    missing = [tool for tool in ("podman", "debootstrap") if shutil.which(tool) is None]
+    if missing or subprocess.run(["id", "-u"], capture_output=True, text=True).stdout.strip() != "0":
+        pytest.skip(f"needs root with podman and debootstrap (missing: {missing or 'root'}); "
+                    "apt-get install podman runc debootstrap")
+    image = "localhost/megalign-cpu-test"
+    try:
+        result = subprocess.run(["bash", str(REPO / "docker" / "build_cpu_image.sh"), "--image", image,
+                                 "--tiny", "schedule.train_iters=2", "schedule.warmup_iters=0",
+                                 "logging.log_interval=1"],
+                                capture_output=True, text=True, timeout=1800)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+        assert "world 4 = TP 2 x PP 2 x DP 1" in result.stdout
+        assert "saved checkpoint runs/tiny_demo/checkpoints/iter_0000002" in result.stdout
+    finally:
+        subprocess.run(["podman", "rmi", "--force", image, f"{image}-base"], capture_output=True)
