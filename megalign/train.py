@@ -71,8 +71,9 @@ def build_models(cfg: Config, vocab_size: int, mask_id: int, tokenizer_vocab: in
     from megalign.model.embedding import init_mask_token_embedding
     from megalign.model.gpt import build_chunks
 
-    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-    students = build_chunks(cfg, vocab_size, causal=False, params_dtype=dtype)
+    dtype = torch.float32 if cfg.precision == "fp32" else torch.bfloat16  # fp8: bf16 + FP8 GEMMs
+    students = build_chunks(cfg, vocab_size, causal=False, params_dtype=dtype,
+                            fp8=cfg.precision == "fp8")
     if cfg.model.init_checkpoint:
         load_checkpoint(cfg.model.init_checkpoint, students)
     layer_weights = normalised_layer_weights(
@@ -148,7 +149,7 @@ def wrap_and_optimize(cfg: Config, students: list):
             adam_beta2=o.beta2,
             adam_eps=o.eps,
             clip_grad=o.clip_grad,
-            bf16=cfg.precision == "bf16",
+            bf16=cfg.precision != "fp32",
             params_dtype=config.params_dtype,
         ),
         models,

@@ -29,7 +29,8 @@ class Teacher:
 
     def __init__(self, cfg: Config, vocab_size: int, ar_state_dicts: list[dict], aligned: set[int]):
         self.dtype = teacher_dtype(cfg)
-        self.chunks = build_chunks(cfg, vocab_size, causal=True, params_dtype=self.dtype)
+        self.chunks = build_chunks(cfg, vocab_size, causal=True, params_dtype=self.dtype,
+                                   fp8=cfg.precision == "fp8" and cfg.fp8.teacher)
         self.sends_output = [not chunk.post_process for chunk in self.chunks]
         for chunk, state in zip(self.chunks, ar_state_dicts):
             chunk.load_state_dict(state, strict=True)

@@ -25,15 +25,17 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
-def transformer_engine_available() -> bool:
-    """TE kernels are used only when TE imports and a GPU is present."""
-    if not torch.cuda.is_available():
-        return False
+def transformer_engine_imports() -> bool:
     try:
         import transformer_engine  # noqa: F401
     except ImportError:
         return False
     return True
+
+
+def transformer_engine_available() -> bool:
+    """TE kernels are used only when TE imports and a GPU is present."""
+    return torch.cuda.is_available() and transformer_engine_imports()
 
 
 def check_platform(cfg: Config) -> None:
@@ -44,8 +46,35 @@ def check_platform(cfg: Config) -> None:
             "Megatron-Core's torch norms, used without TE, do not support sequence parallelism. "
             "Set parallel.sequence_parallel=false on this machine."
         )
+    if cfg.precision == "fp8":
+        check_fp8(cfg)
     if cfg.precision == "bf16" and not torch.cuda.is_available():
         raise ConfigError("precision=bf16 needs a GPU; use precision=fp32 on CPU")
+
+
+def check_fp8(cfg: Config) -> None:
+    """FP8 GEMMs are Transformer Engine kernels for Ada/Hopper (8.9+); MXFP8 needs Blackwell (10.0+)."""
+    missing = [reason for reason, absent in (
+        ("no GPU is visible", not torch.cuda.is_available()),
+        ("transformer_engine does not import", not transformer_engine_imports()),
+    ) if absent]
+    if missing:
+        raise ConfigError(
+            f"precision=fp8 needs a GPU and Transformer Engine; here {' and '.join(missing)}. "
+            "Install TE (pip install 'megalign[gpu]') or use the NGC image (docker/Dockerfile), "
+            "or set precision=bf16 (GPU) or precision=fp32 (CPU)"
+        )
+    capability = torch.cuda.get_device_capability()
+    if capability < (8, 9):
+        raise ConfigError(
+            f"precision=fp8 needs compute capability 8.9 or newer (Ada, Hopper, Blackwell); this "
+            f"GPU has {capability[0]}.{capability[1]}: set precision=bf16"
+        )
+    if cfg.fp8.recipe == "mxfp8" and capability < (10, 0):
+        raise ConfigError(
+            f"fp8.recipe=mxfp8 needs a Blackwell GPU (compute capability 10.0+); this GPU has "
+            f"{capability[0]}.{capability[1]}: use fp8.recipe=delayed or tensorwise"
+        )
 
 
 def ffn_hidden_size(cfg: Config) -> int:
@@ -57,10 +86,15 @@ def ffn_hidden_size(cfg: Config) -> int:
     return -(-int(8 * m.hidden_size / 3) // 64) * 64  # SwiGLU: 8/3 h rounded up to 64
 
 
-def transformer_config(cfg: Config, params_dtype: torch.dtype) -> TransformerConfig:
+def transformer_config(cfg: Config, params_dtype: torch.dtype, fp8: bool = False) -> TransformerConfig:
+    """Megatron-Core's config; ``fp8`` puts the GEMMs under TE's FP8 autocast (``cfg.fp8`` recipe).
+
+    With Transformer Engine (GPU) the fused kernels are on; the local spec (CPU) has none.
+    """
     m = cfg.model
     llama = m.arch == "llama"
     on_gpu = torch.cuda.is_available()
+    fused = transformer_engine_available()
     return TransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
@@ -85,12 +119,18 @@ def transformer_config(cfg: Config, params_dtype: torch.dtype) -> TransformerCon
         pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         use_cpu_initialization=not on_gpu,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
-        persist_layer_norm=False,
+        bias_activation_fusion=fused and llama,  # fused SwiGLU; GPT-2's tanh GeLU has no fused form
+        bias_dropout_fusion=fused,
+        masked_softmax_fusion=fused,
+        apply_rope_fusion=fused and llama,
+        gradient_accumulation_fusion=fused,  # wgrad straight into Megatron DDP's main_grad
+        persist_layer_norm=False,  # apex-only; TE norms are used with TE
+        fp8=cfg.fp8.format if fp8 else None,
+        fp8_recipe=cfg.fp8.recipe,
+        fp8_margin=cfg.fp8.margin,
+        fp8_amax_history_len=cfg.fp8.amax_history_len,
+        fp8_amax_compute_algo=cfg.fp8.amax_compute_algo,
+        fp8_wgrad=cfg.fp8.wgrad,
     )
 
 
@@ -110,11 +150,13 @@ def layer_spec(cfg: Config, attn_mask_type: AttnMaskType):
     return spec
 
 
-def build_chunks(cfg: Config, vocab_size: int, causal: bool, params_dtype: torch.dtype) -> list:
+def build_chunks(
+    cfg: Config, vocab_size: int, causal: bool, params_dtype: torch.dtype, fp8: bool = False
+) -> list:
     """All model chunks of this rank: one, or ``virtual_pipeline_model_parallel_size`` of them."""
     vpp = cfg.parallel.virtual_pipeline_model_parallel_size
     stages = [None] if vpp is None else list(range(vpp))
-    return [build_gpt(cfg, vocab_size, causal, params_dtype, vp_stage=v) for v in stages]
+    return [build_gpt(cfg, vocab_size, causal, params_dtype, vp_stage=v, fp8=fp8) for v in stages]
 
 
 def attention_mask_type(cfg: Config, causal: bool) -> AttnMaskType:
@@ -124,12 +166,13 @@ def attention_mask_type(cfg: Config, causal: bool) -> AttnMaskType:
 
 
 def build_gpt(
-    cfg: Config, vocab_size: int, causal: bool, params_dtype: torch.dtype, vp_stage=None
+    cfg: Config, vocab_size: int, causal: bool, params_dtype: torch.dtype, vp_stage=None,
+    fp8: bool = False,
 ) -> GPTModel:
     """One model chunk of this rank (layers of this PP stage / virtual stage, TP shard of each)."""
     m = cfg.model
     model = GPTModel(
-        config=transformer_config(cfg, params_dtype),
+        config=transformer_config(cfg, params_dtype, fp8),
         transformer_layer_spec=layer_spec(cfg, attention_mask_type(cfg, causal)),
         vocab_size=vocab_size,
         max_sequence_length=m.max_position_embeddings or m.seq_length,

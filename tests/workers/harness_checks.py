@@ -6,7 +6,6 @@ import json
 import zlib
 
 import torch
-import torch.nn.functional as F
 from lm_eval.api.instance import Instance
 
 from megalign import distributed
