@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 import sys
 from dataclasses import dataclass
 
@@ -38,10 +39,16 @@ def launch_env() -> LaunchEnv:
             )
         return launch
     env.setdefault("MASTER_ADDR", "127.0.0.1")
-    env.setdefault("MASTER_PORT", "29500")
+    env.setdefault("MASTER_PORT", str(_free_port()))  # one process: no peer needs to know it
     env.setdefault("RANK", "0")
     env.setdefault("WORLD_SIZE", "1")
     return LaunchEnv(0, 1, 0)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def initialize(

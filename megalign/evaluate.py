@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import sys
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -89,6 +90,15 @@ def ar_nll(logits_fn, batches) -> tuple[float, int]:
     return total / tokens, tokens
 
 
+def print_result(result: dict, output: Optional[str]) -> None:
+    """The result as one JSON line on stdout and, when asked, in ``output``."""
+    line = json.dumps(result, default=str)
+    print(line, flush=True)
+    if output:
+        with open(output, "w", encoding="utf-8") as handle:
+            handle.write(line + "\n")
+
+
 def main(argv=None) -> int:
     from megalign import distributed
     from megalign.checkpoint import CheckpointError
@@ -143,11 +153,7 @@ def main(argv=None) -> int:
             nll, _ = ar_nll(model_fn(load_ar_model(cfg, opened.meta, path, opened.vocab)), batches)
             result.update(ar_nll_per_token=nll, ar_perplexity=math.exp(min(nll, 700)))
         if distributed.launch_env().rank == 0:
-            line = json.dumps(result)
-            print(line, flush=True)
-            if args.output:
-                with open(args.output, "w", encoding="utf-8") as handle:
-                    handle.write(line + "\n")
+            print_result(result, args.output)
     except (CheckpointError, ValueError, OSError) as err:
         print(f"megalign-eval: error: {err}", file=sys.stderr)
         return 2

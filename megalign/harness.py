@@ -187,6 +187,7 @@ def main(argv=None) -> int:
 
     from megalign import distributed
     from megalign.checkpoint import CheckpointError
+    from megalign.evaluate import print_result
 
     parser = argparse.ArgumentParser(prog="megalign-harness", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -205,11 +206,7 @@ def main(argv=None) -> int:
             model="megalign", model_args=model_args, tasks=args.tasks.split(","),
             num_fewshot=args.num_fewshot, limit=args.limit, bootstrap_iters=0, log_samples=False,
             task_manager=TaskManager(include_path=args.include_path))
-        line = json.dumps({"results": results["results"]}, default=str)
-        print(line, flush=True)
-        if args.output:
-            with open(args.output, "w", encoding="utf-8") as handle:
-                handle.write(line + "\n")
+        print_result({"results": results["results"]}, args.output)
     except (CheckpointError, ValueError, OSError) as err:
         print(f"megalign-harness: error: {err}", file=sys.stderr)
         return 2

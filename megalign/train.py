@@ -471,10 +471,10 @@ def main(argv=None) -> int:
                 dog.publish_failure(f"{type(err).__name__}: {err}")
             raise
         first = (str(err).strip().splitlines() or [""])[0][:300]
-        print(f"megalign-train: error on rank {launch.rank}: a collective failed or timed out "
-              f"({first}); another rank died or stalled (collective timeout: "
-              f"resilience.collective_timeout_minutes={cfg.resilience.collective_timeout_minutes:g})",
-              file=sys.stderr, flush=True)
+        print(f"megalign-train: error on rank {launch.rank}: a distributed call failed "
+              f"({first}); when another rank died or stalled, the watchdog or its own log names it "
+              f"(collective timeout: resilience.collective_timeout_minutes="
+              f"{cfg.resilience.collective_timeout_minutes:g})", file=sys.stderr, flush=True)
         if dog is not None:
             dog.await_verdict()  # names the failed rank and exits, within failure_timeout_s
         return 1
