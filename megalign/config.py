@@ -113,6 +113,7 @@ class EvaluationConfig:
     batch_size: Optional[int] = None  # default: data.micro_batch_size
     t_grid: int = 4  # midpoint noise levels, deterministic masks (megalign/evaluate.py)
     paths: list = field(default_factory=list)  # default: data.paths
+    split: Optional[str] = None  # held out = the validation split under this; default data.split
 
 
 @dataclass

@@ -23,17 +23,17 @@ import torch
 import torch.nn.functional as F
 
 
-def heldout_batches(paths: list, tokenizer, cfg, samples: int, batch_size: int, cache_dir: str,
-                    device=None) -> list:
+def heldout_batches(paths: list, split: str, tokenizer, cfg, samples: int, batch_size: int,
+                    cache_dir: str, device=None) -> list:
     """The first ``samples`` samples (whole batches) of the validation split of ``paths`` under
-    ``cfg.data.split``: disjoint from the training split by construction (Megatron splits by
-    document ranges), and the same for every run of the same data and seed."""
+    ``split``: disjoint from the training split of the same split string by construction (Megatron
+    splits by document ranges), and the same for every run of the same data and seed."""
     from megalign.data.dataset import build_datasets, micro_batches
 
-    _, valid, _ = build_datasets(paths, tokenizer, cfg.model.seq_length, cfg.data.split, cfg.seed,
+    _, valid, _ = build_datasets(paths, tokenizer, cfg.model.seq_length, split, cfg.seed,
                                  [0, samples, 0], cache_dir, cfg.model.document_attention)
     if valid is None or len(valid) < batch_size:
-        raise ValueError(f"the validation split ({cfg.data.split}) of {paths} holds "
+        raise ValueError(f"the validation split ({split}) of {paths} holds "
                          f"{0 if valid is None else len(valid)} samples, fewer than one batch "
                          f"of {batch_size}")
     batches = [b for _, b in zip(range(min(samples, len(valid)) // batch_size),
@@ -145,8 +145,8 @@ def main(argv=None) -> int:
         opened = open_checkpoint(args.checkpoint, args.overrides)
         path, cfg, tokenizer, mask = opened.path, opened.cfg, opened.tokenizer, opened.mask_id
         student = load_student(opened)
-        batches = heldout_batches(args.data or cfg.data.paths, tokenizer, cfg, args.samples,
-                                  args.batch_size, f"{path}.eval_cache")
+        batches = heldout_batches(args.data or cfg.data.paths, cfg.data.split, tokenizer, cfg,
+                                  args.samples, args.batch_size, f"{path}.eval_cache")
         student_fn = full_logits_fn(student, tokenizer.vocab_size)
         nelbo, positions = diffusion_nelbo(student_fn, batches, cfg, mask, tokenizer.eod,
                                            tokenizer.pad, args.t_grid)

@@ -340,9 +340,9 @@ def setup(cfg: Config, tokenizer, log=print) -> Trainer:
     e = cfg.evaluation
     heldout = []
     if e.interval:
-        heldout = heldout_batches(e.paths or cfg.data.paths, tokenizer, cfg, e.samples,
-                                  e.batch_size or cfg.data.micro_batch_size, cache_dir,
-                                  distributed.device())
+        heldout = heldout_batches(e.paths or cfg.data.paths, e.split or cfg.data.split, tokenizer,
+                                  cfg, e.samples, e.batch_size or cfg.data.micro_batch_size,
+                                  cache_dir, distributed.device())
     step = DiffusionStep(cfg, students, teacher, layer_weights, mask_id, tokenizer.eod, tokenizer.pad)
     return Trainer(
         cfg=cfg,
