@@ -17,6 +17,8 @@ Prints, per setting, each arm's final held-out loss and the steps it needs to re
 baseline's final held-out loss (first evaluation at or below it; resolution --eval-interval), and
 their ratio; writes ``results.json``, ``results.md`` and ``converge.png`` under ``--out``.
 Trailing ``key.sub=value`` arguments go to every run (e.g. ``optimizer.freeze=[embedding]``).
+The default (SmolLM2-135M, both settings, λ 0 and 10, 60 steps of 4 x 128 tokens, one process on
+2 threads) took 35 minutes on a 2-core CPU machine; ``--quick`` about 30 seconds.
 """
 
 from __future__ import annotations
@@ -244,6 +246,14 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def write_outputs(results: dict, out: Path) -> str:
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    markdown = table(results)
+    (out / "results.md").write_text(f"`{results['command']}`\n\n{markdown}", encoding="utf-8")
+    plot(results, out / "converge.png")
+    return markdown
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out).resolve()
@@ -269,10 +279,7 @@ def main(argv=None) -> int:
             print(f"  final held-out NELBO {arms[-1]['final_heldout']:.4f} "
                   f"({arms[-1]['wall_time_s']:.0f} s)", flush=True)
         results["settings"][setting] = summarize(arms)
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
-    markdown = table(results)
-    (out / "results.md").write_text(f"`{results['command']}`\n\n{markdown}", encoding="utf-8")
-    plot(results, out / "converge.png")
+        markdown = write_outputs(results, out)  # after each setting: a cut-short run keeps them
     print(markdown, end="")
     for setting, summary in results["settings"].items():
         for arm in summary["arms"][1:]:

@@ -408,11 +408,11 @@ def run(cfg: Config, tokenizer) -> list[dict]:
                    cfg.resilience.failure_timeout_s)
     gbs, train_iters = cfg.data.global_batch_size, cfg.schedule.train_iters
 
-    def validate_now(iteration: int) -> None:
+    def validate_now() -> None:
         start = time.perf_counter()
         nelbo, positions = trainer.evaluate()
         logger.log_validation({
-            "iteration": iteration,
+            "iteration": trainer.iteration,
             "consumed_samples": trainer.consumed_samples,
             "val_nelbo": nelbo,
             "val_ppl_upper_bound": math.exp(min(nelbo, 700)),
@@ -422,7 +422,7 @@ def run(cfg: Config, tokenizer) -> list[dict]:
 
     eval_interval = cfg.evaluation.interval
     if eval_interval and trainer.iteration == 0:
-        validate_now(0)  # the starting point of the curve: the converted AR model
+        validate_now()  # the starting point of the curve: the converted AR model
     records = []
     while trainer.iteration < train_iters:
         iteration = trainer.iteration + 1
@@ -460,7 +460,7 @@ def run(cfg: Config, tokenizer) -> list[dict]:
         if iteration % cfg.logging.log_interval == 0 or iteration == train_iters:
             logger.log(record, train_iters)
         if eval_interval and (iteration % eval_interval == 0 or iteration == train_iters):
-            validate_now(iteration)
+            validate_now()
         interval = cfg.checkpoint.save_interval
         signalled = stop.requested()
         if cfg.checkpoint.save and (
