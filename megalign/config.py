@@ -105,6 +105,18 @@ class ScheduleConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    """Held-out diffusion NELBO during training, computed as megalign-eval computes it."""
+
+    interval: int = 0  # evaluate every N iterations (and at 0 and the end); 0 = off
+    samples: int = 16  # from the validation split (data.split) of paths
+    batch_size: Optional[int] = None  # default: data.micro_batch_size
+    t_grid: int = 4  # midpoint noise levels, deterministic masks (megalign/evaluate.py)
+    paths: list = field(default_factory=list)  # default: data.paths
+    split: Optional[str] = None  # held out = the validation split under this; default data.split
+
+
+@dataclass
 class CheckpointConfig:
     save: Optional[str] = None  # root directory: iter_NNNNNNN/ checkpoints and a 'latest' file
     save_interval: int = 0  # 0 = only at the end (and on SIGTERM/SIGUSR1)
@@ -163,6 +175,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
@@ -351,6 +364,28 @@ def _validate_resilience(r: ResilienceConfig) -> None:
         )
 
 
+def _validate_evaluation(cfg: Config) -> None:
+    e = cfg.evaluation
+    if e.interval < 0:
+        raise ConfigError(f"evaluation.interval={e.interval} must be >= 0 (0 = off)")
+    for key, value in {"evaluation.samples": e.samples, "evaluation.t_grid": e.t_grid,
+                       "evaluation.batch_size": e.batch_size or 1}.items():
+        if value < 1:
+            raise ConfigError(f"{key}={value} must be at least 1")
+    if e.interval and cfg.parallel.virtual_pipeline_model_parallel_size is not None:
+        raise ConfigError(
+            "evaluation.interval > 0 needs one model chunk per rank: the held-out forward "
+            "(megalign/model/inference.py) does not run the interleaved schedule; set "
+            "parallel.virtual_pipeline_model_parallel_size=null or evaluation.interval=0 "
+            "and score checkpoints with megalign-eval"
+        )
+    if e.interval and e.samples < (e.batch_size or cfg.data.micro_batch_size):
+        raise ConfigError(
+            f"evaluation.samples={e.samples} is fewer than one batch "
+            f"(evaluation.batch_size={e.batch_size or cfg.data.micro_batch_size})"
+        )
+
+
 def data_parallel_size(cfg: Config, world_size: int) -> int:
     return world_size // (cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size)
 
@@ -486,6 +521,7 @@ def validate(
             f"schedule.warmup_iters={cfg.schedule.warmup_iters} must lie in "
             f"0..schedule.train_iters - 1 ({cfg.schedule.train_iters - 1})"
         )
+    _validate_evaluation(cfg)
     if not d.paths:
         raise ConfigError("data.paths is empty; give [prefix] or [weight1, prefix1, ...]")
     if not d.tokenizer:

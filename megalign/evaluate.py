@@ -24,6 +24,39 @@ import torch
 import torch.nn.functional as F
 
 
+def heldout_batches(paths: list, split: str, tokenizer, cfg, samples: int, batch_size: int,
+                    cache_dir: str, device=None) -> list:
+    """The first ``samples`` samples (whole batches) of the validation split of ``paths`` under
+    ``split``: disjoint from the training split of the same split string by construction (Megatron
+    splits by document ranges), and the same for every run of the same data and seed."""
+    from megalign.data.dataset import build_datasets, micro_batches
+
+    _, valid, _ = build_datasets(paths, tokenizer, cfg.model.seq_length, split, cfg.seed,
+                                 [0, samples, 0], cache_dir, cfg.model.document_attention)
+    if valid is None or len(valid) < batch_size:
+        raise ValueError(f"the validation split ({split}) of {paths} holds "
+                         f"{0 if valid is None else len(valid)} samples, fewer than one batch "
+                         f"of {batch_size}")
+    batches = [b for _, b in zip(range(min(samples, len(valid)) // batch_size),
+                                 micro_batches(valid, 0, batch_size, 0, 1))]
+    if device is not None:
+        for batch in batches:
+            batch["tokens"], batch["position_ids"] = (batch["tokens"].to(device),
+                                                      batch["position_ids"].to(device))
+    return batches
+
+
+def full_logits_fn(chunks: list, vocab_size: int):
+    """``logits_fn(tokens, positions, mask)`` -> [b, s, vocab] logits of the real vocabulary on
+    every rank, whatever the TP/PP layout."""
+    from megalign.model.inference import forward_logits
+
+    def logits_fn(tokens, positions, attention_mask):
+        return forward_logits(chunks, tokens, positions, attention_mask)[..., :vocab_size]
+
+    return logits_fn
+
+
 def inv_t_loss(logits_fn, batch) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum over supervised positions of CE/t, positions) of one noised ``DiffusionBatch``: the
     training loss with ``diffusion.loss_weighting=inv_t``, from full-vocabulary logits."""
@@ -102,9 +135,7 @@ def print_result(result: dict, output: Optional[str]) -> None:
 def main(argv=None) -> int:
     from megalign import distributed
     from megalign.checkpoint import CheckpointError
-    from megalign.data.dataset import build_datasets, micro_batches
     from megalign.generate import load_ar_model, load_student, open_checkpoint
-    from megalign.model.inference import forward_logits
 
     parser = argparse.ArgumentParser(prog="megalign-eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -124,33 +155,23 @@ def main(argv=None) -> int:
         opened = open_checkpoint(args.checkpoint, args.overrides)
         path, cfg, tokenizer, mask = opened.path, opened.cfg, opened.tokenizer, opened.mask_id
         student = load_student(opened)
-        _, valid, _ = build_datasets(args.data or cfg.data.paths, tokenizer, cfg.model.seq_length,
-                                     cfg.data.split, cfg.seed, [0, args.samples, 0],
-                                     f"{path}.eval_cache", cfg.model.document_attention)
-        if valid is None or len(valid) == 0:
-            raise ValueError(f"the validation split ({cfg.data.split}) of the data is empty")
-        count = min(args.samples, len(valid))
-        batches = [b for _, b in zip(range(count // args.batch_size),
-                                     micro_batches(valid, 0, args.batch_size, 0, 1))]
-
-        def model_fn(chunks):
-            def logits_fn(tokens, positions, attention_mask):
-                return forward_logits(chunks, tokens, positions, attention_mask)[..., :tokenizer.vocab_size]
-            return logits_fn
-
-        nelbo, positions = diffusion_nelbo(model_fn(student), batches, cfg, mask,
-                                           tokenizer.eod, tokenizer.pad, args.t_grid)
+        batches = heldout_batches(args.data or cfg.data.paths, cfg.data.split, tokenizer, cfg,
+                                  args.samples, args.batch_size, f"{path}.eval_cache")
+        student_fn = full_logits_fn(student, tokenizer.vocab_size)
+        nelbo, positions = diffusion_nelbo(student_fn, batches, cfg, mask, tokenizer.eod,
+                                           tokenizer.pad, args.t_grid)
         result = {"checkpoint": path, "samples": len(batches) * args.batch_size,
                   "t_grid": args.t_grid, "diffusion_nelbo_per_token": nelbo,
                   "perplexity_upper_bound": math.exp(min(nelbo, 700)), "positions": positions}
         if args.infill_span:
-            exact, accuracy = infilling(model_fn(student), batches, cfg, mask, tokenizer.eod,
+            exact, accuracy = infilling(student_fn, batches, cfg, mask, tokenizer.eod,
                                         tokenizer.vocab_size, args.infill_span,
                                         args.infill_steps or args.infill_span)
             result.update(infill_span=args.infill_span, infill_exact_match=exact,
                           infill_token_accuracy=accuracy)
         if args.ar:
-            nll, _ = ar_nll(model_fn(load_ar_model(cfg, opened.meta, path, opened.vocab)), batches)
+            nll, _ = ar_nll(full_logits_fn(load_ar_model(cfg, opened.meta, path, opened.vocab),
+                                           tokenizer.vocab_size), batches)
             result.update(ar_nll_per_token=nll, ar_perplexity=math.exp(min(nll, 700)))
         if distributed.launch_env().rank == 0:
             print_result(result, args.output)

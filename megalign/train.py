@@ -193,6 +193,8 @@ class Trainer:
     step: object  # megalign.training.step.DiffusionStep
     train_dataset: object
     num_microbatches: int
+    vocab_size: int  # the tokenizer's (real) vocabulary: held-out logits are scored over it
+    heldout: list  # held-out micro-batches for evaluation.interval (empty when it is off)
     iteration: int = 0  # optimizer steps taken (restored on resume)
 
     def data_iterator(self, consumed_samples: int = 0) -> list:
@@ -233,6 +235,22 @@ class Trainer:
         if step.teacher is not None:
             step.teacher.finish_step()
         return step.reduce()
+
+    def evaluate(self) -> tuple[float, int]:
+        """(held-out diffusion NELBO per token, positions) of the current student: megalign-eval's
+        estimate (same grid, same deterministic masks), forward only, without a checkpoint."""
+        from megalign.evaluate import diffusion_nelbo, full_logits_fn
+
+        step = self.step
+        try:
+            return diffusion_nelbo(full_logits_fn(self.students, self.vocab_size), self.heldout,
+                                   self.cfg, step.mask_token_id, step.eod, step.pad,
+                                   self.cfg.evaluation.t_grid)
+        finally:
+            for chunk in self.students:
+                chunk.train()
+            for recorder in step.recorders or []:
+                recorder.pop()  # drop the held-out forward's states
 
     @property
     def consumed_samples(self) -> int:
@@ -282,6 +300,7 @@ def setup(cfg: Config, tokenizer, log=print) -> Trainer:
 
     from megalign import distributed
     from megalign.data.dataset import build_datasets
+    from megalign.evaluate import heldout_batches
     from megalign.training.step import DiffusionStep
 
     distributed.initialize(
@@ -307,6 +326,7 @@ def setup(cfg: Config, tokenizer, log=print) -> Trainer:
     log(f"> rank 0 stage parameters: {trainable} trainable, {frozen} frozen")
 
     gbs = cfg.data.global_batch_size
+    cache_dir = cfg.data.cache_dir or os.path.join(cfg.logging.run_dir, "data_cache")
     train_ds, _, _ = build_datasets(
         cfg.data.paths,
         tokenizer,
@@ -314,9 +334,15 @@ def setup(cfg: Config, tokenizer, log=print) -> Trainer:
         cfg.data.split,
         cfg.seed,
         [cfg.schedule.train_iters * gbs, 0, 0],
-        cfg.data.cache_dir or os.path.join(cfg.logging.run_dir, "data_cache"),
+        cache_dir,
         reset_position_ids=cfg.model.document_attention,
     )
+    e = cfg.evaluation
+    heldout = []
+    if e.interval:
+        heldout = heldout_batches(e.paths or cfg.data.paths, e.split or cfg.data.split, tokenizer,
+                                  cfg, e.samples, e.batch_size or cfg.data.micro_batch_size,
+                                  cache_dir, distributed.device())
     step = DiffusionStep(cfg, students, teacher, layer_weights, mask_id, tokenizer.eod, tokenizer.pad)
     return Trainer(
         cfg=cfg,
@@ -328,6 +354,8 @@ def setup(cfg: Config, tokenizer, log=print) -> Trainer:
         step=step,
         train_dataset=train_ds,
         num_microbatches=gbs // (cfg.data.micro_batch_size * dp_size),
+        vocab_size=tokenizer.vocab_size,
+        heldout=heldout,
     )
 
 
@@ -380,6 +408,21 @@ def run(cfg: Config, tokenizer) -> list[dict]:
                    cfg.resilience.failure_timeout_s)
     gbs, train_iters = cfg.data.global_batch_size, cfg.schedule.train_iters
 
+    def validate_now() -> None:
+        start = time.perf_counter()
+        nelbo, positions = trainer.evaluate()
+        logger.log_validation({
+            "iteration": trainer.iteration,
+            "consumed_samples": trainer.consumed_samples,
+            "val_nelbo": nelbo,
+            "val_ppl_upper_bound": math.exp(min(nelbo, 700)),
+            "val_positions": positions,
+            "eval_time_s": time.perf_counter() - start,
+        })
+
+    eval_interval = cfg.evaluation.interval
+    if eval_interval and trainer.iteration == 0:
+        validate_now()  # the starting point of the curve: the converted AR model
     records = []
     while trainer.iteration < train_iters:
         iteration = trainer.iteration + 1
@@ -416,6 +459,8 @@ def run(cfg: Config, tokenizer) -> list[dict]:
         records.append(record)
         if iteration % cfg.logging.log_interval == 0 or iteration == train_iters:
             logger.log(record, train_iters)
+        if eval_interval and (iteration % eval_interval == 0 or iteration == train_iters):
+            validate_now()
         interval = cfg.checkpoint.save_interval
         signalled = stop.requested()
         if cfg.checkpoint.save and (

@@ -13,6 +13,10 @@ from typing import Optional
 
 import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.blended_megatron_dataset_config import (
+    convert_split_vector_to_split_matrix,
+    parse_and_normalize_split,
+)
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
 from megalign.config import ConfigError
@@ -36,6 +40,18 @@ def parse_blend(paths: list) -> tuple[list[str], Optional[list[float]]]:
     return [str(p) for p in paths[1::2]], weights
 
 
+def check_split(prefix: str, documents: int, split: str) -> None:
+    """Megatron gives each split a document range (rounded); an empty range with a non-zero
+    weight makes GPTDataset loop forever counting epochs, so refuse it here."""
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    for name, bounds in zip(("train", "validation", "test"), matrix):
+        if bounds is not None and round(bounds[0] * documents) == round(bounds[1] * documents):
+            raise ConfigError(
+                f"split '{split}': the {name} split of {prefix} ({documents} documents) holds no "
+                "document; give it weight 0 (e.g. data.split='100,0,0') or use more documents"
+            )
+
+
 def build_datasets(
     paths: list,
     tokenizer,
@@ -49,7 +65,7 @@ def build_datasets(
     """(train, valid, test) datasets; index caches are built once by rank 0 while others wait."""
     prefixes, weights = parse_blend(paths)
     for prefix in prefixes:
-        check_indexed_dataset(prefix)
+        check_split(prefix, check_indexed_dataset(prefix), split)
     config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,

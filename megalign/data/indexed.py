@@ -84,8 +84,9 @@ def write_indexed_dataset(
     return num_docs, num_tokens
 
 
-def check_indexed_dataset(prefix: str) -> None:
-    """Open ``prefix`` as Megatron does; a missing, truncated or corrupt pair gives a DataError."""
+def check_indexed_dataset(prefix: str) -> int:
+    """Open ``prefix`` as Megatron does; a missing, truncated or corrupt pair gives a DataError.
+    Returns its number of documents."""
     for path in (get_idx_path(prefix), get_bin_path(prefix)):
         if not os.path.isfile(path):
             raise DataError(
@@ -108,6 +109,7 @@ def check_indexed_dataset(prefix: str) -> None:
             f"dataset file '{get_bin_path(prefix)}' is truncated ({actual} bytes, index expects "
             f"{expected}); rebuild it with megalign-preprocess"
         )
+    return len(index)
 
 
 class DataFileGuard:

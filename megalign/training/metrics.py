@@ -1,7 +1,9 @@
 """Rank-0 logging: a Megatron-style console line, TensorBoard scalars and ``metrics.jsonl``.
 
 ``metrics.jsonl`` gets one JSON object per logged iteration, written with a single ``write`` of a
-complete line and flushed, so the file stays valid JSON lines when the run is killed.
+complete line and flushed, so the file stays valid JSON lines when the run is killed. Held-out
+evaluations (``evaluation.interval``) go to ``validation.jsonl`` the same way, so every line of
+``metrics.jsonl`` keeps one schema.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ class MetricsLogger:
         self.enabled = enabled
         self._writer = None
         self._jsonl = None
+        self._validation_path = os.path.join(run_dir, "validation.jsonl")
         if not enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
@@ -44,6 +47,19 @@ class MetricsLogger:
                     self._writer.add_scalar(key, value, step)
             self._writer.flush()
         print(console_line(record, train_iters), flush=True)
+
+    def log_validation(self, record: dict) -> None:
+        """One held-out evaluation: a line in ``validation.jsonl``, TensorBoard, the console."""
+        if not self.enabled:
+            return
+        with open(self._validation_path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self._writer is not None:
+            self._writer.add_scalar("validation/nelbo", record["val_nelbo"], record["iteration"])
+            self._writer.flush()
+        print(f" validation at iteration {record['iteration']:8d} | diffusion NELBO per token: "
+              f"{record['val_nelbo']:.6E} | PPL upper bound: {record['val_ppl_upper_bound']:.3E} |"
+              f" eval time (s): {record['eval_time_s']:.1f} |", flush=True)
 
     def info(self, message: str) -> None:
         if self.enabled:

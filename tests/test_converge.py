@@ -1,0 +1,94 @@
+"""In-training held-out evaluation (evaluation.*) and the convergence benchmark's pipeline."""
+
+import json
+import math
+
+import pytest
+
+from conftest import REPO, TINY_CONFIG, run_python, torchrun
+
+from megalign.config import ConfigError, load_config, validate
+from megalign.data.dataset import check_split
+
+ONE_PROCESS = ["parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=1"]
+EVAL = ["evaluation.interval=2", "evaluation.samples=4", "evaluation.t_grid=2",
+        "schedule.train_iters=4", "schedule.warmup_iters=1", "logging.log_interval=1"]
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_evaluation_config_errors():
+    def check(*overrides):
+        validate(load_config([str(TINY_CONFIG)], list(overrides)), 4)
+
+    check("evaluation.interval=5")
+    with pytest.raises(ConfigError, match="evaluation.interval > 0 needs one model chunk"):
+        check("evaluation.interval=5", "parallel.virtual_pipeline_model_parallel_size=2",
+              "data.global_batch_size=16")
+    with pytest.raises(ConfigError, match="evaluation.samples=1 is fewer than one batch"):
+        check("evaluation.interval=5", "evaluation.samples=1")
+    with pytest.raises(ConfigError, match="evaluation.t_grid=0 must be at least 1"):
+        check("evaluation.t_grid=0")
+
+
+def test_empty_split_is_refused_not_a_hang():
+    # Megatron's GPTDataset loops forever on a split with weight but no document
+    with pytest.raises(ConfigError, match="validation split of data/x .8 documents. holds no document"):
+        check_split("data/x", 8, "98,2,0")
+    check_split("data/x", 8, "100,0,0")
+    check_split("data/x", 50, "98,2,0")
+
+
+@pytest.mark.slow
+def test_validation_is_megalign_eval_and_leaves_training_unchanged(tmp_path, data_overrides):
+    common = [*data_overrides, *EVAL, "align.weight=10"]
+    run_python(["-m", "megalign.train", "--config", TINY_CONFIG, *common, *ONE_PROCESS,
+                f"logging.run_dir={tmp_path}/a", f"checkpoint.save={tmp_path}/a/ckpt"])
+    validation = read_jsonl(tmp_path / "a" / "validation.jsonl")
+    assert [v["iteration"] for v in validation] == [0, 2, 4]
+    assert all(math.isfinite(v["val_nelbo"]) and v["val_positions"] == 4 * 128 for v in validation)
+    # the last value is what megalign-eval reports for the saved checkpoint
+    result = run_python(["-m", "megalign.evaluate", "--checkpoint", tmp_path / "a" / "ckpt",
+                         "--samples", 4, "--batch-size", 2, "--t-grid", 2])
+    scored = json.loads(result.stdout.strip().splitlines()[-1])
+    assert scored["diffusion_nelbo_per_token"] == pytest.approx(validation[-1]["val_nelbo"], rel=1e-6)
+    # evaluating does not change training (no RNG consumed, train mode restored)
+    run_python(["-m", "megalign.train", "--config", TINY_CONFIG, *common, *ONE_PROCESS,
+                "evaluation.interval=0", f"logging.run_dir={tmp_path}/b"])
+    a, b = read_jsonl(tmp_path / "a" / "metrics.jsonl"), read_jsonl(tmp_path / "b" / "metrics.jsonl")
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    # the same under TP1 x PP2, from the same initial weights
+    init = f"model.init_checkpoint={tmp_path}/a/ckpt/ar_init"
+    run_python(["-m", "megalign.train", "--config", TINY_CONFIG, *common, *ONE_PROCESS, init,
+                f"logging.run_dir={tmp_path}/c"])
+    torchrun(2, "-m", ["megalign.train", "--config", TINY_CONFIG, *common, init,
+                       "parallel.tensor_model_parallel_size=1",
+                       "parallel.pipeline_model_parallel_size=2", f"logging.run_dir={tmp_path}/d"])
+    one, two = (read_jsonl(tmp_path / run / "validation.jsonl") for run in ("c", "d"))
+    assert [v["val_nelbo"] for v in two] == pytest.approx([v["val_nelbo"] for v in one], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_converge_quick(tmp_path):
+    out = tmp_path / "converge"
+    result = run_python([REPO / "bench" / "converge.py", "--quick", "--out", out], timeout=900)
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["settings"]) == {"low", "full"}
+    for summary in results["settings"].values():
+        arms = summary["arms"]
+        assert [arm["align_weight"] for arm in arms] == [0.0, 10.0]
+        assert summary["baseline_final_heldout"] == arms[0]["final_heldout"]
+        # same start for every arm: same AR weights, held-out samples and masks
+        assert arms[0]["heldout"][0] == arms[1]["heldout"][0]
+        for arm in arms:
+            assert [step for step, _ in arm["heldout"]] == [0, 2, 4]
+            reached = [s for s, v in arm["heldout"] if v <= summary["baseline_final_heldout"]]
+            assert arm["steps_to_baseline_final"] == (reached[0] if reached else None)
+        assert len(arms[1]["align_cos"]) == 4 and len(arms[1]["align_cos"][0][1]) == 5
+        assert arms[0]["align_cos"] == []
+    table = (out / "results.md").read_text()
+    assert table.count("\n| low |") == 2 and table.count("\n| full |") == 2
+    assert (out / "converge.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "reaches the baseline's final held-out NELBO" in result.stdout
