@@ -95,7 +95,7 @@ def _check_safe_to_load(path: str) -> None:
             RuntimeError) as err:
         raise CheckpointError(
             f"refusing to load checkpoint '{path}': {file} is not plain checkpoint data "
-            f"({_first_line(err)}); it may be corrupt or crafted to run code. Only load "
+            f"({first_line(err)}); it may be corrupt or crafted to run code. Only load "
             "checkpoints from sources you trust"
         ) from None
 
@@ -168,7 +168,7 @@ def _agree(error: Optional[BaseException], path: str, temp: Optional[str] = None
     if not flag.item():
         return
     reasons = [None] * dist.get_world_size()
-    dist.all_gather_object(reasons, None if error is None else _first_line(error))
+    dist.all_gather_object(reasons, None if error is None else first_line(error))
     rank, reason = next((r, text) for r, text in enumerate(reasons) if text is not None)
     if dist.get_rank() == 0 and temp is not None:
         shutil.rmtree(temp, ignore_errors=True)
@@ -306,7 +306,7 @@ def read_meta(path: str) -> dict:
     try:
         common = dist_checkpointing.load_common_state_dict(path)
     except Exception as err:
-        raise CheckpointError(f"checkpoint '{path}' is unreadable ({_first_line(err)})") from None
+        raise CheckpointError(f"checkpoint '{path}' is unreadable ({first_line(err)})") from None
     return common.get("meta", {})
 
 
@@ -329,7 +329,7 @@ def load_checkpoint(path: str, chunks: list, optimizer=None, scheduler=None) -> 
         state = dist_checkpointing.load(template, path)
     except (Exception, CheckpointException) as err:  # the latter is a BaseException
         raise CheckpointError(
-            f"checkpoint '{path}' could not be loaded into this model ({_first_line(err)}); "
+            f"checkpoint '{path}' could not be loaded into this model ({first_line(err)}); "
             "it may be truncated or corrupt, or made for another architecture"
         ) from None
     for index, chunk in enumerate(chunks):
@@ -343,7 +343,7 @@ def load_checkpoint(path: str, chunks: list, optimizer=None, scheduler=None) -> 
     return meta
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
     """The root cause in one line (for torch.distributed.checkpoint: the first rank's error)."""
     if isinstance(err, CheckpointException) and err.failures:
         err = next(iter(err.failures.values()))[0]

@@ -483,9 +483,8 @@ def run(cfg: Config, tokenizer) -> list[dict]:
 
 def main(argv=None) -> int:
     from megalign import distributed
-    from megalign.checkpoint import CheckpointError
+    from megalign.checkpoint import CheckpointError, first_line
     from megalign.data.indexed import DataError
-
     from megalign.training import watchdog
 
     faulthandler.enable()  # a SIGBUS/SIGSEGV still says where
@@ -506,22 +505,17 @@ def main(argv=None) -> int:
         run(cfg, tokenizer)
     except (TrainingError, ConfigError, DataError, CheckpointError) as err:
         print(f"megalign-train: error on rank {launch.rank}: {err}", file=sys.stderr, flush=True)
-        if watchdog.active() is not None:
-            watchdog.active().publish_failure(str(err))
+        watchdog.publish_failure(str(err))
         return 1
     except Exception as err:
-        dog = watchdog.active()
         if not watchdog.is_communication_error(err):  # a bug: tell the others, keep the traceback
-            if dog is not None:
-                dog.publish_failure(f"{type(err).__name__}: {err}")
+            watchdog.publish_failure(f"{type(err).__name__}: {err}")
             raise
-        first = (str(err).strip().splitlines() or [""])[0][:300]
         print(f"megalign-train: error on rank {launch.rank}: a distributed call failed "
-              f"({first}); when another rank died or stalled, the watchdog or its own log names it "
-              f"(collective timeout: resilience.collective_timeout_minutes="
+              f"({first_line(err)}); when another rank died or stalled, the watchdog or its own "
+              f"log names it (collective timeout: resilience.collective_timeout_minutes="
               f"{cfg.resilience.collective_timeout_minutes:g})", file=sys.stderr, flush=True)
-        if dog is not None:
-            dog.await_verdict()  # names the failed rank and exits, within failure_timeout_s
+        watchdog.await_verdict()  # names the failed rank and exits, within failure_timeout_s
         return 1
     finally:
         watchdog.stop()

@@ -47,8 +47,7 @@ class Watchdog:
             timeout=datetime.timedelta(seconds=max(2 * interval, 5.0)), wait_for_workers=False,
         )
         self._store = dist.PrefixStore(f"megalign/watchdog/attempt_{attempt}/", client)
-        self._watched = list(range(world_size)) if rank == 0 else [0]
-        self._watched = [r for r in self._watched if r != rank]
+        self._watched = [r for r in range(world_size) if r != rank] if rank == 0 else [0]
         now = time.monotonic()
         self._seen = {r: -1 for r in self._watched}
         self._changed = {r: now for r in self._watched}
@@ -139,10 +138,6 @@ def start(rank: int, world_size: int, interval: float, timeout: float) -> Option
     return _ACTIVE
 
 
-def active() -> Optional[Watchdog]:
-    return _ACTIVE
-
-
 def stop() -> None:
     global _ACTIVE
     if _ACTIVE is not None:
@@ -165,3 +160,15 @@ def progress(iteration: int) -> None:
     """Record the iterations completed, for the failure message."""
     if _ACTIVE is not None:
         _ACTIVE.iteration = iteration
+
+
+def publish_failure(reason: str) -> None:
+    """See ``Watchdog.publish_failure``; nothing without a watchdog."""
+    if _ACTIVE is not None:
+        _ACTIVE.publish_failure(reason)
+
+
+def await_verdict() -> None:
+    """See ``Watchdog.await_verdict``; returns at once without a watchdog."""
+    if _ACTIVE is not None:
+        _ACTIVE.await_verdict()
