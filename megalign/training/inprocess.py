@@ -1,0 +1,134 @@
+"""In-process restart with NVIDIA's resiliency extension (``resilience.inprocess_restart``).
+
+Why: most faults of a long run leave the processes alive: an exception on one rank, a collective
+that errors because a peer failed, a rank whose main thread stops making progress. Restarting
+the job for them costs new processes, imports, rendezvous and data-index loading on every node.
+nvidia-resiliency-ext's ``inprocess.Wrapper`` instead aborts the process groups on every rank,
+lets us tear down Megatron's parallel state, and calls the training function again in the same
+processes. Each attempt rebuilds its process groups in a fresh namespace (``attempt_<n>/``) of a
+TCP store that outlives the attempts (rank 0 hosts it on MASTER_PORT+1; the wrapper's own store
+is on MASTER_PORT+2) and resumes from the latest checkpoint like any restart
+(``checkpoint.auto_resume``).
+
+Detection is the wrapper's, so megalign's own watchdog is off in this mode: a monitor process
+per rank declares a rank dead after ``resilience.failure_timeout_s`` without heartbeats, and a
+rank whose main thread runs no Python code for that long (stuck in a collective) is interrupted
+(soft timeout) or, ``failure_timeout_s`` later, terminated (hard timeout). Without spare ranks a
+dead rank cannot be replaced in-process: the wrapper then stops every rank, and the launcher's
+restart (torchrun ``--max-restarts``, ``ft_launcher``, Slurm requeue) starts a new job, which
+resumes the same way. Errors that a restart cannot fix (configuration, data, checkpoint, a
+non-finite loss) stop at once instead of being retried.
+"""
+
+import datetime
+import gc
+import os
+import sys
+import traceback
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from megalign.config import Config
+
+INSTALL_HINT = "pip install 'megalign[resilience]' (nvidia-resiliency-ext)"
+
+
+class Unrecoverable(BaseException):
+    """Raised inside an attempt for an error a restart cannot fix; a ``BaseException`` so the
+    wrapper ends instead of restarting. ``error`` is the original exception."""
+
+    def __init__(self, error: Exception):
+        super().__init__(str(error))
+        self.error = error
+
+
+class RestartsExhausted(RuntimeError):
+    """The wrapper gave up: too many restarts, or fewer ranks than the layout needs."""
+
+
+def release_gloo_groups(err: Exception) -> None:
+    """Close this rank's gloo connections now. gloo cannot abort an operation in flight (NCCL
+    can, and the wrapper does): a peer blocked in a collective with this rank is released only
+    when this rank's sockets close, i.e. when the last reference to its groups goes, and the
+    failed attempt's frames (model, optimizer, Megatron's state) hold them until collected."""
+    from megalign import distributed
+
+    traceback.clear_frames(err.__traceback__)
+    distributed.shutdown()
+    gc.collect()
+
+
+def restartable(cfg: Config, attempt: Callable[[dist.Store], None]) -> Callable[[], None]:
+    """``attempt(store)`` trains once, creating its process groups on ``store``; the returned
+    function runs it under the wrapper, again after each fault, until it finishes."""
+    from nvidia_resiliency_ext import inprocess
+    from nvidia_resiliency_ext.inprocess.exception import RestartAbort
+
+    from megalign import distributed
+
+    r = cfg.resilience
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    address, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    collective_timeout = datetime.timedelta(minutes=r.collective_timeout_minutes)
+    attempts_store = dist.TCPStore(address, port + 1, world, is_master=rank == 0,
+                                   timeout=collective_timeout, wait_for_workers=True,
+                                   multi_tenant=True)
+    failures: list[str] = []
+
+    class TearDown(inprocess.finalize.Finalize):
+        """After the wrapper destroyed the process groups: forget Megatron's parallel state."""
+
+        def __call__(self, state):
+            distributed.shutdown()
+            return state
+
+    gpu = torch.cuda.is_available()
+    abort = (inprocess.Compose(inprocess.abort.AbortTransformerEngine(),
+                               inprocess.abort.AbortTorchDistributed())
+             if gpu else inprocess.abort.AbortTorchDistributed())
+    timeout = datetime.timedelta(seconds=r.failure_timeout_s)
+    wrapper = inprocess.Wrapper(
+        store_kwargs={"host_name": address, "port": port + 2, "timeout": collective_timeout},
+        initialize=inprocess.initialize.RetryController(
+            max_iterations=r.inprocess_max_restarts + 1, min_world_size=world,
+            min_active_world_size=world),
+        abort=abort,
+        finalize=TearDown(),
+        health_check=(inprocess.health_check.CudaHealthCheck(timeout=datetime.timedelta(seconds=10))
+                      if gpu else None),
+        heartbeat_interval=datetime.timedelta(seconds=r.heartbeat_interval_s),
+        heartbeat_timeout=timeout,
+        soft_timeout=timeout,
+        hard_timeout=2 * timeout,
+        barrier_timeout=collective_timeout,
+        completion_timeout=collective_timeout,
+    )
+
+    @wrapper
+    def run_attempts(call: inprocess.CallWrapper = None):
+        if call.iteration:
+            print(f"megalign: rank {rank}: in-process restart {call.iteration} of at most "
+                  f"{r.inprocess_max_restarts} (resilience.inprocess_max_restarts) after: "
+                  f"{failures[-1] if failures else 'a fault on another rank'}",
+                  file=sys.stderr, flush=True)
+        try:
+            attempt(dist.PrefixStore(f"megalign/attempt_{call.iteration}/", attempts_store))
+        except Exception as err:
+            failures.append(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+            if not gpu:
+                with call.atomic():  # not while the wrapper's abort runs
+                    release_gloo_groups(err)
+            raise
+
+    def run() -> None:
+        try:
+            run_attempts()
+        except RestartAbort as err:
+            raise RestartsExhausted(
+                f"in-process restarts gave up ({err}; resilience.inprocess_max_restarts="
+                f"{r.inprocess_max_restarts}, all {world} ranks needed); last failure here: "
+                f"{failures[-1] if failures else 'on another rank'}") from err
+
+    return run
