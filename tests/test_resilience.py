@@ -165,6 +165,25 @@ def test_inprocess_restart_after_an_exception_matches_an_uninterrupted_run(
     assert_same_run(metrics(run), uninterrupted)
 
 
+def test_inprocess_restart_does_not_retry_an_error_the_user_must_fix(tmp_path, tagged_env,
+                                                                     data_overrides):
+    run = tmp_path / "run"
+    start = time.monotonic()
+    code, _, err = finish(launch(2, [
+        str(REPO / "tests/workers/raise_once.py"), "--unrecoverable", "--rank", "1",
+        "--iteration", "3", "--marker", str(tmp_path / "raised"), *TRAIN[2:], *data_overrides,
+        "resilience.inprocess_restart=true", "resilience.failure_timeout_s=30",
+        f"logging.run_dir={run}", "schedule.train_iters=10"],
+        env=dict(tagged_env, TORCH_CPP_LOG_LEVEL="error")))
+    elapsed = time.monotonic() - start
+    assert code != 0
+    assert "megalign-train: error on rank 1: injected fault at iteration 3" in err, err[-3000:]
+    assert "in-process restart 1" not in err, err[-3000:]
+    assert "error on rank 0: in-process restart gave up: a rank stopped for good" in err, \
+        err[-3000:]
+    assert elapsed < 120, f"{elapsed:.0f} s: the stop waited for a timeout"
+
+
 def test_ft_launcher_restarts_a_hung_rank_and_the_run_matches(
         tmp_path, tagged_env, data_overrides, uninterrupted):
     """nvidia-resiliency-ext's in-job restart: megalign's own watchdog is off, rank 1 is stopped

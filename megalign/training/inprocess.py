@@ -55,7 +55,11 @@ def release_gloo_groups(err: Exception) -> None:
     failed attempt's frames (model, optimizer, Megatron's state) hold them until collected."""
     from megalign import distributed
 
-    traceback.clear_frames(err.__traceback__)
+    seen = set()
+    while err is not None and id(err) not in seen:  # the whole chain: causes hold frames too
+        seen.add(id(err))
+        traceback.clear_frames(err.__traceback__)
+        err = err.__cause__ or err.__context__
     distributed.shutdown()
     gc.collect()
 
@@ -115,7 +119,7 @@ def restartable(cfg: Config, attempt: Callable[[dist.Store], None]) -> Callable[
                   file=sys.stderr, flush=True)
         try:
             attempt(dist.PrefixStore(f"megalign/attempt_{call.iteration}/", attempts_store))
-        except Exception as err:
+        except (Exception, Unrecoverable) as err:
             failures.append(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
             if not gpu:
                 with call.atomic():  # not while the wrapper's abort runs
@@ -127,8 +131,9 @@ def restartable(cfg: Config, attempt: Callable[[dist.Store], None]) -> Callable[
             run_attempts()
         except RestartAbort as err:
             raise RestartsExhausted(
-                f"in-process restarts gave up ({err}; resilience.inprocess_max_restarts="
-                f"{r.inprocess_max_restarts}, all {world} ranks needed); last failure here: "
-                f"{failures[-1] if failures else 'on another rank'}") from err
+                f"in-process restart gave up: a rank stopped for good (an error a restart cannot "
+                f"fix, or it died; all {world} ranks are needed) or resilience."
+                f"inprocess_max_restarts={r.inprocess_max_restarts} was reached [{err}]; last "
+                f"failure on this rank: {failures[-1] if failures else 'none'}") from err
 
     return run

@@ -1,6 +1,7 @@
 """megalign-train, except that rank ``--rank`` raises once, in the optimizer step of iteration
 ``--iteration`` of the first attempt (a marker file records that it did): a fault that leaves
-every process alive, as in-process restart is meant to absorb."""
+every process alive, as in-process restart is meant to absorb; with ``--unrecoverable``, an error
+the user must act on (TrainingError) instead."""
 
 import argparse
 import os
@@ -15,6 +16,7 @@ def main() -> int:
     parser.add_argument("--rank", type=int, required=True)
     parser.add_argument("--iteration", type=int, required=True)
     parser.add_argument("--marker", required=True)
+    parser.add_argument("--unrecoverable", action="store_true")
     args, rest = parser.parse_known_args()
     optimizer_step = train.Trainer.optimizer_step
 
@@ -22,7 +24,8 @@ def main() -> int:
         if (int(os.environ["RANK"]) == args.rank and trainer.iteration + 1 == args.iteration
                 and not os.path.exists(args.marker)):
             open(args.marker, "w").close()
-            raise RuntimeError(f"injected fault at iteration {args.iteration}")
+            error = train.TrainingError if args.unrecoverable else RuntimeError
+            raise error(f"injected fault at iteration {args.iteration}")
         return optimizer_step(trainer)
 
     train.Trainer.optimizer_step = faulty_optimizer_step
