@@ -87,8 +87,7 @@ SINGLE = ["parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_para
     ([*SINGLE, "data.tokenizer=/nonexistent.model"], "/nonexistent.model"),
     ([*SINGLE, "model.make_vocab_size_divisible_by=1", "model.padded_vocab_size=100"],
      "model.padded_vocab_size"),
-    (["parallel.sequence_parallel=true", "parallel.pipeline_model_parallel_size=1"],
-     "parallel.sequence_parallel"),
+    ([*SINGLE, "parallel.sequence_parallel=true"], "parallel.sequence_parallel=true needs"),
 ])
 def test_cli_fails_before_launch(tmp_path, overrides, key):
     run_dir = tmp_path / "run"

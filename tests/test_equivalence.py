@@ -19,6 +19,8 @@ LAYOUTS = {
     "tp2pp1": (2, 1, 2, []),
     "tp1pp2": (1, 2, 2, []),
     "tp2pp2": (2, 2, 4, []),
+    # sequence parallel: each TP rank holds half the positions of every hidden state
+    "tp2pp2sp": (2, 2, 4, ["parallel.sequence_parallel=true"]),
     "dp2": (1, 1, 2, []),
     # interleaved 1F1B: 2 virtual stages per PP rank, one layer per model chunk
     "tp1pp2vpp2": (1, 2, 2, ["parallel.virtual_pipeline_model_parallel_size=2"]),
@@ -141,9 +143,9 @@ def test_teacher_is_frozen_and_outside_the_optimizer(runs):
             assert not rank["teacher_output_layer"], name
 
 
-@pytest.mark.parametrize("layout", ["tp1pp2", "tp2pp2"])
+@pytest.mark.parametrize("layout", ["tp1pp2", "tp2pp2", "tp2pp2sp"])
 def test_pipeline_p2p_carries_only_the_teacher_stream_forward(runs, layout):
-    hidden, seq = 64, 128
+    hidden, seq = 64, 128 // (2 if layout.endswith("sp") else 1)  # SP: this rank's positions
     activation_bytes = seq * MICRO_BATCH * hidden * 4
     micro_batches = GLOBAL_BATCH // MICRO_BATCH
     total_plain = total_align = 0

@@ -6,6 +6,7 @@ import torch
 
 from conftest import TINY_CONFIG, run_python
 from megalign.config import ConfigError, load_config, validate
+from megalign.model.norm import TorchNorm
 from megalign.model.gpt import (
     attention_mask_type,
     layer_spec,
@@ -57,8 +58,9 @@ def test_fp8_without_gpu_or_te_fails_before_launch(tmp_path):
 @pytest.mark.skipif(transformer_engine_available(), reason="Transformer Engine runs here")
 def test_local_spec_and_no_fused_kernels_without_te():
     cfg = load_config(str(TINY_CONFIG))
-    spec = layer_spec(cfg, attention_mask_type(cfg, causal=False))
-    assert "transformer_engine" not in spec.submodules.self_attention.submodules.linear_qkv.__module__
+    layer = layer_spec(cfg, attention_mask_type(cfg, causal=False)).submodules
+    assert "transformer_engine" not in layer.self_attention.submodules.linear_qkv.__module__
+    assert layer.input_layernorm is layer.pre_mlp_layernorm is TorchNorm  # SP-capable norms
     config = transformer_config(cfg, torch.float32)
     assert not (config.gradient_accumulation_fusion or config.apply_rope_fusion
                 or config.bias_activation_fusion or config.masked_softmax_fusion)

@@ -15,9 +15,14 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megalign.config import Config, ConfigError, num_query_groups
+from megalign.model.norm import TorchNorm
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -40,12 +45,6 @@ def transformer_engine_available() -> bool:
 
 def check_platform(cfg: Config) -> None:
     """Configuration choices this machine's kernels cannot run (raises ``ConfigError``)."""
-    if cfg.parallel.sequence_parallel and not transformer_engine_available():
-        raise ConfigError(
-            "parallel.sequence_parallel=true needs Transformer Engine's layer norms (GPU); "
-            "Megatron-Core's torch norms, used without TE, do not support sequence parallelism. "
-            "Set parallel.sequence_parallel=false on this machine."
-        )
     if cfg.precision == "fp8":
         check_fp8(cfg)
     if cfg.precision == "bf16" and not torch.cuda.is_available():
@@ -135,7 +134,8 @@ def transformer_config(cfg: Config, params_dtype: torch.dtype, fp8: bool = False
 
 
 def layer_spec(cfg: Config, attn_mask_type: AttnMaskType):
-    """TE spec on GPUs with Transformer Engine, Megatron-Core's local spec otherwise."""
+    """TE spec on GPUs with Transformer Engine; otherwise Megatron-Core's local spec with torch
+    norms that also run under sequence parallelism (``megalign.model.norm``)."""
     if transformer_engine_available():
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_spec,
@@ -143,11 +143,19 @@ def layer_spec(cfg: Config, attn_mask_type: AttnMaskType):
 
         spec = get_gpt_layer_with_transformer_engine_spec()
     else:
-        spec = get_gpt_layer_local_spec(
-            normalization="RMSNorm" if cfg.model.arch == "llama" else "LayerNorm"
-        )
+        spec = get_gpt_layer_local_spec()
+        spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = TorchNorm
     spec.submodules.self_attention.params["attn_mask_type"] = attn_mask_type
     return spec
+
+
+def block_spec(cfg: Config, config: TransformerConfig, attn_mask_type: AttnMaskType, vp_stage=None):
+    """The layers of this stage, and (local spec) the final norm as ``TorchNorm`` too."""
+    spec = layer_spec(cfg, attn_mask_type)
+    if transformer_engine_available():
+        return spec
+    layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[spec] * layers, layer_norm=TorchNorm)
 
 
 def build_chunks(
@@ -171,9 +179,10 @@ def build_gpt(
 ) -> GPTModel:
     """One model chunk of this rank (layers of this PP stage / virtual stage, TP shard of each)."""
     m = cfg.model
+    config = transformer_config(cfg, params_dtype, fp8)
     model = GPTModel(
-        config=transformer_config(cfg, params_dtype, fp8),
-        transformer_layer_spec=layer_spec(cfg, attention_mask_type(cfg, causal)),
+        config=config,
+        transformer_layer_spec=block_spec(cfg, config, attention_mask_type(cfg, causal), vp_stage),
         vocab_size=vocab_size,
         max_sequence_length=m.max_position_embeddings or m.seq_length,
         pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
