@@ -72,6 +72,7 @@ class AlignConfig:
     layers: Optional[list] = None  # aligned state indices 0..L (0 = embedding, L = final norm)
     layer_weights: Optional[list] = None  # same length as layers; normalised to sum 1
     teacher_dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    log_teacher_loss: bool = False  # also run the teacher's LM head: log its AR loss on V
 
 
 @dataclass

@@ -473,6 +473,8 @@ def run(cfg: Config, tokenizer, store=None) -> list[dict]:
             }
             if trainer.teacher is not None:
                 record["align_cos"] = result.align_cos
+            if result.teacher_loss is not None:
+                record["teacher_loss"] = result.teacher_loss
             records.append(record)
             if iteration % cfg.logging.log_interval == 0 or iteration == train_iters:
                 logger.log(record, train_iters)

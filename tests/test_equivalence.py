@@ -21,6 +21,8 @@ LAYOUTS = {
     "tp2pp2": (2, 2, 4, []),
     # sequence parallel: each TP rank holds half the positions of every hidden state
     "tp2pp2sp": (2, 2, 4, ["parallel.sequence_parallel=true"]),
+    # the teacher keeps its LM head on the last stage and logs its AR loss
+    "tp2pp2tl": (2, 2, 4, ["align.log_teacher_loss=true"]),
     "dp2": (1, 1, 2, []),
     # interleaved 1F1B: 2 virtual stages per PP rank, one layer per model chunk
     "tp1pp2vpp2": (1, 2, 2, ["parallel.virtual_pipeline_model_parallel_size=2"]),
@@ -140,7 +142,9 @@ def test_teacher_is_frozen_and_outside_the_optimizer(runs):
             assert not rank["teacher_has_grad"], name
             assert not rank["teacher_requires_grad"], name
             assert not rank["teacher_in_optimizer"], name
-            assert not rank["teacher_output_layer"], name
+            keeps_head = name == "tp2pp2tl" and rank["is_last_stage"]
+            assert rank["teacher_output_layer"] == keeps_head, name
+        assert (run["summary"]["align"]["teacher_loss"] is None) == (name != "tp2pp2tl"), name
 
 
 @pytest.mark.parametrize("layout", ["tp1pp2", "tp2pp2", "tp2pp2sp"])
@@ -228,6 +232,12 @@ def _llama(params, tokens, blocked, num_layers, heads, groups):
     return states, final @ emb.T
 
 
+def token_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """logits [s, b, v], labels [b, s] -> cross-entropy [b, s]."""
+    return F.cross_entropy(logits.transpose(0, 1).reshape(-1, logits.shape[-1]),
+                           labels.reshape(-1), reduction="none").view_as(labels)
+
+
 def test_matches_plain_pytorch_reference(runs, corpus_prefix, data_overrides):
     """Loss, per-layer cosines and student gradients of TP1PP1 equal a from-scratch computation."""
     from megalign.config import load_config, mask_token_id
@@ -248,7 +258,7 @@ def test_matches_plain_pytorch_reference(runs, corpus_prefix, data_overrides):
     teacher_params = {n: t.detach() for n, t in params.items()}
     num_mb = GLOBAL_BATCH // MICRO_BATCH
     L = m.num_layers
-    total, cos_means = 0.0, torch.zeros(L + 1)
+    total, teacher_loss, cos_means = 0.0, 0.0, torch.zeros(L + 1)
     for _ in range(num_mb):
         raw = next(iterator)
         batch = make_batch(raw["tokens"], raw["position_ids"], raw["sample_index"], cfg.diffusion,
@@ -256,12 +266,11 @@ def test_matches_plain_pytorch_reference(runs, corpus_prefix, data_overrides):
         s_states, logits = _llama(params, batch.input_tokens, batch.student_mask, L,
                                   m.num_attention_heads, m.num_query_groups)
         with torch.no_grad():
-            t_states, _ = _llama(teacher_params, batch.clean_tokens, batch.teacher_mask, L,
-                                 m.num_attention_heads, m.num_query_groups)
-        ce = F.cross_entropy(logits.transpose(0, 1).reshape(-1, logits.shape[-1]),
-                             batch.labels.reshape(-1), reduction="none").view_as(batch.labels)
+            t_states, t_logits = _llama(teacher_params, batch.clean_tokens, batch.teacher_mask, L,
+                                        m.num_attention_heads, m.num_query_groups)
         sup = batch.supervised.float()
-        diffusion = (ce * sup).sum() / sup.sum()
+        diffusion = (token_ce(logits, batch.labels) * sup).sum() / sup.sum()
+        teacher_loss += float((token_ce(t_logits, batch.labels) * sup).sum() / sup.sum()) / num_mb
         sup_sb = sup.T
         layer_cos = torch.stack([(F.cosine_similarity(a, b, dim=-1) * sup_sb).sum() / sup_sb.sum()
                                  for a, b in zip(s_states, t_states)])
@@ -274,6 +283,9 @@ def test_matches_plain_pytorch_reference(runs, corpus_prefix, data_overrides):
     got_total = summary["diffusion_loss"] + summary["align_loss"]
     assert got_total == pytest.approx(total, rel=RTOL)
     assert summary["align_cos"] == pytest.approx(cos_means.tolist(), rel=RTOL)
+    # the teacher's AR loss on the supervised positions, logged by the layout that asks for it
+    assert runs["tp2pp2tl"]["summary"]["align"]["teacher_loss"] == pytest.approx(teacher_loss,
+                                                                               rel=RTOL)
     megatron_grads = runs["tp1pp1"]["grads"]["align"]
     errors = {name: rel_err(megatron_grads[name], param.grad) for name, param in params.items()}
     worst = max(errors, key=errors.get)

@@ -3,10 +3,15 @@
 Stage k of the teacher holds the same layers and TP shards as stage k of the student (the same
 virtual-stage chunks under interleaving) and is loaded from the same AR weights. It is never wrapped in DDP nor given to the optimizer, runs in
 eval mode under ``no_grad`` on the clean tokens, and skips the LM head: its decoder keeps the final
-norm (an aligned state) but ``GPTModel``'s post-processing (output layer, logits) is switched off.
+norm (an aligned state) but ``GPTModel``'s post-processing (output layer, logits) is switched off,
+unless ``align.log_teacher_loss`` asks for the teacher's AR loss on the supervised positions (a
+reference for the student's diffusion loss, logged as ``teacher_loss``).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from megatron.core import parallel_state
@@ -24,6 +29,12 @@ def teacher_dtype(cfg: Config) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.align.teacher_dtype]
 
 
+@dataclass
+class TeacherOutput:
+    states: dict[int, torch.Tensor]  # the aligned states on this chunk
+    token_loss: Optional[torch.Tensor]  # [b, s] AR cross-entropy (log_teacher_loss, last stage)
+
+
 class Teacher:
     """The teacher's model chunks on this rank (one per virtual pipeline stage)."""
 
@@ -32,10 +43,13 @@ class Teacher:
         self.chunks = build_chunks(cfg, vocab_size, causal=True, params_dtype=self.dtype,
                                    fp8=cfg.precision == "fp8" and cfg.fp8.teacher)
         self.sends_output = [not chunk.post_process for chunk in self.chunks]
-        for chunk, state in zip(self.chunks, ar_state_dicts):
+        self.computes_loss = [chunk.post_process and cfg.align.log_teacher_loss
+                              for chunk in self.chunks]
+        for chunk, state, keeps_head in zip(self.chunks, ar_state_dicts, self.computes_loss):
             chunk.load_state_dict(state, strict=True)
-            chunk.post_process = False  # hidden states only: no output layer, no logits
-            chunk.output_layer = None
+            if not keeps_head:  # hidden states only: no output layer, no logits
+                chunk.post_process = False
+                chunk.output_layer = None
             chunk.requires_grad_(False)
             chunk.eval()
         self.recorders = [HiddenStateRecorder(chunk, aligned) for chunk in self.chunks]
@@ -50,18 +64,19 @@ class Teacher:
             yield from chunk.parameters()
 
     @torch.no_grad()
-    def forward(self, batch: DiffusionBatch, chunk: int = 0) -> dict[int, torch.Tensor]:
-        """Run this chunk's teacher layers on the clean tokens; returns the aligned states here."""
+    def forward(self, batch: DiffusionBatch, chunk: int = 0) -> TeacherOutput:
+        """Run this chunk's teacher layers on the clean tokens."""
         model = self.chunks[chunk]
         if not model.pre_process:
             b, s = batch.clean_tokens.shape
             shape = (s // self._sequence_divisor, b, self._hidden)
             received = self.stream.recv(shape, self.dtype, batch.clean_tokens.device)
             model.set_input_tensor(received)
-        output = model(batch.clean_tokens, batch.position_ids, batch.teacher_mask)
+        labels = batch.labels if self.computes_loss[chunk] else None
+        output = model(batch.clean_tokens, batch.position_ids, batch.teacher_mask, labels=labels)
         if self.sends_output[chunk]:
             self.stream.send(output)
-        return self.recorders[chunk].pop()
+        return TeacherOutput(self.recorders[chunk].pop(), output if labels is not None else None)
 
     def finish_step(self) -> None:
         if self.stream is not None:

@@ -32,6 +32,7 @@ class StepStats:
 
     num_layers: int
     diffusion: float = 0.0
+    teacher: float = 0.0  # the teacher's AR loss (align.log_teacher_loss, last stage)
     layer_distance: list = field(default_factory=list)  # per aligned layer: sum of (1 - mean cos)
     first_microbatch: Optional[dict] = None
 
@@ -44,6 +45,7 @@ class StepResult:
     diffusion_loss: float
     align_loss: float
     align_cos: list  # per aligned layer (None for layers not aligned)
+    teacher_loss: Optional[float] = None  # with align.log_teacher_loss
 
 
 class DiffusionStep:
@@ -123,7 +125,10 @@ class DiffusionStep:
                 "layer_distance": [0.0] * (self.cfg.model.num_layers + 1),
                 "diffusion_loss": 0.0,
             }
-        teacher_states = self.teacher.forward(batch, chunk) if self.teacher is not None else None
+        teacher = self.teacher.forward(batch, chunk) if self.teacher is not None else None
+        if teacher is not None and teacher.token_loss is not None:
+            loss_sum, count = loss_terms(teacher.token_loss, batch, "none")
+            self.stats.teacher += float((loss_sum / count.clamp(min=1)).item())
         output = model(
             batch.input_tokens,
             batch.position_ids,
@@ -133,7 +138,7 @@ class DiffusionStep:
         if self.teacher is not None:
             alignment = stage_alignment(
                 self.recorders[chunk].pop(),
-                teacher_states,
+                teacher.states,
                 batch.supervised,
                 self.layer_weights,
                 self.cfg.parallel.sequence_parallel,
@@ -164,9 +169,10 @@ class DiffusionStep:
     def reduce(self) -> StepResult:
         """Means over micro-batches and DP ranks; per-layer values gathered from every stage."""
         L = self.cfg.model.num_layers
-        values = torch.tensor([self.stats.diffusion, *self.stats.layer_distance], dtype=torch.float64)
+        values = torch.tensor([self.stats.diffusion, self.stats.teacher,
+                               *self.stats.layer_distance], dtype=torch.float64)
         values = _sum_over_pipeline_then_mean_over_dp(values) / self.num_microbatches
-        distances = values[1:].tolist()
+        distances = values[2:].tolist()
         align_cos = [
             (1.0 - distances[i]) if i in self.layer_weights and self.teacher is not None else None
             for i in range(L + 1)
@@ -176,7 +182,9 @@ class DiffusionStep:
             align_loss = self.cfg.align.weight * sum(
                 w * distances[i] for i, w in self.layer_weights.items()
             )
-        return StepResult(float(values[0]), float(align_loss), align_cos)
+        logs_teacher = self.teacher is not None and self.cfg.align.log_teacher_loss
+        return StepResult(float(values[0]), float(align_loss), align_cos,
+                          float(values[1]) if logs_teacher else None)
 
     def first_microbatch_dump(self) -> Optional[dict]:
         """The first micro-batch's inputs and loss terms, with scalars gathered from all stages."""

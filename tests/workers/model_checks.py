@@ -71,7 +71,7 @@ def main():
     positions = torch.arange(cfg.model.seq_length).unsqueeze(0).expand(2, -1)
     batch = make_batch(sample, positions, torch.tensor([0, 1]), cfg.diffusion, cfg.seed, mask_id,
                        tok.eod, tok.pad, True, with_teacher=True)
-    teacher_states = teacher.forward(batch)
+    teacher_states = teacher.forward(batch).states
     with torch.no_grad():
         student(batch.input_tokens, batch.position_ids, batch.student_mask)
     cos = F.cosine_similarity(recorder.pop()[0], teacher_states[0], dim=-1).T  # [b, s]
