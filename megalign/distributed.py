@@ -88,6 +88,10 @@ def initialize(
             timeout=datetime.timedelta(minutes=timeout_minutes),
             store=store,
         )
+        if store is not None and backend == "nccl":
+            # in-process restart aborts NCCL by destroying its groups, which stops NCCL's kernels
+            # only if the world communicator was set up before any subgroup: force that now
+            dist.all_reduce(torch.ones(1, device=device()))
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_parallel,
         pipeline_model_parallel_size=pipeline_parallel,
