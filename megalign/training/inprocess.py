@@ -32,9 +32,6 @@ import torch.distributed as dist
 
 from megalign.config import Config
 
-INSTALL_HINT = "pip install 'megalign[resilience]' (nvidia-resiliency-ext)"
-
-
 class Unrecoverable(BaseException):
     """Raised inside an attempt for an error a restart cannot fix; a ``BaseException`` so the
     wrapper ends instead of restarting. ``error`` is the original exception."""
@@ -71,6 +68,7 @@ def restartable(cfg: Config, attempt: Callable[[dist.Store], None]) -> Callable[
     from nvidia_resiliency_ext.inprocess.exception import RestartAbort
 
     from megalign import distributed
+    from megalign.checkpoint import first_line
 
     r = cfg.resilience
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -120,7 +118,7 @@ def restartable(cfg: Config, attempt: Callable[[dist.Store], None]) -> Callable[
         try:
             attempt(dist.PrefixStore(f"megalign/attempt_{call.iteration}/", attempts_store))
         except (Exception, Unrecoverable) as err:
-            failures.append(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+            failures.append(first_line(err))
             if not gpu:
                 with call.atomic():  # not while the wrapper's abort runs
                     release_gloo_groups(err)
