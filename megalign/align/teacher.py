@@ -56,7 +56,7 @@ class Teacher:
             yield from chunk.parameters()
 
     def forward(self, batch: DiffusionBatch, chunk: int = 0) -> dict[int, torch.Tensor]:
-        """Run this chunk's teacher layers on the clean tokens; returns the aligned states here (fp32)."""
+        """Run this chunk's teacher layers on the clean tokens; returns its aligned states, fp32."""
         with torch.inference_mode():
             states = self._forward(batch, chunk)
         return {index: state.to(torch.float32, copy=True) for index, state in states.items()}

@@ -69,7 +69,7 @@ class DiffusionStep:
             if teacher is not None
             else None
         )
-        # where each chunk's aligned layers go in the per-step sums (device indices: no host copy per use)
+        # where each chunk's aligned layers go in the per-step sums (on the device: no copy per use)
         self._aligned_index = [
             torch.tensor(recorder.indices, dtype=torch.long, device=device())
             for recorder in self.recorders or []
