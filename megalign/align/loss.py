@@ -19,7 +19,8 @@ from megatron.core import parallel_state
 @dataclass
 class StageAlignment:
     loss: torch.Tensor  # this rank's share of sum_l w_l (1 - mean cos_l), differentiable
-    cos_sums: dict[int, torch.Tensor]  # per aligned layer: sum of cos over this rank's positions
+    layers: list[int]  # the aligned layers on this stage, ascending
+    cos_sums: torch.Tensor  # [len(layers)] sum of cos over this rank's positions (detached)
     count: torch.Tensor  # |V| over the whole micro-batch (all TP ranks)
 
 
@@ -49,13 +50,15 @@ def stage_alignment(
         torch.distributed.all_reduce(count, group=parallel_state.get_tensor_model_parallel_group())
     denom = count.clamp(min=1.0)
     loss = torch.zeros((), dtype=torch.float32, device=weight.device)
-    cos_sums = {}
-    for index, h_student in student.items():
-        cos = F.cosine_similarity(h_student.float(), teacher[index].float(), dim=-1)  # [s, b]
+    layers = sorted(student)
+    cos_sums = []
+    for index in layers:
+        cos = F.cosine_similarity(student[index].float(), teacher[index].float(), dim=-1)  # [s, b]
         cos_sum = (cos * weight).sum()
         loss = loss + layer_weights[index] * (local_count - cos_sum) / denom
-        cos_sums[index] = cos_sum.detach()
-    return StageAlignment(loss=loss, cos_sums=cos_sums, count=count)
+        cos_sums.append(cos_sum.detach())
+    cos_sums = torch.stack(cos_sums) if cos_sums else weight.new_zeros(0)
+    return StageAlignment(loss=loss, layers=layers, cos_sums=cos_sums, count=count)
 
 
 def normalised_layer_weights(

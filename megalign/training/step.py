@@ -4,12 +4,13 @@ Every pipeline stage reads the same micro-batch (the masks are a function of the
 and runs, in order: the teacher's layers of this stage on the clean tokens (REPR-ALIGN only), the
 student's layers on the masked tokens, then this stage's alignment term, attached to the stage's
 output so its gradient enters the local graph. The last stage's diffusion loss goes through the
-schedule's loss path. Scalars for logging are summed here and reduced once per step.
+schedule's loss path. Scalars for logging are summed here and reduced once per step; the per-layer
+alignment distances stay a device tensor until then, so recording them costs no host sync.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Optional
 
@@ -33,11 +34,11 @@ class StepStats:
     num_layers: int
     diffusion: float = 0.0
     teacher: float = 0.0  # the teacher's AR loss (align.log_teacher_loss, last stage)
-    layer_distance: list = field(default_factory=list)  # per aligned layer: sum of (1 - mean cos)
+    layer_distance: torch.Tensor = None  # [L+1] float64: per aligned layer, sum of (1 - mean cos)
     first_microbatch: Optional[dict] = None
 
     def __post_init__(self):
-        self.layer_distance = [0.0] * (self.num_layers + 1)
+        self.layer_distance = torch.zeros(self.num_layers + 1, dtype=torch.float64, device=device())
 
 
 @dataclass
@@ -70,6 +71,11 @@ class DiffusionStep:
             if teacher is not None
             else None
         )
+        # where each chunk's aligned layers go in the per-step sums (on the device: no copy per use)
+        self._aligned_index = [
+            torch.tensor(recorder.indices, dtype=torch.long, device=device())
+            for recorder in self.recorders or []
+        ]
         self.num_microbatches = 1
         self.grad_scale_func = None
         self.record_first = False
@@ -122,7 +128,7 @@ class DiffusionStep:
                 "t": batch.t.cpu(),
                 "supervised": batch.supervised.cpu(),
                 "sample_indices": batch.sample_indices.cpu(),
-                "layer_distance": [0.0] * (self.cfg.model.num_layers + 1),
+                "layer_distance": torch.zeros_like(self.stats.layer_distance),
                 "diffusion_loss": 0.0,
             }
         teacher = self.teacher.forward(batch, chunk) if self.teacher is not None else None
@@ -143,20 +149,20 @@ class DiffusionStep:
                 self.layer_weights,
                 self.cfg.parallel.sequence_parallel,
             )
-            if alignment.cos_sums:
+            if alignment.layers:
                 output = attach_loss(output, self.cfg.align.weight * alignment.loss, self._aux_scale())
-            self._record_alignment(alignment, first)
+            self._record_alignment(alignment, chunk, first)
         return output, partial(self._loss, batch, first)
 
-    def _record_alignment(self, alignment, first: bool) -> None:
-        denom = alignment.count.clamp(min=1.0)
-        for index, cos_sum in alignment.cos_sums.items():
-            if self.cfg.parallel.sequence_parallel:
-                dist.all_reduce(cos_sum, group=parallel_state.get_tensor_model_parallel_group())
-            distance = float(((alignment.count - cos_sum) / denom).item())
-            self.stats.layer_distance[index] += distance
-            if first:
-                self.stats.first_microbatch["layer_distance"][index] = distance
+    def _record_alignment(self, alignment, chunk: int, first: bool) -> None:
+        cos_sums = alignment.cos_sums
+        if self.cfg.parallel.sequence_parallel:
+            dist.all_reduce(cos_sums, group=parallel_state.get_tensor_model_parallel_group())
+        distances = ((alignment.count - cos_sums) / alignment.count.clamp(min=1.0)).double()
+        index = self._aligned_index[chunk]
+        self.stats.layer_distance.index_add_(0, index, distances)
+        if first:
+            self.stats.first_microbatch["layer_distance"].index_copy_(0, index, distances)
 
     def _loss(self, batch: DiffusionBatch, first: bool, per_token_ce: torch.Tensor):
         loss_sum, count = loss_terms(per_token_ce, batch, self.cfg.diffusion.loss_weighting)
@@ -169,8 +175,9 @@ class DiffusionStep:
     def reduce(self) -> StepResult:
         """Means over micro-batches and DP ranks; per-layer values gathered from every stage."""
         L = self.cfg.model.num_layers
-        values = torch.tensor([self.stats.diffusion, self.stats.teacher,
-                               *self.stats.layer_distance], dtype=torch.float64)
+        distances = self.stats.layer_distance
+        values = torch.cat([distances.new_tensor([self.stats.diffusion, self.stats.teacher]),
+                            distances])
         values = _sum_over_pipeline_then_mean_over_dp(values) / self.num_microbatches
         distances = values[2:].tolist()
         align_cos = [
@@ -191,7 +198,8 @@ class DiffusionStep:
         record = self.stats.first_microbatch
         if record is None:
             return None
-        values = torch.tensor([record["diffusion_loss"], *record["layer_distance"]], dtype=torch.float64)
+        distances = record["layer_distance"]
+        values = torch.cat([distances.new_tensor([record["diffusion_loss"]]), distances])
         group = parallel_state.get_pipeline_model_parallel_group()
         dist.all_reduce(values, group=group)
         distances = values[1:].tolist()
