@@ -30,6 +30,7 @@ from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedObject, is_main_replica
 from torch.distributed.checkpoint.api import CheckpointException
 
+from megalign.platform.process import own_checkpoint_writer_queue
 from megalign.training.signals import sigusr1_blocked_in_helpers
 
 LATEST = "latest"
@@ -229,6 +230,7 @@ def _write_atomic(path: str, state: dict) -> None:
     _agree(_preflight(temp, state), path, temp)
     try:
         with sigusr1_blocked_in_helpers():
+            own_checkpoint_writer_queue()
             dist_checkpointing.save(state, temp)
     except (Exception, CheckpointException) as err:  # the latter is a BaseException
         error = err

@@ -29,6 +29,9 @@ TRAIN = ["-m", "megalign.train", "--config", str(TINY_CONFIG), "schedule.warmup_
          f"resilience.failure_timeout_s={FAILURE_TIMEOUT}"]
 
 
+SINGLE = ["parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=1"]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -209,6 +212,24 @@ def test_ft_launcher_restarts_a_hung_rank_and_the_run_matches(
     assert "will restart worker group" in out, out[-3000:]
     assert out.count("> resumed from") == 1, out[-3000:]
     assert_same_run(metrics(run), uninterrupted)
+
+
+def test_a_killed_rank_leaves_no_checkpoint_helper_behind(tmp_path, tagged_env, data_overrides):
+    """Megatron's checkpoint writer serves its results queue from a spawned manager process;
+    megalign makes it die with the rank, or a SIGKILLed rank would leave it running."""
+    run = tmp_path / "run"
+    rank = subprocess.Popen([sys.executable, *TRAIN, *data_overrides, *SINGLE,
+                             "schedule.train_iters=100000", "checkpoint.save_interval=1",
+                             f"logging.run_dir={run}", f"checkpoint.save={run}/ckpt"],
+                            cwd=REPO, env=tagged_env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    wait_for_iteration(run, 2, [rank])
+    helpers = psutil.Process(rank.pid).children(recursive=True)
+    assert any("spawn_main" in " ".join(p.cmdline()) for p in helpers), helpers
+    rank.kill()
+    rank.wait()
+    gone, alive = psutil.wait_procs(helpers, timeout=10)
+    assert not alive, [p.cmdline() for p in alive]
 
 
 @contextlib.contextmanager

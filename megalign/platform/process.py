@@ -1,0 +1,40 @@
+"""Helper processes that end with their rank.
+
+Megatron's checkpoint writer keeps its results queue in a multiprocessing Manager: a spawned
+server process, created at the first save and kept for the life of the rank. When a rank is
+SIGKILLed (a hard timeout, ft_launcher or torchrun stopping a worker group, the OOM killer),
+nothing stops that server: it outlives the rank with a few hundred MB and the rank's stdout and
+stderr, so a launcher reading them never sees end-of-file, and every restart leaves one more.
+Here the manager is created by megalign, with an initializer that asks the kernel to SIGKILL it
+when its parent dies (Linux ``PR_SET_PDEATHSIG``), and its queue is handed to Megatron's cache.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing
+import signal
+import sys
+from multiprocessing.managers import SyncManager
+
+PR_SET_PDEATHSIG = 1
+_manager: SyncManager | None = None
+
+
+def die_with_parent() -> None:
+    """Runs first in the helper: the kernel kills it when the rank that started it ends."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
+
+
+def own_checkpoint_writer_queue() -> None:
+    """Before a save: make Megatron's writer use a results queue whose server dies with us."""
+    global _manager
+    if _manager is not None or not sys.platform.startswith("linux"):
+        return
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", False) is not None:
+        return  # Megatron already made one, or this version keeps no such cache
+    _manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+    _manager.start(die_with_parent)
+    filesystem_async._results_queue = _manager.Queue()
