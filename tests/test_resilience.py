@@ -149,6 +149,33 @@ def test_torchrun_restart_resumes_from_latest_and_matches_an_uninterrupted_run(
     assert_same_run(metrics(run), uninterrupted)
 
 
+def test_multi_node_rendezvous_restart_matches_an_uninterrupted_run(
+        tmp_path, tagged_env, data_overrides, uninterrupted):
+    """Two torchrun agents ("nodes", one worker each) meet through a c10d rendezvous; killing
+    node 1's worker restarts the workers of both nodes, which resume from the latest checkpoint."""
+    run, endpoint = tmp_path / "run", f"127.0.0.1:{free_port()}"
+    env = dict(tagged_env, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    agents = []
+    for node in range(2):
+        with open(tmp_path / f"node{node}.log", "w") as output:
+            agents.append(subprocess.Popen(
+                [sys.executable, "-m", "torch.distributed.run", "--nnodes=2",
+                 "--nproc-per-node=1", "--max-restarts=1", "--rdzv-backend=c10d",
+                 f"--rdzv-endpoint={endpoint}", "--rdzv-id=megalign-test",
+                 f"--rdzv-conf=is_host={str(node == 0).lower()}", *TRAIN, *data_overrides,
+                 *RESTARTED, "resilience.failure_timeout_s=30",  # no false alarm under load
+                 f"logging.run_dir={run}", f"checkpoint.save={run}/ckpt"],
+                cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT,
+                start_new_session=True))
+    wait_for_iteration(run, 12, agents)
+    next(iter(psutil.Process(agents[1].pid).children())).kill()
+    for node, agent in enumerate(agents):
+        assert agent.wait(timeout=600) == 0, (tmp_path / f"node{node}.log").read_text()[-3000:]
+    logs = "".join((tmp_path / f"node{node}.log").read_text() for node in range(2))
+    assert logs.count("> resumed from") == 1, logs[-3000:]
+    assert_same_run(metrics(run), uninterrupted)
+
+
 def test_inprocess_restart_after_an_exception_matches_an_uninterrupted_run(
         tmp_path, tagged_env, data_overrides, uninterrupted):
     """nvidia-resiliency-ext's in-process restart: rank 1 raises in iteration 12, rank 0 is
