@@ -5,7 +5,8 @@ and runs, in order: the teacher's layers of this stage on the clean tokens (REPR
 student's layers on the masked tokens, then this stage's alignment term, attached to the stage's
 output so its gradient enters the local graph. The last stage's diffusion loss goes through the
 schedule's loss path. Scalars for logging are summed here and reduced once per step; the per-layer
-alignment distances stay a device tensor until then, so recording them costs no host sync.
+alignment distances and the teacher's loss stay device tensors until then, so recording them costs
+no host sync.
 """
 
 from __future__ import annotations
@@ -33,11 +34,12 @@ class StepStats:
 
     num_layers: int
     diffusion: float = 0.0
-    teacher: float = 0.0  # the teacher's AR loss (align.log_teacher_loss, last stage)
+    teacher: torch.Tensor = None  # [1] float64: the teacher's AR loss (log_teacher_loss)
     layer_distance: torch.Tensor = None  # [L+1] float64: per aligned layer, sum of (1 - mean cos)
     first_microbatch: Optional[dict] = None
 
     def __post_init__(self):
+        self.teacher = torch.zeros(1, dtype=torch.float64, device=device())
         self.layer_distance = torch.zeros(self.num_layers + 1, dtype=torch.float64, device=device())
 
 
@@ -134,7 +136,7 @@ class DiffusionStep:
         teacher = self.teacher.forward(batch, chunk) if self.teacher is not None else None
         if teacher is not None and teacher.token_loss is not None:
             loss_sum, count = loss_terms(teacher.token_loss, batch, "none")
-            self.stats.teacher += float((loss_sum / count.clamp(min=1)).item())
+            self.stats.teacher += (loss_sum / count.clamp(min=1)).double()
         output = model(
             batch.input_tokens,
             batch.position_ids,
@@ -176,7 +178,7 @@ class DiffusionStep:
         """Means over micro-batches and DP ranks; per-layer values gathered from every stage."""
         L = self.cfg.model.num_layers
         distances = self.stats.layer_distance
-        values = torch.cat([distances.new_tensor([self.stats.diffusion, self.stats.teacher]),
+        values = torch.cat([distances.new_tensor([self.stats.diffusion]), self.stats.teacher,
                             distances])
         values = _sum_over_pipeline_then_mean_over_dp(values) / self.num_microbatches
         distances = values[2:].tolist()
