@@ -63,7 +63,8 @@ def worker(args) -> None:
         print(f"layout: TP {cfg.parallel.tensor_model_parallel_size} x PP "
               f"{cfg.parallel.pipeline_model_parallel_size}, hidden {cfg.model.hidden_size}, "
               f"layers {cfg.model.num_layers}, seq {cfg.model.seq_length}, micro-batch "
-              f"{cfg.data.micro_batch_size}, {trainer.num_microbatches} micro-batches/step, "
+              f"{cfg.data.micro_batch_size}, {trainer.num_microbatches} micro-batches/step "
+              f"(teacher: {min(s.teacher_group, trainer.num_microbatches)} per forward), "
               f"{args.iters} timed steps each (after {args.warmup} warm-up)")
         for name in steps:
             print(f"{name:>6}: median step {median[name] * 1000:8.1f} ms | "

@@ -73,6 +73,9 @@ class AlignConfig:
     layer_weights: Optional[list] = None  # same length as layers; normalised to sum 1
     teacher_dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     log_teacher_loss: bool = False  # also run the teacher's LM head: log its AR loss on V
+    # consecutive micro-batches the teacher runs as one batch: fewer, larger forwards and TP
+    # collectives, for holding that many micro-batches' teacher states; 1 = one per micro-batch
+    teacher_microbatches: int = 4
 
 
 @dataclass
@@ -527,6 +530,9 @@ def validate(
         raise ConfigError(f"diffusion.eps={cfg.diffusion.eps} must lie in (0, 0.5)")
     if cfg.align.weight < 0:
         raise ConfigError(f"align.weight={cfg.align.weight} must be >= 0")
+    if cfg.align.teacher_microbatches < 1:
+        raise ConfigError(f"align.teacher_microbatches={cfg.align.teacher_microbatches} must be "
+                          ">= 1 (1 = one teacher forward per micro-batch)")
     if cfg.fp8.teacher and cfg.precision != "fp8":
         raise ConfigError(
             f"fp8.teacher=true needs precision=fp8 (got precision={cfg.precision}); "

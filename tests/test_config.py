@@ -38,6 +38,7 @@ def test_bad_keys_and_types_name_the_key(override, message):
     (["parallel.tensor_model_parallel_size=2"], 3, "world size"),
     (["diffusion.loss_weighting=elbo"], 4, "diffusion.loss_weighting"),
     (["align.layers=[0, 9]"], 4, "align.layers"),
+    (["align.teacher_microbatches=0"], 4, "align.teacher_microbatches=0"),
     (["parallel.virtual_pipeline_model_parallel_size=4"], 4, "virtual_pipeline_model_parallel_size=4"),
     (["parallel.virtual_pipeline_model_parallel_size=2", "data.global_batch_size=3",
       "data.micro_batch_size=1"], 4, "interleaved schedule needs"),

@@ -23,6 +23,8 @@ LAYOUTS = {
     "tp2pp2sp": (2, 2, 4, ["parallel.sequence_parallel=true"]),
     # the teacher keeps its LM head on the last stage and logs its AR loss
     "tp2pp2tl": (2, 2, 4, ["align.log_teacher_loss=true"]),
+    # one teacher forward per micro-batch (the other layouts run it once per step's 2)
+    "tp2pp2g1": (2, 2, 4, ["align.teacher_microbatches=1"]),
     "dp2": (1, 1, 2, []),
     # interleaved 1F1B: 2 virtual stages per PP rank, one layer per model chunk
     "tp1pp2vpp2": (1, 2, 2, ["parallel.virtual_pipeline_model_parallel_size=2"]),
@@ -147,11 +149,14 @@ def test_teacher_is_frozen_and_outside_the_optimizer(runs):
         assert (run["summary"]["align"]["teacher_loss"] is None) == (name != "tp2pp2tl"), name
 
 
-@pytest.mark.parametrize("layout", ["tp1pp2", "tp2pp2", "tp2pp2sp"])
+@pytest.mark.parametrize("layout", ["tp1pp2", "tp2pp2", "tp2pp2sp", "tp2pp2g1"])
 def test_pipeline_p2p_carries_only_the_teacher_stream_forward(runs, layout):
     hidden, seq = 64, 128 // (2 if layout.endswith("sp") else 1)  # SP: this rank's positions
-    activation_bytes = seq * MICRO_BATCH * hidden * 4
     micro_batches = GLOBAL_BATCH // MICRO_BATCH
+    # align.teacher_microbatches (default 4, capped by the step's micro-batches) per teacher send
+    group = 1 if layout.endswith("g1") else micro_batches
+    activation = (seq, MICRO_BATCH, hidden)
+    teacher_stream = (seq, group * MICRO_BATCH, hidden)
     total_plain = total_align = 0
     for rank in runs[layout]["ranks"]:
         plain, align = rank["plain_p2p"], rank["align_p2p"]
@@ -160,14 +165,18 @@ def test_pipeline_p2p_carries_only_the_teacher_stream_forward(runs, layout):
         # backward sends carry no teacher data
         assert align["backward_bytes"] == plain["backward_bytes"]
         assert align["backward_messages"] == plain["backward_messages"]
-        # every message is one [s, b, h] tensor: no other layer's hidden states travel
-        assert all(tuple(shape) == (seq, MICRO_BATCH, hidden) for _, shape, _, _ in align["sends"])
+        assert all(tuple(shape) == activation
+                   for _, shape, _, direction in align["sends"] if direction == "bwd")
+        forward = sorted(tuple(shape) for _, shape, _, direction in align["sends"]
+                         if direction == "fwd")
         if rank["is_last_stage"]:
-            assert align["forward_bytes"] == 0
+            assert forward == []
         else:
-            # the student's activation plus the teacher's residual stream, once per micro-batch
-            assert align["forward_messages"] == 2 * micro_batches
-            assert align["forward_bytes"] == 2 * micro_batches * activation_bytes
+            # the student's activation per micro-batch plus the teacher's residual stream per
+            # group of micro-batches: no other layer's hidden states travel
+            expected = [activation] * micro_batches + [teacher_stream] * (micro_batches // group)
+            assert forward == sorted(expected)
+            assert align["forward_bytes"] == 2 * micro_batches * math.prod(activation) * 4
     assert total_align / total_plain == pytest.approx(1.5)
 
 

@@ -30,3 +30,9 @@ def test_embedding_states_align_exactly_at_step_zero(report):
     assert report["embedding_cos_visible_min"] == pytest.approx(1.0, abs=1e-6)
     assert report["embedding_cos_visible_max"] == pytest.approx(1.0, abs=1e-6)
     assert report["embedding_cos_masked_max"] < 0.999
+
+
+def test_grouped_teacher_forward_matches_one_forward_per_microbatch(report):
+    """align.teacher_microbatches: micro-batches run as one teacher batch get their own states."""
+    assert report["teacher_group_shapes"] == [[128, 1, 64]] * 4  # 2 micro-batches x 2 states
+    assert report["teacher_group_max_diff"] < 1e-5

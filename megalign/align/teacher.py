@@ -8,6 +8,13 @@ post-processing (output layer, logits) is switched off, unless ``align.log_teach
 the teacher's AR loss on the supervised positions (a reference for the student's diffusion loss,
 logged as ``teacher_loss``).
 
+It runs once per group of ``align.teacher_microbatches`` consecutive micro-batches, on their
+concatenation: the same arithmetic per sample, but a fraction of the forwards, kernel launches and
+TP all-reduces. On 2 CPU cores that cut the REPR-ALIGN step's overhead by more than half (README,
+"Alignment overhead"); what it costs is holding the group's teacher states (the aligned states of
+this stage for g micro-batches) until their micro-batches' forward steps, and a teacher forward g
+times as long in the group's first forward step.
+
 Not ``inference_mode``, although it measured 6-7% less CPU per teacher forward: the teacher runs
 first in every forward step, so whatever Megatron-Core or Transformer Engine allocate lazily and
 share across models (e.g. Megatron-Core's global memory buffer) would be born an inference tensor
@@ -71,19 +78,25 @@ class Teacher:
             yield from chunk.parameters()
 
     @torch.no_grad()
-    def forward(self, batch: DiffusionBatch, chunk: int = 0) -> TeacherOutput:
-        """Run this chunk's teacher layers on the clean tokens."""
+    def forward(self, batches: list[DiffusionBatch], chunk: int = 0) -> list[TeacherOutput]:
+        """Run this chunk's teacher layers once on the clean tokens of ``batches`` (consecutive
+        micro-batches, concatenated along the batch dimension); one output per micro-batch."""
         model = self.chunks[chunk]
+        sizes = [batch.clean_tokens.shape[0] for batch in batches]
+        tokens = torch.cat([batch.clean_tokens for batch in batches])
         if not model.pre_process:
-            b, s = batch.clean_tokens.shape
-            shape = (s // self._sequence_divisor, b, self._hidden)
-            received = self.stream.recv(shape, self.dtype, batch.clean_tokens.device)
-            model.set_input_tensor(received)
-        labels = batch.labels if self.computes_loss[chunk] else None
-        output = model(batch.clean_tokens, batch.position_ids, batch.teacher_mask, labels=labels)
+            shape = (tokens.shape[1] // self._sequence_divisor, tokens.shape[0], self._hidden)
+            model.set_input_tensor(self.stream.recv(shape, self.dtype, tokens.device))
+        mask = None if batches[0].teacher_mask is None else torch.cat([b.teacher_mask for b in batches])
+        labels = torch.cat([b.labels for b in batches]) if self.computes_loss[chunk] else None
+        output = model(tokens, torch.cat([b.position_ids for b in batches]), mask, labels=labels)
         if self.sends_output[chunk]:
             self.stream.send(output)
-        return TeacherOutput(self.recorders[chunk].pop(), output if labels is not None else None)
+        states = {index: state.split(sizes, dim=1)  # [s, b, h] per micro-batch
+                  for index, state in self.recorders[chunk].pop().items()}
+        token_losses = output.split(sizes) if labels is not None else [None] * len(batches)
+        return [TeacherOutput({index: parts[i] for index, parts in states.items()}, token_losses[i])
+                for i in range(len(batches))]
 
     def finish_step(self) -> None:
         if self.stream is not None:

@@ -1,9 +1,10 @@
 """The per-micro-batch forward step given to Megatron-Core's schedules, and per-step statistics.
 
 Every pipeline stage reads the same micro-batch (the masks are a function of the sample index)
-and runs, in order: the teacher's layers of this stage on the clean tokens (REPR-ALIGN only), the
-student's layers on the masked tokens, then this stage's alignment term, attached to the stage's
-output so its gradient enters the local graph. The last stage's diffusion loss goes through the
+and runs, in order: the teacher's layers of this stage on the clean tokens (REPR-ALIGN only; once
+per group of ``align.teacher_microbatches``, in the group's first forward step, which reads the
+group's micro-batches ahead), the student's layers on the masked tokens, then this stage's
+alignment term, attached to the stage's output so its gradient enters the local graph. The last stage's diffusion loss goes through the
 schedule's loss path. Scalars for logging are summed here and reduced once per step; the per-layer
 alignment distances and the teacher's loss stay device tensors until then, so recording them costs
 no host sync.
@@ -11,6 +12,7 @@ no host sync.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from functools import partial
 from typing import Optional
@@ -78,16 +80,23 @@ class DiffusionStep:
             torch.tensor(recorder.indices, dtype=torch.long, device=device())
             for recorder in self.recorders or []
         ]
+        self.teacher_group = cfg.align.teacher_microbatches if teacher is not None else 1
         self.num_microbatches = 1
         self.grad_scale_func = None
         self.record_first = False
         self.stats = StepStats(cfg.model.num_layers)
+        self._begin_chunks(len(students))
 
     def begin(self, num_microbatches: int, grad_scale_func, record_first: bool) -> None:
         self.num_microbatches = num_microbatches
         self.grad_scale_func = grad_scale_func
         self.record_first = record_first
         self.stats = StepStats(self.cfg.model.num_layers)
+        self._begin_chunks(len(self._computes_loss))
+
+    def _begin_chunks(self, chunks: int) -> None:
+        self._started = [0] * chunks  # micro-batches of this step read so far, per chunk
+        self._ready = [deque() for _ in range(chunks)]  # (batch, teacher output) read ahead
 
     def _is_first_microbatch(self, batch: DiffusionBatch) -> bool:
         """The first micro-batch of a recorded step, on every model chunk that processes it."""
@@ -121,7 +130,7 @@ class DiffusionStep:
         """Megatron's forward_step_func; ``model`` is one (DDP-wrapped) student chunk."""
         chunk = self._chunk_of[id(getattr(model, "module", model))]
         last_stage = self._computes_loss[chunk]
-        batch = self.make_batch(next(data_iterator))
+        batch, teacher = self._next_microbatch(data_iterator, chunk)
         first = self._is_first_microbatch(batch)
         if first and self.stats.first_microbatch is None:
             self.stats.first_microbatch = {
@@ -133,7 +142,6 @@ class DiffusionStep:
                 "layer_distance": torch.zeros_like(self.stats.layer_distance),
                 "diffusion_loss": 0.0,
             }
-        teacher = self.teacher.forward(batch, chunk) if self.teacher is not None else None
         if teacher is not None and teacher.token_loss is not None:
             loss_sum, count = loss_terms(teacher.token_loss, batch, "none")
             self.stats.teacher += (loss_sum / count.clamp(min=1)).double()
@@ -155,6 +163,19 @@ class DiffusionStep:
                 output = attach_loss(output, self.cfg.align.weight * alignment.loss, self._aux_scale())
             self._record_alignment(alignment, chunk, first)
         return output, partial(self._loss, batch, first)
+
+    def _next_microbatch(self, data_iterator, chunk: int):
+        """This chunk's next micro-batch and its teacher output. The teacher runs once per group
+        of ``align.teacher_microbatches`` micro-batches, so the group is read at its first one."""
+        ready = self._ready[chunk]
+        if not ready:
+            remaining = self.num_microbatches - self._started[chunk]
+            count = max(1, min(self.teacher_group, remaining))
+            batches = [self.make_batch(next(data_iterator)) for _ in range(count)]
+            outputs = self.teacher.forward(batches, chunk) if self.teacher is not None else [None]
+            ready.extend(zip(batches, outputs))
+        self._started[chunk] += 1
+        return ready.popleft()
 
     def _record_alignment(self, alignment, chunk: int, first: bool) -> None:
         cos_sums = alignment.cos_sums

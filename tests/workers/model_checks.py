@@ -3,6 +3,7 @@ masking, and the step-0 alignment of the embedding states. Writes a JSON report 
 
 import argparse
 import json
+from dataclasses import fields
 
 import torch
 import torch.nn.functional as F
@@ -11,7 +12,7 @@ from megalign import distributed
 from megalign.align.teacher import Teacher
 from megalign.config import load_config, mask_token_id, padded_vocab_size
 from megalign.data.tokenizer import build_tokenizer
-from megalign.diffusion.objective import make_batch
+from megalign.diffusion.objective import DiffusionBatch, make_batch
 from megalign.model.attention import attention_mask, document_ids
 from megalign.model.gpt import build_gpt
 from megalign.model.hidden_states import HiddenStateRecorder
@@ -71,7 +72,17 @@ def main():
     positions = torch.arange(cfg.model.seq_length).unsqueeze(0).expand(2, -1)
     batch = make_batch(sample, positions, torch.tensor([0, 1]), cfg.diffusion, cfg.seed, mask_id,
                        tok.eod, tok.pad, True, with_teacher=True)
-    teacher_states = teacher.forward(batch).states
+    teacher_states = teacher.forward([batch])[0].states
+    # align.teacher_microbatches: one forward over two micro-batches gives each its own states
+    halves = [DiffusionBatch(**{f.name: None if getattr(batch, f.name) is None
+                                else getattr(batch, f.name)[i:i + 1] for f in fields(batch)})
+              for i in range(2)]
+    grouped, alone = teacher.forward(halves), [teacher.forward([half])[0] for half in halves]
+    report["teacher_group_max_diff"] = max(
+        float((grouped[i].states[k] - alone[i].states[k]).abs().max())
+        for i in range(2) for k in teacher_states)
+    report["teacher_group_shapes"] = [list(grouped[i].states[k].shape) for i in range(2)
+                                      for k in sorted(teacher_states)]
     with torch.no_grad():
         student(batch.input_tokens, batch.position_ids, batch.student_mask)
     cos = F.cosine_similarity(recorder.pop()[0], teacher_states[0], dim=-1).T  # [b, s]
