@@ -10,10 +10,10 @@ logged as ``teacher_loss``).
 
 It runs once per group of ``align.teacher_microbatches`` consecutive micro-batches, on their
 concatenation: the same arithmetic per sample, but a fraction of the forwards, kernel launches and
-TP all-reduces. On 2 CPU cores that cut the REPR-ALIGN step's overhead by more than half (README,
-"Alignment overhead"); what it costs is holding the group's teacher states (the aligned states of
-this stage for g micro-batches) until their micro-batches' forward steps, and a teacher forward g
-times as long in the group's first forward step.
+TP all-reduces. On 2 CPU cores that cut the REPR-ALIGN step's extra time by a quarter to a half
+(README, "Alignment overhead"). What it costs: holding this stage's aligned teacher states for g
+micro-batches until their forward steps, and a g times longer teacher forward in the group's
+first forward step.
 
 Not ``inference_mode``, although it measured 6-7% less CPU per teacher forward: the teacher runs
 first in every forward step, so whatever Megatron-Core or Transformer Engine allocate lazily and
