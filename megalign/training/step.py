@@ -4,10 +4,10 @@ Every pipeline stage reads the same micro-batch (the masks are a function of the
 and runs, in order: the teacher's layers of this stage on the clean tokens (REPR-ALIGN only; once
 per group of ``align.teacher_microbatches``, in the group's first forward step, which reads the
 group's micro-batches ahead), the student's layers on the masked tokens, then this stage's
-alignment term, attached to the stage's output so its gradient enters the local graph. The last stage's diffusion loss goes through the
-schedule's loss path. Scalars for logging are summed here and reduced once per step; the per-layer
-alignment distances and the teacher's loss stay device tensors until then, so recording them costs
-no host sync.
+alignment term, attached to the stage's output so its gradient enters the local graph. The last
+stage's diffusion loss goes through the schedule's loss path. Scalars for logging are summed here
+and reduced once per step; the losses and per-layer alignment distances stay device tensors until
+then, so recording them costs no host sync.
 """
 
 from __future__ import annotations
@@ -35,12 +35,13 @@ class StepStats:
     """Sums over this step's micro-batches on this rank (zeros for what lives on other stages)."""
 
     num_layers: int
-    diffusion: float = 0.0
+    diffusion: torch.Tensor = None  # [1] float64: the diffusion loss (last stage)
     teacher: torch.Tensor = None  # [1] float64: the teacher's AR loss (log_teacher_loss)
     layer_distance: torch.Tensor = None  # [L+1] float64: per aligned layer, sum of (1 - mean cos)
     first_microbatch: Optional[dict] = None
 
     def __post_init__(self):
+        self.diffusion = torch.zeros(1, dtype=torch.float64, device=device())
         self.teacher = torch.zeros(1, dtype=torch.float64, device=device())
         self.layer_distance = torch.zeros(self.num_layers + 1, dtype=torch.float64, device=device())
 
@@ -140,7 +141,7 @@ class DiffusionStep:
                 "supervised": batch.supervised.cpu(),
                 "sample_indices": batch.sample_indices.cpu(),
                 "layer_distance": torch.zeros_like(self.stats.layer_distance),
-                "diffusion_loss": 0.0,
+                "diffusion_loss": torch.zeros(1, dtype=torch.float64, device=device()),
             }
         if teacher is not None and teacher.token_loss is not None:
             loss_sum, count = loss_terms(teacher.token_loss, batch, "none")
@@ -189,7 +190,7 @@ class DiffusionStep:
 
     def _loss(self, batch: DiffusionBatch, first: bool, per_token_ce: torch.Tensor):
         loss_sum, count = loss_terms(per_token_ce, batch, self.cfg.diffusion.loss_weighting)
-        value = float((loss_sum.detach() / count.clamp(min=1)).item())
+        value = (loss_sum.detach() / count.clamp(min=1)).double().reshape(1)
         self.stats.diffusion += value
         if first:
             self.stats.first_microbatch["diffusion_loss"] = value
@@ -199,8 +200,7 @@ class DiffusionStep:
         """Means over micro-batches and DP ranks; per-layer values gathered from every stage."""
         L = self.cfg.model.num_layers
         distances = self.stats.layer_distance
-        values = torch.cat([distances.new_tensor([self.stats.diffusion]), self.stats.teacher,
-                            distances])
+        values = torch.cat([self.stats.diffusion, self.stats.teacher, distances])
         values = _sum_over_pipeline_then_mean_over_dp(values) / self.num_microbatches
         distances = values[2:].tolist()
         align_cos = [
@@ -222,7 +222,7 @@ class DiffusionStep:
         if record is None:
             return None
         distances = record["layer_distance"]
-        values = torch.cat([distances.new_tensor([record["diffusion_loss"]]), distances])
+        values = torch.cat([record["diffusion_loss"], distances])
         group = parallel_state.get_pipeline_model_parallel_group()
         dist.all_reduce(values, group=group)
         distances = values[1:].tolist()
