@@ -1,6 +1,6 @@
 """REPR-ALIGN overhead vs plain masked-diffusion training, measured side by side in one run.
 
-    python bench/align_overhead.py [--iters 20] [key.sub=value ...]
+    python bench/align_overhead.py [--iters 20] [--config FILE ...] [key.sub=value ...]
 
 Starts 4 processes (TP=2 x PP=2 on CPU by default), builds one student (and its frozen teacher),
 then alternates plain diffusion steps (no teacher) and REPR-ALIGN steps on the same model, so both
@@ -78,20 +78,23 @@ def worker(args) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(REPO / "examples/configs/tiny.yaml"))
+    parser.add_argument("--config", action="append",
+                        help="YAML file(s), merged in order (default examples/configs/tiny.yaml)")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--nproc", type=int, default=4)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    args.config = args.config or [str(REPO / "examples/configs/tiny.yaml")]
     if args.worker:
         worker(args)
         return 0
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={args.nproc}", __file__, "--worker", "--config", args.config,
+           f"--nproc-per-node={args.nproc}", __file__, "--worker",
+           *[arg for path in args.config for arg in ("--config", path)],
            "--iters", str(args.iters), "--warmup", str(args.warmup), *args.overrides]
     return subprocess.call(cmd, cwd=REPO, env=env)
 

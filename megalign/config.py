@@ -74,8 +74,8 @@ class AlignConfig:
     teacher_dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     log_teacher_loss: bool = False  # also run the teacher's LM head: log its AR loss on V
     # consecutive micro-batches the teacher runs as one batch: fewer, larger forwards and TP
-    # collectives, for holding that many micro-batches' teacher states; 1 = one per micro-batch
-    teacher_microbatches: int = 4
+    # collectives, for holding their teacher states and a longer pipeline fill (docs/repr-align.md)
+    teacher_microbatches: int = 1
 
 
 @dataclass

@@ -23,11 +23,13 @@ LAYOUTS = {
     "tp2pp2sp": (2, 2, 4, ["parallel.sequence_parallel=true"]),
     # the teacher keeps its LM head on the last stage and logs its AR loss
     "tp2pp2tl": (2, 2, 4, ["align.log_teacher_loss=true"]),
-    # one teacher forward per micro-batch (the other layouts run it once per step's 2)
-    "tp2pp2g1": (2, 2, 4, ["align.teacher_microbatches=1"]),
+    # one teacher forward for the step's 2 micro-batches (the others: one per micro-batch)
+    "tp2pp2g2": (2, 2, 4, ["align.teacher_microbatches=2"]),
     "dp2": (1, 1, 2, []),
-    # interleaved 1F1B: 2 virtual stages per PP rank, one layer per model chunk
-    "tp1pp2vpp2": (1, 2, 2, ["parallel.virtual_pipeline_model_parallel_size=2"]),
+    # interleaved 1F1B: 2 virtual stages per PP rank, one layer per model chunk, and the teacher
+    # run once per step on every chunk
+    "tp1pp2vpp2": (1, 2, 2, ["parallel.virtual_pipeline_model_parallel_size=2",
+                             "align.teacher_microbatches=2"]),
 }
 GLOBAL_BATCH, MICRO_BATCH, ALIGN_WEIGHT = 4, 2, 10.0
 RTOL = 1e-5
@@ -149,12 +151,11 @@ def test_teacher_is_frozen_and_outside_the_optimizer(runs):
         assert (run["summary"]["align"]["teacher_loss"] is None) == (name != "tp2pp2tl"), name
 
 
-@pytest.mark.parametrize("layout", ["tp1pp2", "tp2pp2", "tp2pp2sp", "tp2pp2g1"])
+@pytest.mark.parametrize("layout", ["tp1pp2", "tp2pp2", "tp2pp2sp", "tp2pp2g2"])
 def test_pipeline_p2p_carries_only_the_teacher_stream_forward(runs, layout):
     hidden, seq = 64, 128 // (2 if layout.endswith("sp") else 1)  # SP: this rank's positions
     micro_batches = GLOBAL_BATCH // MICRO_BATCH
-    # align.teacher_microbatches (default 4, capped by the step's micro-batches) per teacher send
-    group = 1 if layout.endswith("g1") else micro_batches
+    group = 2 if layout.endswith("g2") else 1  # align.teacher_microbatches per teacher send
     activation = (seq, MICRO_BATCH, hidden)
     teacher_stream = (seq, group * MICRO_BATCH, hidden)
     total_plain = total_align = 0

@@ -8,12 +8,14 @@ post-processing (output layer, logits) is switched off, unless ``align.log_teach
 the teacher's AR loss on the supervised positions (a reference for the student's diffusion loss,
 logged as ``teacher_loss``).
 
-It runs once per group of ``align.teacher_microbatches`` consecutive micro-batches, on their
-concatenation: the same arithmetic per sample, but a fraction of the forwards, kernel launches and
-TP all-reduces. On 2 CPU cores that cut the REPR-ALIGN step's extra time by a quarter to a half
-(README, "Alignment overhead"). What it costs: holding this stage's aligned teacher states for g
-micro-batches until their forward steps, and a g times longer teacher forward in the group's
-first forward step.
+``align.teacher_microbatches: g`` runs it once per group of g consecutive micro-batches, on
+their concatenation: the same arithmetic per sample, but a g-th of the forwards, kernel launches
+and TP all-reduces, for holding this stage's aligned teacher states for g micro-batches and a g
+times longer teacher forward in the group's first forward step, which lengthens the pipeline's
+fill. Where per-forward costs dominate and stages share cores (the 2-CPU TP2xPP2 bench) g = 4 cut
+the step's extra time by half; where each stage has a core of its own the longer fill costs more
+than it saves (SmolLM2 on TP1xPP2, one core per stage as GPUs would be: 1.20x with g = 1, 1.36x
+with g = 4), hence the default of 1.
 
 Not ``inference_mode``, although it measured 6-7% less CPU per teacher forward: the teacher runs
 first in every forward step, so whatever Megatron-Core or Transformer Engine allocate lazily and
