@@ -82,20 +82,14 @@ class DiffusionStep:
             for recorder in self.recorders or []
         ]
         self.teacher_group = cfg.align.teacher_microbatches if teacher is not None else 1
-        self.num_microbatches = 1
-        self.grad_scale_func = None
-        self.record_first = False
-        self.stats = StepStats(cfg.model.num_layers)
-        self._begin_chunks(len(students))
+        self.begin(num_microbatches=1, grad_scale_func=None, record_first=False)
 
     def begin(self, num_microbatches: int, grad_scale_func, record_first: bool) -> None:
         self.num_microbatches = num_microbatches
         self.grad_scale_func = grad_scale_func
         self.record_first = record_first
         self.stats = StepStats(self.cfg.model.num_layers)
-        self._begin_chunks(len(self._computes_loss))
-
-    def _begin_chunks(self, chunks: int) -> None:
+        chunks = len(self._computes_loss)
         self._started = [0] * chunks  # micro-batches of this step read so far, per chunk
         self._ready = [deque() for _ in range(chunks)]  # (batch, teacher output) read ahead
 
@@ -141,7 +135,7 @@ class DiffusionStep:
                 "supervised": batch.supervised.cpu(),
                 "sample_indices": batch.sample_indices.cpu(),
                 "layer_distance": torch.zeros_like(self.stats.layer_distance),
-                "diffusion_loss": torch.zeros(1, dtype=torch.float64, device=device()),
+                "diffusion_loss": torch.zeros_like(self.stats.diffusion),
             }
         if teacher is not None and teacher.token_loss is not None:
             loss_sum, count = loss_terms(teacher.token_loss, batch, "none")
