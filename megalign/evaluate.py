@@ -7,9 +7,13 @@ fixed midpoint grid of ``--t-grid`` noise levels (t_k = (k + 1/2) / K) with mask
 (seed, sample index, k): deterministic, the same for any layout, and per level exactly the
 training loss with ``diffusion.loss_weighting=inv_t`` on that mask. ``exp(NELBO)`` bounds the
 perplexity from above. ``--infill-span M`` masks the middle M tokens of each sample and reports
-how often the sampler restores them exactly (and per token) from the prefix and suffix. With ``--ar``, the AR model the run started from is scored with ordinary
-next-token perplexity on the same samples. Samples come from the validation split of ``--data``
-(or of the checkpoint's ``data.paths``) under the checkpoint's ``data.split``.
+how often the sampler restores them exactly (and per token) from the prefix and suffix. With
+``--ar``, the AR model the run started from is scored with ordinary next-token perplexity on the
+same samples. ``--generate N`` continues the first ``--prompt-length`` tokens of N held-out
+samples with the sampler's default decoding and reports generative perplexity under that AR model
+with the share of distinct and of punctuation tokens (megalign/evaluation/generation.py). Samples
+come from the validation split of ``--data`` (or of the checkpoint's ``data.paths``) under the
+checkpoint's ``data.split``.
 """
 
 from __future__ import annotations
@@ -19,108 +23,6 @@ import json
 import math
 import sys
 from typing import Optional
-
-import torch
-import torch.nn.functional as F
-
-
-def heldout_batches(paths: list, split: str, tokenizer, cfg, samples: int, batch_size: int,
-                    cache_dir: str, device=None) -> list:
-    """The first ``samples`` samples (whole batches) of the validation split of ``paths`` under
-    ``split``: disjoint from the training split of the same split string by construction (Megatron
-    splits by document ranges), and the same for every run of the same data and seed."""
-    from megalign.data.dataset import build_datasets, micro_batches
-
-    _, valid, _ = build_datasets(paths, tokenizer, cfg.model.seq_length, split, cfg.seed,
-                                 [0, samples, 0], cache_dir, cfg.model.document_attention)
-    if valid is None or len(valid) < batch_size:
-        raise ValueError(f"the validation split ({split}) of {paths} holds "
-                         f"{0 if valid is None else len(valid)} samples, fewer than one batch "
-                         f"of {batch_size}")
-    batches = [b for _, b in zip(range(min(samples, len(valid)) // batch_size),
-                                 micro_batches(valid, 0, batch_size, 0, 1))]
-    if device is not None:
-        for batch in batches:
-            batch["tokens"], batch["position_ids"] = (batch["tokens"].to(device),
-                                                      batch["position_ids"].to(device))
-    return batches
-
-
-def full_logits_fn(chunks: list, vocab_size: int):
-    """``logits_fn(tokens, positions, mask)`` -> [b, s, vocab] logits of the real vocabulary on
-    every rank, whatever the TP/PP layout."""
-    from megalign.model.inference import forward_logits
-
-    def logits_fn(tokens, positions, attention_mask):
-        return forward_logits(chunks, tokens, positions, attention_mask)[..., :vocab_size]
-
-    return logits_fn
-
-
-def inv_t_loss(logits_fn, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum over supervised positions of CE/t, positions) of one noised ``DiffusionBatch``: the
-    training loss with ``diffusion.loss_weighting=inv_t``, from full-vocabulary logits."""
-    from megalign.diffusion.objective import loss_terms
-
-    logits = logits_fn(batch.input_tokens, batch.position_ids, batch.student_mask)
-    ce = F.cross_entropy(logits.transpose(1, 2), batch.labels, reduction="none")
-    return loss_terms(ce, batch, "inv_t")
-
-
-def diffusion_nelbo(logits_fn, batches, cfg, mask_id, eod, pad, grid: int) -> tuple[float, int]:
-    """(NELBO per position, positions) over ``batches`` of raw dataset items."""
-    from megalign.diffusion.masking import masks_at
-    from megalign.diffusion.objective import make_batch
-
-    total, positions = 0.0, 0
-    for raw in batches:
-        for k in range(grid):
-            t = (k + 0.5) / grid
-            masked = masks_at(raw["sample_index"], raw["tokens"].shape[1], cfg.seed, t, k)
-            noise = (torch.full((masked.shape[0],), t), masked)
-            batch = make_batch(raw["tokens"], raw["position_ids"], raw["sample_index"],
-                               cfg.diffusion, cfg.seed, mask_id, eod, pad,
-                               cfg.model.document_attention, noise=noise)
-            loss_sum, count = inv_t_loss(logits_fn, batch)
-            total += float(loss_sum) / grid
-            positions += int(count) if k == 0 else 0
-    return total / max(positions, 1), positions
-
-
-def infilling(logits_fn, batches, cfg, mask_id, eod, vocab_size, span: int, steps: int):
-    """(exact-match rate, token accuracy): the middle ``span`` tokens of each sample are masked
-    and recovered by the sampler from the prefix and suffix around them."""
-    from megalign.diffusion.sampler import SamplerConfig, denoise
-    from megalign.model.attention import attention_mask, document_ids
-
-    exact = correct = samples = 0
-    for raw in batches:
-        clean = raw["tokens"][:, :-1]
-        start = clean.shape[1] // 2 - span // 2
-        tokens = clean.clone()
-        tokens[:, start : start + span] = mask_id
-        blocked = (attention_mask(document_ids(clean, eod), causal=False)
-                   if cfg.model.document_attention else None)
-        positions = raw["position_ids"]
-        denoise(lambda x, m: logits_fn(x, positions, m), tokens, blocked, start, span, mask_id,
-                vocab_size, cfg.diffusion.shift, SamplerConfig(gen_length=span, steps=steps))
-        hit = tokens[:, start : start + span] == clean[:, start : start + span]
-        exact += int(hit.all(dim=1).sum())
-        correct += int(hit.sum())
-        samples += clean.shape[0]
-    return exact / samples, correct / (samples * span)
-
-
-def ar_nll(logits_fn, batches) -> tuple[float, int]:
-    """(mean next-token negative log-likelihood, tokens) of a causal model."""
-    total, tokens = 0.0, 0
-    for raw in batches:
-        inputs, labels = raw["tokens"][:, :-1], raw["tokens"][:, 1:]
-        positions = torch.arange(inputs.shape[1]).unsqueeze(0).expand_as(inputs)
-        logits = logits_fn(inputs, positions, None)
-        total += float(F.cross_entropy(logits.transpose(1, 2), labels, reduction="sum"))
-        tokens += labels.numel()
-    return total / tokens, tokens
 
 
 def print_result(result: dict, output: Optional[str]) -> None:
@@ -135,7 +37,12 @@ def print_result(result: dict, output: Optional[str]) -> None:
 def main(argv=None) -> int:
     from megalign import distributed
     from megalign.checkpoint import CheckpointError
+    from megalign.diffusion.sampler import SamplerConfig, sample
+    from megalign.evaluation.generation import generation_quality, heldout_prompts
+    from megalign.evaluation.heldout import (
+        ar_nll, diffusion_nelbo, full_logits_fn, heldout_batches, infilling)
     from megalign.generate import load_ar_model, load_student, open_checkpoint
+    from megalign.model.inference import sampler_logits
 
     parser = argparse.ArgumentParser(prog="megalign-eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -148,6 +55,11 @@ def main(argv=None) -> int:
                         help="also measure infilling of this many middle tokens (0: off)")
     parser.add_argument("--infill-steps", type=int, default=0, help="default: the span")
     parser.add_argument("--ar", action="store_true", help="also score the AR teacher")
+    parser.add_argument("--generate", type=int, default=0, metavar="N",
+                        help="also continue N held-out prompts with the sampler's defaults and "
+                             "report generative perplexity under the AR teacher (0: off)")
+    parser.add_argument("--prompt-length", type=int, default=16)
+    parser.add_argument("--gen-length", type=int, default=32)
     parser.add_argument("--output", help="write the JSON result here too")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. parallel.*=N")
     args = parser.parse_args(argv)
@@ -169,10 +81,20 @@ def main(argv=None) -> int:
                                         args.infill_steps or args.infill_span)
             result.update(infill_span=args.infill_span, infill_exact_match=exact,
                           infill_token_accuracy=accuracy)
+        if args.ar or args.generate:
+            ar_fn = full_logits_fn(load_ar_model(cfg, opened.meta, path, opened.vocab),
+                                   tokenizer.vocab_size)
         if args.ar:
-            nll, _ = ar_nll(full_logits_fn(load_ar_model(cfg, opened.meta, path, opened.vocab),
-                                           tokenizer.vocab_size), batches)
+            nll, _ = ar_nll(ar_fn, batches)
             result.update(ar_nll_per_token=nll, ar_perplexity=math.exp(min(nll, 700)))
+        if args.generate:
+            sampler = SamplerConfig(gen_length=args.gen_length, eos_id=tokenizer.eod)
+            sampler.check()
+            result.update(generation_quality(
+                lambda prompts: sample(sampler_logits(student), prompts, mask, tokenizer.pad,
+                                       tokenizer.vocab_size, cfg.diffusion.shift, sampler),
+                ar_fn, heldout_prompts(batches, args.generate, args.prompt_length),
+                lambda token: tokenizer.decode([token]), tokenizer.eod))
         if distributed.launch_env().rank == 0:
             print_result(result, args.output)
     except (CheckpointError, ValueError, OSError) as err:

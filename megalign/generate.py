@@ -4,6 +4,8 @@
     torchrun --nproc-per-node 2 -m megalign.generate --checkpoint ... --prompt-file prompts.txt \\
         parallel.pipeline_model_parallel_size=2
 
+Decoding defaults to what diffusion LMs are decoded with in practice: semi-autoregressive blocks
+of 8 tokens, one token committed per step (``--steps`` = ``--gen-length``), greedy.
 The checkpoint (a root with ``latest`` or an ``iter_`` directory) records its config, tokenizer
 included; it is resharded into the layout this command is launched with (one process: TP=1,
 PP=1; under torchrun any TP/PP, via trailing ``parallel.*=N`` overrides). Prompts come from
@@ -137,12 +139,8 @@ def ar_decode(chunks, prompt: list[int], length: int, vocab: int, temperature: f
     return tokens[len(prompt):]
 
 
-def main(argv=None) -> int:
-    from megalign import distributed
-    from megalign.checkpoint import CheckpointError
-    from megalign.config import ConfigError
-    from megalign.diffusion.sampler import CONFIDENCES, RULES, SamplerConfig, sample
-    from megalign.model.inference import sampler_logits
+def build_parser() -> argparse.ArgumentParser:
+    from megalign.diffusion.sampler import CONFIDENCES, DEFAULT_BLOCK_LENGTH, RULES, SamplerConfig
 
     parser = argparse.ArgumentParser(prog="megalign-generate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -150,9 +148,12 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt", action="append")
     parser.add_argument("--prompt-file")
     parser.add_argument("--output", help="write JSON lines here instead of stdout")
-    parser.add_argument("--gen-length", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=16)
-    parser.add_argument("--block-length", type=int, help="semi-autoregressive block size")
+    parser.add_argument("--gen-length", type=int, default=SamplerConfig.gen_length)
+    parser.add_argument("--steps", type=int,
+                        help="denoising steps in all (default: --gen-length, one token per step)")
+    parser.add_argument("--block-length", type=int,
+                        help=f"semi-autoregressive block size (default: {DEFAULT_BLOCK_LENGTH} "
+                             "when it divides --gen-length, else the whole length)")
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)
@@ -162,7 +163,26 @@ def main(argv=None) -> int:
     parser.add_argument("--ar", action="store_true", help="also decode with the AR teacher")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. parallel.*=N")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def sampler_config(args, eos_id) -> "SamplerConfig":
+    """The sampler settings of parsed arguments (unset ones take the sampler's defaults)."""
+    from megalign.diffusion.sampler import SamplerConfig
+
+    return SamplerConfig(args.gen_length, args.steps, args.block_length, args.temperature,
+                         args.top_k, args.top_p, args.confidence, args.unmasking,
+                         None if args.no_eos_stop else eos_id, args.seed)
+
+
+def main(argv=None) -> int:
+    from megalign import distributed
+    from megalign.checkpoint import CheckpointError
+    from megalign.config import ConfigError
+    from megalign.diffusion.sampler import sample
+    from megalign.model.inference import sampler_logits
+
+    args = build_parser().parse_args(argv)
     try:
         prompts = read_prompts(args)
         opened = open_checkpoint(args.checkpoint, args.overrides)
@@ -174,9 +194,7 @@ def main(argv=None) -> int:
                 f"the longest prompt ({longest} tokens) + --gen-length {args.gen_length} exceeds "
                 f"the model's context of {cfg.model.seq_length} tokens"
             )
-        sampler = SamplerConfig(args.gen_length, args.steps, args.block_length, args.temperature,
-                                args.top_k, args.top_p, args.confidence, args.unmasking,
-                                None if args.no_eos_stop else tokenizer.eod, args.seed)
+        sampler = sampler_config(args, tokenizer.eod)
         sampler.check()
         chunks = load_student(opened)
         outputs = sample(sampler_logits(chunks), encoded, opened.mask_id, tokenizer.pad,

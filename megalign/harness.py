@@ -60,8 +60,8 @@ class MegalignLM(TemplateLM):
         self.chunks = load_student(self.opened)
         self.mc_samples = int(mc_samples)
         self.seed = int(seed)
-        self.steps = steps
-        self.block_length = block_length
+        self.steps = None if steps is None else int(steps)  # None: the sampler's defaults
+        self.block_length = None if block_length is None else int(block_length)
         self.unmasking = unmasking
         self.confidence = confidence
         self.max_gen_toks = int(max_gen_toks)
@@ -143,8 +143,8 @@ class MegalignLM(TemplateLM):
                              f"model's context of {self.cfg.model.seq_length} tokens")
         sampled = gen_kwargs.get("do_sample", True)  # do_sample=false: greedy whatever the temperature
         temperature = float(gen_kwargs.get("temperature") or 0.0) if sampled else 0.0
-        cfg = SamplerConfig(gen_length=length, steps=int(self.steps or length),
-                            block_length=self.block_length, temperature=temperature,
+        cfg = SamplerConfig(gen_length=length, steps=self.steps, block_length=self.block_length,
+                            temperature=temperature,
                             top_k=int(gen_kwargs.get("top_k") or 0),
                             top_p=float(gen_kwargs.get("top_p") or 1.0),
                             confidence=self.confidence, unmasking=self.unmasking,
@@ -158,7 +158,7 @@ def continuation_nelbo(logits_fn, context: list[int], continuation: list[int], c
     """Monte-Carlo negative ELBO of ``continuation`` given ``context`` (see the module doc)."""
     from megalign.diffusion.masking import masks_at
     from megalign.diffusion.objective import make_batch
-    from megalign.evaluate import inv_t_loss
+    from megalign.evaluation.heldout import inv_t_loss
 
     length = len(context) + len(continuation)
     # one extra token, as a Megatron sample has, so that make_batch keeps all `length` as input

@@ -81,14 +81,21 @@ def build_models(cfg: Config, vocab_size: int, mask_id: int, tokenizer_vocab: in
     layer_weights = normalised_layer_weights(
         cfg.model.num_layers, cfg.align.layers, cfg.align.layer_weights
     )
+    ar_weights = [chunk.state_dict() for chunk in students]
     teacher = None
     if cfg.align.weight > 0:
-        ar_weights = [chunk.state_dict() for chunk in students]
         teacher = Teacher(cfg, vocab_size, ar_weights, set(layer_weights))
+    scorer = None
+    if cfg.evaluation.interval and cfg.evaluation.generation_samples:
+        # the AR model the run starts from scores the student's samples (generative perplexity)
+        scorer = build_chunks(cfg, vocab_size, causal=True, params_dtype=dtype)
+        for chunk, weights in zip(scorer, ar_weights):
+            chunk.load_state_dict(weights)
+            chunk.requires_grad_(False)
     if cfg.model.mask_token_init == "mean":
         for chunk in students:
             init_mask_token_embedding(chunk, mask_id, tokenizer_vocab)
-    return students, teacher, layer_weights
+    return students, teacher, scorer, layer_weights
 
 
 def freeze_parameters(chunks: list, patterns: list[str]) -> int:
@@ -197,6 +204,9 @@ class Trainer:
     num_microbatches: int
     vocab_size: int  # the tokenizer's (real) vocabulary: held-out logits are scored over it
     heldout: list  # held-out micro-batches for evaluation.interval (empty when it is off)
+    ood_heldout: list  # micro-batches of evaluation.ood_paths (empty when unset)
+    scorer: Optional[list]  # the causal AR model scoring samples (evaluation.generation_samples)
+    tokenizer: object
     iteration: int = 0  # optimizer steps taken (restored on resume)
 
     def data_iterator(self, consumed_samples: int = 0) -> list:
@@ -238,16 +248,41 @@ class Trainer:
             step.teacher.finish_step()
         return step.reduce()
 
-    def evaluate(self) -> tuple[float, int]:
-        """(held-out diffusion NELBO per token, positions) of the current student: megalign-eval's
-        estimate (same grid, same deterministic masks), forward only, without a checkpoint."""
-        from megalign.evaluate import diffusion_nelbo, full_logits_fn
+    def evaluate(self) -> dict:
+        """Held-out metrics of the current student, forward only, without a checkpoint:
+        megalign-eval's diffusion NELBO per token (same grid, same deterministic masks) and, as
+        configured, the NELBO on a corpus never trained on, infilling and generation quality."""
+        from functools import partial
 
-        step = self.step
+        from megalign.diffusion.sampler import SamplerConfig, sample
+        from megalign.evaluation.generation import generation_quality, heldout_prompts
+        from megalign.evaluation.heldout import diffusion_nelbo, full_logits_fn, infilling
+        from megalign.model.inference import sampler_logits
+
+        step, e, tokenizer = self.step, self.cfg.evaluation, self.tokenizer
+        student = full_logits_fn(self.students, self.vocab_size)
+        nelbo = partial(diffusion_nelbo, student, cfg=self.cfg, mask_id=step.mask_token_id,
+                        eod=step.eod, pad=step.pad, grid=e.t_grid)
         try:
-            return diffusion_nelbo(full_logits_fn(self.students, self.vocab_size), self.heldout,
-                                   self.cfg, step.mask_token_id, step.eod, step.pad,
-                                   self.cfg.evaluation.t_grid)
+            value, positions = nelbo(self.heldout)
+            result = {"val_nelbo": value, "val_ppl_upper_bound": math.exp(min(value, 700)),
+                      "val_positions": positions}
+            if self.ood_heldout:
+                result["val_ood_nelbo"] = nelbo(self.ood_heldout)[0]
+            if e.infill_span:
+                exact, accuracy = infilling(student, self.heldout, self.cfg, step.mask_token_id,
+                                            step.eod, self.vocab_size, e.infill_span, e.infill_span)
+                result.update(infill_exact_match=exact, infill_token_accuracy=accuracy)
+            if self.scorer is not None:
+                sampler = SamplerConfig(gen_length=e.gen_length, eos_id=tokenizer.eod)
+                result.update(generation_quality(
+                    lambda prompts: sample(sampler_logits(self.students), prompts,
+                                           step.mask_token_id, tokenizer.pad, self.vocab_size,
+                                           self.cfg.diffusion.shift, sampler),
+                    full_logits_fn(self.scorer, self.vocab_size),
+                    heldout_prompts(self.heldout, e.generation_samples, e.prompt_length),
+                    lambda token: tokenizer.decode([token]), tokenizer.eod))
+            return result
         finally:
             for chunk in self.students:
                 chunk.train()
@@ -303,7 +338,7 @@ def setup(cfg: Config, tokenizer, log=print, store=None) -> Trainer:
 
     from megalign import distributed
     from megalign.data.dataset import build_datasets
-    from megalign.evaluate import heldout_batches
+    from megalign.evaluation.heldout import heldout_batches
     from megalign.training.step import DiffusionStep
 
     distributed.initialize(
@@ -323,7 +358,8 @@ def setup(cfg: Config, tokenizer, log=print, store=None) -> Trainer:
         f" x PP {cfg.parallel.pipeline_model_parallel_size} x DP {dp_size}; padded vocab {vocab}, "
         f"mask token {mask_id}, align weight {cfg.align.weight}"
     )
-    students, teacher, layer_weights = build_models(cfg, vocab, mask_id, tokenizer.vocab_size)
+    students, teacher, scorer, layer_weights = build_models(cfg, vocab, mask_id,
+                                                            tokenizer.vocab_size)
     frozen = freeze_parameters(students, cfg.optimizer.freeze) if cfg.optimizer.freeze else 0
     models, optimizer, scheduler = wrap_and_optimize(cfg, students)
     trainable = sum(p.numel() for c in students for p in c.parameters() if p.requires_grad)
@@ -342,11 +378,14 @@ def setup(cfg: Config, tokenizer, log=print, store=None) -> Trainer:
         reset_position_ids=cfg.model.document_attention,
     )
     e = cfg.evaluation
-    heldout = []
+    heldout, ood_heldout = [], []
     if e.interval:
+        batch_size = e.batch_size or cfg.data.micro_batch_size
         heldout = heldout_batches(e.paths or cfg.data.paths, e.split or cfg.data.split, tokenizer,
-                                  cfg, e.samples, e.batch_size or cfg.data.micro_batch_size,
-                                  cache_dir, distributed.device())
+                                  cfg, e.samples, batch_size, cache_dir, distributed.device())
+        if e.ood_paths:
+            ood_heldout = heldout_batches(e.ood_paths, "0,100,0", tokenizer, cfg, e.samples,
+                                          batch_size, cache_dir, distributed.device())
     step = DiffusionStep(cfg, students, teacher, layer_weights, mask_id, tokenizer.eod, tokenizer.pad)
     return Trainer(
         cfg=cfg,
@@ -360,6 +399,9 @@ def setup(cfg: Config, tokenizer, log=print, store=None) -> Trainer:
         num_microbatches=gbs // (cfg.data.micro_batch_size * dp_size),
         vocab_size=tokenizer.vocab_size,
         heldout=heldout,
+        ood_heldout=ood_heldout,
+        scorer=scorer,
+        tokenizer=tokenizer,
     )
 
 
@@ -426,13 +468,11 @@ def run(cfg: Config, tokenizer, store=None) -> list[dict]:
 
         def validate_now() -> None:
             start = time.perf_counter()
-            nelbo, positions = trainer.evaluate()
+            metrics = trainer.evaluate()
             logger.log_validation({
                 "iteration": trainer.iteration,
                 "consumed_samples": trainer.consumed_samples,
-                "val_nelbo": nelbo,
-                "val_ppl_upper_bound": math.exp(min(nelbo, 700)),
-                "val_positions": positions,
+                **metrics,
                 "eval_time_s": time.perf_counter() - start,
             })
 

@@ -75,20 +75,33 @@ def test_converge_quick(tmp_path):
     out = tmp_path / "converge"
     result = run_python([REPO / "bench" / "converge.py", "--quick", "--out", out], timeout=900)
     results = json.loads((out / "results.json").read_text())
-    assert set(results["settings"]) == {"low", "full"}
-    for summary in results["settings"].values():
-        arms = summary["arms"]
-        assert [arm["align_weight"] for arm in arms] == [0.0, 10.0]
-        assert summary["baseline_final_heldout"] == arms[0]["final_heldout"]
-        # same start for every arm: same AR weights, held-out samples and masks
-        assert arms[0]["heldout"][0] == arms[1]["heldout"][0]
-        for arm in arms:
-            assert [step for step, _ in arm["heldout"]] == [0, 2, 4]
-            reached = [s for s, v in arm["heldout"] if v <= summary["baseline_final_heldout"]]
-            assert arm["steps_to_baseline_final"] == (reached[0] if reached else None)
-        assert len(arms[1]["align_cos"]) == 4 and len(arms[1]["align_cos"][0][1]) == 5
-        assert arms[0]["align_cos"] == []
+    assert set(results["settings"]) == {"low"}
+    summary = results["settings"]["low"]
+    arms = summary["arms"]
+    # every seed for λ = 0 and the largest λ under the published freeze, the first seed otherwise
+    assert [(a["freeze"], a["align_weight"], a["seed"]) for a in arms] == [
+        ("embedding", 0, 1234), ("embedding", 10, 1234), ("none", 0, 1234), ("none", 10, 1234),
+        ("embedding", 0, 1235), ("embedding", 10, 1235)]
+    metrics = ("val_nelbo", "val_ood_nelbo", "infill_exact_match", "gen_ppl")
+    for arm in arms:
+        assert set(arm["ratio"]) == set(metrics)
+        for metric in metrics:
+            assert [step for step, _ in arm["curves"][metric]] == [0, 2, 4]
+            assert all(math.isfinite(value) for _, value in arm["curves"][metric])
+        baseline = next(a for a in arms if a["align_weight"] == 0
+                        and (a["freeze"], a["seed"]) == (arm["freeze"], arm["seed"]))
+        # same start for the arms of one seed: same AR weights, held-out samples and masks
+        assert all(arm["curves"][m][0] == baseline["curves"][m][0] for m in metrics)
+        target = baseline["final"]["val_nelbo"]
+        reached = [s for s, v in arm["curves"]["val_nelbo"] if v <= target]
+        assert arm["steps_to_baseline_final"]["val_nelbo"] == (reached[0] if reached else None)
+        if arm["align_weight"]:
+            assert len(arm["align_cos"]) == 4 and len(arm["align_cos"][0][1]) == 5
+        else:
+            assert arm["align_cos"] == [] and arm["ratio"]["val_nelbo"] == 1.0
+    spread = {(r["freeze"], r["metric"]): r["ratios"] for r in summary["spread"]}
+    assert len(spread[("embedding", "val_nelbo")]) == 2 and len(spread[("none", "gen_ppl")]) == 1
     table = (out / "results.md").read_text()
-    assert table.count("\n| low |") == 2 and table.count("\n| full |") == 2
+    assert table.count("\n| low | embedding |") == 4 + len(metrics)
     assert (out / "converge.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "reaches the baseline's final held-out NELBO" in result.stdout
+    assert "ratio to λ = 0 per seed" in result.stdout

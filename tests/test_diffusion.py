@@ -76,7 +76,7 @@ def test_loss_normalisation():
 
 def test_elbo_estimate_is_the_inv_t_training_loss_on_its_mask():
     from megalign.diffusion.masking import masks_at
-    from megalign.evaluate import diffusion_nelbo
+    from megalign.evaluation.heldout import diffusion_nelbo
 
     class Cfg:  # the config fields the estimator reads
         seed = 1234

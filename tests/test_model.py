@@ -36,3 +36,9 @@ def test_grouped_teacher_forward_matches_one_forward_per_microbatch(report):
     """align.teacher_microbatches: micro-batches run as one teacher batch get their own states."""
     assert report["teacher_group_shapes"] == [[128, 1, 64]] * 4  # 2 micro-batches x 2 states
     assert report["teacher_group_max_diff"] < 1e-5
+
+
+def test_freezing_the_output_layer_with_tied_embeddings_freezes_the_embedding(report):
+    """README: with tied embeddings, a pattern matching either name freezes the one tensor."""
+    assert report["frozen_by_output_layer"] == ["embedding.word_embeddings.weight"]
+    assert report["frozen_by_word_embeddings"] == ["embedding.word_embeddings.weight"]

@@ -37,7 +37,7 @@ def check_metrics(run_dir, iterations, layers):
 def test_main_command_smollm2(tmp_path):
     run_dir = tmp_path / "smollm2"
     result = run_script("examples/quickstart.sh",
-                        {"MEGALIGN_RUN_DIR": str(run_dir), "GEN_LENGTH": "8", "GEN_STEPS": "4"},
+                        {"MEGALIGN_RUN_DIR": str(run_dir), "GEN_LENGTH": "8"},
                         ["schedule.train_iters=2", "schedule.warmup_iters=1",
                          "logging.log_interval=1"])
     assert "TP 1 x PP 2 x DP 1" in result.stdout
@@ -45,7 +45,7 @@ def test_main_command_smollm2(tmp_path):
     assert (run_dir / "checkpoints" / "iter_0000002" / "metadata.json").is_file()
     samples = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{"prompt"')]
     assert [s["prompt"] for s in samples] == ["And God said", "The LORD is my shepherd"]
-    assert all(s["completion"].strip() for s in samples)
+    assert all(s["completion"].strip() and s["ar_completion"].strip() for s in samples)
 
 
 @pytest.mark.slow

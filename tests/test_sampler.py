@@ -57,7 +57,7 @@ def test_p2_keeps_the_schedule_and_may_revise_decoded_tokens():
 
 
 def test_origin_rule_finishes_on_the_last_step():
-    cfg = SamplerConfig(gen_length=16, steps=5, unmasking="origin", seed=1)
+    cfg = SamplerConfig(gen_length=16, steps=5, block_length=16, unmasking="origin", seed=1)
     _, trace = run(cfg)
     counts = [int((t[0, 3:] == MASK).sum()) for t in trace]
     assert counts == sorted(counts, reverse=True) and counts[-1] == 0
@@ -119,7 +119,7 @@ def test_bad_settings_are_rejected():
 
 
 def test_infilling_restores_a_span_with_an_oracle_and_keeps_the_context():
-    from megalign.evaluate import infilling
+    from megalign.evaluation.heldout import infilling
 
     class Cfg:
         class diffusion:

@@ -15,6 +15,16 @@ import sys
 from typing import Optional
 
 
+# optional held-out metrics (megalign/train.py Trainer.evaluate) and their console names
+VALIDATION_EXTRAS = {
+    "val_ood_nelbo": "NELBO on the unseen corpus",
+    "infill_exact_match": "infill exact match",
+    "gen_ppl": "generative PPL",
+    "gen_distinct": "distinct tokens",
+    "gen_punctuation": "punctuation",
+}
+
+
 class MetricsLogger:
     def __init__(self, run_dir: str, tensorboard: bool, enabled: bool):
         self.enabled = enabled
@@ -54,12 +64,16 @@ class MetricsLogger:
             return
         with open(self._validation_path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
+        extra = {key: record[key] for key in VALIDATION_EXTRAS if record.get(key) is not None}
         if self._writer is not None:
             self._writer.add_scalar("validation/nelbo", record["val_nelbo"], record["iteration"])
+            for key, value in extra.items():
+                self._writer.add_scalar(f"validation/{key}", value, record["iteration"])
             self._writer.flush()
         print(f" validation at iteration {record['iteration']:8d} | diffusion NELBO per token: "
               f"{record['val_nelbo']:.6E} | PPL upper bound: {record['val_ppl_upper_bound']:.3E} |"
-              f" eval time (s): {record['eval_time_s']:.1f} |", flush=True)
+              + "".join(f" {VALIDATION_EXTRAS[key]}: {value:.4g} |" for key, value in extra.items())
+              + f" eval time (s): {record['eval_time_s']:.1f} |", flush=True)
 
     def info(self, message: str) -> None:
         if self.enabled:

@@ -63,6 +63,9 @@ free = lm.generate_until([Instance("generate_until", {}, (prompt, {"until": [], 
 stop = free[len(free) // 2 : len(free) // 2 + 2]
 stopped = lm.generate_until([Instance("generate_until", {}, (prompt, {"until": [stop], "max_gen_toks": 16}), 0)])[0]
 report.update(free=free, stop=stop, stopped=stopped)
+# the adapter decodes with the sampler's defaults unless model_args set steps / block_length
+sampler, _ = lm._sampler({"max_gen_toks": 32})
+report["default_decoding"] = [sampler.gen_length, sampler.steps, sampler.block_length]
 try:
     lm.loglikelihood([Instance("loglikelihood", {}, ("", " light"), 0)])
 except ValueError as err:

@@ -16,6 +16,7 @@ from megalign.diffusion.objective import DiffusionBatch, make_batch
 from megalign.model.attention import attention_mask, document_ids
 from megalign.model.gpt import build_gpt
 from megalign.model.hidden_states import HiddenStateRecorder
+from megalign.train import freeze_parameters
 
 
 def logits_of(model, tokens, mask):
@@ -92,6 +93,13 @@ def main():
     report["embedding_cos_visible_max"] = float(cos[visible].max())
     report["embedding_cos_visible_count"] = int(visible.sum())
     report["embedding_cos_masked_max"] = float(cos[hidden].max())
+
+    # tied embeddings: one logical tensor, frozen by a pattern naming either of its names
+    for pattern in ("output_layer", "word_embeddings"):
+        model = build_gpt(cfg, vocab, causal=False, params_dtype=torch.float32)
+        freeze_parameters([model], [pattern])
+        report[f"frozen_by_{pattern}"] = sorted(
+            name for name, param in model.named_parameters() if not param.requires_grad)
     with open(args.out, "w") as handle:
         json.dump(report, handle)
     distributed.shutdown()

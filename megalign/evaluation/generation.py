@@ -1,0 +1,84 @@
+"""Quality of what a diffusion student generates, at any scale: generative perplexity.
+
+The student continues held-out prompts with the sampler; a fixed causal AR model (the teacher the
+run started from) scores the continuations: its mean negative log-likelihood per generated token
+(``gen_nll``, and ``gen_ppl = exp(gen_nll)``), as MDLM and SEDD report it. Degenerate text (one
+word repeated, runs of commas) also scores a low perplexity, so two statistics of the text are
+reported beside it and must be read with it: the share of distinct tokens per continuation
+(``gen_distinct``, averaged over continuations) and the share of generated tokens that are
+punctuation only (``gen_punctuation``).
+"""
+
+from __future__ import annotations
+
+import math
+import unicodedata
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from megalign.model.attention import attention_mask
+
+
+def heldout_prompts(batches: list, count: int, length: int) -> list[list[int]]:
+    """The first ``length`` tokens of the first ``count`` held-out samples (raw dataset batches)."""
+    prompts = [row[:length].tolist() for batch in batches for row in batch["tokens"]]
+    if len(prompts) < count:
+        raise ValueError(f"{count} generation prompts asked for, only {len(prompts)} held-out "
+                         "samples loaded")
+    return prompts[:count]
+
+
+def continuation_nll(ar_logits_fn: Callable, prompts: list[list[int]],
+                     continuations: list[list[int]]) -> tuple[float, int]:
+    """(sum of -log p_AR(token | prompt, earlier tokens) over every continuation token, tokens).
+
+    ``ar_logits_fn(tokens, positions, attention_mask)`` -> [b, s, vocab] logits of a causal model;
+    each prompt and its continuation are scored as one unpadded sequence."""
+    total, count = 0.0, 0
+    for prompt, continuation in zip(prompts, continuations):
+        if not continuation:
+            continue
+        tokens = torch.tensor([prompt + continuation])
+        positions = torch.arange(tokens.shape[1]).unsqueeze(0)
+        causal = attention_mask(torch.zeros_like(tokens), causal=True)  # one document
+        logits = ar_logits_fn(tokens, positions, causal)[0].float()
+        predicting = logits[len(prompt) - 1 : tokens.shape[1] - 1]
+        targets = torch.tensor(continuation, device=predicting.device)
+        total += float(F.cross_entropy(predicting, targets, reduction="sum"))
+        count += len(continuation)
+    return total, count
+
+
+def is_punctuation(text: str) -> bool:
+    """True for a token whose text, without whitespace, is one or more punctuation characters."""
+    text = "".join(text.split())
+    return bool(text) and all(unicodedata.category(c).startswith("P") for c in text)
+
+
+def text_statistics(continuations: list[list[int]], decode_token: Callable[[int], str]) -> dict:
+    """Mean share of distinct tokens per continuation and share of punctuation-only tokens."""
+    nonempty = [ids for ids in continuations if ids]
+    tokens = [token for ids in nonempty for token in ids]
+    if not tokens:
+        return {"gen_distinct": None, "gen_punctuation": None}
+    return {
+        "gen_distinct": sum(len(set(ids)) / len(ids) for ids in nonempty) / len(nonempty),
+        "gen_punctuation": sum(is_punctuation(decode_token(t)) for t in tokens) / len(tokens),
+    }
+
+
+def generation_quality(sample_fn: Callable[[list[list[int]]], list[list[int]]],
+                       ar_logits_fn: Callable, prompts: list[list[int]],
+                       decode_token: Callable[[int], str], eos_id: Optional[int]) -> dict:
+    """Sample a continuation of every prompt with ``sample_fn`` (cut at ``eos_id``) and score it.
+
+    Returns ``gen_nll``, ``gen_ppl``, ``gen_distinct``, ``gen_punctuation`` and ``gen_tokens``;
+    the first four are None when every continuation is empty."""
+    continuations = [ids[: ids.index(eos_id)] if eos_id is not None and eos_id in ids else ids
+                     for ids in sample_fn(prompts)]
+    total, count = continuation_nll(ar_logits_fn, prompts, continuations)
+    nll = total / count if count else None
+    return {"gen_nll": nll, "gen_ppl": None if nll is None else math.exp(min(nll, 700)),
+            **text_statistics(continuations, decode_token), "gen_tokens": count}
