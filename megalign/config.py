@@ -306,10 +306,30 @@ def _merge(base: dict, update: dict) -> dict:
     return base
 
 
+CONFIG_DIR = "${config_dir}"
+
+
+def expand_config_dir(tree, directory: str):
+    """``tree`` with ``${config_dir}`` in its strings replaced by ``directory``.
+
+    Why: files megalign writes next to a model (megalign-convert's megalign.yaml, a checkpoint's
+    recorded config) name its tokenizer and weights relative to where they are, so the directory
+    can be moved or shared without holding paths of the machine it was made on."""
+    if isinstance(tree, dict):
+        return {key: expand_config_dir(value, directory) for key, value in tree.items()}
+    if isinstance(tree, list):
+        return [expand_config_dir(value, directory) for value in tree]
+    if isinstance(tree, str) and CONFIG_DIR in tree:
+        return os.path.normpath(tree.replace(CONFIG_DIR, directory or "."))
+    return tree
+
+
 def load_config(paths=None, overrides: Optional[list[str]] = None) -> Config:
-    """YAML file(s), merged in order (later wins), + overrides -> ``Config``."""
+    """YAML file(s), merged in order (later wins), + overrides -> ``Config``; ``${config_dir}``
+    in a file's values is that file's directory."""
     tree: dict = {}
     for path in [paths] if isinstance(paths, str) else (paths or []):
+        path = str(path)
         if not os.path.isfile(path):
             raise ConfigError(f"config file '{path}' does not exist")
         with open(path, encoding="utf-8") as handle:
@@ -319,16 +339,17 @@ def load_config(paths=None, overrides: Optional[list[str]] = None) -> Config:
                 raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from None
         if not isinstance(part, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
-        _merge(tree, part)
+        _merge(tree, expand_config_dir(part, os.path.dirname(path)))
     for text in overrides or []:
         key, value = parse_override(text)
         set_dotted(tree, key, value)
     return _build(Config, tree)
 
 
-def config_from_dict(tree: dict) -> Config:
-    """A ``Config`` from a nested dict (as stored in checkpoints); unknown keys are errors."""
-    return _build(Config, tree)
+def config_from_dict(tree: dict, directory: Optional[str] = None) -> Config:
+    """A ``Config`` from a nested dict (as stored in checkpoints, whose ``${config_dir}`` is
+    ``directory``); unknown keys are errors."""
+    return _build(Config, tree if directory is None else expand_config_dir(tree, directory))
 
 
 def to_dict(cfg: Config) -> dict:

@@ -5,14 +5,15 @@
         parallel.pipeline_model_parallel_size=2
 
 Decoding defaults to what diffusion LMs are decoded with in practice: semi-autoregressive blocks
-of 8 tokens, one token committed per step (``--steps`` = ``--gen-length``), greedy.
-The checkpoint (a root with ``latest`` or an ``iter_`` directory) records its config, tokenizer
-included; it is resharded into the layout this command is launched with (one process: TP=1,
+of 8 tokens, one token committed per step (``--steps`` = ``--gen-length``), greedy. The
+checkpoint (a root with ``latest``, an ``iter_`` directory, or a model converted by
+megalign-convert: the step-0 student) records its config, tokenizer included; it is resharded into the layout this command is launched with (one process: TP=1,
 PP=1; under torchrun any TP/PP, via trailing ``parallel.*=N`` overrides). Prompts come from
 ``--prompt`` (repeatable) or ``--prompt-file`` (one per line, or JSONL with a "prompt" key); all
 are decoded as one batch. Output: one JSON line per prompt on stdout, or ``--output FILE``.
-``--ar`` also decodes each prompt with the AR model the run started from (greedy, or sampled
-with ``--temperature``), for a side-by-side comparison.
+Each line holds the prompt, the completion (cut at EOS) and ``completion_ids``, the generated
+token ids as decoded (EOS-filled after a stop). ``--ar`` also decodes each prompt with the AR
+model the run started from (greedy, or sampled with ``--temperature``), side by side.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def load_config_from_checkpoint(path: str, overrides: list[str]):
     tree["model"]["document_attention"] = True  # explicit masks keep batch padding out
     for text in overrides:
         set_dotted(tree, *parse_override(text))
-    return config_from_dict(tree), meta
+    return config_from_dict(tree, path), meta
 
 
 @dataclass
@@ -104,19 +105,33 @@ def load_student(opened: Opened) -> list:
                                cfg.parallel.pipeline_model_parallel_size, cfg.seed)
     chunks = build_chunks(cfg, opened.vocab, causal=False, params_dtype=torch.float32)
     load_checkpoint(opened.path, chunks)
+    if is_converted_ar_model(opened.meta) and cfg.model.mask_token_init == "mean":
+        # the step-0 student: what training starts from (megalign.train's build_models)
+        from megalign.model.embedding import init_mask_token_embedding
+
+        for chunk in chunks:
+            init_mask_token_embedding(chunk, opened.mask_id, opened.tokenizer.vocab_size)
     return chunks
 
 
+def is_converted_ar_model(meta: dict) -> bool:
+    """A weights-only checkpoint written by megalign-convert: the AR model, not yet trained."""
+    return "iteration" not in meta
+
+
 def load_ar_model(cfg, meta: dict, path: str, vocab: int) -> list:
-    """The causal AR model a run started from (``meta['ar_checkpoint']``), for --ar."""
+    """The causal AR model a run started from (``meta['ar_checkpoint']``; a converted AR model is
+    its own), for --ar and generative perplexity."""
+    from dataclasses import replace
+
     from megalign.checkpoint import CheckpointError, load_checkpoint
     from megalign.model.gpt import build_chunks
 
-    teacher = meta.get("ar_checkpoint")
+    teacher = meta.get("ar_checkpoint") or (path if is_converted_ar_model(meta) else None)
     if not teacher:
         raise CheckpointError(f"checkpoint '{path}' records no AR checkpoint for --ar")
-    cfg.model.document_attention = False
-    causal = build_chunks(cfg, vocab, causal=True, params_dtype=torch.float32)
+    causal_cfg = replace(cfg, model=replace(cfg.model, document_attention=False))
+    causal = build_chunks(causal_cfg, vocab, causal=True, params_dtype=torch.float32)
     load_checkpoint(teacher, causal)
     return causal
 
@@ -199,8 +214,8 @@ def main(argv=None) -> int:
         chunks = load_student(opened)
         outputs = sample(sampler_logits(chunks), encoded, opened.mask_id, tokenizer.pad,
                          tokenizer.vocab_size, cfg.diffusion.shift, sampler)
-        records = [{"prompt": p, "completion": tokenizer.decode(until_eos(o, sampler.eos_id))}
-                   for p, o in zip(prompts, outputs)]
+        records = [{"prompt": p, "completion": tokenizer.decode(until_eos(o, sampler.eos_id)),
+                    "completion_ids": o} for p, o in zip(prompts, outputs)]
         if args.ar:
             causal = load_ar_model(cfg, opened.meta, opened.path, opened.vocab)
             for record, ids in zip(records, encoded):

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, run_env, run_python, torchrun
+from conftest import REPO, WORKERS, run_env, run_python, torchrun
 
 
 def run_script(script, env_extra, args, timeout=1500):
@@ -46,6 +46,17 @@ def test_main_command_smollm2(tmp_path):
     samples = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{"prompt"')]
     assert [s["prompt"] for s in samples] == ["And God said", "The LORD is my shepherd"]
     assert all(s["completion"].strip() and s["ar_completion"].strip() for s in samples)
+    # the exported student samples the same tokens with transformers alone
+    from megalign.data.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer(str(run_dir / "ar" / "tokenizer"))
+    job = {"model": str(run_dir / "hf"), "prompts": [tokenizer.encode(s["prompt"]) for s in samples],
+           "options": [{"max_new_tokens": 8}]}
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    run_python([WORKERS / "hf_diffusion.py", "--job", tmp_path / "job.json", "--out",
+                tmp_path / "hf.json"])
+    hf = json.loads((tmp_path / "hf.json").read_text())
+    assert hf["batched"][0] == [s["completion_ids"] for s in samples]
 
 
 @pytest.mark.slow

@@ -10,8 +10,11 @@ can be split that way). Next to it: ``megalign.yaml`` (the model/diffusion/data 
 train from it: ``--config megalign.yaml --config run.yaml``) and the tokenizer. The vocabulary is
 padded to a multiple of 128 with room for the mask token.
 
-megalign -> HF writes a ``save_pretrained`` directory whose config records the diffusion model's
-facts under ``megalign``: bidirectional attention, the mask token id and the shift convention.
+megalign -> HF writes a self-contained transformers directory: safetensors weights, a config,
+megalign's modeling file (``modeling_megalign.py``: the bidirectional network and
+``diffusion_generate``, the same decoding rules as megalign-generate), ``generation_config.json``,
+the tokenizer and a model card; it loads with ``AutoModel.from_pretrained(DIR,
+trust_remote_code=True)`` and needs only torch and transformers.
 Remote code is never run unless ``--trust-remote-code`` is given.
 """
 
@@ -26,7 +29,7 @@ import sys
 import torch
 import yaml
 
-from megalign.config import Config, config_from_dict, to_dict
+from megalign.config import CONFIG_DIR, Config, config_from_dict, to_dict
 from megalign.convert.hf import (
     ConversionError,
     check_layout,
@@ -114,23 +117,24 @@ def hf_to_megalign(args) -> str:
     chunks = _build_single_process_model(cfg)
     _load_exact(chunks[0], tensors)
     output = os.path.abspath(args.output)
-    save_weights(output, chunks, meta={"config": to_dict(cfg), "source": os.path.abspath(args.input),
-                                       "hf_vocab_size": rows})
+    if tokenizer is not None:  # recorded relative to the checkpoint: the directory can move
+        cfg.data.tokenizer = os.path.join(CONFIG_DIR, "tokenizer")
+    save_weights(output, chunks, meta={"config": to_dict(cfg), "hf_vocab_size": rows,
+                                       "source": os.path.basename(os.path.normpath(args.input))})
     sections = {
-        "model": {**model, "padded_vocab_size": padded, "init_checkpoint": output},
+        "model": {**model, "padded_vocab_size": padded, "init_checkpoint": CONFIG_DIR},
         "diffusion": {"mask_token_id": mask_id},
     }
     if tokenizer is not None:
         tokenizer.save_pretrained(tokenizer_dir)
-        sections["data"] = {"tokenizer": tokenizer_dir}
+        sections["data"] = {"tokenizer": cfg.data.tokenizer}
     with open(os.path.join(output, MEGALIGN_YAML), "w", encoding="utf-8") as handle:
         yaml.safe_dump(sections, handle, sort_keys=False)
     return output
 
 
 def megalign_to_hf(args) -> str:
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
-
+    """A self-contained transformers directory (see ``export_diffusion_model``)."""
     from megalign.checkpoint import load_checkpoint, read_meta, resolve
     from megalign.model.gather import full_tensors
 
@@ -138,7 +142,7 @@ def megalign_to_hf(args) -> str:
     meta = read_meta(path)
     if "config" not in meta:
         raise ConversionError(f"checkpoint '{path}' records no model config")
-    cfg = config_from_dict(meta["config"])
+    cfg = config_from_dict(meta["config"], path)
     cfg.parallel.tensor_model_parallel_size = cfg.parallel.pipeline_model_parallel_size = 1
     cfg.parallel.virtual_pipeline_model_parallel_size = None
     cfg.parallel.sequence_parallel = False
@@ -150,41 +154,114 @@ def megalign_to_hf(args) -> str:
     model = {k: getattr(m, k) for k in ("arch", "num_layers", "num_attention_heads",
                                          "num_query_groups", "qkv_bias", "tie_embeddings")}
     hf_state = megatron_to_hf(full_tensors(chunks, "param"), model, m.padded_vocab_size)
+    export_diffusion_model(cfg, meta, hf_state, args.output)
+    return args.output
+
+
+def export_diffusion_model(cfg: Config, meta: dict, hf_state: dict, output: str) -> None:
+    """Weights (safetensors), config, megalign's modeling file with ``diffusion_generate``,
+    generation defaults, tokenizer and a model card: loads with transformers alone
+    (``AutoModel.from_pretrained(output, trust_remote_code=True)``)."""
+    import json
+
+    from megalign.convert import modeling_megalign
+    from megalign.data.tokenizer import build_tokenizer
+    from megalign.diffusion.sampler import SamplerConfig
     from megalign.model.gpt import ffn_hidden_size
 
-    common = {"vocab_size": m.padded_vocab_size, "tie_word_embeddings": m.tie_embeddings}
-    if m.arch == "gpt2":
-        hf_config = GPT2Config(n_embd=m.hidden_size, n_layer=m.num_layers, n_head=m.num_attention_heads,
-                               n_inner=ffn_hidden_size(cfg), n_positions=m.max_position_embeddings or m.seq_length,
-                               layer_norm_epsilon=m.norm_epsilon, activation_function="gelu_new", **common)
-        hf_config.architectures = ["GPT2LMHeadModel"]
-    else:
-        config_class, architecture = (Qwen2Config, "Qwen2ForCausalLM") if m.qkv_bias else (LlamaConfig, "LlamaForCausalLM")
-        hf_config = config_class(
-            hidden_size=m.hidden_size, intermediate_size=ffn_hidden_size(cfg),
-            num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
-            num_key_value_heads=m.num_query_groups or m.num_attention_heads,
-            max_position_embeddings=m.max_position_embeddings or m.seq_length,
-            rms_norm_eps=m.norm_epsilon, rope_theta=float(m.rotary_base), **common)
-        hf_config.architectures = [architecture]
-    hf_config.megalign = {
-        "attention": "bidirectional",
-        "document_attention": m.document_attention,
-        "mask_token_id": cfg.diffusion.mask_token_id,
-        "shift": cfg.diffusion.shift,
-        "source_checkpoint": path,
-    }
-    hf_model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    m = cfg.model
+    tokenizer = build_tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer else None
+    config = modeling_megalign.MegalignDiffusionConfig(
+        arch=m.arch, vocab_size=m.padded_vocab_size, hidden_size=m.hidden_size,
+        intermediate_size=ffn_hidden_size(cfg), num_hidden_layers=m.num_layers,
+        num_attention_heads=m.num_attention_heads,
+        num_key_value_heads=m.num_query_groups or m.num_attention_heads,
+        max_position_embeddings=m.max_position_embeddings or m.seq_length,
+        norm_epsilon=m.norm_epsilon, rope_theta=float(m.rotary_base), qkv_bias=m.qkv_bias,
+        tie_word_embeddings=m.tie_embeddings, mask_token_id=cfg.diffusion.mask_token_id,
+        shift=cfg.diffusion.shift, document_attention=m.document_attention,
+        sample_vocab_size=tokenizer.vocab_size if tokenizer else m.padded_vocab_size,
+        eos_token_id=tokenizer.eod if tokenizer else None,
+        pad_token_id=tokenizer.pad if tokenizer else None)
+    config.auto_map = {"AutoConfig": "modeling_megalign.MegalignDiffusionConfig",
+                       "AutoModel": "modeling_megalign.MegalignForDiffusionLM"}
+    config.architectures = ["MegalignForDiffusionLM"]
+    hf_model = modeling_megalign.MegalignForDiffusionLM(config)
+    if m.tie_embeddings:
+        hf_state = {k: v for k, v in hf_state.items() if k != "lm_head.weight"}
     missing, unexpected = hf_model.load_state_dict(hf_state, strict=False)
-    missing = [k for k in missing if not (m.tie_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
         raise ConversionError(f"HF model mismatch: missing {missing}, unexpected {unexpected}")
-    hf_model.save_pretrained(args.output)
-    tokenizer = cfg.data.tokenizer
-    if tokenizer and os.path.isdir(tokenizer):
-        for name in os.listdir(tokenizer):
-            shutil.copy(os.path.join(tokenizer, name), args.output)
-    return args.output
+    os.makedirs(output, exist_ok=True)
+    hf_model.save_pretrained(output, safe_serialization=True)
+    shutil.copy(modeling_megalign.__file__, os.path.join(output, "modeling_megalign.py"))
+    defaults = SamplerConfig()
+    with open(os.path.join(output, "generation_config.json"), "w", encoding="utf-8") as handle:
+        json.dump({"mask_token_id": config.mask_token_id, "eos_token_id": config.eos_token_id,
+                   "pad_token_id": config.pad_token_id, "max_new_tokens": defaults.gen_length,
+                   "diffusion": {"steps": "max_new_tokens", "block_length": defaults.block_length,
+                                 "temperature": defaults.temperature, "top_k": defaults.top_k,
+                                 "top_p": defaults.top_p, "confidence": defaults.confidence,
+                                 "unmasking": defaults.unmasking, "seed": defaults.seed}},
+                  handle, indent=1)
+    source = cfg.data.tokenizer
+    if source and os.path.isdir(source):
+        for name in os.listdir(source):
+            shutil.copy(os.path.join(source, name), output)
+    with open(os.path.join(output, "README.md"), "w", encoding="utf-8") as handle:
+        handle.write(model_card(cfg, meta, bool(source and os.path.isdir(source))))
+
+
+def model_card(cfg: Config, meta: dict, has_tokenizer: bool) -> str:
+    """What the model is, how it was made (base model, recipe), its held-out metrics when the
+    run's validation.jsonl is at hand, and how to sample it."""
+    import json
+
+    a, o, d = cfg.align, cfg.optimizer, cfg.data
+    iterations = meta.get("iteration", 0)
+    base = meta.get("ar_checkpoint") or meta.get("source") or "an AR model"
+    lines = [
+        "# megalign masked diffusion LM", "",
+        f"A bidirectional masked diffusion language model converted by megalign from the "
+        f"autoregressive model `{os.path.basename(os.path.normpath(str(base)))}` "
+        f"({cfg.model.arch}, {cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}).", "",
+        "## Recipe", "",
+        f"- REPR-ALIGN weight λ = {a.weight:g}" + (" (plain masked diffusion)" if not a.weight
+                                                  else " (per-layer cosine alignment to the AR "
+                                                       "teacher)"),
+        f"- frozen parameters: {', '.join(o.freeze) if o.freeze else 'none'}",
+        f"- optimizer steps: {iterations}; tokens seen: "
+        f"{iterations * d.global_batch_size * cfg.model.seq_length:,}",
+        f"- learning rate {o.lr:g} ({cfg.schedule.lr_decay_style} after "
+        f"{cfg.schedule.warmup_iters} warm-up steps), global batch {d.global_batch_size} x "
+        f"{cfg.model.seq_length} tokens",
+        f"- mask token id {cfg.diffusion.mask_token_id}; position i predicts token i+1: "
+        f"{cfg.diffusion.shift}", "",
+    ]
+    validation = os.path.join(cfg.logging.run_dir, "validation.jsonl")
+    if iterations and os.path.isfile(validation):
+        with open(validation, encoding="utf-8") as handle:
+            records = [json.loads(line) for line in handle if line.strip()]
+        last = next((r for r in reversed(records) if r.get("iteration") == iterations), None)
+        if last:
+            lines += ["## Held-out metrics at the last step", ""]
+            lines += [f"- {key}: {value:.4g}" for key, value in last.items()
+                      if isinstance(value, float)] + [""]
+    lines += [
+        "## Sampling", "",
+        "```python",
+        "from transformers import AutoModel" + (", AutoTokenizer" if has_tokenizer else ""),
+        "model = AutoModel.from_pretrained(path, trust_remote_code=True)",
+        ("tokenizer = AutoTokenizer.from_pretrained(path)\n"
+         "ids = model.diffusion_generate(tokenizer('In the beginning', return_tensors='pt')"
+         ".input_ids, max_new_tokens=32)\nprint(tokenizer.decode(ids[0]))" if has_tokenizer else
+         "ids = model.diffusion_generate(prompt_ids, max_new_tokens=32)"),
+        "```", "",
+        "`diffusion_generate` takes megalign-generate's options (`steps`, `block_length`, "
+        "`temperature`, `top_k`, `top_p`, `confidence`, `unmasking`, `seed`) with its defaults: "
+        "blocks of 8 tokens, one token per step, greedy, stop at the end-of-document token.", "",
+    ]
+    return "\n".join(lines)
 
 
 def parse_args(argv=None):

@@ -77,6 +77,11 @@ def sampler_logits(chunks: list):
 
     def logits_fn(tokens, attention_mask) -> VocabShard:
         positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+        if attention_mask is not None:
+            # prompts left-padded by the sampler: number each row's real tokens from 0, so a
+            # prompt gets the same positions alone or in a batch (learned absolute positions)
+            real = ~attention_mask[:, 0, -1, :]
+            positions = (real.long().cumsum(-1) - 1).clamp(min=0)
         logits = forward_vocab_shard(chunks, tokens, positions, attention_mask)
         width = logits.shape[-1] if logits is not None else 0
         return VocabShard(

@@ -1,0 +1,136 @@
+"""The Hugging Face export of a trained diffusion student: loads and samples with transformers
+alone (megalign not importable), matching megalign's logits and megalign-generate's tokens."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import TINY_CONFIG, TOKENIZER, WORKERS, run_python
+from test_hf import VOCAB, tiny_hf_model
+
+PROMPTS = ["In the beginning God", "And the LORD said unto Moses, Go"]
+# megalign-generate options -> diffusion_generate keyword options
+OPTION_SETS = [
+    ({}, {}),  # the defaults: blocks of 8, one token per step, greedy
+    ({"--block-length": 16, "--steps": 8}, {"block_length": 16, "steps": 8}),
+    ({"--confidence": "margin", "--unmasking": "p2", "--block-length": 16, "--steps": 16},
+     {"confidence": "margin", "unmasking": "p2", "block_length": 16, "steps": 16}),
+    ({"--temperature": 0.8, "--top-k": 20, "--seed": 3}, {"temperature": 0.8, "top_k": 20, "seed": 3}),
+]
+GEN_LENGTH = 16
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "gpt2"])
+def exported(request, tmp_path_factory, data_overrides):
+    """A tiny HF model converted, trained 2 steps with REPR-ALIGN by megalign, and exported."""
+    kind, tmp = request.param, tmp_path_factory.mktemp(f"export_{request.param}")
+    tiny_hf_model(kind).save_pretrained(tmp / "hf")
+    run_python(["-m", "megalign.convert.cli", "--from", "hf", "--to", "megalign", "--input",
+                tmp / "hf", "--output", tmp / "ml"])
+    run_python(["-m", "megalign.train", "--config", TINY_CONFIG, "--config", tmp / "ml" / "megalign.yaml",
+                *data_overrides, "parallel.tensor_model_parallel_size=1",
+                "parallel.pipeline_model_parallel_size=1", "schedule.train_iters=2",
+                "schedule.warmup_iters=1", "optimizer.lr=1e-2", "align.weight=10",
+                f"logging.run_dir={tmp}/run", f"checkpoint.save={tmp}/ckpt"])
+    run_python(["-m", "megalign.convert.cli", "--from", "megalign", "--to", "hf", "--input",
+                tmp / "ckpt", "--output", tmp / "export"])
+    return kind, tmp
+
+
+def megalign_generate(checkpoint, options: dict, out) -> list[list[int]]:
+    args = [arg for key, value in options.items() for arg in (key, value)]
+    run_python(["-m", "megalign.generate", "--checkpoint", checkpoint, "--gen-length", GEN_LENGTH,
+                *[a for p in PROMPTS for a in ("--prompt", p)], *args, "--output", out])
+    return [json.loads(line)["completion_ids"] for line in out.read_text().splitlines()]
+
+
+def test_export_is_safetensors_with_its_own_modeling_file(exported):
+    _, tmp = exported
+    files = sorted(p.name for p in (tmp / "export").iterdir())
+    assert "model.safetensors" in files and "modeling_megalign.py" in files
+    assert not [f for f in files if f.endswith((".bin", ".pt", ".pth", ".pkl"))]
+    config = json.loads((tmp / "export" / "config.json").read_text())
+    assert config["auto_map"]["AutoModel"] == "modeling_megalign.MegalignForDiffusionLM"
+    assert config["mask_token_id"] == VOCAB and config["shift"] is True
+    card = (tmp / "export" / "README.md").read_text()
+    assert "λ = 10" in card and "optimizer steps: 2" in card and "diffusion_generate" in card
+    assert "val_nelbo" not in card or "Held-out" in card
+
+
+def test_transformers_alone_matches_megalign(exported, tmp_path):
+    import sentencepiece as spm
+
+    kind, tmp = exported
+    torch.manual_seed(1)
+    tokens = torch.randint(0, VOCAB, (2, 40))
+    tokens[:, 10:30:3] = VOCAB  # mask tokens in the input
+    torch.save(tokens, tmp_path / "tokens.pt")
+    run_python([WORKERS / "student_logits.py", "--checkpoint", tmp / "ckpt", "--tokens",
+                tmp_path / "tokens.pt", "--out", tmp_path / "megalign_logits.pt"])
+
+    sp = spm.SentencePieceProcessor(model_file=str(TOKENIZER))
+    expected = [megalign_generate(tmp / "ckpt", cli, tmp_path / f"gen{i}.jsonl")
+                for i, (cli, _) in enumerate(OPTION_SETS)]
+    job = {"model": str(tmp / "export"), "tokens": str(tmp_path / "tokens.pt"),
+           "prompts": [sp.encode(p) for p in PROMPTS],
+           "options": [{"max_new_tokens": GEN_LENGTH, **kw} for _, kw in OPTION_SETS]}
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    run_python([WORKERS / "hf_diffusion.py", "--job", tmp_path / "job.json", "--out",
+                tmp_path / "hf.json"])
+    report = json.loads((tmp_path / "hf.json").read_text())
+    assert report["module"].endswith("modeling_megalign")  # the written file, loaded by transformers
+
+    reference = torch.load(tmp_path / "megalign_logits.pt")
+    logits = torch.load(tmp_path / "hf.json.logits.pt")
+    assert (logits[..., :VOCAB] - reference[..., :VOCAB]).abs().max() <= 1e-4, kind
+    assert len({json.dumps(e) for e in expected}) > 1  # the option sets decode differently
+    for (cli, options), alone, batched, want in zip(OPTION_SETS, report["alone"],
+                                                    report["batched"], expected):
+        assert batched == want, (kind, cli)  # megalign-generate's tokens, same options
+        if not options.get("temperature"):  # sampling draws noise for the whole batch at once
+            assert alone == batched, (kind, cli)  # padding and batching change nothing
+
+
+def test_a_converted_model_moves_and_samples_as_the_step_0_student(tmp_path):
+    """megalign-generate and megalign-eval on megalign-convert's output (the untrained student)
+    after the directory was moved: nothing in it names the machine's paths."""
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from megalign.checkpoint import read_meta
+
+    words = ["</s>", "<pad>"] + [f"w{i}" for i in range(50)]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="</s>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tiny_hf_model("llama").save_pretrained(tmp_path / "hf")
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="</s>",
+                            pad_token="<pad>").save_pretrained(tmp_path / "hf")
+    run_python(["-m", "megalign.convert.cli", "--from", "hf", "--to", "megalign", "--input",
+                tmp_path / "hf", "--output", tmp_path / "made_here"])
+    shutil.copytree(tmp_path / "made_here", tmp_path / "moved")
+    shutil.rmtree(tmp_path / "made_here")
+    recorded = (tmp_path / "moved" / "megalign.yaml").read_text() + json.dumps(
+        read_meta(str(tmp_path / "moved")))
+    assert str(tmp_path) not in recorded and "made_here" not in recorded
+    out = run_python(["-m", "megalign.generate", "--checkpoint", tmp_path / "moved", "--prompt",
+                      "w1 w2 w3", "--gen-length", "8", "--ar"])
+    sample = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(sample["completion_ids"]) == 8 and "ar_completion" in sample
+    from megalign.data.preprocess import preprocess
+
+    generator = torch.Generator().manual_seed(0)
+    with open(tmp_path / "words.jsonl", "w", encoding="utf-8") as handle:
+        for _ in range(200):
+            ids = torch.randint(2, len(words), (200,), generator=generator).tolist()
+            handle.write(json.dumps({"text": " ".join(words[i] for i in ids)}) + "\n")
+    data = preprocess([str(tmp_path / "words.jsonl")], str(tmp_path / "moved" / "tokenizer"),
+                      str(tmp_path / "words"), "text", True)
+    scored = run_python(["-m", "megalign.evaluate", "--checkpoint", tmp_path / "moved", "--data",
+                         data, "--samples", "4", "--t-grid", "1", "--ar", "--generate", "2",
+                         "--gen-length", "8"])
+    result = json.loads(scored.stdout.strip().splitlines()[-1])
+    assert result["diffusion_nelbo_per_token"] > 0 and result["ar_nll_per_token"] > 0
+    assert result["gen_tokens"] > 0 and result["gen_ppl"] > 1

@@ -1,0 +1,23 @@
+"""The diffusion student's logits of a megalign checkpoint on given tokens (one process, full
+bidirectional attention over each row), saved to --out. Loaded as megalign-generate loads it."""
+
+import argparse
+
+import torch
+
+from megalign import distributed
+from megalign.evaluation.heldout import full_logits_fn
+from megalign.generate import load_student, open_checkpoint
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--checkpoint", required=True)
+parser.add_argument("--tokens", required=True)
+parser.add_argument("--out", required=True)
+args = parser.parse_args()
+opened = open_checkpoint(args.checkpoint, [])
+tokens = torch.load(args.tokens)
+positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+nothing_blocked = torch.zeros(tokens.shape[0], 1, tokens.shape[1], tokens.shape[1], dtype=torch.bool)
+logits = full_logits_fn(load_student(opened), opened.vocab)(tokens, positions, nothing_blocked)
+torch.save(logits, args.out)
+distributed.shutdown()
