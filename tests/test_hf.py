@@ -49,7 +49,7 @@ def megalign_logits(tmp_path, config, tp=1, pp=1, name="logits", extra=()):
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
 def test_hf_round_trip_keeps_logits(tmp_path, kind):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModel
 
     model = tiny_hf_model(kind)
     model.save_pretrained(tmp_path / "hf")
@@ -67,11 +67,15 @@ def test_hf_round_trip_keeps_logits(tmp_path, kind):
 
     run_python(["-m", "megalign.convert.cli", "--from", "megalign", "--to", "hf",
                 "--input", tmp_path / "ml", "--output", tmp_path / "back"])
-    back = AutoModelForCausalLM.from_pretrained(tmp_path / "back")
+    # the export is megalign's bidirectional model; given a causal mask it is the AR model again
+    back = AutoModel.from_pretrained(tmp_path / "back", trust_remote_code=True).eval()
     config = json.loads((tmp_path / "back" / "config.json").read_text())
-    assert config["megalign"]["attention"] == "bidirectional"
-    assert config["megalign"]["mask_token_id"] == VOCAB and config["megalign"]["shift"] is True
-    assert (hf_logits(back, tokens)[..., :VOCAB] - reference).abs().max() <= 1e-4
+    assert config["model_type"] == "megalign_diffusion"
+    assert config["mask_token_id"] == VOCAB and config["shift"] is True
+    causal = torch.ones(48, 48, dtype=torch.bool).triu(1).expand(2, 1, 48, 48)
+    with torch.no_grad():
+        logits = back(tokens, attention_mask=causal).logits
+    assert (logits[..., :VOCAB] - reference).abs().max() <= 1e-4
 
 
 @pytest.mark.slow
