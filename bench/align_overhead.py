@@ -31,7 +31,7 @@ def worker(args) -> None:
     from megalign.config import load_config
     from megalign.data.tokenizer import build_tokenizer
     from megalign.telemetry.p2p import count_p2p
-    from megalign.train import setup
+    from megalign.training.trainer import setup
     from megalign.training.step import DiffusionStep
 
     cfg = load_config(args.config, [*DEFAULTS, *args.overrides])

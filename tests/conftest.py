@@ -100,7 +100,7 @@ def data_overrides(corpus_prefix, tmp_path_factory) -> list[str]:
 
 def make_ar_checkpoint(out, data_overrides, extra=()) -> str:
     """'AR weights' shared by every layout: a tiny model written with dist_checkpointing."""
-    run_python(["-m", "megalign.train", "--config", TINY_CONFIG, *data_overrides,
+    run_python(["-m", "megalign.cli.train", "--config", TINY_CONFIG, *data_overrides,
                 "parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=1",
                 "schedule.train_iters=1", "schedule.warmup_iters=0", "align.weight=0",
                 f"logging.run_dir={out}/run", f"checkpoint.save={out}/ckpt", *extra])

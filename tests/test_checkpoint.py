@@ -13,7 +13,7 @@ import pytest
 from conftest import TINY_CONFIG, WORKERS, finish, kill_group, launch, metrics, torchrun
 
 ITERS = 30
-TRAIN = ["-m", "megalign.train", "--config", str(TINY_CONFIG), f"schedule.train_iters={ITERS}",
+TRAIN = ["-m", "megalign.cli.train", "--config", str(TINY_CONFIG), f"schedule.train_iters={ITERS}",
          "schedule.warmup_iters=2", "data.global_batch_size=4", "logging.log_interval=1",
          "parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=2"]
 
@@ -136,7 +136,7 @@ def test_sigusr1_saves_and_stops(tmp_path, data_overrides):
         assert time.time() < deadline and process.poll() is None, process.stderr.read()[-3000:]
         time.sleep(0.02)
     workers = [p for p in psutil.Process(process.pid).children()
-               if "megalign.train" in " ".join(p.cmdline())]
+               if "megalign.cli.train" in " ".join(p.cmdline())]
     workers[-1].send_signal(signal.SIGUSR1)  # one rank only
     code, out, err = finish(process)
     assert code == 0, err[-3000:]

@@ -3,7 +3,8 @@
 import pytest
 
 from conftest import TINY_CONFIG, run_python
-from megalign.config import ConfigError, load_config, validate
+from megalign.config import load_config, validate
+from megalign.errors import ConfigError
 
 def test_yaml_and_overrides_are_typed():
     cfg = load_config(str(TINY_CONFIG), ["align.weight=3", "model.num_layers=2", "optimizer.lr=3e-4",
@@ -92,7 +93,7 @@ SINGLE = ["parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_para
 ])
 def test_cli_fails_before_launch(tmp_path, overrides, key):
     run_dir = tmp_path / "run"
-    result = run_python(["-m", "megalign.train", "--config", TINY_CONFIG, *overrides,
+    result = run_python(["-m", "megalign.cli.train", "--config", TINY_CONFIG, *overrides,
                          f"logging.run_dir={run_dir}"], check=False, timeout=120)
     assert result.returncode == 2
     assert key in result.stderr and "Traceback" not in result.stderr

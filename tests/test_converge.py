@@ -7,7 +7,9 @@ import pytest
 
 from conftest import REPO, TINY_CONFIG, run_python, torchrun
 
-from megalign.config import ConfigError, load_config, validate
+from megalign.config import load_config, validate
+
+from megalign.errors import ConfigError
 from megalign.data.dataset import check_split
 
 ONE_PROCESS = ["parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=1"]
@@ -44,26 +46,26 @@ def test_empty_split_is_refused_not_a_hang():
 @pytest.mark.slow
 def test_validation_is_megalign_eval_and_leaves_training_unchanged(tmp_path, data_overrides):
     common = [*data_overrides, *EVAL, "align.weight=10"]
-    run_python(["-m", "megalign.train", "--config", TINY_CONFIG, *common, *ONE_PROCESS,
+    run_python(["-m", "megalign.cli.train", "--config", TINY_CONFIG, *common, *ONE_PROCESS,
                 f"logging.run_dir={tmp_path}/a", f"checkpoint.save={tmp_path}/a/ckpt"])
     validation = read_jsonl(tmp_path / "a" / "validation.jsonl")
     assert [v["iteration"] for v in validation] == [0, 2, 4]
     assert all(math.isfinite(v["val_nelbo"]) and v["val_positions"] == 4 * 128 for v in validation)
     # the last value is what megalign-eval reports for the saved checkpoint
-    result = run_python(["-m", "megalign.evaluate", "--checkpoint", tmp_path / "a" / "ckpt",
+    result = run_python(["-m", "megalign.cli.evaluate", "--checkpoint", tmp_path / "a" / "ckpt",
                          "--samples", 4, "--batch-size", 2, "--t-grid", 2])
     scored = json.loads(result.stdout.strip().splitlines()[-1])
     assert scored["diffusion_nelbo_per_token"] == pytest.approx(validation[-1]["val_nelbo"], rel=1e-6)
     # evaluating does not change training (no RNG consumed, train mode restored)
-    run_python(["-m", "megalign.train", "--config", TINY_CONFIG, *common, *ONE_PROCESS,
+    run_python(["-m", "megalign.cli.train", "--config", TINY_CONFIG, *common, *ONE_PROCESS,
                 "evaluation.interval=0", f"logging.run_dir={tmp_path}/b"])
     a, b = read_jsonl(tmp_path / "a" / "metrics.jsonl"), read_jsonl(tmp_path / "b" / "metrics.jsonl")
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
     # the same under TP1 x PP2, from the same initial weights
     init = f"model.init_checkpoint={tmp_path}/a/ckpt/ar_init"
-    run_python(["-m", "megalign.train", "--config", TINY_CONFIG, *common, *ONE_PROCESS, init,
+    run_python(["-m", "megalign.cli.train", "--config", TINY_CONFIG, *common, *ONE_PROCESS, init,
                 f"logging.run_dir={tmp_path}/c"])
-    torchrun(2, "-m", ["megalign.train", "--config", TINY_CONFIG, *common, init,
+    torchrun(2, "-m", ["megalign.cli.train", "--config", TINY_CONFIG, *common, init,
                        "parallel.tensor_model_parallel_size=1",
                        "parallel.pipeline_model_parallel_size=2", f"logging.run_dir={tmp_path}/d"])
     one, two = (read_jsonl(tmp_path / run / "validation.jsonl") for run in ("c", "d"))

@@ -14,7 +14,8 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from conftest import CORPUS, REPO, TOKENIZER, run_env
 from megalign.data.dataset import PretrainingSampler, build_datasets, parse_blend
-from megalign.data.indexed import DataError, check_indexed_dataset, write_indexed_dataset
+from megalign.data.indexed import check_indexed_dataset, write_indexed_dataset
+from megalign.errors import DataError
 from megalign.data.preprocess import main as preprocess_main
 from megalign.data.preprocess import preprocess, read_jsonl
 from megalign.data.tokenizer import build_tokenizer

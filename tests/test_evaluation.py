@@ -2,7 +2,6 @@
 that megalign-generate, the lm-eval adapter and the main job share."""
 
 import math
-import re
 
 import pytest
 import torch
@@ -80,7 +79,7 @@ def test_decoding_defaults_are_blocks_of_eight_one_token_per_step():
 
 
 def test_megalign_generate_and_the_main_job_use_the_defaults():
-    from megalign.generate import build_parser, sampler_config
+    from megalign.cli.generate import build_parser, sampler_config
 
     args = build_parser().parse_args(["--checkpoint", "x", "--prompt", "y"])
     cfg = sampler_config(args, eos_id=2)
@@ -90,5 +89,5 @@ def test_megalign_generate_and_the_main_job_use_the_defaults():
     assert (sampler_config(args, 2).steps, sampler_config(args, 2).block_length) == (4, 4)
     # the main job decodes with the CLI's defaults: it sets neither option
     script = (REPO / "examples" / "quickstart.sh").read_text()
-    generate = script.split("-m megalign.generate", 1)[1]
+    generate = script.split("-m megalign.cli.generate", 1)[1]
     assert "--steps" not in generate and "--block-length" not in generate and "--ar" in generate

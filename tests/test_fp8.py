@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from conftest import TINY_CONFIG, run_python
-from megalign.config import ConfigError, load_config, validate
+from megalign.config import load_config, validate
+from megalign.errors import ConfigError
 from megalign.model.norm import TorchNorm
 from megalign.model.gpt import (
     attention_mask_type,
@@ -43,7 +44,7 @@ def test_bad_fp8_settings_name_the_key(overrides, key):
 @pytest.mark.skipif(transformer_engine_available(), reason="this machine can run FP8")
 def test_fp8_without_gpu_or_te_fails_before_launch(tmp_path):
     run_dir = tmp_path / "run"
-    result = run_python(["-m", "megalign.train", "--config", TINY_CONFIG, "precision=fp8",
+    result = run_python(["-m", "megalign.cli.train", "--config", TINY_CONFIG, "precision=fp8",
                          f"logging.run_dir={run_dir}"], check=False, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert "precision=fp8 needs a GPU and Transformer Engine" in result.stderr

@@ -57,7 +57,7 @@ def test_hf_round_trip_keeps_logits(tmp_path, kind):
     torch.save(tokens, tmp_path / "tokens.pt")
     reference = hf_logits(model, tokens)
 
-    run_python(["-m", "megalign.convert.cli", "--from", "hf", "--to", "megalign",
+    run_python(["-m", "megalign.cli.convert", "--from", "hf", "--to", "megalign",
                 "--input", tmp_path / "hf", "--output", tmp_path / "ml"])
     layouts = [(1, 1), (2, 2)] if kind == "llama" else [(1, 1)]
     for tp, pp in layouts:
@@ -65,7 +65,7 @@ def test_hf_round_trip_keeps_logits(tmp_path, kind):
         assert logits.shape[-1] == 4096  # padded: 4000 + mask row, multiple of 128
         assert (logits[..., :VOCAB] - reference).abs().max() <= 1e-4, (kind, tp, pp)
 
-    run_python(["-m", "megalign.convert.cli", "--from", "megalign", "--to", "hf",
+    run_python(["-m", "megalign.cli.convert", "--from", "megalign", "--to", "hf",
                 "--input", tmp_path / "ml", "--output", tmp_path / "back"])
     # the export is megalign's bidirectional model; given a causal mask it is the AR model again
     back = AutoModel.from_pretrained(tmp_path / "back", trust_remote_code=True).eval()
@@ -86,13 +86,13 @@ def test_checkpoints_reshard_tp2pp2_to_tp1pp1_to_tp1pp2(tmp_path, data_overrides
     tokens = torch.randint(0, VOCAB, (2, 48))
     torch.save(tokens, tmp_path / "tokens.pt")
     reference = hf_logits(model, tokens)
-    run_python(["-m", "megalign.convert.cli", "--from", "hf", "--to", "megalign",
+    run_python(["-m", "megalign.cli.convert", "--from", "hf", "--to", "megalign",
                 "--input", tmp_path / "hf", "--output", tmp_path / "ml", "--tp", "2", "--pp", "2"])
     converted = tmp_path / "ml" / "megalign.yaml"
     # one iteration at learning rate 0 (warm-up start): weights are saved as loaded
     source = tmp_path / "ml"
     for name, tp, pp in (("a", 2, 2), ("b", 1, 1)):
-        torchrun(tp * pp, "-m", ["megalign.train", "--config", TINY_CONFIG, "--config", converted,
+        torchrun(tp * pp, "-m", ["megalign.cli.train", "--config", TINY_CONFIG, "--config", converted,
                                  *data_overrides, f"model.init_checkpoint={source}",
                                  f"parallel.tensor_model_parallel_size={tp}",
                                  f"parallel.pipeline_model_parallel_size={pp}",
@@ -114,11 +114,11 @@ def test_unsupported_architecture_and_bad_layout_are_clear(tmp_path):
     BertForMaskedLM(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
                                num_attention_heads=2, intermediate_size=64)).save_pretrained(
         tmp_path / "bert")
-    result = run_python(["-m", "megalign.convert.cli", "--from", "hf", "--to", "megalign",
+    result = run_python(["-m", "megalign.cli.convert", "--from", "hf", "--to", "megalign",
                          "--input", tmp_path / "bert", "--output", tmp_path / "out"], check=False)
     assert result.returncode == 2 and "bert is not supported" in result.stderr
     tiny_hf_model("llama").save_pretrained(tmp_path / "hf")
-    result = run_python(["-m", "megalign.convert.cli", "--from", "hf", "--to", "megalign",
+    result = run_python(["-m", "megalign.cli.convert", "--from", "hf", "--to", "megalign",
                          "--input", tmp_path / "hf", "--output", tmp_path / "out", "--tp", "4"],
                         check=False)
     assert result.returncode == 2 and "--tp 4 must divide" in result.stderr

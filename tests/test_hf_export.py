@@ -26,21 +26,21 @@ def exported(request, tmp_path_factory, data_overrides):
     """A tiny HF model converted, trained 2 steps with REPR-ALIGN by megalign, and exported."""
     kind, tmp = request.param, tmp_path_factory.mktemp(f"export_{request.param}")
     tiny_hf_model(kind).save_pretrained(tmp / "hf")
-    run_python(["-m", "megalign.convert.cli", "--from", "hf", "--to", "megalign", "--input",
+    run_python(["-m", "megalign.cli.convert", "--from", "hf", "--to", "megalign", "--input",
                 tmp / "hf", "--output", tmp / "ml"])
-    run_python(["-m", "megalign.train", "--config", TINY_CONFIG, "--config", tmp / "ml" / "megalign.yaml",
+    run_python(["-m", "megalign.cli.train", "--config", TINY_CONFIG, "--config", tmp / "ml" / "megalign.yaml",
                 *data_overrides, "parallel.tensor_model_parallel_size=1",
                 "parallel.pipeline_model_parallel_size=1", "schedule.train_iters=2",
                 "schedule.warmup_iters=1", "optimizer.lr=1e-2", "align.weight=10",
                 f"logging.run_dir={tmp}/run", f"checkpoint.save={tmp}/ckpt"])
-    run_python(["-m", "megalign.convert.cli", "--from", "megalign", "--to", "hf", "--input",
+    run_python(["-m", "megalign.cli.convert", "--from", "megalign", "--to", "hf", "--input",
                 tmp / "ckpt", "--output", tmp / "export"])
     return kind, tmp
 
 
 def megalign_generate(checkpoint, options: dict, out) -> list[list[int]]:
     args = [arg for key, value in options.items() for arg in (key, value)]
-    run_python(["-m", "megalign.generate", "--checkpoint", checkpoint, "--gen-length", GEN_LENGTH,
+    run_python(["-m", "megalign.cli.generate", "--checkpoint", checkpoint, "--gen-length", GEN_LENGTH,
                 *[a for p in PROMPTS for a in ("--prompt", p)], *args, "--output", out])
     return [json.loads(line)["completion_ids"] for line in out.read_text().splitlines()]
 
@@ -108,14 +108,14 @@ def test_a_converted_model_moves_and_samples_as_the_step_0_student(tmp_path):
     tiny_hf_model("llama").save_pretrained(tmp_path / "hf")
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="</s>",
                             pad_token="<pad>").save_pretrained(tmp_path / "hf")
-    run_python(["-m", "megalign.convert.cli", "--from", "hf", "--to", "megalign", "--input",
+    run_python(["-m", "megalign.cli.convert", "--from", "hf", "--to", "megalign", "--input",
                 tmp_path / "hf", "--output", tmp_path / "made_here"])
     shutil.copytree(tmp_path / "made_here", tmp_path / "moved")
     shutil.rmtree(tmp_path / "made_here")
     recorded = (tmp_path / "moved" / "megalign.yaml").read_text() + json.dumps(
         read_meta(str(tmp_path / "moved")))
     assert str(tmp_path) not in recorded and "made_here" not in recorded
-    out = run_python(["-m", "megalign.generate", "--checkpoint", tmp_path / "moved", "--prompt",
+    out = run_python(["-m", "megalign.cli.generate", "--checkpoint", tmp_path / "moved", "--prompt",
                       "w1 w2 w3", "--gen-length", "8", "--ar"])
     sample = json.loads(out.stdout.strip().splitlines()[-1])
     assert len(sample["completion_ids"]) == 8 and "ar_completion" in sample
@@ -128,7 +128,7 @@ def test_a_converted_model_moves_and_samples_as_the_step_0_student(tmp_path):
             handle.write(json.dumps({"text": " ".join(words[i] for i in ids)}) + "\n")
     data = preprocess([str(tmp_path / "words.jsonl")], str(tmp_path / "moved" / "tokenizer"),
                       str(tmp_path / "words"), "text", True)
-    scored = run_python(["-m", "megalign.evaluate", "--checkpoint", tmp_path / "moved", "--data",
+    scored = run_python(["-m", "megalign.cli.evaluate", "--checkpoint", tmp_path / "moved", "--data",
                          data, "--samples", "4", "--t-grid", "1", "--ar", "--generate", "2",
                          "--gen-length", "8"])
     result = json.loads(scored.stdout.strip().splitlines()[-1])

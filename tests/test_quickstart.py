@@ -88,34 +88,34 @@ def test_tiny_demo_and_generation_errors(tmp_path):
     prompts.write_text('In the beginning\n{"prompt": "And Moses said unto the LORD"}\n')
     generate = ["--checkpoint", checkpoints, "--prompt-file", prompts, "--gen-length", "8",
                 "--steps", "4", "--temperature", "0.7", "--seed", "5", "--unmasking", "p2"]
-    out = run_python(["-m", "megalign.generate", *generate, "--ar"])
+    out = run_python(["-m", "megalign.cli.generate", *generate, "--ar"])
     samples = [json.loads(line) for line in out.stdout.strip().splitlines()]
     assert [s["prompt"] for s in samples] == ["In the beginning", "And Moses said unto the LORD"]
     assert all("completion" in s and "ar_completion" in s for s in samples)
     # the same samples from the checkpoint resharded to TP=2 x PP=2
-    sharded = torchrun(4, "-m", ["megalign.generate", *generate,
+    sharded = torchrun(4, "-m", ["megalign.cli.generate", *generate,
                                  "parallel.tensor_model_parallel_size=2",
                                  "parallel.pipeline_model_parallel_size=2"])
     assert [json.loads(line) for line in sharded.stdout.strip().splitlines()] == [
         {k: v for k, v in s.items() if k != "ar_completion"} for s in samples]
     evaluate = ["--checkpoint", checkpoints, "--data", REPO / "data/build/kjv_text_document",
                 "--samples", "8", "--t-grid", "3"]
-    single = json.loads(run_python(["-m", "megalign.evaluate", *evaluate, "--ar",
+    single = json.loads(run_python(["-m", "megalign.cli.evaluate", *evaluate, "--ar",
                                     "--infill-span", "4"]).stdout.splitlines()[-1])
     assert 0 <= single["infill_exact_match"] <= single["infill_token_accuracy"] <= 1
     assert math.isfinite(single["diffusion_nelbo_per_token"]) and single["positions"] == 8 * 128
     assert single["perplexity_upper_bound"] == pytest.approx(math.exp(single["diffusion_nelbo_per_token"]))
     assert math.isfinite(single["ar_perplexity"])
-    split = torchrun(4, "-m", ["megalign.evaluate", *evaluate, "parallel.tensor_model_parallel_size=2",
+    split = torchrun(4, "-m", ["megalign.cli.evaluate", *evaluate, "parallel.tensor_model_parallel_size=2",
                                "parallel.pipeline_model_parallel_size=2"])
     resharded = json.loads(split.stdout.splitlines()[-1])
     assert resharded["diffusion_nelbo_per_token"] == pytest.approx(single["diffusion_nelbo_per_token"], rel=1e-5)
-    too_long = run_python(["-m", "megalign.generate", "--checkpoint", checkpoints, "--prompt",
+    too_long = run_python(["-m", "megalign.cli.generate", "--checkpoint", checkpoints, "--prompt",
                            "word " * 200], check=False)
     assert too_long.returncode == 2 and "exceeds the model's context" in too_long.stderr
-    no_mask = run_python(["-m", "megalign.generate", "--checkpoint", checkpoints, "--prompt", "x",
+    no_mask = run_python(["-m", "megalign.cli.generate", "--checkpoint", checkpoints, "--prompt", "x",
                           "diffusion.mask_token_id=5000"], check=False)
     assert no_mask.returncode == 2 and "has no mask token" in no_mask.stderr
-    missing = run_python(["-m", "megalign.generate", "--checkpoint", tmp_path / "nope",
+    missing = run_python(["-m", "megalign.cli.generate", "--checkpoint", tmp_path / "nope",
                           "--prompt", "x"], check=False)
     assert missing.returncode == 2 and "not a complete megalign checkpoint" in missing.stderr

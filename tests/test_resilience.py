@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 HEARTBEAT, FAILURE_TIMEOUT = 1, 6
 BOUND = FAILURE_TIMEOUT + 2 * HEARTBEAT  # documented worst case of the watchdog
 SLACK = 10  # process exit and a loaded 2-core machine
-TRAIN = ["-m", "megalign.train", "--config", str(TINY_CONFIG), "schedule.warmup_iters=2",
+TRAIN = ["-m", "megalign.cli.train", "--config", str(TINY_CONFIG), "schedule.warmup_iters=2",
          "data.global_batch_size=4", "logging.log_interval=1",
          "parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=2",
          f"resilience.heartbeat_interval_s={HEARTBEAT}",
@@ -231,7 +231,7 @@ def test_ft_launcher_restarts_a_hung_rank_and_the_run_matches(
                                    env=dict(tagged_env, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1"))
     wait_for_iteration(run, 12, [process])
     rank1 = next(p for p in psutil.Process(process.pid).children(recursive=True)
-                 if p.environ().get("RANK") == "1" and "megalign.train" in p.cmdline())
+                 if p.environ().get("RANK") == "1" and "megalign.cli.train" in p.cmdline())
     rank1.send_signal(signal.SIGSTOP)
     assert process.wait(timeout=600) == 0, log.read_text()[-3000:]
     out = log.read_text()
@@ -352,14 +352,15 @@ class _RunsCode:
 
 @pytest.mark.parametrize("part", [".metadata", "common.pt"])
 def test_a_checkpoint_crafted_to_run_code_is_refused(tmp_path, ar_checkpoint, part):
-    from megalign.checkpoint import CheckpointError, resolve
+    from megalign.checkpoint import resolve
+    from megalign.errors import CheckpointError
 
     crafted, marker = tmp_path / "crafted", tmp_path / "pwned"
     shutil.copytree(ar_checkpoint, crafted)
     (crafted / part).write_bytes(pickle.dumps(_RunsCode(marker)))
     with pytest.raises(CheckpointError, match="refusing to load checkpoint"):
         resolve(str(crafted))
-    result = run_python(["-m", "megalign.generate", "--checkpoint", crafted, "--prompt", "In"],
+    result = run_python(["-m", "megalign.cli.generate", "--checkpoint", crafted, "--prompt", "In"],
                         check=False)
     assert result.returncode != 0 and "refusing to load checkpoint" in result.stderr, \
         result.stderr[-3000:]

@@ -1,8 +1,8 @@
-"""Entry point; the implementation is ``megalign.convert.cli``."""
+"""Entry point; the implementation is ``megalign.cli.convert``."""
 
 import sys
 
-from megalign.convert.cli import main
+from megalign.cli.convert import main
 
 if __name__ == "__main__":
     sys.exit(main())

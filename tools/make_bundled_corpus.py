@@ -12,7 +12,6 @@ never need this.
 """
 
 import argparse
-import base64
 import gzip
 import json
 import re

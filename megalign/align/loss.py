@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
 
+from megalign.platform import collectives
+
 
 @dataclass
 class StageAlignment:
@@ -47,7 +49,7 @@ def stage_alignment(
     local_count = weight.sum()
     count = local_count.detach().clone()
     if sequence_parallel:
-        torch.distributed.all_reduce(count, group=parallel_state.get_tensor_model_parallel_group())
+        collectives.all_reduce(count, group=parallel_state.get_tensor_model_parallel_group())
     denom = count.clamp(min=1.0)
     loss = torch.zeros((), dtype=torch.float32, device=weight.device)
     layers = sorted(student)

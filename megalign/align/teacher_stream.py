@@ -32,12 +32,13 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megalign.platform import collectives
+
 
 def _pipeline_group_of_this_rank():
     """A new process group with the ranks of this rank's pipeline group (all ranks call this)."""
     mine = sorted(dist.get_process_group_ranks(parallel_state.get_pipeline_model_parallel_group()))
-    gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, mine)
+    gathered = collectives.all_gather_object(mine)
     layouts = sorted({tuple(ranks) for ranks in gathered})
     group, _ = dist.new_subgroups_by_enumeration([list(ranks) for ranks in layouts])
     return group
@@ -52,13 +53,11 @@ class TeacherStream:
         self.bytes_sent = 0
 
     def recv(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        buffer = torch.empty(shape, dtype=dtype, device=device)
-        dist.recv(buffer, src=self.prev_rank, group=self.group)
-        return buffer
+        return collectives.recv(shape, dtype, self.prev_rank, self.group, device)
 
     def send(self, tensor: torch.Tensor) -> None:
         tensor = tensor.detach().contiguous()
-        self._pending.append((dist.isend(tensor, dst=self.next_rank, group=self.group), tensor))
+        self._pending.append(collectives.isend(tensor, self.next_rank, self.group))
         self.bytes_sent += tensor.numel() * tensor.element_size()
 
     def wait(self) -> None:

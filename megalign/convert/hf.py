@@ -14,13 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from megalign.config import ConfigError
+from megalign.errors import ConfigError, ConversionError
 
 SUPPORTED = {"llama": "llama", "qwen2": "llama", "gpt2": "gpt2"}  # HF model_type -> megalign arch
-
-
-class ConversionError(ValueError):
-    """Unsupported architecture or mismatching tensors; the message lists what is wrong."""
 
 
 def model_config_from_hf(hf_config) -> dict:

@@ -19,7 +19,7 @@ from megatron.core.datasets.blended_megatron_dataset_config import (
 )
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
-from megalign.config import ConfigError
+from megalign.errors import ConfigError
 from megalign.data.indexed import check_indexed_dataset
 
 

@@ -20,9 +20,7 @@ from megatron.core.datasets.indexed_dataset import (
     get_idx_path,
 )
 
-
-class DataError(ValueError):
-    """Bad input data; the message names the file (and line) and what to do."""
+from megalign.errors import DataError
 
 
 def _temp_prefix(prefix: str) -> str:

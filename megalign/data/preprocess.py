@@ -38,7 +38,9 @@ from megatron.core.datasets.indexed_dataset import (
 )
 from tqdm import tqdm
 
-from megalign.data.indexed import DataError, atomic_dataset_paths, clean_stale_temporaries
+from megalign.data.indexed import atomic_dataset_paths, clean_stale_temporaries
+
+from megalign.errors import DataError
 from megalign.data.tokenizer import build_tokenizer
 
 BATCH_DOCS = 64  # documents per task sent to a worker

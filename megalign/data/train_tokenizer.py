@@ -14,7 +14,7 @@ import os
 import sys
 import tempfile
 
-from megalign.data.indexed import DataError
+from megalign.errors import DataError
 from megalign.data.preprocess import expand_inputs, read_records
 from megalign.data.tokenizer import build_tokenizer, train_sentencepiece
 

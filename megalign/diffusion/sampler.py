@@ -46,7 +46,9 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-import torch.distributed as dist
+
+from megalign.model.vocab_shard import VocabShard
+from megalign.platform import collectives
 
 CONFIDENCES = ("prob", "margin", "entropy")
 RULES = ("confidence", "origin", "p2")
@@ -96,25 +98,9 @@ class SamplerConfig:
             raise ValueError(f"steps ({self.steps}) must be a multiple of the {blocks} blocks")
 
 
-@dataclass
-class VocabShard:
-    """Logits of vocabulary entries ``[offset, offset + width)`` held by this rank.
-
-    ``tp_group``: the ranks holding the other entries (None: this rank has them all). ``logits``
-    is None on pipeline stages without the output layer; they receive each position's results
-    from global rank ``pp_src`` over ``pp_group``."""
-
-    logits: Optional[torch.Tensor]  # [b, s, width]
-    offset: int = 0
-    tp_group: Optional[object] = None
-    pp_group: Optional[object] = None
-    pp_src: int = 0
-    device: torch.device = torch.device("cpu")
-
-
 def _reduce(x: torch.Tensor, op, group) -> torch.Tensor:
     if group is not None:
-        dist.all_reduce(x, op=op, group=group)
+        collectives.all_reduce(x, op=op, group=group)
     return x
 
 
@@ -122,19 +108,17 @@ def _gather(x: torch.Tensor, group) -> torch.Tensor:
     """[n, k] per rank -> [n, k * ranks] (rank order)."""
     if group is None:
         return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, dim=-1)
+    return torch.cat(collectives.all_gather(x, group=group), dim=-1)
 
 
 def _argmax(values: torch.Tensor, offset: int, group) -> torch.Tensor:
     """Global index of each row's maximum; the lowest index on ties, as ``torch.argmax``."""
     local = values.argmax(-1)
     best = values.gather(-1, local.unsqueeze(-1)).squeeze(-1)
-    top = _reduce(best.clone(), dist.ReduceOp.MAX, group)
+    top = _reduce(best.clone(), collectives.ReduceOp.MAX, group)
     none = torch.full_like(local, torch.iinfo(local.dtype).max)
     index = torch.where(best == top, local + offset, none)
-    return _reduce(index, dist.ReduceOp.MIN, group)
+    return _reduce(index, collectives.ReduceOp.MIN, group)
 
 
 def _at(values: torch.Tensor, ids: torch.Tensor, offset: int, group) -> torch.Tensor:
@@ -142,7 +126,7 @@ def _at(values: torch.Tensor, ids: torch.Tensor, offset: int, group) -> torch.Te
     local = ids - offset
     owned = (local >= 0) & (local < values.shape[-1])
     picked = values.gather(-1, local.clamp(0, values.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)
-    return _reduce(torch.where(owned, picked, torch.zeros_like(picked)), dist.ReduceOp.SUM, group)
+    return _reduce(torch.where(owned, picked, torch.zeros_like(picked)), collectives.ReduceOp.SUM, group)
 
 
 def _filtered(x: torch.Tensor, ids: torch.Tensor, cfg: "SamplerConfig", group) -> torch.Tensor:
@@ -186,9 +170,9 @@ def _predict(shard: VocabShard, rows: slice, current: torch.Tensor, cfg: "Sample
         width, group, offset = x.shape[-1], shard.tp_group, shard.offset
         ids = torch.arange(offset, offset + width, device=x.device)
         x = _filtered(x.masked_fill(ids >= vocab_size, float("-inf")), ids, cfg, group)
-        top = _reduce(x.max(-1).values, dist.ReduceOp.MAX, group)
+        top = _reduce(x.max(-1).values, collectives.ReduceOp.MAX, group)
         weights = (x - top.unsqueeze(-1)).exp()
-        probs = weights / _reduce(weights.sum(-1), dist.ReduceOp.SUM, group).unsqueeze(-1)
+        probs = weights / _reduce(weights.sum(-1), collectives.ReduceOp.SUM, group).unsqueeze(-1)
         if noise is not None:
             draws = torch.ones(n, width)
             draws[:, : max(0, min(width, vocab_size - offset))] = noise[:, offset : offset + width]
@@ -205,10 +189,10 @@ def _predict(shard: VocabShard, rows: slice, current: torch.Tensor, cfg: "Sample
             confidence = kept = top2[:, 0] - top2[:, 1]
         else:  # negative entropy
             confidence = kept = _reduce((probs * probs.clamp_min(1e-12).log()).sum(-1),
-                                        dist.ReduceOp.SUM, group)
+                                        collectives.ReduceOp.SUM, group)
         results = torch.stack([tokens.double(), confidence.double(), kept.double()])
     if shard.pp_group is not None:
-        dist.broadcast(results, src=shard.pp_src, group=shard.pp_group)
+        collectives.broadcast(results, src=shard.pp_src, group=shard.pp_group)
     results = results.cpu().view(3, *current.shape)
     return results[0].long(), results[1].float(), results[2].float()
 
@@ -320,3 +304,8 @@ def _finish_at_eos(tokens, start, mask_id, eos_id) -> torch.Tensor:
             generated[eos[0]:] = eos_id
             finished[row] = True
     return finished
+
+
+def until_eos(ids: list[int], eos_id: Optional[int]) -> list[int]:
+    """``ids`` up to (without) the first ``eos_id``."""
+    return ids[: ids.index(eos_id)] if eos_id is not None and eos_id in ids else ids

@@ -18,6 +18,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from megalign.diffusion.sampler import until_eos
 from megalign.model.attention import attention_mask
 
 
@@ -76,8 +77,7 @@ def generation_quality(sample_fn: Callable[[list[list[int]]], list[list[int]]],
 
     Returns ``gen_nll``, ``gen_ppl``, ``gen_distinct``, ``gen_punctuation`` and ``gen_tokens``;
     the first four are None when every continuation is empty."""
-    continuations = [ids[: ids.index(eos_id)] if eos_id is not None and eos_id in ids else ids
-                     for ids in sample_fn(prompts)]
+    continuations = [until_eos(ids, eos_id) for ids in sample_fn(prompts)]
     total, count = continuation_nll(ar_logits_fn, prompts, continuations)
     nll = total / count if count else None
     return {"gen_nll": nll, "gen_ppl": None if nll is None else math.exp(min(nll, 700)),

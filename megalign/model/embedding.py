@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from megatron.core import parallel_state
 
+from megalign.platform import collectives
+
 
 @torch.no_grad()
 def _set_row_to_mean(weight: torch.Tensor, row: int, real_vocab: int) -> None:
@@ -20,7 +22,7 @@ def _set_row_to_mean(weight: torch.Tensor, row: int, real_vocab: int) -> None:
     start = tp_rank * rows
     local_real = max(0, min(real_vocab - start, rows))
     total = weight[:local_real].float().sum(dim=0)
-    torch.distributed.all_reduce(total, group=parallel_state.get_tensor_model_parallel_group())
+    collectives.all_reduce(total, group=parallel_state.get_tensor_model_parallel_group())
     if start <= row < start + rows:
         weight[row - start] = (total / real_vocab).to(weight.dtype)
 

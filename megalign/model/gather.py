@@ -8,17 +8,15 @@ holds [gate; up] per TP shard, so its shards are gathered half by half.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megalign.model.gpt import global_parameter_name
+from megalign.platform import collectives
 
 
 def _all_gather(tensor: torch.Tensor, dim: int) -> torch.Tensor:
-    group = parallel_state.get_tensor_model_parallel_group()
-    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, tensor.contiguous(), group=group)
-    return torch.cat(parts, dim=dim)
+    return torch.cat(collectives.all_gather(
+        tensor, group=parallel_state.get_tensor_model_parallel_group()), dim=dim)
 
 
 def full_tensor(name: str, param: torch.nn.Parameter, local: torch.Tensor, gated: bool) -> torch.Tensor:

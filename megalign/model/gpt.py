@@ -21,7 +21,9 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megalign.config import Config, ConfigError, num_query_groups
+from megalign.config import Config, num_query_groups
+
+from megalign.errors import ConfigError
 from megalign.model.norm import TorchNorm
 
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megalign.diffusion.sampler import VocabShard
+from megalign.model.vocab_shard import VocabShard
+from megalign.platform import collectives
 
 
 @torch.no_grad()
@@ -63,11 +63,10 @@ def forward_logits(chunks: list, tokens: torch.Tensor, position_ids: torch.Tenso
     group = parallel_state.get_pipeline_model_parallel_group()
     last = parallel_state.get_pipeline_model_parallel_last_rank()
     shape = torch.tensor(list(logits.shape) if logits is not None else [0, 0, 0])
-    dist.broadcast(shape, src=last, group=group)
+    collectives.broadcast(shape, src=last, group=group)
     if logits is None:
         logits = torch.empty(shape.tolist(), dtype=torch.float32, device=tokens.device)
-    dist.broadcast(logits, src=last, group=group)
-    return logits
+    return collectives.broadcast(logits, src=last, group=group)
 
 
 def sampler_logits(chunks: list):
@@ -94,3 +93,19 @@ def sampler_logits(chunks: list):
         )
 
     return logits_fn
+
+
+def ar_decode(chunks, prompt: list[int], length: int, vocab: int, temperature: float,
+              seed: int) -> list[int]:
+    """Left-to-right decoding with a causal model (the full sequence is recomputed each token)."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens = list(prompt)
+    for _ in range(length):
+        x = torch.tensor([tokens])
+        logits = forward_logits(chunks, x, torch.arange(len(tokens)).unsqueeze(0), None)
+        row = logits[0, -1, :vocab].cpu()
+        if temperature > 0:
+            tokens.append(int(torch.multinomial((row / temperature).softmax(-1), 1, generator=generator)))
+        else:
+            tokens.append(int(row.argmax()))
+    return tokens[len(prompt):]

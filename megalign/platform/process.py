@@ -1,4 +1,4 @@
-"""Helper processes that end with their rank.
+"""Helper processes that end with their rank, and keep out of the rank's stop signal.
 
 Megatron's checkpoint writer keeps its results queue in a multiprocessing Manager: a spawned
 server process, created at the first save and kept for the life of the rank. When a rank is
@@ -11,6 +11,7 @@ when its parent dies (Linux ``PR_SET_PDEATHSIG``), and its queue is handed to Me
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import multiprocessing
 import signal
@@ -38,3 +39,20 @@ def own_checkpoint_writer_queue() -> None:
     _manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
     _manager.start(die_with_parent)
     filesystem_async._results_queue = _manager.Queue()
+
+
+@contextlib.contextmanager
+def sigusr1_blocked_in_helpers():
+    """Processes started inside (dist_checkpointing's writers and results queue) block SIGUSR1.
+
+    Slurm delivers a step's signal to every process of the step; a checkpoint helper dying of it
+    would break the very save the signal asks for. The mask is inherited across fork and exec, so
+    the helpers never see SIGUSR1, while this rank still does: another thread takes it, or it is
+    delivered when the mask is restored. (SIGTERM cannot be kept out this way: multiprocessing
+    unblocks it when it starts its resource tracker.)
+    """
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

@@ -68,7 +68,7 @@ def restartable(cfg: Config, attempt: Callable[[dist.Store], None]) -> Callable[
     from nvidia_resiliency_ext.inprocess.exception import RestartAbort
 
     from megalign import distributed
-    from megalign.checkpoint import first_line
+    from megalign.errors import first_line
 
     r = cfg.resilience
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

@@ -18,7 +18,6 @@ from functools import partial
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megalign.align.injection import attach_loss
@@ -28,6 +27,7 @@ from megalign.config import Config
 from megalign.distributed import device
 from megalign.diffusion.objective import DiffusionBatch, loss_terms, make_batch
 from megalign.model.hidden_states import HiddenStateRecorder
+from megalign.platform import collectives
 
 
 @dataclass
@@ -104,7 +104,8 @@ class DiffusionStep:
     def _aux_scale(self) -> float:
         scale = 1.0 / self.num_microbatches
         if self.grad_scale_func is not None:
-            scale = float(self.grad_scale_func(torch.ones(1)).item()) * scale
+            # Megatron's schedules pass the loss scale a tensor on the model's device too
+            scale = float(self.grad_scale_func(torch.ones(1, device=device())).item()) * scale
         return scale
 
     def make_batch(self, raw: dict) -> DiffusionBatch:
@@ -175,7 +176,7 @@ class DiffusionStep:
     def _record_alignment(self, alignment, chunk: int, first: bool) -> None:
         cos_sums = alignment.cos_sums
         if self.cfg.parallel.sequence_parallel:
-            dist.all_reduce(cos_sums, group=parallel_state.get_tensor_model_parallel_group())
+            collectives.all_reduce(cos_sums, group=parallel_state.get_tensor_model_parallel_group())
         distances = ((alignment.count - cos_sums) / alignment.count.clamp(min=1.0)).double()
         index = self._aligned_index[chunk]
         self.stats.layer_distance.index_add_(0, index, distances)
@@ -218,7 +219,7 @@ class DiffusionStep:
         distances = record["layer_distance"]
         values = torch.cat([record["diffusion_loss"], distances])
         group = parallel_state.get_pipeline_model_parallel_group()
-        dist.all_reduce(values, group=group)
+        collectives.all_reduce(values, group=group)
         distances = values[1:].tolist()
         dump = {k: v for k, v in record.items() if k not in ("layer_distance",)}
         dump["diffusion_loss"] = float(values[0])
@@ -236,6 +237,6 @@ class DiffusionStep:
 
 def _sum_over_pipeline_then_mean_over_dp(values: torch.Tensor) -> torch.Tensor:
     values = values.to(device())
-    dist.all_reduce(values, group=parallel_state.get_pipeline_model_parallel_group())
-    dist.all_reduce(values, group=parallel_state.get_data_parallel_group())
+    collectives.all_reduce(values, group=parallel_state.get_pipeline_model_parallel_group())
+    collectives.all_reduce(values, group=parallel_state.get_data_parallel_group())
     return (values / parallel_state.get_data_parallel_world_size()).cpu()

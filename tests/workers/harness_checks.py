@@ -10,7 +10,8 @@ from lm_eval.api.instance import Instance
 
 from megalign import distributed
 from megalign.diffusion.masking import masks_at
-from megalign.harness import MegalignLM, main as harness_main
+from megalign.cli.harness import main as harness_main
+from megalign.harness import MegalignLM
 from megalign.model.attention import attention_mask, document_ids
 
 parser = argparse.ArgumentParser()

@@ -16,7 +16,7 @@ from megalign.diffusion.objective import DiffusionBatch, make_batch
 from megalign.model.attention import attention_mask, document_ids
 from megalign.model.gpt import build_gpt
 from megalign.model.hidden_states import HiddenStateRecorder
-from megalign.train import freeze_parameters
+from megalign.training.trainer import freeze_parameters
 
 
 def logits_of(model, tokens, mask):

@@ -6,7 +6,8 @@ import json
 import torch
 
 from megalign import distributed
-from megalign.checkpoint import CheckpointError, load_checkpoint, save_weights
+from megalign.checkpoint import load_checkpoint, save_weights
+from megalign.errors import CheckpointError
 from megalign.config import load_config, padded_vocab_size
 from megalign.data.tokenizer import build_tokenizer
 from megalign.model.gpt import build_chunks

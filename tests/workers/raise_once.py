@@ -7,8 +7,9 @@ import argparse
 import os
 import sys
 
-from megalign import train
-
+from megalign.cli import train
+from megalign.errors import TrainingError
+from megalign.training.trainer import Trainer
 
 
 def main() -> int:
@@ -18,17 +19,17 @@ def main() -> int:
     parser.add_argument("--marker", required=True)
     parser.add_argument("--unrecoverable", action="store_true")
     args, rest = parser.parse_known_args()
-    optimizer_step = train.Trainer.optimizer_step
+    optimizer_step = Trainer.optimizer_step
 
     def faulty_optimizer_step(trainer):
         if (int(os.environ["RANK"]) == args.rank and trainer.iteration + 1 == args.iteration
                 and not os.path.exists(args.marker)):
             open(args.marker, "w").close()
-            error = train.TrainingError if args.unrecoverable else RuntimeError
+            error = TrainingError if args.unrecoverable else RuntimeError
             raise error(f"injected fault at iteration {args.iteration}")
         return optimizer_step(trainer)
 
-    train.Trainer.optimizer_step = faulty_optimizer_step
+    Trainer.optimizer_step = faulty_optimizer_step
     return train.main(rest)
 
 

@@ -8,7 +8,8 @@ import json
 import torch
 import torch.distributed as dist
 
-from megalign.diffusion.sampler import SamplerConfig, VocabShard, sample
+from megalign.diffusion.sampler import SamplerConfig, sample
+from megalign.model.vocab_shard import VocabShard
 
 WIDTH, VOCAB, MASK, PAD = 64, 50, 60, 0
 PROMPTS = [[5, 6], [7, 8, 9]]

@@ -7,7 +7,7 @@ import torch
 
 from megalign import distributed
 from megalign.evaluation.heldout import full_logits_fn
-from megalign.generate import load_student, open_checkpoint
+from megalign.loading import load_student, open_checkpoint
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--checkpoint", required=True)

@@ -18,7 +18,7 @@ from megalign.config import load_config
 from megalign.data.tokenizer import build_tokenizer
 from megalign.model.gather import full_tensors
 from megalign.telemetry.p2p import count_p2p
-from megalign.train import setup
+from megalign.training.trainer import setup
 from megalign.training.step import DiffusionStep
 
 

@@ -1,30 +1,24 @@
-"""megalign-convert (tools/convert_checkpoint.py): Hugging Face <-> megalign checkpoints.
-
-    megalign-convert --from hf --to megalign --input HF_DIR [--gguf-file F.gguf] --output DIR \\
-        [--tp N --pp N]
-    megalign-convert --from megalign --to hf --input CKPT_DIR --output HF_DIR
+"""Checkpoint conversion between Hugging Face and megalign (megalign-convert's library).
 
 HF -> megalign writes a weights-only distributed checkpoint (torch_dist) in one process; its
-tensors carry global keys, so it loads into any TP/PP layout (``--tp/--pp`` check that the model
-can be split that way). Next to it: ``megalign.yaml`` (the model/diffusion/data config sections to
-train from it: ``--config megalign.yaml --config run.yaml``) and the tokenizer. The vocabulary is
-padded to a multiple of 128 with room for the mask token.
+tensors carry global keys, so it loads into any TP/PP layout. Next to it: ``megalign.yaml`` (the
+model/diffusion/data config sections to train from it: ``--config megalign.yaml --config
+run.yaml``) and the tokenizer, named relative to the directory (``${config_dir}``), so it can
+move. The vocabulary is padded to a multiple of 128 with room for the mask token.
 
 megalign -> HF writes a self-contained transformers directory: safetensors weights, a config,
 megalign's modeling file (``modeling_megalign.py``: the bidirectional network and
 ``diffusion_generate``, the same decoding rules as megalign-generate), ``generation_config.json``,
 the tokenizer and a model card; it loads with ``AutoModel.from_pretrained(DIR,
-trust_remote_code=True)`` and needs only torch and transformers.
-Remote code is never run unless ``--trust-remote-code`` is given.
+trust_remote_code=True)`` and needs only torch and transformers. Remote code is never run unless
+``trust_remote_code`` is asked for.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
-import socket
-import sys
+from typing import Optional
 
 import torch
 import yaml
@@ -45,10 +39,7 @@ def _single_process_group(cfg: Config) -> None:
     from megalign import distributed
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(probe.getsockname()[1])
+    os.environ.setdefault("MASTER_PORT", str(distributed.free_port()))
     distributed.initialize(distributed.LaunchEnv(0, 1, 0), 1, 1, cfg.seed)
 
 
@@ -76,33 +67,37 @@ def _load_exact(chunk, tensors: dict) -> None:
     chunk.load_state_dict(tensors, strict=False)
 
 
-def hf_to_megalign(args) -> str:
+def hf_to_megalign(source: str, output: str, gguf_file: Optional[str] = None, tp: int = 1,
+                   pp: int = 1, make_vocab_size_divisible_by: int = 128,
+                   trust_remote_code: bool = False) -> str:
+    """Convert the HF causal LM in ``source`` (a directory; ``gguf_file`` inside it) into a
+    megalign checkpoint ``output`` trainable with ``tp`` x ``pp``; returns its path."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from megalign.checkpoint import save_weights
     from megalign.data.tokenizer import MASK_CANDIDATES
 
-    load_kwargs = {"trust_remote_code": args.trust_remote_code}
-    if args.gguf_file:
-        load_kwargs["gguf_file"] = args.gguf_file
-    if not os.path.isdir(args.input):
-        raise ConversionError(f"--input '{args.input}' is not a directory")
-    hf_model = AutoModelForCausalLM.from_pretrained(args.input, dtype=torch.float32, **load_kwargs)
+    load_kwargs = {"trust_remote_code": trust_remote_code}
+    if gguf_file:
+        load_kwargs["gguf_file"] = gguf_file
+    if not os.path.isdir(source):
+        raise ConversionError(f"--input '{source}' is not a directory")
+    hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **load_kwargs)
     model = model_config_from_hf(hf_model.config)
-    check_layout(model, args.tp, args.pp)
+    check_layout(model, tp, pp)
     rows = hf_model.get_input_embeddings().weight.shape[0]
 
-    tokenizer_dir = os.path.join(args.output, "tokenizer")
+    tokenizer_dir = os.path.join(output, "tokenizer")
     mask_id = rows  # the first padded row, unless the tokenizer has a mask token
     tokenizer = None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(args.input, **load_kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, **load_kwargs)
     except (OSError, ValueError, TypeError):
         pass  # a weights-only directory
     if tokenizer is not None:
         vocab = tokenizer.get_vocab()
         mask_id = next((vocab[t] for t in MASK_CANDIDATES if t in vocab), mask_id)
-    multiple = args.make_vocab_size_divisible_by
+    multiple = make_vocab_size_divisible_by
     padded = -(-max(rows, mask_id + 1) // multiple) * multiple
 
     cfg = Config()
@@ -116,11 +111,11 @@ def hf_to_megalign(args) -> str:
     del hf_model
     chunks = _build_single_process_model(cfg)
     _load_exact(chunks[0], tensors)
-    output = os.path.abspath(args.output)
+    output = os.path.abspath(output)
     if tokenizer is not None:  # recorded relative to the checkpoint: the directory can move
         cfg.data.tokenizer = os.path.join(CONFIG_DIR, "tokenizer")
     save_weights(output, chunks, meta={"config": to_dict(cfg), "hf_vocab_size": rows,
-                                       "source": os.path.basename(os.path.normpath(args.input))})
+                                       "source": os.path.basename(os.path.normpath(source))})
     sections = {
         "model": {**model, "padded_vocab_size": padded, "init_checkpoint": CONFIG_DIR},
         "diffusion": {"mask_token_id": mask_id},
@@ -133,12 +128,13 @@ def hf_to_megalign(args) -> str:
     return output
 
 
-def megalign_to_hf(args) -> str:
-    """A self-contained transformers directory (see ``export_diffusion_model``)."""
+def megalign_to_hf(source: str, output: str) -> str:
+    """The megalign checkpoint ``source`` as a self-contained transformers directory ``output``
+    (see ``export_diffusion_model``); returns its path."""
     from megalign.checkpoint import load_checkpoint, read_meta, resolve
     from megalign.model.gather import full_tensors
 
-    path = resolve(args.input)
+    path = resolve(source)
     meta = read_meta(path)
     if "config" not in meta:
         raise ConversionError(f"checkpoint '{path}' records no model config")
@@ -154,8 +150,8 @@ def megalign_to_hf(args) -> str:
     model = {k: getattr(m, k) for k in ("arch", "num_layers", "num_attention_heads",
                                          "num_query_groups", "qkv_bias", "tie_embeddings")}
     hf_state = megatron_to_hf(full_tensors(chunks, "param"), model, m.padded_vocab_size)
-    export_diffusion_model(cfg, meta, hf_state, args.output)
-    return args.output
+    export_diffusion_model(cfg, meta, hf_state, output)
+    return output
 
 
 def export_diffusion_model(cfg: Config, meta: dict, hf_state: dict, output: str) -> None:
@@ -262,42 +258,3 @@ def model_card(cfg: Config, meta: dict, has_tokenizer: bool) -> str:
         "blocks of 8 tokens, one token per step, greedy, stop at the end-of-document token.", "",
     ]
     return "\n".join(lines)
-
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="megalign-convert", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--from", dest="source", choices=["hf", "megalign"], required=True)
-    parser.add_argument("--to", dest="target", choices=["hf", "megalign"], required=True)
-    parser.add_argument("--input", required=True)
-    parser.add_argument("--output", required=True)
-    parser.add_argument("--gguf-file", help="GGUF file name inside --input (HF input only)")
-    parser.add_argument("--tp", type=int, default=1, help="TP size the model must support")
-    parser.add_argument("--pp", type=int, default=1, help="PP size the model must support")
-    parser.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
-    parser.add_argument("--trust-remote-code", action="store_true",
-                        help="allow HF repositories to run their own code (off by default)")
-    return parser.parse_args(argv)
-
-
-def main(argv=None) -> int:
-    from megalign import distributed
-    from megalign.checkpoint import CheckpointError
-
-    args = parse_args(argv)
-    if args.source == args.target:
-        print("megalign-convert: error: --from and --to must differ", file=sys.stderr)
-        return 2
-    try:
-        output = hf_to_megalign(args) if args.source == "hf" else megalign_to_hf(args)
-    except (ValueError, CheckpointError, OSError) as err:  # incl. ConversionError, ConfigError
-        print(f"megalign-convert: error: {err}", file=sys.stderr)
-        return 2
-    finally:
-        distributed.shutdown()
-    print(f"megalign-convert: wrote {output}", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

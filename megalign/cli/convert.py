@@ -1,0 +1,51 @@
+"""megalign-convert: Hugging Face <-> megalign checkpoints (megalign/convert/checkpoints.py).
+
+    megalign-convert --from hf --to megalign --input HF_DIR [--gguf-file F.gguf] --output DIR \\
+        [--tp N --pp N]
+    megalign-convert --from megalign --to hf --input CKPT_DIR --output HF_DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from megalign.cli.common import run_command
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="megalign-convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--from", dest="source", choices=["hf", "megalign"], required=True)
+    parser.add_argument("--to", dest="target", choices=["hf", "megalign"], required=True)
+    parser.add_argument("--input", required=True)
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--gguf-file", help="GGUF file name inside --input (HF input only)")
+    parser.add_argument("--tp", type=int, default=1, help="TP size the model must support")
+    parser.add_argument("--pp", type=int, default=1, help="PP size the model must support")
+    parser.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow HF repositories to run their own code (off by default)")
+    return parser.parse_args(argv)
+
+
+def convert(args) -> None:
+    from megalign.convert.checkpoints import hf_to_megalign, megalign_to_hf
+
+    if args.source == args.target:
+        raise ValueError("--from and --to must differ")
+    if args.source == "hf":
+        output = hf_to_megalign(args.input, args.output, args.gguf_file, args.tp, args.pp,
+                                args.make_vocab_size_divisible_by, args.trust_remote_code)
+    else:
+        output = megalign_to_hf(args.input, args.output)
+    print(f"megalign-convert: wrote {output}", file=sys.stderr)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    return run_command("megalign-convert", lambda: convert(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

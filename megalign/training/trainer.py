@@ -1,0 +1,390 @@
+"""Training a diffusion student, read as the recipe: build the models (student, frozen teacher),
+wrap them in Megatron DDP with Megatron's optimizer and LR schedule, read the data, then loop over
+Megatron-Core's pipeline schedule. Policies live in components: ``Checkpointer`` (resume, save,
+failure policy), ``Validator`` (held-out evaluation), the first-batch record, the watchdog and
+launcher heartbeats; the loop asks them and steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import time
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core.optimizer import MegatronOptimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from megalign.align.teacher import Teacher
+from megalign.config import Config, mask_token_id, padded_vocab_size
+from megalign.errors import TrainingError
+from megalign.platform import collectives
+from megalign.training.checkpointer import Checkpointer
+from megalign.training.metrics import MetricsLogger
+from megalign.training.step import DiffusionStep, StepResult
+from megalign.training.validator import Validator
+
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def build_models(cfg: Config, vocab_size: int, mask_id: int, tokenizer_vocab: int,
+                 ar_checkpoint: Optional[str]):
+    """Student chunks (trainable) from the AR weights in ``ar_checkpoint`` (random when None) and,
+    from the same weights, the frozen teacher (alignment on) and the causal scorer of generated
+    samples (``evaluation.generation_samples``)."""
+    from megalign.align.loss import normalised_layer_weights
+    from megalign.align.teacher import Teacher
+    from megalign.checkpoint import load_checkpoint
+    from megalign.model.embedding import init_mask_token_embedding
+    from megalign.model.gpt import build_chunks
+
+    dtype = torch.float32 if cfg.precision == "fp32" else torch.bfloat16  # fp8: bf16 + FP8 GEMMs
+    students = build_chunks(cfg, vocab_size, causal=False, params_dtype=dtype,
+                            fp8=cfg.precision == "fp8")
+    if ar_checkpoint:
+        load_checkpoint(ar_checkpoint, students)
+    layer_weights = normalised_layer_weights(
+        cfg.model.num_layers, cfg.align.layers, cfg.align.layer_weights
+    )
+    ar_weights = [chunk.state_dict() for chunk in students]
+    teacher = None
+    if cfg.align.weight > 0:
+        teacher = Teacher(cfg, vocab_size, ar_weights, set(layer_weights))
+    scorer = None
+    if cfg.evaluation.interval and cfg.evaluation.generation_samples:
+        scorer = build_chunks(cfg, vocab_size, causal=True, params_dtype=dtype)
+        for chunk, weights in zip(scorer, ar_weights):
+            chunk.load_state_dict(weights)
+            chunk.requires_grad_(False)
+    if cfg.model.mask_token_init == "mean":
+        for chunk in students:
+            init_mask_token_embedding(chunk, mask_id, tokenizer_vocab)
+    return students, teacher, scorer, layer_weights
+
+
+def freeze_parameters(chunks: list, patterns: list[str]) -> int:
+    """requires_grad=False for parameters whose global name matches a pattern (re.search).
+
+    With tied embeddings the last pipeline stage holds a copy of the word embedding as its output
+    layer; both names refer to one logical tensor, so a pattern matching either freezes both.
+    """
+    from megalign.model.gpt import global_parameter_name
+
+    tied = ("embedding.word_embeddings.weight", "output_layer.weight")
+    matches = torch.zeros(len(patterns), dtype=torch.int64)
+    frozen = 0
+    named = [(chunk, name, param) for chunk in chunks for name, param in chunk.named_parameters()]
+    for chunk, name, param in named:
+        names = [global_parameter_name(name, chunk)]
+        if chunk.share_embeddings_and_output_weights and names[0] in tied:
+            names = list(tied)
+        hit = [any(re.search(p, n) for n in names) for p in patterns]
+        matches += torch.tensor(hit, dtype=torch.int64)
+        if any(hit):
+            param.requires_grad_(False)
+            frozen += param.numel()
+    collectives.all_reduce(matches)
+    unmatched = [p for p, n in zip(patterns, matches.tolist()) if n == 0]
+    if unmatched:
+        raise TrainingError(
+            f"optimizer.freeze patterns {unmatched} match no parameter; names look like "
+            "'embedding.word_embeddings.weight', 'decoder.layers.0.mlp.linear_fc1.weight', "
+            "'output_layer.weight'"
+        )
+    return frozen
+
+
+def wrap_and_optimize(cfg: Config, students: list):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    config = students[0].config
+    models = [
+        DistributedDataParallel(
+            config=config,
+            ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True),
+            module=chunk,
+            disable_bucketing=index > 0,  # as Megatron-LM: only the first chunk overlaps
+        )
+        for index, chunk in enumerate(students)
+    ]
+    o = cfg.optimizer
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam",
+            lr=o.lr,
+            min_lr=o.min_lr,
+            weight_decay=o.weight_decay,
+            decoupled_weight_decay=o.name == "adamw",
+            adam_beta1=o.beta1,
+            adam_beta2=o.beta2,
+            adam_eps=o.eps,
+            clip_grad=o.clip_grad,
+            bf16=cfg.precision != "fp32",
+            params_dtype=config.params_dtype,
+        ),
+        models,
+    )
+    gbs, s = cfg.data.global_batch_size, cfg.schedule
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=o.lr,
+        min_lr=o.min_lr,
+        lr_warmup_steps=s.warmup_iters * gbs,
+        lr_decay_steps=s.train_iters * gbs,
+        lr_decay_style=s.lr_decay_style,
+        start_wd=o.weight_decay,
+        end_wd=o.weight_decay,
+        wd_incr_steps=s.train_iters * gbs,
+        wd_incr_style="constant",
+        override_opt_param_scheduler=True,  # on resume the current config's schedule applies
+        use_checkpoint_opt_param_scheduler=False,
+    )
+    no_sync = [model.no_sync for model in models]
+    config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss if cfg.precision != "fp32" else None
+    return models, optimizer, scheduler
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+class Trainer:
+    """One rank's models, optimizer, data and components; ``train`` runs the loop."""
+
+    def __init__(self, cfg: Config, tokenizer, students: list, teacher: Optional[Teacher],
+                 models: list, optimizer: MegatronOptimizer, scheduler: OptimizerParamScheduler,
+                 step: DiffusionStep, train_dataset, num_microbatches: int, validator: Validator):
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.students = students  # this rank's model chunks (several with virtual pipelining)
+        self.teacher = teacher
+        self.models = models  # Megatron DDP around each student chunk
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.step = step
+        self.train_dataset = train_dataset
+        self.num_microbatches = num_microbatches
+        self.validator = validator
+        self.iteration = 0  # optimizer steps taken (restored on resume)
+
+    @property
+    def consumed_samples(self) -> int:
+        return self.iteration * self.cfg.data.global_batch_size
+
+    def data_iterator(self, consumed_samples: int = 0) -> list:
+        """One iterator per model chunk; each yields this DP rank's micro-batches in order."""
+        from megatron.core import parallel_state
+
+        from megalign.data.dataset import micro_batches
+
+        return [
+            micro_batches(
+                self.train_dataset,
+                consumed_samples,
+                self.cfg.data.micro_batch_size,
+                parallel_state.get_data_parallel_rank(),
+                parallel_state.get_data_parallel_world_size(),
+            )
+            for _ in self.students
+        ]
+
+    def forward_backward(self, data_iterator, step=None, record_first: bool = False) -> StepResult:
+        """Gradients of one global batch (in the DDP buffers); returns the reduced statistics."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        step = step or self.step
+        for model in self.models:
+            model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        step.begin(self.num_microbatches, self.models[0].config.grad_scale_func, record_first)
+        get_forward_backward_func()(
+            forward_step_func=step,
+            data_iterator=data_iterator,
+            model=self.models,
+            num_microbatches=self.num_microbatches,
+            seq_length=self.cfg.model.seq_length,
+            micro_batch_size=self.cfg.data.micro_batch_size,
+            forward_only=False,
+        )
+        if step.teacher is not None:
+            step.teacher.finish_step()
+        return step.reduce()
+
+    def optimizer_step(self) -> tuple[Optional[float], float]:
+        """Apply the gradients; returns (grad norm, learning rate used)."""
+        lr = self.optimizer.param_groups[0]["lr"]
+        _, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=self.cfg.data.global_batch_size)
+        self.iteration += 1
+        return (None if grad_norm is None else float(grad_norm)), lr
+
+    def train_step(self, data_iterator) -> dict:
+        """One optimizer step; its metrics record. A non-finite loss stops the run before the
+        step is applied (so no checkpoint can hold it)."""
+        cfg, iteration = self.cfg, self.iteration + 1
+        dump_to = cfg.debug.dump_first_batch if iteration == 1 else None
+        start = time.perf_counter()
+        result = self.forward_backward(data_iterator, record_first=dump_to is not None)
+        loss = result.diffusion_loss + result.align_loss
+        if not math.isfinite(loss):
+            raise TrainingError(
+                f"iteration {iteration}: loss is {loss} (diffusion {result.diffusion_loss}, "
+                f"align {result.align_loss}); lower optimizer.lr or check the data. "
+                "No checkpoint was written for this iteration."
+            )
+        grad_norm, lr = self.optimizer_step()
+        step_time = time.perf_counter() - start
+        if dump_to is not None:
+            dump = self.step.first_microbatch_dump()  # collective: every rank
+            if dist.get_rank() == 0:
+                torch.save(dump, dump_to)
+        record = {
+            "iteration": iteration,
+            "loss": loss,
+            "diffusion_loss": result.diffusion_loss,
+            "align_loss": result.align_loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "step_time_s": step_time,
+            "tokens_per_s": cfg.data.global_batch_size * cfg.model.seq_length / step_time,
+        }
+        if self.teacher is not None:
+            record["align_cos"] = result.align_cos
+        if result.teacher_loss is not None:
+            record["teacher_loss"] = result.teacher_loss
+        return record
+
+    def validate(self, logger: MetricsLogger) -> None:
+        metrics = self.validator.validate(self.students, self.step)
+        logger.log_validation({"iteration": self.iteration,
+                               "consumed_samples": self.consumed_samples, **metrics})
+
+    def train(self, logger: MetricsLogger, checkpointer: Checkpointer, stop, on_iteration) -> list:
+        """Steps to ``schedule.train_iters`` or a stop signal (``stop.requested()``, agreed by
+        every rank); ``on_iteration(iteration)`` runs first in each (liveness, data checks)."""
+        train_iters = self.cfg.schedule.train_iters
+        data_iterator = self.data_iterator(self.consumed_samples)
+        if self.iteration == 0 and self.validator.should_validate(0):
+            self.validate(logger)  # the start of the curve: the converted AR model
+        records = []
+        while self.iteration < train_iters:
+            on_iteration(self.iteration)
+            record = self.train_step(data_iterator)
+            records.append(record)
+            iteration = self.iteration
+            if iteration % self.cfg.logging.log_interval == 0 or iteration == train_iters:
+                logger.log(record, train_iters)
+            if self.validator.should_validate(iteration):
+                self.validate(logger)
+            signalled = stop.requested()
+            if checkpointer.should_save(iteration, signalled):
+                checkpointer.save(iteration, self.students, self.optimizer, self.scheduler)
+            if signalled:
+                logger.info(f"> {stop.received or 'a signal on another rank'}: stopping after "
+                            f"iteration {iteration}")
+                break
+        return records
+
+
+def setup(cfg: Config, tokenizer, log=print, store=None, ar_checkpoint: Optional[str] = None) -> Trainer:
+    """Process groups (rendezvous on ``store`` if given), models from ``ar_checkpoint`` (default
+    ``model.init_checkpoint``), optimizer, data and held-out evaluation for this rank."""
+    from megatron.core import parallel_state
+
+    from megalign import distributed
+    from megalign.data.dataset import build_datasets
+
+    distributed.initialize(
+        distributed.launch_env(),
+        cfg.parallel.tensor_model_parallel_size,
+        cfg.parallel.pipeline_model_parallel_size,
+        cfg.seed,
+        cfg.parallel.virtual_pipeline_model_parallel_size,
+        timeout_minutes=cfg.resilience.collective_timeout_minutes,
+        store=store,
+    )
+    dp_size = parallel_state.get_data_parallel_world_size()
+    vocab = padded_vocab_size(cfg, tokenizer.vocab_size, tokenizer.mask)
+    mask_id = mask_token_id(cfg, tokenizer.vocab_size, tokenizer.mask)
+    log(
+        f"> megalign: world {dist.get_world_size()} = TP {cfg.parallel.tensor_model_parallel_size}"
+        f" x PP {cfg.parallel.pipeline_model_parallel_size} x DP {dp_size}; padded vocab {vocab}, "
+        f"mask token {mask_id}, align weight {cfg.align.weight}"
+    )
+    students, teacher, scorer, layer_weights = build_models(
+        cfg, vocab, mask_id, tokenizer.vocab_size, ar_checkpoint or cfg.model.init_checkpoint)
+    frozen = freeze_parameters(students, cfg.optimizer.freeze) if cfg.optimizer.freeze else 0
+    models, optimizer, scheduler = wrap_and_optimize(cfg, students)
+    trainable = sum(p.numel() for c in students for p in c.parameters() if p.requires_grad)
+    log(f"> rank 0 stage parameters: {trainable} trainable, {frozen} frozen")
+
+    gbs = cfg.data.global_batch_size
+    cache_dir = cfg.data.cache_dir or os.path.join(cfg.logging.run_dir, "data_cache")
+    train_ds, _, _ = build_datasets(
+        cfg.data.paths,
+        tokenizer,
+        cfg.model.seq_length,
+        cfg.data.split,
+        cfg.seed,
+        [cfg.schedule.train_iters * gbs, 0, 0],
+        cache_dir,
+        reset_position_ids=cfg.model.document_attention,
+    )
+    validator = Validator(cfg, tokenizer, cache_dir, distributed.device(), scorer)
+    step = DiffusionStep(cfg, students, teacher, layer_weights, mask_id, tokenizer.eod, tokenizer.pad)
+    return Trainer(cfg, tokenizer, students, teacher, models, optimizer, scheduler, step, train_ds,
+                   gbs // (cfg.data.micro_batch_size * dp_size), validator)
+
+
+def run(cfg: Config, tokenizer, store=None) -> list[dict]:
+    """Train to ``schedule.train_iters`` (or a stop signal), resuming from a checkpoint if there
+    is one; ``store``: see ``setup``."""
+    from megalign.data.dataset import parse_blend
+    from megalign.data.indexed import DataFileGuard
+    from megalign.training import watchdog
+    from megalign.training.ft_heartbeat import LauncherHeartbeat
+    from megalign.training.signals import ExitOnSignal
+
+    with contextlib.ExitStack() as cleanup:  # an in-process restart runs this again: close all
+        logger = MetricsLogger(cfg.logging.run_dir, cfg.logging.tensorboard,
+                               enabled=int(os.environ.get("RANK", "0")) == 0)
+        cleanup.callback(logger.close)
+        stop = ExitOnSignal()
+        data_files = DataFileGuard(parse_blend(cfg.data.paths)[0])
+        checkpointer = Checkpointer(cfg, logger.info)
+        trainer = setup(cfg, tokenizer, log=logger.info, store=store,
+                        ar_checkpoint=checkpointer.ar_checkpoint)
+        if trainer.teacher is not None:
+            checkpointer.keep_initial_weights(trainer.students)
+        if checkpointer.resume_from:
+            trainer.iteration = checkpointer.resume(trainer.students, trainer.optimizer,
+                                                    trainer.scheduler)
+        if trainer.iteration >= cfg.schedule.train_iters:
+            logger.info(f"> nothing to do: the checkpoint is at iteration {trainer.iteration} and "
+                        f"schedule.train_iters={cfg.schedule.train_iters}")
+        # from here on (not during start-up, where rank 0 may build data indices in one long C++
+        # call that holds the GIL): start-up is bounded by the collective timeout instead. Under
+        # in-process restart the wrapper's monitors do this job.
+        if not cfg.resilience.inprocess_restart:
+            watchdog.start(dist.get_rank(), dist.get_world_size(),
+                           cfg.resilience.heartbeat_interval_s, cfg.resilience.failure_timeout_s)
+        heartbeat = LauncherHeartbeat()
+        cleanup.callback(heartbeat.close)
+        if heartbeat.active:
+            logger.info("> ft_launcher: one heartbeat per iteration to its rank monitor")
+
+        def on_iteration(iteration: int) -> None:
+            watchdog.progress(iteration)
+            heartbeat.beat()
+            data_files.verify()
+
+        return trainer.train(logger, checkpointer, stop, on_iteration)

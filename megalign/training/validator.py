@@ -1,0 +1,85 @@
+"""Held-out evaluation during training (``evaluation.*``): when to evaluate and what.
+
+Forward only, in the training layout, without a checkpoint and without consuming training
+randomness; the numbers are megalign-eval's (megalign/evaluation/): diffusion NELBO per token on
+held-out samples, and as configured the NELBO on a corpus never trained on, infilling, and the
+generative perplexity of sampled continuations under the AR model the run started from.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from functools import partial
+from typing import Optional
+
+from megalign.config import Config
+from megalign.diffusion.sampler import SamplerConfig, sample
+from megalign.evaluation.generation import generation_quality, heldout_prompts
+from megalign.evaluation.heldout import (
+    diffusion_nelbo,
+    full_logits_fn,
+    heldout_batches,
+    infilling,
+)
+from megalign.model.inference import sampler_logits
+
+
+class Validator:
+    def __init__(self, cfg: Config, tokenizer, cache_dir: str, device,
+                 scorer: Optional[list] = None):
+        """``scorer``: the causal AR model's chunks (``evaluation.generation_samples``)."""
+        e = cfg.evaluation
+        self.cfg, self.tokenizer, self.scorer = cfg, tokenizer, scorer
+        self.heldout, self.ood = [], []
+        if e.interval:
+            batch_size = e.batch_size or cfg.data.micro_batch_size
+            self.heldout = heldout_batches(e.paths or cfg.data.paths, e.split or cfg.data.split,
+                                           tokenizer, cfg, e.samples, batch_size, cache_dir, device)
+            if e.ood_paths:  # every document of the unseen corpus is held out
+                self.ood = heldout_batches(e.ood_paths, "0,100,0", tokenizer, cfg, e.samples,
+                                           batch_size, cache_dir, device)
+
+    def should_validate(self, iteration: int) -> bool:
+        """At the start (the converted AR model), every ``evaluation.interval`` and at the end."""
+        interval = self.cfg.evaluation.interval
+        return bool(interval) and (iteration % interval == 0
+                                   or iteration == self.cfg.schedule.train_iters)
+
+    def validate(self, students: list, step) -> dict:
+        """The metrics of the current student (``step``: the run's DiffusionStep, for its special
+        tokens and its hidden-state recorders, emptied afterwards)."""
+        start = time.perf_counter()
+        try:
+            result = self._metrics(students, step)
+        finally:
+            for chunk in students:
+                chunk.train()
+            for recorder in step.recorders or []:
+                recorder.pop()  # drop the held-out forwards' states
+        return {**result, "eval_time_s": time.perf_counter() - start}
+
+    def _metrics(self, students: list, step) -> dict:
+        cfg, e, tokenizer = self.cfg, self.cfg.evaluation, self.tokenizer
+        vocab = tokenizer.vocab_size
+        student = full_logits_fn(students, vocab)
+        nelbo = partial(diffusion_nelbo, student, cfg=cfg, mask_id=step.mask_token_id,
+                        eod=step.eod, pad=step.pad, grid=e.t_grid)
+        value, positions = nelbo(self.heldout)
+        result = {"val_nelbo": value, "val_ppl_upper_bound": math.exp(min(value, 700)),
+                  "val_positions": positions}
+        if self.ood:
+            result["val_ood_nelbo"] = nelbo(self.ood)[0]
+        if e.infill_span:
+            exact, accuracy = infilling(student, self.heldout, cfg, step.mask_token_id, step.eod,
+                                        vocab, e.infill_span, e.infill_span)
+            result.update(infill_exact_match=exact, infill_token_accuracy=accuracy)
+        if self.scorer is not None:
+            sampler = SamplerConfig(gen_length=e.gen_length, eos_id=tokenizer.eod)
+            result.update(generation_quality(
+                lambda prompts: sample(sampler_logits(students), prompts, step.mask_token_id,
+                                       tokenizer.pad, vocab, cfg.diffusion.shift, sampler),
+                full_logits_fn(self.scorer, vocab),
+                heldout_prompts(self.heldout, e.generation_samples, e.prompt_length),
+                lambda token: tokenizer.decode([token]), tokenizer.eod))
+        return result
