@@ -38,7 +38,7 @@ def worker(args) -> None:
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     trainer = setup(cfg, tokenizer, log=lambda message: None)
     s = trainer.step
-    plain = DiffusionStep(cfg, trainer.students, None, s.layer_weights, s.mask_token_id, s.eod, s.pad)
+    plain = DiffusionStep(cfg, trainer.students, None, s.layer_weights, s.vocab)
     steps = {"plain": plain, "align": s}
     iterators = {name: trainer.data_iterator() for name in steps}
     times = {name: [] for name in steps}

@@ -91,7 +91,7 @@ class MegalignLM(TemplateLM):
         results = []
         for (text, context, continuation) in requests:
             nelbo = continuation_nelbo(self._logits_fn, context, continuation, self.cfg,
-                                       self.opened.mask_id, self.tokenizer, self.mc_samples, self.seed)
+                                       self.opened.vocab, self.mc_samples, self.seed)
             greedy = self._is_greedy(context, continuation)
             self.cache_hook.add_partial("loglikelihood", text, (-nelbo, greedy))
             results.append((-nelbo, greedy))
@@ -104,7 +104,7 @@ class MegalignLM(TemplateLM):
         """One-step approximation: the arg-max with the whole continuation masked."""
         from megalign.model.attention import attention_mask, document_ids
 
-        tokens = torch.tensor([context + [self.opened.mask_id] * len(continuation)])
+        tokens = torch.tensor([context + [self.opened.vocab.mask] * len(continuation)])
         blocked = attention_mask(document_ids(tokens, self.tokenizer.eod), causal=False)
         logits = self.logits(tokens, blocked)[0]
         start = len(context)
@@ -124,9 +124,8 @@ class MegalignLM(TemplateLM):
             context, gen_kwargs = request.args
             sampler, until = self._sampler(gen_kwargs)
             prompt = self.tok_encode(context)[-(self.cfg.model.seq_length - sampler.gen_length):]
-            ids = sample(sampler_logits(self.chunks), [prompt], self.opened.mask_id,
-                         self.tokenizer.pad, self.tokenizer.vocab_size, self.cfg.diffusion.shift,
-                         sampler)[0]
+            ids = sample(sampler_logits(self.chunks), [prompt], self.opened.vocab,
+                         self.cfg.diffusion.shift, sampler)[0]
             text = cut_at_stop(self.tok_decode(until_eos(ids, self.tokenizer.eod)), until)
             self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
             outputs.append(text)
@@ -151,8 +150,8 @@ class MegalignLM(TemplateLM):
         return cfg, until
 
 
-def continuation_nelbo(logits_fn, context: list[int], continuation: list[int], cfg, mask_id: int,
-                       tokenizer, samples: int, seed: int) -> float:
+def continuation_nelbo(logits_fn, context: list[int], continuation: list[int], cfg, vocab,
+                       samples: int, seed: int) -> float:
     """Monte-Carlo negative ELBO of ``continuation`` given ``context`` (see the module doc)."""
     from megalign.diffusion.masking import masks_at
     from megalign.diffusion.objective import make_batch
@@ -160,15 +159,14 @@ def continuation_nelbo(logits_fn, context: list[int], continuation: list[int], c
 
     length = len(context) + len(continuation)
     # one extra token, as a Megatron sample has, so that make_batch keeps all `length` as input
-    tokens = torch.tensor([context + continuation + [tokenizer.pad]]).expand(samples, -1)
+    tokens = torch.tensor([context + continuation + [vocab.pad]]).expand(samples, -1)
     index = torch.tensor([zlib.crc32(json.dumps([context, continuation]).encode())])
     t = torch.tensor([(k + 0.5) / samples for k in range(samples)])
     masked = torch.zeros(samples, length + 1, dtype=torch.bool)
     for k in range(samples):
         masked[k, len(context):length] = masks_at(index, len(continuation), seed, float(t[k]), k)[0]
     positions = torch.arange(length).unsqueeze(0).expand(samples, -1)
-    batch = make_batch(tokens, positions, index.expand(samples), cfg.diffusion, seed, mask_id,
-                       tokenizer.eod, tokenizer.pad, cfg.model.document_attention, noise=(t, masked))
+    batch = make_batch(tokens, positions, index.expand(samples), cfg, vocab, noise=(t, masked))
     loss_sum, _ = inv_t_loss(logits_fn, batch)
     return float(loss_sum) / samples
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from megalign.data.vocabulary import Vocabulary
+
 
 def load_config_from_checkpoint(path: str, overrides: list[str]):
     from megalign.checkpoint import read_meta
@@ -39,25 +41,23 @@ class Opened:
     cfg: object
     meta: dict
     tokenizer: object
-    vocab: int  # padded vocabulary rows of the model
-    mask_id: int
+    vocab: Vocabulary
 
 
 def open_checkpoint(checkpoint: str, overrides: list[str]) -> Opened:
     """Resolve ``checkpoint`` and read what inference needs; fails early without a mask token."""
     from megalign.checkpoint import resolve
-    from megalign.config import mask_token_id, padded_vocab_size
-    from megalign.errors import ConfigError
     from megalign.data.tokenizer import build_tokenizer
+    from megalign.errors import ConfigError
 
     path = resolve(checkpoint)
     cfg, meta = load_config_from_checkpoint(path, overrides)
     tokenizer = build_tokenizer(cfg.data.tokenizer)
-    vocab = padded_vocab_size(cfg, tokenizer.vocab_size, tokenizer.mask)
-    mask = mask_token_id(cfg, tokenizer.vocab_size, tokenizer.mask)
-    if mask >= vocab:
-        raise ConfigError(f"the model has no mask token (id {mask} >= vocabulary {vocab})")
-    return Opened(path, cfg, meta, tokenizer, vocab, mask)
+    vocab = Vocabulary.of(cfg, tokenizer)
+    if vocab.mask >= vocab.padded:
+        raise ConfigError(f"the model has no mask token (id {vocab.mask} >= vocabulary "
+                          f"{vocab.padded})")
+    return Opened(path, cfg, meta, tokenizer, vocab)
 
 
 def load_student(opened: Opened) -> list:
@@ -73,14 +73,14 @@ def load_student(opened: Opened) -> list:
     if not parallel_state.model_parallel_is_initialized():
         distributed.initialize(distributed.launch_env(), cfg.parallel.tensor_model_parallel_size,
                                cfg.parallel.pipeline_model_parallel_size, cfg.seed)
-    chunks = build_chunks(cfg, opened.vocab, causal=False, params_dtype=torch.float32)
+    chunks = build_chunks(cfg, opened.vocab.padded, causal=False, params_dtype=torch.float32)
     load_checkpoint(opened.path, chunks)
     if is_converted_ar_model(opened.meta) and cfg.model.mask_token_init == "mean":
         # the step-0 student: what training starts from (megalign.train's build_models)
         from megalign.model.embedding import init_mask_token_embedding
 
         for chunk in chunks:
-            init_mask_token_embedding(chunk, opened.mask_id, opened.tokenizer.vocab_size)
+            init_mask_token_embedding(chunk, opened.vocab.mask, opened.vocab.size)
     return chunks
 
 
@@ -89,7 +89,7 @@ def is_converted_ar_model(meta: dict) -> bool:
     return "iteration" not in meta
 
 
-def load_ar_model(cfg, meta: dict, path: str, vocab: int) -> list:
+def load_ar_model(cfg, meta: dict, path: str, padded_vocab: int) -> list:
     """The causal AR model a run started from (``meta['ar_checkpoint']``; a converted AR model is
     its own), for --ar and generative perplexity."""
     from dataclasses import replace
@@ -103,6 +103,6 @@ def load_ar_model(cfg, meta: dict, path: str, vocab: int) -> list:
     if not teacher:
         raise CheckpointError(f"checkpoint '{path}' records no AR checkpoint for --ar")
     causal_cfg = replace(cfg, model=replace(cfg.model, document_attention=False))
-    causal = build_chunks(causal_cfg, vocab, causal=True, params_dtype=torch.float32)
+    causal = build_chunks(causal_cfg, padded_vocab, causal=True, params_dtype=torch.float32)
     load_checkpoint(teacher, causal)
     return causal

@@ -3,11 +3,13 @@
 import pytest
 import torch
 
-from megalign.config import DiffusionConfig
+from megalign.config import Config, DiffusionConfig
+from megalign.data.vocabulary import Vocabulary
 from megalign.diffusion.masking import sample_noise
 from megalign.diffusion.objective import loss_terms, make_batch
 
 EOD, PAD, MASK = 2, 0, 3
+VOCAB = Vocabulary(size=40, padded=64, mask=MASK, eod=EOD, pad=PAD)
 
 
 def test_noise_is_a_function_of_seed_and_sample_index():
@@ -33,9 +35,9 @@ def _batch(shift, tokens=None):
         tokens = torch.arange(10, 10 + 33).unsqueeze(0).repeat(2, 1)
         tokens[:, 10] = EOD
     positions = torch.arange(32).unsqueeze(0).repeat(2, 1)
-    cfg = DiffusionConfig(shift=shift)
-    return tokens, make_batch(tokens, positions, torch.tensor([0, 1]), cfg, 1234, MASK, EOD, PAD,
-                              document_attention=True, with_teacher=True)
+    cfg = Config(seed=1234, diffusion=DiffusionConfig(shift=shift))
+    return tokens, make_batch(tokens, positions, torch.tensor([0, 1]), cfg, VOCAB,
+                              with_teacher=True)
 
 
 def test_shifted_targets_are_next_tokens_whose_mask_is_set():
@@ -78,19 +80,14 @@ def test_elbo_estimate_is_the_inv_t_training_loss_on_its_mask():
     from megalign.diffusion.masking import masks_at
     from megalign.evaluation.heldout import diffusion_nelbo
 
-    class Cfg:  # the config fields the estimator reads
-        seed = 1234
-        diffusion = DiffusionConfig(shift=True)
-
-        class model:
-            document_attention = True
+    cfg = Config(seed=1234, diffusion=DiffusionConfig(shift=True))
 
     tokens = torch.randint(4, 40, (2, 33))
     tokens[:, 7] = EOD
     raw = {"tokens": tokens, "position_ids": torch.arange(32).repeat(2, 1),
            "sample_index": torch.tensor([11, 12])}
     fixed = torch.randn(2, 32, 40, generator=torch.Generator().manual_seed(0))
-    nelbo, positions = diffusion_nelbo(lambda x, p, m: fixed, [raw], Cfg, MASK, EOD, PAD, grid=1)
+    nelbo, positions = diffusion_nelbo(lambda x, p, m: fixed, [raw], cfg, VOCAB, grid=1)
     masked = masks_at(raw["sample_index"], 33, 1234, 0.5, 0)  # t = 0.5: the one grid point
     supervised = masked[:, 1:] & (tokens[:, :32] != EOD)
     ce = torch.nn.functional.cross_entropy(fixed.transpose(1, 2), tokens[:, 1:], reduction="none")

@@ -250,9 +250,10 @@ def token_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def test_matches_plain_pytorch_reference(runs, corpus_prefix, data_overrides):
     """Loss, per-layer cosines and student gradients of TP1PP1 equal a from-scratch computation."""
-    from megalign.config import load_config, mask_token_id
+    from megalign.config import load_config
     from megalign.data.dataset import build_datasets, micro_batches
     from megalign.data.tokenizer import build_tokenizer
+    from megalign.data.vocabulary import Vocabulary
     from megalign.diffusion.objective import make_batch
 
     cfg = load_config(str(TINY_CONFIG), [*data_overrides, f"data.global_batch_size={GLOBAL_BATCH}"])
@@ -261,7 +262,6 @@ def test_matches_plain_pytorch_reference(runs, corpus_prefix, data_overrides):
                                  [cfg.schedule.train_iters * GLOBAL_BATCH, 0, 0], cfg.data.cache_dir,
                                  reset_position_ids=True)
     iterator = micro_batches(train, 0, MICRO_BATCH, 0, 1)
-    mask_id = mask_token_id(cfg, tok.vocab_size, tok.mask)
     m = cfg.model
 
     params = {n: t.clone().requires_grad_(True) for n, t in runs["tp1pp1"]["grads"]["params"].items()}
@@ -271,8 +271,8 @@ def test_matches_plain_pytorch_reference(runs, corpus_prefix, data_overrides):
     total, teacher_loss, cos_means = 0.0, 0.0, torch.zeros(L + 1)
     for _ in range(num_mb):
         raw = next(iterator)
-        batch = make_batch(raw["tokens"], raw["position_ids"], raw["sample_index"], cfg.diffusion,
-                           cfg.seed, mask_id, tok.eod, tok.pad, True, with_teacher=True)
+        batch = make_batch(raw["tokens"], raw["position_ids"], raw["sample_index"], cfg,
+                           Vocabulary.of(cfg, tok), with_teacher=True)
         s_states, logits = _llama(params, batch.input_tokens, batch.student_mask, L,
                                   m.num_attention_heads, m.num_query_groups)
         with torch.no_grad():

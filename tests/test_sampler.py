@@ -3,9 +3,11 @@
 import pytest
 import torch
 
+from megalign.data.vocabulary import Vocabulary
 from megalign.diffusion.sampler import SamplerConfig, prepare, sample
 
 VOCAB, MASK, PAD, EOS = 50, 60, 0, 1
+VOCABULARY = Vocabulary(size=VOCAB, padded=64, mask=MASK, eod=EOS, pad=PAD)
 
 
 def scripted(seed=0):
@@ -20,8 +22,8 @@ def scripted(seed=0):
 
 def run(cfg, prompts=([5, 6, 7],), shift=True, logits_fn=None):
     trace = []
-    out = sample(logits_fn or scripted(), [list(p) for p in prompts], MASK, PAD, VOCAB, shift,
-                 cfg, trace)
+    out = sample(logits_fn or scripted(), [list(p) for p in prompts], VOCABULARY, shift, cfg,
+                 trace)
     return out, trace
 
 
@@ -119,14 +121,10 @@ def test_bad_settings_are_rejected():
 
 
 def test_infilling_restores_a_span_with_an_oracle_and_keeps_the_context():
+    from megalign.config import Config, ModelConfig
     from megalign.evaluation.heldout import infilling
 
-    class Cfg:
-        class diffusion:
-            shift = True
-
-        class model:
-            document_attention = False
+    cfg = Config(model=ModelConfig(document_attention=False))
 
     tokens = torch.randint(2, VOCAB, (2, 17))
     raw = {"tokens": tokens, "position_ids": torch.arange(16).repeat(2, 1),
@@ -139,7 +137,7 @@ def test_infilling_restores_a_span_with_an_oracle_and_keeps_the_context():
         logits.scatter_(2, tokens[:, 1:].unsqueeze(-1), 9.0)
         return logits
 
-    exact, accuracy = infilling(oracle, [raw], Cfg, MASK, EOS, VOCAB, span=4, steps=2)
+    exact, accuracy = infilling(oracle, [raw], cfg, VOCABULARY, span=4, steps=2)
     assert (exact, accuracy) == (1.0, 1.0)
     first = seen[0]
     assert (first[:, 6:10] == MASK).all()  # the middle span is masked...

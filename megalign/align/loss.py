@@ -73,3 +73,9 @@ def normalised_layer_weights(
     if total <= 0:
         raise ValueError("align.layer_weights must not all be zero")
     return {layer: w / total for layer, w in zip(layers, weights)}
+
+
+def alignment_loss(distances: list, layer_weights: dict[int, float], weight: float) -> float:
+    """λ · Σ_l w_l · (1 − mean cos)_l from the per-layer distances gathered from every stage:
+    the logged alignment loss of a step or a micro-batch."""
+    return weight * sum(w * distances[i] for i, w in layer_weights.items())

@@ -62,36 +62,33 @@ def evaluate(args) -> None:
     from megalign.model.inference import sampler_logits
 
     opened = open_checkpoint(args.checkpoint, args.overrides)
-    path, cfg, tokenizer, mask = opened.path, opened.cfg, opened.tokenizer, opened.mask_id
+    path, cfg, tokenizer, vocab = opened.path, opened.cfg, opened.tokenizer, opened.vocab
     student = load_student(opened)
     batches = heldout_batches(args.data or cfg.data.paths, cfg.data.split, tokenizer, cfg,
                               args.samples, args.batch_size, f"{path}.eval_cache")
-    student_fn = full_logits_fn(student, tokenizer.vocab_size)
-    nelbo, positions = diffusion_nelbo(student_fn, batches, cfg, mask, tokenizer.eod,
-                                       tokenizer.pad, args.t_grid)
+    student_fn = full_logits_fn(student, vocab.size)
+    nelbo, positions = diffusion_nelbo(student_fn, batches, cfg, vocab, args.t_grid)
     result = {"checkpoint": path, "samples": len(batches) * args.batch_size,
               "t_grid": args.t_grid, "diffusion_nelbo_per_token": nelbo,
               "perplexity_upper_bound": math.exp(min(nelbo, 700)), "positions": positions}
     if args.infill_span:
-        exact, accuracy = infilling(student_fn, batches, cfg, mask, tokenizer.eod,
-                                    tokenizer.vocab_size, args.infill_span,
+        exact, accuracy = infilling(student_fn, batches, cfg, vocab, args.infill_span,
                                     args.infill_steps or args.infill_span)
         result.update(infill_span=args.infill_span, infill_exact_match=exact,
                       infill_token_accuracy=accuracy)
     if args.ar or args.generate:
-        ar_fn = full_logits_fn(load_ar_model(cfg, opened.meta, path, opened.vocab),
-                               tokenizer.vocab_size)
+        ar_fn = full_logits_fn(load_ar_model(cfg, opened.meta, path, vocab.padded), vocab.size)
     if args.ar:
         nll, _ = ar_nll(ar_fn, batches)
         result.update(ar_nll_per_token=nll, ar_perplexity=math.exp(min(nll, 700)))
     if args.generate:
-        sampler = SamplerConfig(gen_length=args.gen_length, eos_id=tokenizer.eod)
+        sampler = SamplerConfig(gen_length=args.gen_length, eos_id=vocab.eod)
         sampler.check()
         result.update(generation_quality(
-            lambda prompts: sample(sampler_logits(student), prompts, mask, tokenizer.pad,
-                                   tokenizer.vocab_size, cfg.diffusion.shift, sampler),
+            lambda prompts: sample(sampler_logits(student), prompts, vocab, cfg.diffusion.shift,
+                                   sampler),
             ar_fn, heldout_prompts(batches, args.generate, args.prompt_length),
-            lambda token: tokenizer.decode([token]), tokenizer.eod))
+            lambda token: tokenizer.decode([token]), vocab.eod))
     if distributed.launch_env().rank == 0:
         print_result(result, args.output)
 

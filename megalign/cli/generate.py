@@ -101,12 +101,11 @@ def generate(args) -> None:
     sampler = sampler_config(args, tokenizer.eod)
     sampler.check()
     chunks = load_student(opened)
-    outputs = sample(sampler_logits(chunks), encoded, opened.mask_id, tokenizer.pad,
-                     tokenizer.vocab_size, cfg.diffusion.shift, sampler)
+    outputs = sample(sampler_logits(chunks), encoded, opened.vocab, cfg.diffusion.shift, sampler)
     records = [{"prompt": p, "completion": tokenizer.decode(until_eos(o, sampler.eos_id)),
                 "completion_ids": o} for p, o in zip(prompts, outputs)]
     if args.ar:
-        causal = load_ar_model(cfg, opened.meta, opened.path, opened.vocab)
+        causal = load_ar_model(cfg, opened.meta, opened.path, opened.vocab.padded)
         for record, ids in zip(records, encoded):
             ar = ar_decode(causal, ids, args.gen_length, tokenizer.vocab_size, args.temperature,
                            args.seed)

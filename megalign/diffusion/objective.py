@@ -20,7 +20,8 @@ from typing import Optional
 
 import torch
 
-from megalign.config import DiffusionConfig
+from megalign.config import Config
+from megalign.data.vocabulary import Vocabulary
 from megalign.diffusion.masking import sample_noise
 from megalign.model.attention import attention_mask, document_ids
 
@@ -42,23 +43,21 @@ def make_batch(
     tokens: torch.Tensor,
     position_ids: torch.Tensor,
     sample_indices: torch.Tensor,
-    cfg: DiffusionConfig,
-    seed: int,
-    mask_token_id: int,
-    eod: int,
-    pad: int,
-    document_attention: bool,
+    cfg: Config,
+    vocab: Vocabulary,
     with_teacher: bool = False,
     noise: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> DiffusionBatch:
     """``tokens`` [b, s+1] clean sample tokens (Megatron sample with its extra token); ``noise``
     (t [b], mask [b, s+1]) replaces the training draw, e.g. for evaluation on a t grid."""
+    d, eod, pad = cfg.diffusion, vocab.eod, vocab.pad
     seq = tokens.shape[1] - 1
-    t, masked = noise if noise is not None else sample_noise(sample_indices, seq + 1, seed, cfg.eps)
+    t, masked = (noise if noise is not None
+                 else sample_noise(sample_indices, seq + 1, cfg.seed, d.eps))
     t, masked = t.to(tokens.device), masked.to(tokens.device)
     clean = tokens[:, :seq]
-    input_tokens = torch.where(masked[:, :seq], torch.full_like(clean, mask_token_id), clean)
-    if cfg.shift:
+    input_tokens = torch.where(masked[:, :seq], torch.full_like(clean, vocab.mask), clean)
+    if d.shift:
         labels = tokens[:, 1:]
         supervised = masked[:, 1:] & (clean != eod)  # next token starts a new document: no target
     else:
@@ -67,7 +66,7 @@ def make_batch(
     if pad != eod:
         supervised &= labels != pad
     student_mask = teacher_mask = None
-    if document_attention:
+    if cfg.model.document_attention:
         docs = document_ids(clean, eod)
         student_mask = attention_mask(docs, causal=False)
         teacher_mask = attention_mask(docs, causal=True) if with_teacher else None

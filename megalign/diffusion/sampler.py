@@ -47,6 +47,7 @@ from typing import Callable, Optional
 
 import torch
 
+from megalign.data.vocabulary import Vocabulary
 from megalign.model.vocab_shard import VocabShard
 from megalign.platform import collectives
 
@@ -217,9 +218,7 @@ def prepare(prompts: list[list[int]], cfg: SamplerConfig, mask_id: int, pad_id: 
 def sample(
     logits_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     prompts: list[list[int]],
-    mask_id: int,
-    pad_id: int,
-    vocab_size: int,
+    vocab: Vocabulary,
     shift: bool,
     cfg: SamplerConfig,
     trace: Optional[list] = None,
@@ -229,17 +228,18 @@ def sample(
     cfg.check()
     if shift and min(len(p) for p in prompts) == 0:
         raise ValueError("with the AR shift every prompt needs at least one token")
-    tokens, start, mask = prepare(prompts, cfg, mask_id, pad_id)
-    denoise(logits_fn, tokens, mask, start, cfg.gen_length, mask_id, vocab_size, shift, cfg, trace)
+    tokens, start, mask = prepare(prompts, cfg, vocab.mask, vocab.pad)
+    denoise(logits_fn, tokens, mask, start, cfg.gen_length, vocab, shift, cfg, trace)
     return [tokens[row, start:].tolist() for row in range(len(prompts))]
 
 
 @torch.no_grad()
 def denoise(logits_fn, tokens: torch.Tensor, attention_mask, start: int, length: int,
-            mask_id: int, vocab_size: int, shift: bool, cfg: SamplerConfig,
+            vocab: Vocabulary, shift: bool, cfg: SamplerConfig,
             trace: Optional[list] = None) -> torch.Tensor:
     """Fill the masked span ``tokens[:, start:start+length]`` in place (blocks left to right);
     the tokens around it (prompt, or prefix and suffix for infilling) are never changed."""
+    mask_id, vocab_size = vocab.mask, vocab.size
     generator = torch.Generator().manual_seed(cfg.seed)
     block = cfg.block_length
     steps_per_block = cfg.steps // (length // block)

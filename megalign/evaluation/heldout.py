@@ -57,7 +57,7 @@ def inv_t_loss(logits_fn, batch) -> tuple[torch.Tensor, torch.Tensor]:
     return loss_terms(ce, batch, "inv_t")
 
 
-def diffusion_nelbo(logits_fn, batches, cfg, mask_id, eod, pad, grid: int) -> tuple[float, int]:
+def diffusion_nelbo(logits_fn, batches, cfg, vocab, grid: int) -> tuple[float, int]:
     """(NELBO per position, positions) over ``batches`` of raw dataset items."""
     from megalign.diffusion.masking import masks_at
     from megalign.diffusion.objective import make_batch
@@ -68,16 +68,15 @@ def diffusion_nelbo(logits_fn, batches, cfg, mask_id, eod, pad, grid: int) -> tu
             t = (k + 0.5) / grid
             masked = masks_at(raw["sample_index"], raw["tokens"].shape[1], cfg.seed, t, k)
             noise = (torch.full((masked.shape[0],), t), masked)
-            batch = make_batch(raw["tokens"], raw["position_ids"], raw["sample_index"],
-                               cfg.diffusion, cfg.seed, mask_id, eod, pad,
-                               cfg.model.document_attention, noise=noise)
+            batch = make_batch(raw["tokens"], raw["position_ids"], raw["sample_index"], cfg,
+                               vocab, noise=noise)
             loss_sum, count = inv_t_loss(logits_fn, batch)
             total += float(loss_sum) / grid
             positions += int(count) if k == 0 else 0
     return total / max(positions, 1), positions
 
 
-def infilling(logits_fn, batches, cfg, mask_id, eod, vocab_size, span: int, steps: int):
+def infilling(logits_fn, batches, cfg, vocab, span: int, steps: int):
     """(exact-match rate, token accuracy): the middle ``span`` tokens of each sample are masked
     and recovered by the sampler from the prefix and suffix around them."""
     from megalign.diffusion.sampler import SamplerConfig, denoise
@@ -88,12 +87,12 @@ def infilling(logits_fn, batches, cfg, mask_id, eod, vocab_size, span: int, step
         clean = raw["tokens"][:, :-1]
         start = clean.shape[1] // 2 - span // 2
         tokens = clean.clone()
-        tokens[:, start : start + span] = mask_id
-        blocked = (attention_mask(document_ids(clean, eod), causal=False)
+        tokens[:, start : start + span] = vocab.mask
+        blocked = (attention_mask(document_ids(clean, vocab.eod), causal=False)
                    if cfg.model.document_attention else None)
         positions = raw["position_ids"]
-        denoise(lambda x, m: logits_fn(x, positions, m), tokens, blocked, start, span, mask_id,
-                vocab_size, cfg.diffusion.shift, SamplerConfig(gen_length=span, steps=steps))
+        denoise(lambda x, m: logits_fn(x, positions, m), tokens, blocked, start, span, vocab,
+                cfg.diffusion.shift, SamplerConfig(gen_length=span, steps=steps))
         hit = tokens[:, start : start + span] == clean[:, start : start + span]
         exact += int(hit.all(dim=1).sum())
         correct += int(hit.sum())

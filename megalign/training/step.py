@@ -21,9 +21,10 @@ import torch
 from megatron.core import parallel_state
 
 from megalign.align.injection import attach_loss
-from megalign.align.loss import stage_alignment
+from megalign.align.loss import alignment_loss, stage_alignment
 from megalign.align.teacher import Teacher
 from megalign.config import Config
+from megalign.data.vocabulary import Vocabulary
 from megalign.distributed import device
 from megalign.diffusion.objective import DiffusionBatch, loss_terms, make_batch
 from megalign.model.hidden_states import HiddenStateRecorder
@@ -61,14 +62,12 @@ class DiffusionStep:
         students: list,
         teacher: Optional[Teacher],
         layer_weights: dict[int, float],
-        mask_token_id: int,
-        eod: int,
-        pad: int,
+        vocab: Vocabulary,
     ):
         self.cfg = cfg
         self.teacher = teacher
         self.layer_weights = layer_weights
-        self.mask_token_id, self.eod, self.pad = mask_token_id, eod, pad
+        self.vocab = vocab
         self._chunk_of = {id(chunk): index for index, chunk in enumerate(students)}
         self._computes_loss = [chunk.post_process for chunk in students]
         self.recorders = (
@@ -109,18 +108,9 @@ class DiffusionStep:
         return scale
 
     def make_batch(self, raw: dict) -> DiffusionBatch:
-        return make_batch(
-            raw["tokens"].to(device()),
-            raw["position_ids"].to(device()),
-            raw["sample_index"],
-            self.cfg.diffusion,
-            self.cfg.seed,
-            self.mask_token_id,
-            self.eod,
-            self.pad,
-            self.cfg.model.document_attention,
-            with_teacher=self.teacher is not None,
-        )
+        return make_batch(raw["tokens"].to(device()), raw["position_ids"].to(device()),
+                          raw["sample_index"], self.cfg, self.vocab,
+                          with_teacher=self.teacher is not None)
 
     def __call__(self, data_iterator, model):
         """Megatron's forward_step_func; ``model`` is one (DDP-wrapped) student chunk."""
@@ -204,9 +194,7 @@ class DiffusionStep:
         ]
         align_loss = 0.0
         if self.teacher is not None:
-            align_loss = self.cfg.align.weight * sum(
-                w * distances[i] for i, w in self.layer_weights.items()
-            )
+            align_loss = alignment_loss(distances, self.layer_weights, self.cfg.align.weight)
         logs_teacher = self.teacher is not None and self.cfg.align.log_teacher_loss
         return StepResult(float(values[0]), float(align_loss), align_cos,
                           float(values[1]) if logs_teacher else None)
@@ -224,11 +212,8 @@ class DiffusionStep:
         dump = {k: v for k, v in record.items() if k not in ("layer_distance",)}
         dump["diffusion_loss"] = float(values[0])
         dump["align_cos"] = {i: 1.0 - distances[i] for i in self.layer_weights} if self.teacher else {}
-        dump["align_loss"] = (
-            self.cfg.align.weight * sum(w * distances[i] for i, w in self.layer_weights.items())
-            if self.teacher
-            else 0.0
-        )
+        dump["align_loss"] = (alignment_loss(distances, self.layer_weights, self.cfg.align.weight)
+                              if self.teacher else 0.0)
         dump["align_weight"] = self.cfg.align.weight
         dump["loss_weighting"] = self.cfg.diffusion.loss_weighting
         dump["shift"] = self.cfg.diffusion.shift

@@ -20,7 +20,8 @@ from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megalign.align.teacher import Teacher
-from megalign.config import Config, mask_token_id, padded_vocab_size
+from megalign.config import Config
+from megalign.data.vocabulary import Vocabulary
 from megalign.errors import TrainingError
 from megalign.platform import collectives
 from megalign.training.checkpointer import Checkpointer
@@ -33,8 +34,7 @@ from megalign.training.validator import Validator
 # ----------------------------------------------------------------------------- models
 
 
-def build_models(cfg: Config, vocab_size: int, mask_id: int, tokenizer_vocab: int,
-                 ar_checkpoint: Optional[str]):
+def build_models(cfg: Config, vocab: Vocabulary, ar_checkpoint: Optional[str]):
     """Student chunks (trainable) from the AR weights in ``ar_checkpoint`` (random when None) and,
     from the same weights, the frozen teacher (alignment on) and the causal scorer of generated
     samples (``evaluation.generation_samples``)."""
@@ -45,7 +45,7 @@ def build_models(cfg: Config, vocab_size: int, mask_id: int, tokenizer_vocab: in
     from megalign.model.gpt import build_chunks
 
     dtype = torch.float32 if cfg.precision == "fp32" else torch.bfloat16  # fp8: bf16 + FP8 GEMMs
-    students = build_chunks(cfg, vocab_size, causal=False, params_dtype=dtype,
+    students = build_chunks(cfg, vocab.padded, causal=False, params_dtype=dtype,
                             fp8=cfg.precision == "fp8")
     if ar_checkpoint:
         load_checkpoint(ar_checkpoint, students)
@@ -55,16 +55,16 @@ def build_models(cfg: Config, vocab_size: int, mask_id: int, tokenizer_vocab: in
     ar_weights = [chunk.state_dict() for chunk in students]
     teacher = None
     if cfg.align.weight > 0:
-        teacher = Teacher(cfg, vocab_size, ar_weights, set(layer_weights))
+        teacher = Teacher(cfg, vocab.padded, ar_weights, set(layer_weights))
     scorer = None
     if cfg.evaluation.interval and cfg.evaluation.generation_samples:
-        scorer = build_chunks(cfg, vocab_size, causal=True, params_dtype=dtype)
+        scorer = build_chunks(cfg, vocab.padded, causal=True, params_dtype=dtype)
         for chunk, weights in zip(scorer, ar_weights):
             chunk.load_state_dict(weights)
             chunk.requires_grad_(False)
     if cfg.model.mask_token_init == "mean":
         for chunk in students:
-            init_mask_token_embedding(chunk, mask_id, tokenizer_vocab)
+            init_mask_token_embedding(chunk, vocab.mask, vocab.size)
     return students, teacher, scorer, layer_weights
 
 
@@ -313,15 +313,14 @@ def setup(cfg: Config, tokenizer, log=print, store=None, ar_checkpoint: Optional
         store=store,
     )
     dp_size = parallel_state.get_data_parallel_world_size()
-    vocab = padded_vocab_size(cfg, tokenizer.vocab_size, tokenizer.mask)
-    mask_id = mask_token_id(cfg, tokenizer.vocab_size, tokenizer.mask)
+    vocab = Vocabulary.of(cfg, tokenizer)
     log(
         f"> megalign: world {dist.get_world_size()} = TP {cfg.parallel.tensor_model_parallel_size}"
-        f" x PP {cfg.parallel.pipeline_model_parallel_size} x DP {dp_size}; padded vocab {vocab}, "
-        f"mask token {mask_id}, align weight {cfg.align.weight}"
+        f" x PP {cfg.parallel.pipeline_model_parallel_size} x DP {dp_size}; padded vocab "
+        f"{vocab.padded}, mask token {vocab.mask}, align weight {cfg.align.weight}"
     )
     students, teacher, scorer, layer_weights = build_models(
-        cfg, vocab, mask_id, tokenizer.vocab_size, ar_checkpoint or cfg.model.init_checkpoint)
+        cfg, vocab, ar_checkpoint or cfg.model.init_checkpoint)
     frozen = freeze_parameters(students, cfg.optimizer.freeze) if cfg.optimizer.freeze else 0
     models, optimizer, scheduler = wrap_and_optimize(cfg, students)
     trainable = sum(p.numel() for c in students for p in c.parameters() if p.requires_grad)
@@ -340,7 +339,7 @@ def setup(cfg: Config, tokenizer, log=print, store=None, ar_checkpoint: Optional
         reset_position_ids=cfg.model.document_attention,
     )
     validator = Validator(cfg, tokenizer, cache_dir, distributed.device(), scorer)
-    step = DiffusionStep(cfg, students, teacher, layer_weights, mask_id, tokenizer.eod, tokenizer.pad)
+    step = DiffusionStep(cfg, students, teacher, layer_weights, vocab)
     return Trainer(cfg, tokenizer, students, teacher, models, optimizer, scheduler, step, train_ds,
                    gbs // (cfg.data.micro_batch_size * dp_size), validator)
 

@@ -60,26 +60,24 @@ class Validator:
         return {**result, "eval_time_s": time.perf_counter() - start}
 
     def _metrics(self, students: list, step) -> dict:
-        cfg, e, tokenizer = self.cfg, self.cfg.evaluation, self.tokenizer
-        vocab = tokenizer.vocab_size
-        student = full_logits_fn(students, vocab)
-        nelbo = partial(diffusion_nelbo, student, cfg=cfg, mask_id=step.mask_token_id,
-                        eod=step.eod, pad=step.pad, grid=e.t_grid)
+        cfg, e, tokenizer, vocab = self.cfg, self.cfg.evaluation, self.tokenizer, step.vocab
+        student = full_logits_fn(students, vocab.size)
+        nelbo = partial(diffusion_nelbo, student, cfg=cfg, vocab=vocab, grid=e.t_grid)
         value, positions = nelbo(self.heldout)
         result = {"val_nelbo": value, "val_ppl_upper_bound": math.exp(min(value, 700)),
                   "val_positions": positions}
         if self.ood:
             result["val_ood_nelbo"] = nelbo(self.ood)[0]
         if e.infill_span:
-            exact, accuracy = infilling(student, self.heldout, cfg, step.mask_token_id, step.eod,
-                                        vocab, e.infill_span, e.infill_span)
+            exact, accuracy = infilling(student, self.heldout, cfg, vocab, e.infill_span,
+                                        e.infill_span)
             result.update(infill_exact_match=exact, infill_token_accuracy=accuracy)
         if self.scorer is not None:
-            sampler = SamplerConfig(gen_length=e.gen_length, eos_id=tokenizer.eod)
+            sampler = SamplerConfig(gen_length=e.gen_length, eos_id=vocab.eod)
             result.update(generation_quality(
-                lambda prompts: sample(sampler_logits(students), prompts, step.mask_token_id,
-                                       tokenizer.pad, vocab, cfg.diffusion.shift, sampler),
-                full_logits_fn(self.scorer, vocab),
+                lambda prompts: sample(sampler_logits(students), prompts, vocab,
+                                       cfg.diffusion.shift, sampler),
+                full_logits_fn(self.scorer, vocab.size),
                 heldout_prompts(self.heldout, e.generation_samples, e.prompt_length),
-                lambda token: tokenizer.decode([token]), tokenizer.eod))
+                lambda token: tokenizer.decode([token]), vocab.eod))
         return result

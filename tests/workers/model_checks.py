@@ -10,8 +10,9 @@ import torch.nn.functional as F
 
 from megalign import distributed
 from megalign.align.teacher import Teacher
-from megalign.config import load_config, mask_token_id, padded_vocab_size
+from megalign.config import load_config, padded_vocab_size
 from megalign.data.tokenizer import build_tokenizer
+from megalign.data.vocabulary import Vocabulary
 from megalign.diffusion.objective import DiffusionBatch, make_batch
 from megalign.model.attention import attention_mask, document_ids
 from megalign.model.gpt import build_gpt
@@ -68,11 +69,10 @@ def main():
     student = build_gpt(cfg, vocab, causal=False, params_dtype=torch.float32)
     teacher = Teacher(cfg, vocab, [student.state_dict()], {0, cfg.model.num_layers})
     recorder = HiddenStateRecorder(student, {0})
-    mask_id = mask_token_id(cfg, tok.vocab_size, tok.mask)
+    vocabulary = Vocabulary.of(cfg, tok)
     sample = torch.randint(4, tok.vocab_size, (2, cfg.model.seq_length + 1))
     positions = torch.arange(cfg.model.seq_length).unsqueeze(0).expand(2, -1)
-    batch = make_batch(sample, positions, torch.tensor([0, 1]), cfg.diffusion, cfg.seed, mask_id,
-                       tok.eod, tok.pad, True, with_teacher=True)
+    batch = make_batch(sample, positions, torch.tensor([0, 1]), cfg, vocabulary, with_teacher=True)
     teacher_states = teacher.forward([batch])[0].states
     # align.teacher_microbatches: one forward over two micro-batches gives each its own states
     halves = [DiffusionBatch(**{f.name: None if getattr(batch, f.name) is None
@@ -87,8 +87,8 @@ def main():
     with torch.no_grad():
         student(batch.input_tokens, batch.position_ids, batch.student_mask)
     cos = F.cosine_similarity(recorder.pop()[0], teacher_states[0], dim=-1).T  # [b, s]
-    visible = batch.supervised & (batch.input_tokens != mask_id)
-    hidden = batch.supervised & (batch.input_tokens == mask_id)
+    visible = batch.supervised & (batch.input_tokens != vocabulary.mask)
+    hidden = batch.supervised & (batch.input_tokens == vocabulary.mask)
     report["embedding_cos_visible_min"] = float(cos[visible].min())
     report["embedding_cos_visible_max"] = float(cos[visible].max())
     report["embedding_cos_visible_count"] = int(visible.sum())

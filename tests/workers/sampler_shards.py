@@ -8,10 +8,12 @@ import json
 import torch
 import torch.distributed as dist
 
+from megalign.data.vocabulary import Vocabulary
 from megalign.diffusion.sampler import SamplerConfig, sample
 from megalign.model.vocab_shard import VocabShard
 
 WIDTH, VOCAB, MASK, PAD = 64, 50, 60, 0
+VOCABULARY = Vocabulary(size=VOCAB, padded=WIDTH, mask=MASK, eod=1, pad=PAD)
 PROMPTS = [[5, 6], [7, 8, 9]]
 
 parser = argparse.ArgumentParser()
@@ -45,9 +47,9 @@ for temperature, top_k, top_p, confidence, rule in itertools.product(
         ["confidence", "origin", "p2"]):
     cfg = dict(gen_length=8, steps=4, temperature=temperature, top_k=top_k, top_p=top_p,
                confidence=confidence, unmasking=rule, seed=5)
-    reference = sample(scripted("full"), PROMPTS, MASK, PAD, VOCAB, True, SamplerConfig(**cfg))
+    reference = sample(scripted("full"), PROMPTS, VOCABULARY, True, SamplerConfig(**cfg))
     for layout in ("tp2", "pp2"):
-        got = sample(scripted(layout), PROMPTS, MASK, PAD, VOCAB, True, SamplerConfig(**cfg))
+        got = sample(scripted(layout), PROMPTS, VOCABULARY, True, SamplerConfig(**cfg))
         if got != reference:
             report["mismatches"].append({"layout": layout, **cfg})
     report["cases"] += 1

@@ -39,7 +39,7 @@ def main():
     trainer = setup(cfg, tokenizer, log=lambda message: None)
     students, teacher, step = trainer.students, trainer.teacher, trainer.step
     initial_params = full_tensors(students, "param")
-    plain = DiffusionStep(cfg, students, None, step.layer_weights, step.mask_token_id, step.eod, step.pad)
+    plain = DiffusionStep(cfg, students, None, step.layer_weights, step.vocab)
 
     with count_p2p() as plain_p2p:
         plain_result = trainer.forward_backward(trainer.data_iterator(), step=plain)
