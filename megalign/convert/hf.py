@@ -1,7 +1,8 @@
 """Hugging Face <-> Megatron-Core weight layouts for the architectures megalign trains.
 
-Names on the Megatron side are megalign's global names (TP=1, PP-independent): a single process
-converts, and ``dist_checkpointing`` reshards the result into any TP/PP layout when it is loaded.
+One table (``name_table``) lists every tensor on both sides with the transform each way; import
+and export both read it. Names on the Megatron side are megalign's global names (TP=1,
+PP-independent): a single process converts, and ``dist_checkpointing`` reshards the result into any TP/PP layout when it is loaded.
 
 * Llama family (Llama, SmolLM2, Qwen2 with QKV bias; tied or untied embeddings; GQA): Megatron's
   fused ``linear_qkv`` holds, per KV group, that group's query heads then its key and value head;
@@ -11,6 +12,9 @@ converts, and ``dist_checkpointing`` reshards the result into any TP/PP layout w
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -66,6 +70,101 @@ def model_config_from_hf(hf_config) -> dict:
     }
 
 
+@dataclass(frozen=True)
+class Mapping:
+    """HF tensors <-> one megalign tensor: the one table both directions read."""
+
+    hf: tuple[str, ...]
+    megatron: str
+    to_megatron: Callable[[list], torch.Tensor]
+    to_hf: Callable[[torch.Tensor], list]
+
+
+def _same(name_hf: str, name_mg: str) -> Mapping:
+    return Mapping((name_hf,), name_mg, lambda t: t[0], lambda t: [t])
+
+
+def _transposed(name_hf: str, name_mg: str) -> Mapping:
+    """GPT-2's ``Conv1D`` stores weights [in, out]."""
+    return Mapping((name_hf,), name_mg, lambda t: t[0].T.contiguous(), lambda t: [t.T.contiguous()])
+
+
+def _vocabulary(name_hf: str, name_mg: str, padded: int, vocab: int) -> Mapping:
+    """Vocabulary rows: padded with zeros to ``padded`` one way, cut to ``vocab`` the other."""
+    return Mapping((name_hf,), name_mg, lambda t: _pad_rows(t[0], padded), lambda t: [t[:vocab]])
+
+
+def _qkv(names: tuple[str, ...], name_mg: str, heads: int, groups: int, fused_hf=False,
+         transpose=False) -> Mapping:
+    """q, k, v (or GPT-2's fused [q; k; v]) <-> Megatron's per-group [q_g; k_g; v_g]."""
+    def to_megatron(tensors):
+        q, k, v = (tensors[0].T if transpose else tensors[0]).chunk(3, dim=0) if fused_hf else tensors
+        return _qkv_to_megatron(q, k, v, heads, groups)
+
+    def to_hf(tensor):
+        q, k, v = _qkv_from_megatron(tensor, heads, groups)
+        if not fused_hf:
+            return [q, k, v]
+        fused = torch.cat([q, k, v])
+        return [fused.T.contiguous() if transpose else fused]
+
+    return Mapping(names, name_mg, to_megatron, to_hf)
+
+
+def _gated(gate: str, up: str, name_mg: str) -> Mapping:
+    """SwiGLU's gate and up projections <-> Megatron's fused ``linear_fc1`` [gate; up]."""
+    return Mapping((gate, up), name_mg, lambda t: torch.cat(t), lambda t: list(t.chunk(2, dim=0)))
+
+
+def name_table(model: dict, padded_vocab: int, vocab: int) -> list[Mapping]:
+    """Every tensor of ``model`` (the ``model`` config section), HF side and megalign side."""
+    L, heads = model["num_layers"], model["num_attention_heads"]
+    groups = model["num_query_groups"] or heads
+    table = []
+    if model["arch"] == "gpt2":
+        table += [_vocabulary("transformer.wte.weight", "embedding.word_embeddings.weight",
+                              padded_vocab, vocab),
+                  _same("transformer.wpe.weight", "embedding.position_embeddings.weight")]
+        for i in range(L):
+            h, m = f"transformer.h.{i}.", f"decoder.layers.{i}."
+            for part, name in (("ln_1", "input_layernorm"), ("ln_2", "pre_mlp_layernorm")):
+                table += [_same(h + part + ".weight", m + name + ".weight"),
+                          _same(h + part + ".bias", m + name + ".bias")]
+            table += [_qkv((h + "attn.c_attn.weight",), m + "self_attention.linear_qkv.weight",
+                           heads, heads, fused_hf=True, transpose=True),
+                      _qkv((h + "attn.c_attn.bias",), m + "self_attention.linear_qkv.bias",
+                           heads, heads, fused_hf=True)]
+            for part, name in (("attn.c_proj", "self_attention.linear_proj"),
+                               ("mlp.c_fc", "mlp.linear_fc1"), ("mlp.c_proj", "mlp.linear_fc2")):
+                table += [_transposed(h + part + ".weight", m + name + ".weight"),
+                          _same(h + part + ".bias", m + name + ".bias")]
+        table += [_same("transformer.ln_f.weight", "decoder.final_layernorm.weight"),
+                  _same("transformer.ln_f.bias", "decoder.final_layernorm.bias")]
+        return table
+    table.append(_vocabulary("model.embed_tokens.weight", "embedding.word_embeddings.weight",
+                             padded_vocab, vocab))
+    for i in range(L):
+        h, m = f"model.layers.{i}.", f"decoder.layers.{i}."
+        table += [
+            _same(h + "input_layernorm.weight", m + "input_layernorm.weight"),
+            _same(h + "post_attention_layernorm.weight", m + "pre_mlp_layernorm.weight"),
+            _qkv(tuple(h + f"self_attn.{p}_proj.weight" for p in "qkv"),
+                 m + "self_attention.linear_qkv.weight", heads, groups),
+        ]
+        if model["qkv_bias"]:
+            table.append(_qkv(tuple(h + f"self_attn.{p}_proj.bias" for p in "qkv"),
+                              m + "self_attention.linear_qkv.bias", heads, groups))
+        table += [
+            _same(h + "self_attn.o_proj.weight", m + "self_attention.linear_proj.weight"),
+            _gated(h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight", m + "mlp.linear_fc1.weight"),
+            _same(h + "mlp.down_proj.weight", m + "mlp.linear_fc2.weight"),
+        ]
+    table.append(_same("model.norm.weight", "decoder.final_layernorm.weight"))
+    if not model["tie_embeddings"]:
+        table.append(_vocabulary("lm_head.weight", "output_layer.weight", padded_vocab, vocab))
+    return table
+
+
 def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
     if tensor.shape[0] > rows:
         raise ConversionError(f"vocabulary of {tensor.shape[0]} rows exceeds the padded {rows}")
@@ -94,105 +193,34 @@ def _qkv_from_megatron(qkv, heads: int, groups: int):
 
 def hf_to_megatron(hf_state: dict, model: dict, padded_vocab: int) -> dict:
     """HF state dict -> megalign global-name tensors (fp32)."""
-    s = {k: v.float() for k, v in hf_state.items()}
+    s = {k: v.float() for k, v in hf_state.items() if not k.endswith("rotary_emb.inv_freq")}
+    if model["arch"] == "gpt2" or model["tie_embeddings"]:
+        s.pop("lm_head.weight", None)  # the word embedding, tied
     out = {}
-    L, heads = model["num_layers"], model["num_attention_heads"]
-    groups = model["num_query_groups"] or heads
-    if model["arch"] == "gpt2":
-        out["embedding.word_embeddings.weight"] = _pad_rows(s.pop("transformer.wte.weight"), padded_vocab)
-        out["embedding.position_embeddings.weight"] = s.pop("transformer.wpe.weight")
-        for i in range(L):
-            h, m = f"transformer.h.{i}.", f"decoder.layers.{i}."
-            for part, name in (("ln_1", "input_layernorm"), ("ln_2", "pre_mlp_layernorm")):
-                out[m + name + ".weight"] = s.pop(h + part + ".weight")
-                out[m + name + ".bias"] = s.pop(h + part + ".bias")
-            q, k, v = s.pop(h + "attn.c_attn.weight").T.chunk(3, dim=0)
-            out[m + "self_attention.linear_qkv.weight"] = _qkv_to_megatron(q, k, v, heads, heads)
-            q, k, v = s.pop(h + "attn.c_attn.bias").chunk(3, dim=0)
-            out[m + "self_attention.linear_qkv.bias"] = _qkv_to_megatron(q, k, v, heads, heads)
-            for part, name in (("attn.c_proj", "self_attention.linear_proj"),
-                               ("mlp.c_fc", "mlp.linear_fc1"), ("mlp.c_proj", "mlp.linear_fc2")):
-                out[m + name + ".weight"] = s.pop(h + part + ".weight").T.contiguous()
-                out[m + name + ".bias"] = s.pop(h + part + ".bias")
-        out["decoder.final_layernorm.weight"] = s.pop("transformer.ln_f.weight")
-        out["decoder.final_layernorm.bias"] = s.pop("transformer.ln_f.bias")
-        s.pop("lm_head.weight", None)  # tied to wte
-    else:
-        out["embedding.word_embeddings.weight"] = _pad_rows(s.pop("model.embed_tokens.weight"), padded_vocab)
-        for i in range(L):
-            h, m = f"model.layers.{i}.", f"decoder.layers.{i}."
-            out[m + "input_layernorm.weight"] = s.pop(h + "input_layernorm.weight")
-            out[m + "pre_mlp_layernorm.weight"] = s.pop(h + "post_attention_layernorm.weight")
-            q, k, v = (s.pop(h + f"self_attn.{p}_proj.weight") for p in "qkv")
-            out[m + "self_attention.linear_qkv.weight"] = _qkv_to_megatron(q, k, v, heads, groups)
-            if model["qkv_bias"]:
-                q, k, v = (s.pop(h + f"self_attn.{p}_proj.bias") for p in "qkv")
-                out[m + "self_attention.linear_qkv.bias"] = _qkv_to_megatron(q, k, v, heads, groups)
-            out[m + "self_attention.linear_proj.weight"] = s.pop(h + "self_attn.o_proj.weight")
-            out[m + "mlp.linear_fc1.weight"] = torch.cat(
-                [s.pop(h + "mlp.gate_proj.weight"), s.pop(h + "mlp.up_proj.weight")])
-            out[m + "mlp.linear_fc2.weight"] = s.pop(h + "mlp.down_proj.weight")
-        out["decoder.final_layernorm.weight"] = s.pop("model.norm.weight")
-        head = s.pop("lm_head.weight", None)
-        if not model["tie_embeddings"]:
-            if head is None:
-                raise ConversionError("untied model without lm_head.weight")
-            out["output_layer.weight"] = _pad_rows(head, padded_vocab)
-    s = {k: v for k, v in s.items() if not k.endswith("rotary_emb.inv_freq")}
+    for mapping in name_table(model, padded_vocab, padded_vocab):
+        missing = [name for name in mapping.hf if name not in s]
+        if missing:
+            raise ConversionError(f"HF tensors missing: {missing}")
+        out[mapping.megatron] = mapping.to_megatron([s.pop(name) for name in mapping.hf])
     if s:
         raise ConversionError(f"unconverted HF tensors: {sorted(s)}")
     return out
 
 
 def megatron_to_hf(state: dict, model: dict, vocab_size: int) -> dict:
-    """megalign global-name tensors -> HF state dict (vocabulary cut to ``vocab_size`` rows)."""
+    """megalign global-name tensors -> HF state dict (vocabulary cut to ``vocab_size`` rows;
+    tied models get ``lm_head.weight`` as the word embedding)."""
     s = dict(state)
     out = {}
-    L, heads = model["num_layers"], model["num_attention_heads"]
-    groups = model["num_query_groups"] or heads
-    if model["arch"] == "gpt2":
-        out["transformer.wte.weight"] = s.pop("embedding.word_embeddings.weight")[:vocab_size]
-        out["transformer.wpe.weight"] = s.pop("embedding.position_embeddings.weight")
-        for i in range(L):
-            h, m = f"transformer.h.{i}.", f"decoder.layers.{i}."
-            for part, name in (("ln_1", "input_layernorm"), ("ln_2", "pre_mlp_layernorm")):
-                out[h + part + ".weight"] = s.pop(m + name + ".weight")
-                out[h + part + ".bias"] = s.pop(m + name + ".bias")
-            q, k, v = _qkv_from_megatron(s.pop(m + "self_attention.linear_qkv.weight"), heads, heads)
-            out[h + "attn.c_attn.weight"] = torch.cat([q, k, v]).T.contiguous()
-            q, k, v = _qkv_from_megatron(s.pop(m + "self_attention.linear_qkv.bias"), heads, heads)
-            out[h + "attn.c_attn.bias"] = torch.cat([q, k, v])
-            for part, name in (("attn.c_proj", "self_attention.linear_proj"),
-                               ("mlp.c_fc", "mlp.linear_fc1"), ("mlp.c_proj", "mlp.linear_fc2")):
-                out[h + part + ".weight"] = s.pop(m + name + ".weight").T.contiguous()
-                out[h + part + ".bias"] = s.pop(m + name + ".bias")
-        out["transformer.ln_f.weight"] = s.pop("decoder.final_layernorm.weight")
-        out["transformer.ln_f.bias"] = s.pop("decoder.final_layernorm.bias")
-        out["lm_head.weight"] = out["transformer.wte.weight"]
-    else:
-        out["model.embed_tokens.weight"] = s.pop("embedding.word_embeddings.weight")[:vocab_size]
-        for i in range(L):
-            h, m = f"model.layers.{i}.", f"decoder.layers.{i}."
-            out[h + "input_layernorm.weight"] = s.pop(m + "input_layernorm.weight")
-            out[h + "post_attention_layernorm.weight"] = s.pop(m + "pre_mlp_layernorm.weight")
-            q, k, v = _qkv_from_megatron(s.pop(m + "self_attention.linear_qkv.weight"), heads, groups)
-            out.update({h + "self_attn.q_proj.weight": q, h + "self_attn.k_proj.weight": k,
-                        h + "self_attn.v_proj.weight": v})
-            if model["qkv_bias"]:
-                q, k, v = _qkv_from_megatron(s.pop(m + "self_attention.linear_qkv.bias"), heads, groups)
-                out.update({h + "self_attn.q_proj.bias": q, h + "self_attn.k_proj.bias": k,
-                            h + "self_attn.v_proj.bias": v})
-            out[h + "self_attn.o_proj.weight"] = s.pop(m + "self_attention.linear_proj.weight")
-            gate, up = s.pop(m + "mlp.linear_fc1.weight").chunk(2, dim=0)
-            out[h + "mlp.gate_proj.weight"], out[h + "mlp.up_proj.weight"] = gate, up
-            out[h + "mlp.down_proj.weight"] = s.pop(m + "mlp.linear_fc2.weight")
-        out["model.norm.weight"] = s.pop("decoder.final_layernorm.weight")
-        if model["tie_embeddings"]:
-            out["lm_head.weight"] = out["model.embed_tokens.weight"]
-        else:
-            out["lm_head.weight"] = s.pop("output_layer.weight")[:vocab_size]
+    for mapping in name_table(model, vocab_size, vocab_size):
+        if mapping.megatron not in s:
+            raise ConversionError(f"megalign tensor missing: {mapping.megatron}")
+        out.update(zip(mapping.hf, mapping.to_hf(s.pop(mapping.megatron))))
     if s:
         raise ConversionError(f"unconverted megalign tensors: {sorted(s)}")
+    embedding = "transformer.wte.weight" if model["arch"] == "gpt2" else "model.embed_tokens.weight"
+    if model["arch"] == "gpt2" or model["tie_embeddings"]:
+        out["lm_head.weight"] = out[embedding]
     return out
 
 
