@@ -76,6 +76,29 @@ def worker(args) -> None:
     dist.barrier()
 
 
+BUNDLED = "data/build/kjv_text_document"  # examples/configs/tiny*.yaml read this
+
+
+def ensure_data(args):
+    """Build the bundled corpus's dataset when the config reads it and it is missing (as
+    examples/tiny.sh does); returns what else is missing, in one line, or None."""
+    from megalign.config import load_config
+    from megalign.data.dataset import parse_blend
+
+    cfg = load_config(args.config, args.overrides)
+    for prefix in parse_blend(cfg.data.paths)[0]:
+        if os.path.isfile(REPO / f"{prefix}.idx") or os.path.isfile(f"{prefix}.idx"):
+            continue
+        if prefix != BUNDLED:
+            return (f"the dataset {prefix}.idx does not exist; make it with megalign-preprocess "
+                    "(README, Data) or pass data.paths=[PREFIX]")
+        from megalign.data.preprocess import preprocess
+
+        preprocess([str(REPO / "data/corpus/kjv.jsonl.gz")], str(REPO / cfg.data.tokenizer),
+                   str(REPO / "data/build/kjv"), "text", True)
+    return None
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", action="append",
@@ -90,6 +113,10 @@ def main() -> int:
     if args.worker:
         worker(args)
         return 0
+    missing = ensure_data(args)
+    if missing:
+        print(f"bench/align_overhead.py: {missing}", file=sys.stderr)
+        return 2
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",

@@ -31,6 +31,8 @@ LAYOUTS = {
     "tp1pp2vpp2": (1, 2, 2, ["parallel.virtual_pipeline_model_parallel_size=2",
                              "align.teacher_microbatches=2"]),
 }
+# the fast tier (-m "not slow") checks these two; the full suite every layout
+CORE = ("tp1pp1", "tp2pp2")
 GLOBAL_BATCH, MICRO_BATCH, ALIGN_WEIGHT = 4, 2, 10.0
 RTOL = 1e-5
 
@@ -59,9 +61,25 @@ def run_layouts(out, layouts, data_overrides, checkpoint, extra=()):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, data_overrides, ar_checkpoint):
-    return run_layouts(tmp_path_factory.mktemp("equivalence"), LAYOUTS, data_overrides,
-                       ar_checkpoint)
+def core_runs(tmp_path_factory, data_overrides, ar_checkpoint):
+    return run_layouts(tmp_path_factory.mktemp("equivalence"),
+                       {name: LAYOUTS[name] for name in CORE}, data_overrides, ar_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def runs(core_runs, tmp_path_factory, data_overrides, ar_checkpoint):
+    others = {name: layout for name, layout in LAYOUTS.items() if name not in CORE}
+    return {**core_runs, **run_layouts(tmp_path_factory.mktemp("equivalence_more"), others,
+                                       data_overrides, ar_checkpoint)}
+
+
+def layouts_to_check(names):
+    """``names`` as parameters; those outside CORE run in the full suite only."""
+    return [pytest.param(name, marks=() if name in CORE else pytest.mark.slow) for name in names]
+
+
+def runs_for(request, layout: str) -> dict:
+    return request.getfixturevalue("core_runs" if layout in CORE else "runs")
 
 
 GPT2 = ["model.arch=gpt2", "model.num_query_groups=null"]
@@ -85,8 +103,9 @@ def close(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=RTOL, abs_tol=1e-7)
 
 
-@pytest.mark.parametrize("layout", [name for name in LAYOUTS if name != "tp1pp1"])
-def test_losses_and_cosines_match(runs, layout):
+@pytest.mark.parametrize("layout", layouts_to_check(name for name in LAYOUTS if name != "tp1pp1"))
+def test_losses_and_cosines_match(request, layout):
+    runs = runs_for(request, layout)
     ref, got = runs["tp1pp1"]["summary"], runs[layout]["summary"]
     for kind in ("plain", "align"):
         assert close(got[kind]["diffusion_loss"], ref[kind]["diffusion_loss"]), (kind, got, ref)
@@ -98,9 +117,10 @@ def test_losses_and_cosines_match(runs, layout):
         assert close(l_got, l_ref), (got["losses"], ref["losses"])
 
 
-@pytest.mark.parametrize("layout", [name for name in LAYOUTS if name != "tp1pp1"])
+@pytest.mark.parametrize("layout", layouts_to_check(name for name in LAYOUTS if name != "tp1pp1"))
 @pytest.mark.parametrize("kind", ["plain", "align"])
-def test_gradients_match(runs, layout, kind):
+def test_gradients_match(request, layout, kind):
+    runs = runs_for(request, layout)
     ref, got = runs["tp1pp1"]["grads"][kind], runs[layout]["grads"][kind]
     assert ref and set(ref) <= set(got), set(ref) - set(got)
     errors = {name: rel_err(got[name], ref[name]) for name in ref}
@@ -109,6 +129,7 @@ def test_gradients_match(runs, layout, kind):
     assert errors[worst] <= RTOL, (worst, errors[worst])
 
 
+@pytest.mark.slow
 def test_gpt2_layouts_match_with_frozen_parameters(gpt2_runs):
     ref, got = gpt2_runs["tp1pp1"], gpt2_runs["tp2pp2"]
     for kind in ("plain", "align"):
@@ -131,14 +152,15 @@ def test_gpt2_layouts_match_with_frozen_parameters(gpt2_runs):
         assert "embedding.word_embeddings.weight" not in run["grads"]["align"]  # no grad buffer
 
 
-def test_alignment_changes_gradients_but_not_the_diffusion_loss(runs):
-    summary, grads = runs["tp1pp1"]["summary"], runs["tp1pp1"]["grads"]
+def test_alignment_changes_gradients_but_not_the_diffusion_loss(core_runs):
+    summary, grads = core_runs["tp1pp1"]["summary"], core_runs["tp1pp1"]["grads"]
     # the teacher's forward must not perturb the student: bit-identical diffusion loss
     assert summary["plain"]["diffusion_loss"] == summary["align"]["diffusion_loss"]
     assert summary["align"]["align_loss"] > 0
     assert any(rel_err(grads["align"][n], grads["plain"][n]) > 1e-3 for n in grads["plain"])
 
 
+@pytest.mark.slow
 def test_teacher_is_frozen_and_outside_the_optimizer(runs):
     for name, run in runs.items():
         for rank in run["ranks"]:
@@ -151,8 +173,9 @@ def test_teacher_is_frozen_and_outside_the_optimizer(runs):
         assert (run["summary"]["align"]["teacher_loss"] is None) == (name != "tp2pp2tl"), name
 
 
-@pytest.mark.parametrize("layout", ["tp1pp2", "tp2pp2", "tp2pp2sp", "tp2pp2g2"])
-def test_pipeline_p2p_carries_only_the_teacher_stream_forward(runs, layout):
+@pytest.mark.parametrize("layout", layouts_to_check(["tp1pp2", "tp2pp2", "tp2pp2sp", "tp2pp2g2"]))
+def test_pipeline_p2p_carries_only_the_teacher_stream_forward(request, layout):
+    runs = runs_for(request, layout)
     hidden, seq = 64, 128 // (2 if layout.endswith("sp") else 1)  # SP: this rank's positions
     micro_batches = GLOBAL_BATCH // MICRO_BATCH
     group = 2 if layout.endswith("g2") else 1  # align.teacher_microbatches per teacher send
@@ -181,6 +204,7 @@ def test_pipeline_p2p_carries_only_the_teacher_stream_forward(runs, layout):
     assert total_align / total_plain == pytest.approx(1.5)
 
 
+@pytest.mark.slow
 def test_masks_identical_across_tp_pp_ranks_and_distinct_across_dp(runs):
     from megalign.diffusion.masking import sample_noise
 
@@ -248,8 +272,11 @@ def token_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                            labels.reshape(-1), reduction="none").view_as(labels)
 
 
-def test_matches_plain_pytorch_reference(runs, corpus_prefix, data_overrides):
-    """Loss, per-layer cosines and student gradients of TP1PP1 equal a from-scratch computation."""
+@pytest.fixture(scope="module")
+def reference(core_runs, corpus_prefix, data_overrides):
+    """Loss, per-layer cosines, teacher loss and student gradients computed from scratch in plain
+    PyTorch, from TP1PP1's initial weights and the same global batch."""
+    runs = core_runs
     from megalign.config import load_config
     from megalign.data.dataset import build_datasets, micro_batches
     from megalign.data.tokenizer import build_tokenizer
@@ -289,15 +316,26 @@ def test_matches_plain_pytorch_reference(runs, corpus_prefix, data_overrides):
         total += float(diffusion + align) / num_mb
         cos_means += layer_cos.detach() / num_mb
 
-    summary = runs["tp1pp1"]["summary"]["align"]
+    return {"total": total, "cos": cos_means.tolist(), "teacher_loss": teacher_loss,
+            "grads": {name: param.grad for name, param in params.items()}}
+
+
+def test_matches_plain_pytorch_reference(core_runs, reference):
+    """Loss, per-layer cosines and student gradients of TP1PP1 equal the from-scratch ones."""
+    summary = core_runs["tp1pp1"]["summary"]["align"]
     got_total = summary["diffusion_loss"] + summary["align_loss"]
-    assert got_total == pytest.approx(total, rel=RTOL)
-    assert summary["align_cos"] == pytest.approx(cos_means.tolist(), rel=RTOL)
-    # the teacher's AR loss on the supervised positions, logged by the layout that asks for it
-    assert runs["tp2pp2tl"]["summary"]["align"]["teacher_loss"] == pytest.approx(teacher_loss,
-                                                                               rel=RTOL)
-    megatron_grads = runs["tp1pp1"]["grads"]["align"]
-    errors = {name: rel_err(megatron_grads[name], param.grad) for name, param in params.items()}
+    assert got_total == pytest.approx(reference["total"], rel=RTOL)
+    assert summary["align_cos"] == pytest.approx(reference["cos"], rel=RTOL)
+    megatron_grads = core_runs["tp1pp1"]["grads"]["align"]
+    errors = {name: rel_err(megatron_grads[name], grad) for name, grad in reference["grads"].items()}
     worst = max(errors, key=errors.get)
-    print(f"reference: loss {total:.6f} vs {got_total:.6f}; worst gradient error {errors[worst]:.2e}")
+    print(f"reference: loss {reference['total']:.6f} vs {got_total:.6f}; worst gradient error "
+          f"{errors[worst]:.2e}")
     assert errors[worst] <= RTOL, (worst, errors[worst])
+
+
+@pytest.mark.slow
+def test_logged_teacher_loss_matches_plain_pytorch_reference(runs, reference):
+    """The teacher's AR loss on the supervised positions, logged by the layout that asks for it."""
+    assert runs["tp2pp2tl"]["summary"]["align"]["teacher_loss"] == pytest.approx(
+        reference["teacher_loss"], rel=RTOL)
