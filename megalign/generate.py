@@ -81,7 +81,7 @@ def open_checkpoint(checkpoint: str, overrides: list[str]) -> Opened:
 
     path = resolve(checkpoint)
     cfg, meta = load_config_from_checkpoint(path, overrides)
-    tokenizer = build_tokenizer(cfg.data.tokenizer)
+    tokenizer = build_tokenizer(cfg.data.tokenizer, cfg.data.eod_token)
     vocab = padded_vocab_size(cfg, tokenizer.vocab_size, tokenizer.mask)
     mask = mask_token_id(cfg, tokenizer.vocab_size, tokenizer.mask)
     if mask >= vocab:

@@ -57,7 +57,7 @@ def load_and_validate(args, world_size: int):
     cfg = load_config(args.config, args.overrides)
     check_platform(cfg)
     validate(cfg, world_size)
-    tokenizer = build_tokenizer(cfg.data.tokenizer)
+    tokenizer = build_tokenizer(cfg.data.tokenizer, cfg.data.eod_token)
     validate(cfg, world_size, tokenizer.vocab_size, tokenizer.mask)
     return cfg, tokenizer
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from conftest import CORPUS, REPO, TOKENIZER, run_env
+from conftest import CORPUS, REPO, TOKENIZER, chat_tokenizer, run_env
 from megalign.data.dataset import PretrainingSampler, build_datasets, parse_blend
 from megalign.data.indexed import DataError, check_indexed_dataset, write_indexed_dataset
 from megalign.data.preprocess import main as preprocess_main
@@ -122,21 +122,10 @@ def test_corrupt_and_truncated_files_are_named(tmp_path):
 
 
 def test_hf_tokenizer_file_and_directory_end_documents_alike(tmp_path, capsys):
-    """SmolLM2's layout: <|endoftext|>=0, chat tokens after it, and a directory whose eos_token is
-    the end-of-turn <|im_end|> (as the converter writes it): both forms end documents with 0."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    hf = Tokenizer(models.BPE(unk_token="<unk>"))
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=[
-        "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"])
-    hf.train_from_iterator(list(read_jsonl(str(CORPUS)))[:50], trainer)
-    hf.save(str(tmp_path / "tokenizer.json"))
-    PreTrainedTokenizerFast(tokenizer_object=hf, eos_token="<|im_end|>").save_pretrained(
-        str(tmp_path / "hf_dir"))
+    """SmolLM2's layout, whose directory names the chat end-of-turn <|im_end|> as eos_token: both
+    forms end documents with <|endoftext|> (0)."""
     text = list(read_jsonl(str(CORPUS)))[3]
-    for source in (tmp_path / "tokenizer.json", tmp_path / "hf_dir"):
+    for source in chat_tokenizer(tmp_path):
         tok = build_tokenizer(str(source))
         assert (tok.eod_token, tok.eod, tok.mask) == ("<|endoftext|>", 0, None)
         assert tok.encode_batch([text, "x"]) == [tok.encode(text), tok.encode("x")]

@@ -7,8 +7,10 @@
 HF -> megalign writes a weights-only distributed checkpoint (torch_dist) in one process; its
 tensors carry global keys, so it loads into any TP/PP layout (``--tp/--pp`` check that the model
 can be split that way). Next to it: ``megalign.yaml`` (the model/diffusion/data config sections to
-train from it: ``--config megalign.yaml --config run.yaml``) and the tokenizer. The vocabulary is
-padded to a multiple of 128 with room for the mask token.
+train from it: ``--config megalign.yaml --config run.yaml``) and the tokenizer; ``data.eod_token``
+records the token that ends documents (the rule of ``megalign/data/tokenizer.py``, which
+megalign-preprocess applies to the same tokenizer directory). The vocabulary is padded to a
+multiple of 128 with room for the mask token.
 
 megalign -> HF writes a ``save_pretrained`` directory whose config records the diffusion model's
 facts under ``megalign``: bidirectional attention, the mask token id and the shift convention.
@@ -77,7 +79,7 @@ def hf_to_megalign(args) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from megalign.checkpoint import save_weights
-    from megalign.data.tokenizer import MASK_CANDIDATES
+    from megalign.data.tokenizer import MASK_CANDIDATES, build_tokenizer
 
     load_kwargs = {"trust_remote_code": args.trust_remote_code}
     if args.gguf_file:
@@ -122,7 +124,11 @@ def hf_to_megalign(args) -> str:
     }
     if tokenizer is not None:
         tokenizer.save_pretrained(tokenizer_dir)
-        sections["data"] = {"tokenizer": tokenizer_dir}
+        # the rule's choice, recorded so that training keeps it and preprocessing can be checked
+        eod = build_tokenizer(tokenizer_dir)
+        sections["data"] = {"tokenizer": tokenizer_dir, "eod_token": eod.eod_token}
+        print(f"megalign-convert: documents end with {eod.eod_token!r} (id {eod.eod}; "
+              "data.eod_token)", file=sys.stderr)
     with open(os.path.join(output, MEGALIGN_YAML), "w", encoding="utf-8") as handle:
         yaml.safe_dump(sections, handle, sort_keys=False)
     return output
