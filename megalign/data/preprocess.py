@@ -242,6 +242,12 @@ class _Encoder:
         return numpy.array(tokens, self.dtype).tobytes(), lengths
 
 
+def _one_thread() -> None:
+    """In each worker: --workers is the parallelism. Hugging Face tokenizers' own threads
+    (rayon) make batches of BATCH_DOCS several times slower when workers share the cores."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
 # ----------------------------------------------------------------------------- writing
 
 
@@ -277,7 +283,7 @@ def tokenize_to_datasets(
     stats = Stats(tokens={key: 0 for key in keys})
     outputs = [output_prefix_for(output_prefix, key) for key in keys]
     encoder = _Encoder(tokenizer, keys, append_eod, np_dtype)
-    with OrderedWorkers(workers, encoder, "tokenizing worker") as pool, \
+    with OrderedWorkers(workers, encoder, "tokenizing worker", _one_thread) as pool, \
             atomic_dataset_paths(outputs) as temps:
         writers = []
         try:

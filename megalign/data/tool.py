@@ -167,21 +167,22 @@ class OrderedWorkers:
     is killing. Use as a context manager: leaving it on an error stops the workers.
     """
 
-    def __init__(self, count: int, function: Callable, what: str):
+    def __init__(self, count: int, function: Callable, what: str,
+                 initializer: Callable[[], None] = lambda: None):
         self.what = what
         self._workers: list = []  # (process, task writer, result reader)
         try:
             for _ in range(count):
-                self._start(function)
+                self._start(function, initializer)
         except BaseException:
             self.kill()
             raise
 
-    def _start(self, function) -> None:
+    def _start(self, function, initializer) -> None:
         task_reader, task_writer = pipe()
         result_reader, result_writer = pipe()
         parent_ends = [end for _, *ends in self._workers for end in ends]
-        process = start_process(_serve, (function, task_reader, result_writer),
+        process = start_process(_serve, (function, initializer, task_reader, result_writer),
                                 close=[*parent_ends, task_writer, result_reader])
         self._workers.append((process, task_writer, result_reader))
         task_reader.close()
@@ -236,9 +237,10 @@ class OrderedWorkers:
             result_reader.close()
 
 
-def _serve(function, tasks, results) -> None:
+def _serve(function, initializer, tasks, results) -> None:
     """A worker: tasks are read by a thread of their own, so the parent's sends never wait for
     this worker to finish sending a result the parent is not reading yet (a deadlock)."""
+    initializer()
     inbox: queue.SimpleQueue = queue.SimpleQueue()
     threading.Thread(target=_read_tasks, args=(tasks, inbox), daemon=True).start()
     while (task := inbox.get()) is not None:
