@@ -82,7 +82,7 @@ class AlignConfig:
 class DataConfig:
     paths: list = field(default_factory=list)  # [prefix] or [w1, prefix1, w2, prefix2, ...]
     tokenizer: str = ""  # SentencePiece .model file
-    # end-of-document token (text, or id): None follows the rule in megalign/data/tokenizer.py
+    # end-of-document token (its text, or its id in quotes); None: the rule of data/tokenizer.py
     eod_token: Optional[str] = None
     split: str = "98,2,0"
     micro_batch_size: int = 2
