@@ -291,19 +291,22 @@ def tokenize_to_datasets(
                 writers.append(DatasetWriter(get_bin_path(temp), np_dtype))
             bar = _progress_bar(files, line_range, progress)
             start = time.perf_counter()
-            for problems, data, lengths in pool.map(_batches(files, stats, line_range)):
-                if problems and not skip_bad:
-                    raise DataError(problems[0])
-                stats.skipped += len(problems)
-                for key, writer in zip(keys, writers):
-                    writer.add_documents(data[key], lengths[key])
-                    stats.tokens[key] += sum(lengths[key])
-                stats.documents += len(lengths[keys[0]])
-                elapsed = max(time.perf_counter() - start, 1e-9)
-                bar.set_postfix(docs_s=f"{stats.documents / elapsed:.0f}",
-                                tok_s=f"{sum(stats.tokens.values()) / elapsed:.0f}", refresh=False)
-                bar.update(stats.bytes_read - bar.n)
-            bar.close()
+            try:
+                for problems, data, lengths in pool.map(_batches(files, stats, line_range)):
+                    if problems and not skip_bad:
+                        raise DataError(problems[0])
+                    stats.skipped += len(problems)
+                    for key, writer in zip(keys, writers):
+                        writer.add_documents(data[key], lengths[key])
+                        stats.tokens[key] += sum(lengths[key])
+                    stats.documents += len(lengths[keys[0]])
+                    elapsed = max(time.perf_counter() - start, 1e-9)
+                    bar.set_postfix(docs_s=f"{stats.documents / elapsed:.0f}",
+                                    tok_s=f"{sum(stats.tokens.values()) / elapsed:.0f}",
+                                    refresh=False)
+                    bar.update(stats.bytes_read - bar.n)
+            finally:
+                bar.close()  # clears its line, also before a failure's one line
             stats.loop_seconds = time.perf_counter() - start
             if line_range is None and not stats.documents:
                 raise DataError(_no_documents(files, stats))
@@ -321,7 +324,7 @@ def _progress_bar(files, line_range, enabled: bool):
     plain = line_range is None and not any(path.endswith(".gz") for path in files)
     total = sum(os.path.getsize(path) for path in files) if plain else None  # text bytes
     return tqdm(total=total, unit="B", unit_scale=True, disable=not enabled, desc="tokenizing",
-                file=sys.stderr, mininterval=1.0)
+                file=sys.stderr, mininterval=1.0, leave=False)  # the summary line follows
 
 
 def _no_documents(files: list[str], stats: Stats) -> str:

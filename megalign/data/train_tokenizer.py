@@ -84,8 +84,11 @@ def _train(results, text, prefix, vocab_size, model_type) -> None:
         outcome = None
     except OSError as err:
         outcome = err
-    except Exception as err:  # SentencePiece's RuntimeError: its input or settings
-        outcome = DataError(f"SentencePiece cannot train on this input: {one_line(err)}")
+    except Exception as err:  # SentencePiece's RuntimeError: writing the model, or the input
+        if prefix in str(err):
+            outcome = OSError(f"cannot write the model: {one_line(err)}")
+        else:
+            outcome = DataError(f"SentencePiece cannot train on this input: {one_line(err)}")
     results.send(outcome)
 
 
