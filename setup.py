@@ -34,8 +34,8 @@ setup(
     entry_points={
         "console_scripts": [
             "megalign-train=megalign.cli.train:main",
-            "megalign-preprocess=megalign.data.preprocess:main",
-            "megalign-train-tokenizer=megalign.data.train_tokenizer:main",
+            "megalign-preprocess=megalign.cli.preprocess:main",
+            "megalign-train-tokenizer=megalign.cli.train_tokenizer:main",
             "megalign-convert=megalign.cli.convert:main",
             "megalign-generate=megalign.cli.generate:main",
             "megalign-eval=megalign.cli.evaluate:main",

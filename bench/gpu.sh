@@ -14,7 +14,7 @@ OUT=${OUT:-runs/bench_gpu}
 ITERS=${ITERS:-30}
 WARMUP=${WARMUP:-10}
 if [ ! -f data/build/kjv_text_document.idx ]; then
-  "$PY" -m megalign.data.preprocess --input data/corpus/kjv.jsonl.gz \
+  "$PY" -m megalign.cli.preprocess --input data/corpus/kjv.jsonl.gz \
     --tokenizer data/tokenizer/kjv_bpe4k.model --output-prefix data/build/kjv --append-eod
 fi
 mkdir -p "$OUT"

@@ -20,9 +20,13 @@ if [ ! -f "$RUN/ar/megalign.yaml" ]; then
   "$PY" -m megalign.cli.convert --from hf --to megalign --input "$SMOLLM2" \
     --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf --output "$RUN/ar" --pp 2
 fi
+# documents (KJV chapters) end with the model's document separator, which the conversion
+# recorded as data.eod_token (SmolLM2: <|endoftext|>, not the chat end-of-turn <|im_end|>)
+EOD=$("$PY" -c "import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))['data'].get('eod_token') or '')" \
+  "$RUN/ar/megalign.yaml")
 if [ ! -f data/build/kjv_smollm2_text_document.idx ]; then
-  "$PY" -m megalign.data.preprocess --input data/corpus/kjv.jsonl.gz --tokenizer "$RUN/ar/tokenizer" \
-    --output-prefix data/build/kjv_smollm2 --append-eod --workers 2
+  "$PY" -m megalign.cli.preprocess --input data/corpus/kjv.jsonl.gz --tokenizer "$RUN/ar/tokenizer" \
+    --output-prefix data/build/kjv_smollm2 --append-eod ${EOD:+--eod-token "$EOD"} --workers 2
 fi
 "$PY" -m torch.distributed.run --standalone --nproc-per-node 2 -m megalign.cli.train \
   --config "$RUN/ar/megalign.yaml" --config examples/configs/smollm2.yaml \

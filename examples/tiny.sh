@@ -8,7 +8,7 @@ if [ "${MEGALIGN_SKIP_SETUP:-0}" != 1 ]; then
 fi
 PY=${MEGALIGN_PYTHON:-.venv/bin/python}
 if [ ! -f data/build/kjv_text_document.idx ]; then
-  "$PY" -m megalign.data.preprocess --input data/corpus/kjv.jsonl.gz \
+  "$PY" -m megalign.cli.preprocess --input data/corpus/kjv.jsonl.gz \
     --tokenizer data/tokenizer/kjv_bpe4k.model --output-prefix data/build/kjv --append-eod
 fi
 OMP_NUM_THREADS=1 "$PY" -m torch.distributed.run --standalone --nproc-per-node 4 \

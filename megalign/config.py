@@ -104,6 +104,8 @@ class AlignConfig(Section):
 class DataConfig(Section):
     paths: list = field(default_factory=list)  # [prefix] or [w1, prefix1, w2, prefix2, ...]
     tokenizer: str = ""  # SentencePiece .model file
+    # end-of-document token (its text, or its id in quotes); None: the rule of data/tokenizer.py
+    eod_token: Optional[str] = None
     split: str = "98,2,0"
     micro_batch_size: int = 2
     global_batch_size: int = 8

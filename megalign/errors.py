@@ -38,3 +38,8 @@ def first_line(err: BaseException) -> str:
         err = next(iter(failures.values()))[0]
     lines = [line for line in str(err).splitlines() if line.strip()]
     return f"{type(err).__name__}: {(lines[0] if lines else '')[:300]}"
+
+
+def one_line(text) -> str:
+    """``text`` with its line breaks and runs of spaces folded: a failure is told in one line."""
+    return " ".join(str(text).split())

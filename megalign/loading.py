@@ -52,7 +52,7 @@ def open_checkpoint(checkpoint: str, overrides: list[str]) -> Opened:
 
     path = resolve(checkpoint)
     cfg, meta = load_config_from_checkpoint(path, overrides)
-    tokenizer = build_tokenizer(cfg.data.tokenizer)
+    tokenizer = build_tokenizer(cfg.data.tokenizer, cfg.data.eod_token)
     vocab = Vocabulary.of(cfg, tokenizer)
     if vocab.mask >= vocab.padded:
         raise ConfigError(f"the model has no mask token (id {vocab.mask} >= vocabulary "
@@ -76,7 +76,7 @@ def load_student(opened: Opened) -> list:
     chunks = build_chunks(cfg, opened.vocab.padded, causal=False, params_dtype=torch.float32)
     load_checkpoint(opened.path, chunks)
     if is_converted_ar_model(opened.meta) and cfg.model.mask_token_init == "mean":
-        # the step-0 student: what training starts from (megalign.train's build_models)
+        # the step-0 student: what training starts from (megalign.training.trainer.build_models)
         from megalign.model.embedding import init_mask_token_embedding
 
         for chunk in chunks:

@@ -83,6 +83,26 @@ def metrics(run_dir) -> dict:
     return {r["iteration"]: r for r in map(json.loads, path.read_text().splitlines())}
 
 
+def chat_tokenizer(out: Path) -> tuple[Path, Path]:
+    """A tiny BPE tokenizer laid out like SmolLM2's: <|endoftext|>=0, <|im_start|>=1,
+    <|im_end|>=2, written as a tokenizer.json and as a directory whose eos_token is the chat
+    end-of-turn <|im_end|> (as megalign-convert writes SmolLM2's)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from megalign.data.preprocess import read_jsonl
+
+    hf = Tokenizer(models.BPE(unk_token="<unk>"))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=[
+        "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"])
+    hf.train_from_iterator(list(read_jsonl(str(CORPUS)))[:50], trainer)
+    hf.save(str(out / "tokenizer.json"))
+    PreTrainedTokenizerFast(tokenizer_object=hf, eos_token="<|im_end|>").save_pretrained(
+        str(out / "hf_dir"))
+    return out / "tokenizer.json", out / "hf_dir"
+
+
 @pytest.fixture(scope="session")
 def corpus_prefix(tmp_path_factory) -> str:
     from megalign.data.preprocess import preprocess

@@ -12,14 +12,14 @@ import pytest
 import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from conftest import CORPUS, REPO, TOKENIZER, run_env
+from conftest import CORPUS, REPO, TOKENIZER, chat_tokenizer, run_env
 from megalign.data.dataset import PretrainingSampler, build_datasets, parse_blend
 from megalign.data.indexed import check_indexed_dataset, write_indexed_dataset
 from megalign.errors import DataError
-from megalign.data.preprocess import main as preprocess_main
+from megalign.cli.preprocess import main as preprocess_main
 from megalign.data.preprocess import preprocess, read_jsonl
 from megalign.data.tokenizer import build_tokenizer
-from megalign.data.train_tokenizer import main as train_tokenizer_main
+from megalign.cli.train_tokenizer import main as train_tokenizer_main
 
 
 def files_of(prefix):
@@ -89,7 +89,7 @@ def test_bad_input_names_file_and_line_or_is_skipped(tmp_path, capsys, content, 
 
 def test_killed_run_leaves_nothing_that_looks_valid(tmp_path):
     out = tmp_path / "big"
-    cmd = [sys.executable, "-m", "megalign.data.preprocess", "--input", *[str(CORPUS)] * 30,
+    cmd = [sys.executable, "-m", "megalign.cli.preprocess", "--input", *[str(CORPUS)] * 30,
            "--tokenizer", str(TOKENIZER), "--output-prefix", str(out), "--no-progress"]
     process = subprocess.Popen(cmd, cwd=REPO, env=run_env(), stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -122,24 +122,59 @@ def test_corrupt_and_truncated_files_are_named(tmp_path):
         check_indexed_dataset(prefix)
 
 
-def test_hf_tokenizer_file_and_directory(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    hf = Tokenizer(models.BPE(unk_token="<unk>"))
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=["<|endoftext|>", "<unk>"])
-    hf.train_from_iterator(list(read_jsonl(str(CORPUS)))[:50], trainer)
-    hf.save(str(tmp_path / "tokenizer.json"))
-    PreTrainedTokenizerFast(tokenizer_object=hf, eos_token="<|endoftext|>").save_pretrained(
-        str(tmp_path / "hf_dir"))
+def test_hf_tokenizer_file_and_directory_end_documents_alike(tmp_path, capsys):
+    """SmolLM2's layout, whose directory names the chat end-of-turn <|im_end|> as eos_token: both
+    forms end documents with <|endoftext|> (0)."""
     text = list(read_jsonl(str(CORPUS)))[3]
-    for source in (tmp_path / "tokenizer.json", tmp_path / "hf_dir"):
+    for source in chat_tokenizer(tmp_path):
         tok = build_tokenizer(str(source))
-        assert tok.eod == 0 and tok.mask is None
+        assert (tok.eod_token, tok.eod, tok.mask) == ("<|endoftext|>", 0, None)
+        assert tok.encode_batch([text, "x"]) == [tok.encode(text), tok.encode("x")]
         prefix = preprocess([str(CORPUS)], str(source), str(tmp_path / source.stem), "text", True)
+        assert "eod '<|endoftext|>' (id 0) appended" in capsys.readouterr().err
         dataset = IndexedDataset(prefix)  # keep it alive: items are views of its memory map
         assert dataset[3].tolist() == tok.encode(text) + [0]
+        for choice in ("<|im_end|>", "2"):  # --eod-token by text or by id
+            assert build_tokenizer(str(source), choice).eod == 2
+        assert preprocess_main(["--input", str(CORPUS), "--tokenizer", str(source), "--append-eod",
+                                "--eod-token", "<|im_end|>", "--no-progress",
+                                "--output-prefix", str(tmp_path / "chat")]) == 0
+        assert "eod '<|im_end|>' (id 2) appended" in capsys.readouterr().err
+        dataset = IndexedDataset(str(tmp_path / "chat_text_document"))
+        assert dataset[3].tolist() == tok.encode(text) + [2]
+
+
+def test_sentencepiece_end_of_document_rule_and_choice(tmp_path, capsys):
+    tok = build_tokenizer(str(TOKENIZER))
+    assert (tok.eod_token, tok.eod) == ("</s>", 2)  # no <|endoftext|>: </s>, also its eos piece
+    for choice in ("<mask>", "3"):
+        assert (build_tokenizer(str(TOKENIZER), choice).eod_token,
+                build_tokenizer(str(TOKENIZER), choice).eod) == ("<mask>", 3)
+    out = str(tmp_path / "masked")
+    assert preprocess_main(["--input", str(CORPUS), "--tokenizer", str(TOKENIZER), "--append-eod",
+                            "--eod-token", "3", "--no-progress", "--output-prefix", out]) == 0
+    assert "eod '<mask>' (id 3) appended" in capsys.readouterr().err
+    dataset = IndexedDataset(out + "_text_document")
+    assert dataset[0].tolist() == tok.encode(next(read_jsonl(str(CORPUS)))) + [3]
+
+
+def test_blank_lines_are_skipped_and_counted(tmp_path, capsys):
+    with gzip.open(CORPUS, "rb") as handle:
+        lines = handle.read().splitlines(keepends=True)[:200]
+    (tmp_path / "plain.jsonl").write_bytes(b"".join(lines))
+    blanks = [b"\n", b"   \n", b"\r\n"]
+    spaced = [line + blanks[i % 3] if i % 50 == 0 else line for i, line in enumerate(lines)]
+    (tmp_path / "spaced.jsonl").write_bytes(b"\n" + b"".join(spaced) + b"\t\n")
+    reference = preprocess([str(tmp_path / "plain.jsonl")], str(TOKENIZER), str(tmp_path / "a"))
+    capsys.readouterr()
+    for workers in ("1", "2"):
+        out = str(tmp_path / f"b{workers}")
+        assert preprocess_main(["--input", str(tmp_path / "spaced.jsonl"), "--tokenizer",
+                                str(TOKENIZER), "--append-eod", "--workers", workers,
+                                "--no-progress", "--output-prefix", out]) == 0
+        summary = capsys.readouterr().err
+        assert "200 documents" in summary and "6 blank lines" in summary
+        assert files_of(out + "_text_document") == files_of(reference)
 
 
 def test_train_tokenizer_reserves_special_ids(tmp_path):

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import TINY_CONFIG, WORKERS, run_python, torchrun
+from conftest import TINY_CONFIG, WORKERS, chat_tokenizer, run_python, torchrun
 
 VOCAB = 4000  # the bundled tokenizer's, so converted models can train on the bundled corpus
 
@@ -123,3 +123,23 @@ def test_unsupported_architecture_and_bad_layout_are_clear(tmp_path):
                         check=False)
     assert result.returncode == 2 and "--tp 4 must divide" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_conversion_records_the_document_separator(tmp_path):
+    """A chat model's tokenizer names <|im_end|> as eos; documents end with <|endoftext|>, and
+    megalign.yaml says so for training (data.eod_token), as preprocessing chooses it."""
+    import yaml
+
+    from megalign.config import load_config
+    from megalign.data.tokenizer import build_tokenizer
+
+    _, tokenizer_dir = chat_tokenizer(tmp_path)
+    tiny_hf_model("llama").save_pretrained(tokenizer_dir)
+    result = run_python(["-m", "megalign.cli.convert", "--from", "hf", "--to", "megalign",
+                         "--input", tokenizer_dir, "--output", tmp_path / "ml"])
+    assert "documents end with '<|endoftext|>' (id 0" in result.stderr
+    data = yaml.safe_load((tmp_path / "ml" / "megalign.yaml").read_text())["data"]
+    assert data["eod_token"] == "<|endoftext|>"
+    cfg = load_config([str(tmp_path / "ml" / "megalign.yaml")])
+    assert build_tokenizer(cfg.data.tokenizer, cfg.data.eod_token).eod == 0
+    assert build_tokenizer(cfg.data.tokenizer).eod == 0  # what megalign-preprocess chooses

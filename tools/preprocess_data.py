@@ -1,8 +1,8 @@
-"""Megatron-LM-style entry point; the implementation is ``megalign.data.preprocess``."""
+"""Megatron-LM-style entry point; the command is ``megalign.cli.preprocess``."""
 
 import sys
 
-from megalign.data.preprocess import main
+from megalign.cli.preprocess import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,8 +1,8 @@
-"""Entry point; the implementation is ``megalign.data.train_tokenizer``."""
+"""Entry point; the command is ``megalign.cli.train_tokenizer``."""
 
 import sys
 
-from megalign.data.train_tokenizer import main
+from megalign.cli.train_tokenizer import main
 
 if __name__ == "__main__":
     sys.exit(main())

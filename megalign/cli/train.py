@@ -41,7 +41,7 @@ def load_and_validate(args, world_size: int):
         raise ConfigError("data.tokenizer is empty; give a SentencePiece .model, a tokenizer.json "
                           "or a Hugging Face tokenizer directory")
     try:
-        tokenizer = build_tokenizer(cfg.data.tokenizer)
+        tokenizer = build_tokenizer(cfg.data.tokenizer, cfg.data.eod_token)
     except (OSError, ValueError) as err:
         raise ConfigError(f"data.tokenizer={cfg.data.tokenizer}: {err}") from None
     validate(cfg, world_size, tokenizer.vocab_size, tokenizer.mask)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from typing import Optional
 
 import torch
@@ -75,7 +76,7 @@ def hf_to_megalign(source: str, output: str, gguf_file: Optional[str] = None, tp
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from megalign.checkpoint import save_weights
-    from megalign.data.tokenizer import MASK_CANDIDATES
+    from megalign.data.tokenizer import MASK_CANDIDATES, build_tokenizer
 
     load_kwargs = {"trust_remote_code": trust_remote_code}
     if gguf_file:
@@ -122,7 +123,12 @@ def hf_to_megalign(source: str, output: str, gguf_file: Optional[str] = None, tp
     }
     if tokenizer is not None:
         tokenizer.save_pretrained(tokenizer_dir)
-        sections["data"] = {"tokenizer": cfg.data.tokenizer}
+        # the document separator by the rule of megalign/data/tokenizer.py, recorded so that
+        # training keeps it and preprocessing can be checked against it
+        eod = build_tokenizer(tokenizer_dir)
+        sections["data"] = {"tokenizer": cfg.data.tokenizer, "eod_token": eod.eod_token}
+        print(f"megalign-convert: documents end with {eod.eod_token!r} (id {eod.eod}; "
+              "data.eod_token)", file=sys.stderr)
     with open(os.path.join(output, MEGALIGN_YAML), "w", encoding="utf-8") as handle:
         yaml.safe_dump(sections, handle, sort_keys=False)
     return output

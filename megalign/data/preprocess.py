@@ -1,49 +1,38 @@
-"""megalign-preprocess (tools/preprocess_data.py): corpora -> Megatron ``.bin/.idx`` files.
-
-    megalign-preprocess --input 'corpus/*.jsonl.gz' --tokenizer tokenizer.model \\
-        --output-prefix data/corpus --append-eod --workers 2
-
-Inputs: JSONL files (``.jsonl``/``.json``, optionally ``.gz``; globs allowed) or plain text
-(``.txt``, optionally ``.gz``; one document per non-empty line). One output per JSON key:
-``<output-prefix>_<key>_document.{bin,idx}`` (Megatron-LM's naming), written under temporary names
-and renamed when complete. Documents are read in input order by the main process and tokenized in
-ordered batches by ``--workers`` processes, so the output is byte-identical for any worker count.
-``--partitions K`` splits the input into K contiguous ranges processed in parallel and merged in
-order (equal to a single pass); ``--merge PREFIX...`` merges existing datasets.
-
-Bad input (malformed JSON, a missing key, non-UTF-8 bytes, an empty document) stops the run with
-the file and line, unless ``--skip-bad`` is given: then it is skipped and counted.
-"""
+"""Corpora -> Megatron ``.bin/.idx`` files (megalign-preprocess's library; the command and its
+options: megalign/cli/preprocess.py)."""
 
 from __future__ import annotations
 
-import argparse
 import glob
 import gzip
 import json
-import multiprocessing
 import os
 import sys
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
-import numpy
-import torch
-from megatron.core.datasets.indexed_dataset import (
-    DType,
-    IndexedDatasetBuilder,
+from megalign.data.indexed import (
+    DatasetWriter,
+    atomic_dataset_paths,
+    clean_stale_temporaries,
     get_bin_path,
     get_idx_path,
+    make_output_directory,
+    optimal_dtype,
+    read_index,
 )
-from tqdm import tqdm
+from megalign.data.workers import (
+    OrderedWorkers,
+    pipe,
+    receive,
+    start_process,
+    stop_processes,
+)
+from megalign.errors import DataError, one_line
 
-from megalign.data.indexed import atomic_dataset_paths, clean_stale_temporaries
-
-from megalign.errors import DataError
-from megalign.data.tokenizer import build_tokenizer
-
-BATCH_DOCS = 64  # documents per task sent to a worker
+BATCH_DOCS = 64  # lines per task sent to a worker
 
 
 @dataclass
@@ -51,7 +40,17 @@ class Stats:
     documents: int = 0
     tokens: dict = field(default_factory=dict)  # per key
     skipped: int = 0
+    blank: int = 0  # blank lines: not documents, never an error
     bytes_read: int = 0
+    loop_seconds: float = 0.0  # reading, tokenizing and writing, without start-up
+
+    def add(self, other: "Stats") -> None:
+        self.documents += other.documents
+        self.skipped += other.skipped
+        self.blank += other.blank
+        self.bytes_read += other.bytes_read
+        for key, count in other.tokens.items():
+            self.tokens[key] = self.tokens.get(key, 0) + count
 
 
 # ----------------------------------------------------------------------------- reading
@@ -78,26 +77,43 @@ def _open(path: str):
     return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
 
 
-def read_records(path: str, keys: list[str], first_line: int = 1, last_line: Optional[int] = None):
-    """(line number, {key: text} or DataError, raw byte count) for lines first..last (1-based)."""
+def read_lines(path: str) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw bytes) of one input file; damaged gzip data is a DataError naming the
+    file and the line it stops at."""
+    number = 0
+    try:
+        with _open(path) as handle:
+            for number, raw in enumerate(handle, start=1):
+                yield number, raw
+    except (EOFError, zlib.error, gzip.BadGzipFile) as err:
+        raise DataError(f"{path}:{number + 1}: {_gzip_problem(err)}") from None
+
+
+def _gzip_problem(err: Exception) -> str:
+    if isinstance(err, EOFError):
+        return "the gzip data ends early (a truncated file); compress or download it again"
+    if "Not a gzipped file" in str(err):
+        return "not gzip data; if the file is plain text, rename it without .gz"
+    return f"corrupt gzip data ({err}); compress or download it again"
+
+
+def read_records(path: str, keys: list[str]):
+    """(line number, {key: text}, None for a blank line, or a DataError; raw byte count)."""
     text_input = _is_text(path)
-    with _open(path) as handle:
-        for number, raw in enumerate(handle, start=1):
-            if number < first_line:
-                continue
-            if last_line is not None and number > last_line:
-                break
-            yield number, _parse(path, number, raw, keys, text_input), len(raw)
+    for number, raw in read_lines(path):
+        yield number, _parse(path, number, raw, keys, text_input), len(raw)
 
 
 def _parse(path, number, raw: bytes, keys, text_input):
+    if not raw.strip():
+        return None
     where = f"{path}:{number}"
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError:
         return DataError(f"{where}: line is not valid UTF-8")
     if text_input:
-        return {key: line.rstrip("\n") for key in keys} if line.strip() else None
+        return {key: line.rstrip("\n") for key in keys}
     try:
         record = json.loads(line)
     except json.JSONDecodeError as err:
@@ -119,54 +135,92 @@ def read_jsonl(path: str, key: str = "text") -> Iterator[str]:
     for _, record, _ in read_records(path, [key]):
         if isinstance(record, DataError):
             raise record
-        yield record[key]
+        if record is not None:
+            yield record[key]
+
+
+def _batches(files, stats: Stats, line_range=None):
+    """(path, text input?, [(line number, raw)]) batches of the non-blank lines, in input order,
+    each from one file; counts bytes and blank lines. ``line_range``: global line indices."""
+    line_index = 0
+    for path in files:
+        lines = []
+        for number, raw in read_lines(path):
+            line_index += 1
+            if line_range is not None and line_index > line_range[1]:
+                break
+            if line_range is not None and line_index <= line_range[0]:
+                continue
+            stats.bytes_read += len(raw)
+            if not raw.strip():
+                stats.blank += 1
+                continue
+            lines.append((number, raw))
+            if len(lines) == BATCH_DOCS:
+                yield path, _is_text(path), lines
+                lines = []
+        if lines:
+            yield path, _is_text(path), lines
+        if line_range is not None and line_index > line_range[1]:
+            return
+
+
+def count_lines(files: list[str]) -> int:
+    return sum(1 for path in files for _ in read_lines(path))
 
 
 # ----------------------------------------------------------------------------- tokenizing
 
 
-_worker_tokenizer = None
+class _Encoder:
+    """One batch of lines -> (problems in line order, {key: token bytes}, {key: lengths}).
 
+    Runs in the workers, parsing included: the main process only reads lines and writes bytes.
+    A document with a problem is left out of every key; the main process decides whether the
+    first problem stops the run (it does unless --skip-bad)."""
 
-def _init_worker(tokenizer_path: str) -> None:
-    global _worker_tokenizer
-    _worker_tokenizer = build_tokenizer(tokenizer_path)
+    def __init__(self, tokenizer, keys: list[str], append_eod: bool, dtype):
+        self.tokenizer, self.keys, self.dtype = tokenizer, keys, dtype
+        self.suffix = [tokenizer.eod] if append_eod else []
 
-
-def _tokenize_batch(batch: list[dict]) -> list[dict]:
-    return [{key: _worker_tokenizer.encode(text) for key, text in doc.items()} for doc in batch]
-
-
-def _batches(files, keys, stats: Stats, skip_bad: bool, line_range=None):
-    """Ordered batches of documents from the inputs (optionally a global line range)."""
-    batch, line_index = [], 0
-    for path in files:
-        for number, record, nbytes in read_records(path, keys):
-            line_index += 1
-            if line_range is not None and not line_range[0] <= line_index - 1 < line_range[1]:
-                continue
-            stats.bytes_read += nbytes
-            if record is None:
-                continue
+    def __call__(self, batch) -> tuple[list[str], dict, dict]:
+        path, text_input, lines = batch
+        problems, good = [], []
+        for position, (number, raw) in enumerate(lines):
+            record = _parse(path, number, raw, self.keys, text_input)
             if isinstance(record, DataError):
-                if not skip_bad:
-                    raise record
-                stats.skipped += 1
-                continue
-            batch.append((f"{path}:{number}", record))
-            if len(batch) == BATCH_DOCS:
-                yield batch
-                batch = []
-    if batch:
-        yield batch
+                problems.append((position, str(record)))
+            else:
+                good.append((position, record))
+        ids = {key: self.tokenizer.encode_batch([record[key] for _, record in good])
+               for key in self.keys}
+        kept = []
+        for index, (position, _) in enumerate(good):
+            if all(ids[key][index] for key in self.keys):
+                kept.append(index)
+            else:
+                number = lines[position][0]
+                problems.append((position, f"{path}:{number}: the document tokenizes to nothing"))
+        data, lengths = {}, {}
+        for key in self.keys:
+            data[key], lengths[key] = self._token_bytes([ids[key][index] for index in kept])
+        return [message for _, message in sorted(problems)], data, lengths
+
+    def _token_bytes(self, documents: list[list[int]]) -> tuple[bytes, list[int]]:
+        import numpy
+
+        tokens, lengths = [], []
+        for ids in documents:
+            tokens += ids
+            tokens += self.suffix
+            lengths.append(len(ids) + len(self.suffix))
+        return numpy.array(tokens, self.dtype).tobytes(), lengths
 
 
-def count_lines(files: list[str]) -> int:
-    total = 0
-    for path in files:
-        with _open(path) as handle:
-            total += sum(1 for _ in handle)
-    return total
+def _one_thread() -> None:
+    """In each worker: --workers is the parallelism. Hugging Face tokenizers' own threads
+    (rayon) make batches of BATCH_DOCS several times slower when workers share the cores."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
 # ----------------------------------------------------------------------------- writing
@@ -177,8 +231,10 @@ def output_prefix_for(output_prefix: str, key: str) -> str:
 
 
 def _dtype(vocab_size: int, requested: str):
+    import numpy
+
     if requested == "auto":
-        return DType.optimal_dtype(vocab_size)
+        return optimal_dtype(vocab_size)
     if requested == "uint16" and vocab_size > 65535:
         raise DataError(f"--dtype uint16 cannot hold a vocabulary of {vocab_size} tokens; use int32")
     return numpy.uint16 if requested == "uint16" else numpy.int32
@@ -186,7 +242,7 @@ def _dtype(vocab_size: int, requested: str):
 
 def tokenize_to_datasets(
     files: list[str],
-    tokenizer_path: str,
+    tokenizer,
     output_prefix: str,
     keys: list[str],
     append_eod: bool,
@@ -196,100 +252,89 @@ def tokenize_to_datasets(
     line_range=None,
     progress: bool = True,
 ) -> Stats:
-    """Tokenize ``files`` into one dataset per key; returns the counts."""
-    tokenizer = build_tokenizer(tokenizer_path)
-    suffix = [tokenizer.eod] if append_eod else []
+    """Tokenize ``files`` into one dataset per key with ``workers`` processes; returns the counts.
+    A whole input (no ``line_range``) without documents is a DataError."""
     np_dtype = _dtype(tokenizer.vocab_size, dtype)
     stats = Stats(tokens={key: 0 for key in keys})
-    outputs = {key: output_prefix_for(output_prefix, key) for key in keys}
-    plain = line_range is None and not any(p.endswith(".gz") for p in files)
-    total_bytes = sum(os.path.getsize(p) for p in files) if plain else None  # text bytes
-    with atomic_dataset_paths(list(outputs.values())) as temp_prefixes:
-        builders = {
-            key: IndexedDatasetBuilder(get_bin_path(temp_prefixes[i]), dtype=np_dtype)
-            for i, key in enumerate(keys)
-        }
-        pool = (
-            multiprocessing.get_context("fork").Pool(workers, _init_worker, (tokenizer_path,))
-            if workers > 1
-            else None
-        )
+    outputs = [output_prefix_for(output_prefix, key) for key in keys]
+    encoder = _Encoder(tokenizer, keys, append_eod, np_dtype)
+    with OrderedWorkers(workers, encoder, "tokenizing worker", _one_thread) as pool, \
+            atomic_dataset_paths(outputs) as temps:
+        writers = []
         try:
-            if pool is None:
-                _init_worker(tokenizer_path)
-            batches = _batches(files, keys, stats, skip_bad, line_range)
-            located = _LocatedBatches(batches)
-            results = (
-                pool.imap(_tokenize_batch, located, chunksize=1)
-                if pool
-                else map(_tokenize_batch, located)
-            )
-            bar = tqdm(total=total_bytes, unit="B", unit_scale=True, disable=not progress,
-                       desc="tokenizing", file=sys.stderr, mininterval=1.0)
+            for temp in temps:
+                writers.append(DatasetWriter(get_bin_path(temp), np_dtype))
+            bar = _progress_bar(files, line_range, progress)
             start = time.perf_counter()
-            for batch_index, docs in enumerate(results):
-                for doc, where in zip(docs, located.locations(batch_index)):
-                    if any(not ids for ids in doc.values()):
-                        if not skip_bad:
-                            raise DataError(f"{where}: the document tokenizes to nothing")
-                        stats.skipped += 1
-                        continue
-                    for key, ids in doc.items():
-                        builders[key].add_document(torch.tensor(ids + suffix), [len(ids) + len(suffix)])
-                        stats.tokens[key] += len(ids) + len(suffix)
-                    stats.documents += 1
-                elapsed = max(time.perf_counter() - start, 1e-9)
-                bar.set_postfix(docs_s=f"{stats.documents / elapsed:.0f}",
-                                tok_s=f"{sum(stats.tokens.values()) / elapsed:.0f}", refresh=False)
-                bar.update(stats.bytes_read - bar.n)
-            bar.close()
+            try:
+                for problems, data, lengths in pool.map(_batches(files, stats, line_range)):
+                    if problems and not skip_bad:
+                        raise DataError(problems[0])
+                    stats.skipped += len(problems)
+                    for key, writer in zip(keys, writers):
+                        writer.add_documents(data[key], lengths[key])
+                        stats.tokens[key] += sum(lengths[key])
+                    stats.documents += len(lengths[keys[0]])
+                    elapsed = max(time.perf_counter() - start, 1e-9)
+                    bar.set_postfix(docs_s=f"{stats.documents / elapsed:.0f}",
+                                    tok_s=f"{sum(stats.tokens.values()) / elapsed:.0f}",
+                                    refresh=False)
+                    bar.update(stats.bytes_read - bar.n)
+            finally:
+                bar.close()  # clears its line, also before a failure's one line
+            stats.loop_seconds = time.perf_counter() - start
+            if line_range is None and not stats.documents:
+                raise DataError(_no_documents(files, stats))
+            for writer, temp in zip(writers, temps):
+                writer.finalize(get_idx_path(temp))
         finally:
-            if pool is not None:
-                pool.terminate()
-                pool.join()
-        for i, key in enumerate(keys):
-            builders[key].finalize(get_idx_path(temp_prefixes[i]))
+            for writer in writers:
+                writer.close()
     return stats
 
 
-class _LocatedBatches:
-    """Passes batches of records to the tokenizer while remembering each document's file:line."""
+def _progress_bar(files, line_range, enabled: bool):
+    from tqdm import tqdm
 
-    def __init__(self, batches):
-        self._batches = batches
-        self._where: dict[int, list[str]] = {}
-        self._next = 0
+    plain = line_range is None and not any(path.endswith(".gz") for path in files)
+    total = sum(os.path.getsize(path) for path in files) if plain else None  # text bytes
+    return tqdm(total=total, unit="B", unit_scale=True, disable=not enabled, desc="tokenizing",
+                file=sys.stderr, mininterval=1.0, leave=False)  # the summary line follows
 
-    def __iter__(self):
-        for batch in self._batches:
-            self._where[self._next] = [where for where, _ in batch]
-            self._next += 1
-            yield [record for _, record in batch]
 
-    def locations(self, index: int) -> list[str]:
-        return self._where.pop(index)
+def _no_documents(files: list[str], stats: Stats) -> str:
+    where = files[0] if len(files) == 1 else f"the {len(files)} input files ({files[0]}, ...)"
+    return (f"{where}: no documents to write ({stats.blank} blank lines, {stats.skipped} skipped "
+            "as bad); give an input with at least one document")
 
 
 def merge_datasets(prefixes: list[str], output_prefix: str) -> None:
-    """Concatenate indexed datasets in order (``IndexedDatasetBuilder.add_index``)."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    from megalign.data.indexed import check_indexed_dataset
-
-    for prefix in prefixes:
-        check_indexed_dataset(prefix)
-    dtype = IndexedDataset(prefixes[0]).index.dtype
+    """Concatenate indexed datasets in order (Megatron's ``IndexedDatasetBuilder.add_index``)."""
+    dtype = read_index(prefixes[0]).dtype
     with atomic_dataset_paths([output_prefix]) as (temp,):
-        builder = IndexedDatasetBuilder(get_bin_path(temp), dtype=dtype)
-        for prefix in prefixes:
-            builder.add_index(prefix)
-        builder.finalize(get_idx_path(temp))
+        writer = DatasetWriter(get_bin_path(temp), dtype)
+        try:
+            for prefix in prefixes:
+                writer.add_dataset(prefix)
+            writer.finalize(get_idx_path(temp))
+        finally:
+            writer.close()
 
 
-def _partition_worker(args) -> Stats:
-    files, tokenizer, prefix, keys, append_eod, workers, skip_bad, dtype, line_range = args
-    return tokenize_to_datasets(files, tokenizer, prefix, keys, append_eod, workers, skip_bad,
-                                dtype, line_range, progress=False)
+def load_tokenizer(path: str, eod_token: Optional[str] = None):
+    """``build_tokenizer`` with a tokenizer that cannot be used as a DataError naming it."""
+    from megalign.data.tokenizer import TokenizerError, build_tokenizer
+
+    try:
+        return build_tokenizer(path, eod_token)
+    except (TokenizerError, FileNotFoundError) as err:  # their messages name the tokenizer
+        raise DataError(one_line(err)) from None
+    except PermissionError:
+        raise
+    except Exception as err:  # the library's own words, e.g. a file that is no model
+        raise DataError(f"tokenizer '{path}' cannot be read ({one_line(err)}); give a "
+                        "SentencePiece .model file, a Hugging Face tokenizer.json or a Hugging "
+                        "Face tokenizer directory") from None
 
 
 def preprocess(
@@ -303,28 +348,35 @@ def preprocess(
     skip_bad: bool = False,
     dtype: str = "auto",
     progress: bool = False,
+    eod_token: Optional[str] = None,
 ) -> str:
     """Library entry point; returns the output prefix of the first key."""
     keys = [keys] if isinstance(keys, str) else list(keys)
     files = expand_inputs(inputs)
+    make_output_directory(output_prefix)
     clean_stale_temporaries([output_prefix_for(output_prefix, key) for key in keys])
     start = time.perf_counter()
+    tokenizer = load_tokenizer(tokenizer_path, eod_token)
     if partitions <= 1:
-        stats = tokenize_to_datasets(files, tokenizer_path, output_prefix, keys, append_eod,
+        stats = tokenize_to_datasets(files, tokenizer, output_prefix, keys, append_eod,
                                      workers, skip_bad, dtype, progress=progress)
     else:
-        stats = _preprocess_partitions(files, tokenizer_path, output_prefix, keys, append_eod,
+        stats = _preprocess_partitions(files, tokenizer, output_prefix, keys, append_eod,
                                        workers, partitions, skip_bad, dtype)
-    seconds = time.perf_counter() - start
-    megabytes = stats.bytes_read / 1e6
-    tokens = sum(stats.tokens.values())
-    print(
-        f"megalign-preprocess: {stats.documents} documents, {tokens} tokens, {stats.skipped} "
-        f"skipped, {seconds:.2f} s ({megabytes / seconds:.2f} MB/s, {tokens / seconds:.0f} "
-        f"tokens/s) -> {output_prefix_for(output_prefix, keys[0])}",
-        file=sys.stderr,
-    )
+    print(_summary(stats, tokenizer, append_eod, time.perf_counter() - start,
+                   output_prefix_for(output_prefix, keys[0])), file=sys.stderr)
     return output_prefix_for(output_prefix, keys[0])
+
+
+def _summary(stats: Stats, tokenizer, append_eod: bool, seconds: float, output: str) -> str:
+    megabytes, tokens = stats.bytes_read / 1e6, sum(stats.tokens.values())
+    loop = max(stats.loop_seconds, 1e-9)
+    eod = (f"eod {tokenizer.eod_token!r} (id {tokenizer.eod}) "
+           f"{'appended' if append_eod else 'not appended'}")
+    return (f"megalign-preprocess: {stats.documents} documents, {tokens} tokens, {stats.skipped} "
+            f"skipped, {stats.blank} blank lines, {eod}; {seconds:.2f} s "
+            f"({megabytes / seconds:.2f} MB/s, {tokens / seconds:.0f} tokens/s), tokenizing loop "
+            f"{stats.loop_seconds:.3f} s ({megabytes / loop:.2f} MB/s) -> {output}")
 
 
 def _preprocess_partitions(files, tokenizer, output_prefix, keys, append_eod, workers,
@@ -332,70 +384,48 @@ def _preprocess_partitions(files, tokenizer, output_prefix, keys, append_eod, wo
     lines = count_lines(files)
     bounds = [lines * k // partitions for k in range(partitions + 1)]
     part_prefixes = [f"{output_prefix}.part{k:03d}" for k in range(partitions)]
+    part_outputs = [output_prefix_for(p, key) for p in part_prefixes for key in keys]
     per_part_workers = max(1, workers // partitions)
-    tasks = [(files, tokenizer, part_prefixes[k], keys, append_eod, per_part_workers, skip_bad,
-              dtype, (bounds[k], bounds[k + 1])) for k in range(partitions)]
+    children = []  # (process, result reader)
+    total = Stats(tokens={key: 0 for key in keys})
+    start = time.perf_counter()
     try:
-        with multiprocessing.get_context("fork").Pool(min(partitions, max(workers, 1))) as pool:
-            parts = pool.map(_partition_worker, tasks)
+        for k in range(partitions):
+            task = (files, tokenizer, part_prefixes[k], keys, append_eod, per_part_workers,
+                    skip_bad, dtype, (bounds[k], bounds[k + 1]))
+            children.append(_start_partition(task, [reader for _, reader in children]))
+        for k, (process, reader) in enumerate(children):  # in order: the first problem wins
+            total.add(receive(reader, process, f"partition {k} process"))
+        total.loop_seconds = time.perf_counter() - start
+        if not total.documents:
+            raise DataError(_no_documents(files, total))
         for key in keys:
             merge_datasets([output_prefix_for(p, key) for p in part_prefixes],
                            output_prefix_for(output_prefix, key))
     finally:
-        for prefix in part_prefixes:
-            for key in keys:
-                for path in (get_bin_path(output_prefix_for(prefix, key)),
-                             get_idx_path(output_prefix_for(prefix, key))):
-                    if os.path.exists(path):
-                        os.remove(path)
-    total = Stats(tokens={key: 0 for key in keys})
-    for part in parts:
-        total.documents += part.documents
-        total.skipped += part.skipped
-        total.bytes_read += part.bytes_read
-        for key in keys:
-            total.tokens[key] += part.tokens[key]
+        stop_processes([process for process, _ in children])
+        clean_stale_temporaries(part_outputs)  # those of killed partitions
+        for prefix in part_outputs:
+            for path in (get_bin_path(prefix), get_idx_path(prefix)):
+                if os.path.exists(path):
+                    os.remove(path)
     return total
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="megalign-preprocess", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", nargs="+", help="JSONL or .txt files (.gz and globs allowed)")
-    parser.add_argument("--tokenizer", help="SentencePiece .model, HF tokenizer.json or HF directory")
-    parser.add_argument("--output-prefix", required=True)
-    parser.add_argument("--json-keys", nargs="+", default=["text"])
-    parser.add_argument("--append-eod", action="store_true")
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--partitions", type=int, default=1)
-    parser.add_argument("--skip-bad", action="store_true", help="skip and count bad documents")
-    parser.add_argument("--dtype", choices=["auto", "uint16", "int32"], default="auto")
-    parser.add_argument("--merge", nargs="+", metavar="PREFIX",
-                        help="merge these datasets (in order) into --output-prefix and exit")
-    parser.add_argument("--no-progress", action="store_true")
-    return parser.parse_args(argv)
+def _start_partition(task, parent_ends):
+    reader, writer = pipe()
+    process = start_process(_partition, (writer, task), close=[*parent_ends, reader],
+                            daemon=False)  # it starts workers of its own
+    writer.close()
+    return process, reader
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def _partition(results, task) -> None:
     try:
-        if args.merge:
-            merge_datasets(args.merge, args.output_prefix)
-            print(f"megalign-preprocess: merged {len(args.merge)} datasets -> {args.output_prefix}",
-                  file=sys.stderr)
-            return 0
-        if not args.input or not args.tokenizer:
-            raise DataError("--input and --tokenizer are required (or --merge PREFIX ...)")
-        if args.workers < 1 or args.partitions < 1:
-            raise DataError("--workers and --partitions must be at least 1")
-        preprocess(args.input, args.tokenizer, args.output_prefix, args.json_keys,
-                   args.append_eod, args.workers, args.partitions, args.skip_bad, args.dtype,
-                   progress=not args.no_progress)
-    except (DataError, FileNotFoundError, ValueError) as err:
-        print(f"megalign-preprocess: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+        stats = tokenize_to_datasets(*task, progress=False)
+    except Exception as err:
+        stats = err
+    results.send(stats)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+# ----------------------------------------------------------------------------- command line

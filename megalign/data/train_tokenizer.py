@@ -1,54 +1,82 @@
-"""megalign-train-tokenizer (tools/train_tokenizer.py): a SentencePiece tokenizer for a corpus.
-
-    megalign-train-tokenizer --input 'corpus/*.jsonl.gz' --vocab-size 8000 \\
-        --model-type bpe --output-prefix tokenizers/corpus_bpe8k
-
-Reserves pad=0, unk=1, eod=2 and a ``<mask>`` piece (id 3) for diffusion training; the result
-is usable by megalign-preprocess and by training (``data.tokenizer``).
-"""
+"""A SentencePiece tokenizer for a corpus (megalign-train-tokenizer's library; the command:
+megalign/cli/train_tokenizer.py)."""
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 import tempfile
 
-from megalign.errors import DataError
+from megalign.data.indexed import clean_stale_temporaries, make_output_directory
 from megalign.data.preprocess import expand_inputs, read_records
-from megalign.data.tokenizer import build_tokenizer, train_sentencepiece
+from megalign.data.workers import pipe, receive, start_process, stop_processes
+from megalign.errors import DataError, one_line
+
+MODEL_FILES = (".vocab", ".model")  # the .model, which tools open, last
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="megalign-train-tokenizer", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", nargs="+", required=True, help="JSONL or .txt (.gz, globs)")
-    parser.add_argument("--json-key", default="text")
-    parser.add_argument("--vocab-size", type=int, default=8000)
-    parser.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
-    parser.add_argument("--output-prefix", required=True)
-    args = parser.parse_args(argv)
+def _write_documents(files: list[str], key: str, text) -> None:
+    """The documents, one per line, for SentencePiece's trainer; none at all is a DataError."""
+    documents = blank = 0
+    for path in files:
+        for _, record, _ in read_records(path, [key]):
+            if isinstance(record, DataError):
+                raise record
+            if record is None:
+                blank += 1
+                continue
+            text.write(record[key].replace("\n", " ") + "\n")
+            documents += 1
+    if not documents:
+        where = files[0] if len(files) == 1 else f"the {len(files)} input files ({files[0]}, ...)"
+        raise DataError(f"{where}: no documents to train on ({blank} blank lines); give an input "
+                        "with documents")
+    text.flush()
+
+
+def _train_in_child(text: str, prefix: str, vocab_size: int, model_type: str) -> None:
+    """SentencePiece trains in C++ and returns to Python, where signals are handled, only when
+    done: in a child process the tool can stop at once."""
+    reader, writer = pipe()
+    process = start_process(_train, (writer, text, prefix, vocab_size, model_type), close=[reader])
+    writer.close()
     try:
-        files = expand_inputs(args.input)
-        os.makedirs(os.path.dirname(os.path.abspath(args.output_prefix)), exist_ok=True)
+        receive(reader, process, "SentencePiece trainer")
+    finally:
+        stop_processes([process])
+        reader.close()
+
+
+def _train(results, text, prefix, vocab_size, model_type) -> None:
+    from megalign.data.tokenizer import train_sentencepiece
+
+    try:
+        train_sentencepiece([text], prefix, vocab_size, model_type)
+        outcome = None
+    except OSError as err:
+        outcome = err
+    except Exception as err:  # SentencePiece's RuntimeError: writing the model, or the input
+        if prefix in str(err):
+            outcome = OSError(f"cannot write the model: {one_line(err)}")
+        else:
+            outcome = DataError(f"SentencePiece cannot train on this input: {one_line(err)}")
+    results.send(outcome)
+
+
+def train_tokenizer(inputs: list[str], json_key: str, vocab_size: int, model_type: str,
+                    output_prefix: str) -> str:
+    """``output_prefix``.model/.vocab trained on ``inputs``; returns the .model's path."""
+    files = expand_inputs(inputs)
+    make_output_directory(output_prefix)
+    clean_stale_temporaries([output_prefix])
+    temp = f"{output_prefix}.tmp-{os.getpid()}"
+    try:
         with tempfile.NamedTemporaryFile("w", suffix=".txt", encoding="utf-8") as text:
-            for path in files:
-                for _, record, _ in read_records(path, [args.json_key]):
-                    if isinstance(record, DataError):
-                        raise record
-                    if record is not None:
-                        text.write(record[args.json_key].replace("\n", " ") + "\n")
-            text.flush()
-            model = train_sentencepiece([text.name], args.output_prefix, args.vocab_size,
-                                        args.model_type)
-    except (DataError, RuntimeError, OSError) as err:
-        print(f"megalign-train-tokenizer: error: {err}", file=sys.stderr)
-        return 2
-    tokenizer = build_tokenizer(model)
-    print(f"megalign-train-tokenizer: {model}: {tokenizer.vocab_size} pieces, eod={tokenizer.eod}, "
-          f"pad={tokenizer.pad}, mask={tokenizer.mask}", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+            _write_documents(files, json_key, text)
+            _train_in_child(text.name, temp, vocab_size, model_type)
+        for suffix in MODEL_FILES:
+            os.replace(temp + suffix, output_prefix + suffix)
+    finally:
+        for suffix in MODEL_FILES:
+            if os.path.exists(temp + suffix):
+                os.remove(temp + suffix)
+    return output_prefix + ".model"
