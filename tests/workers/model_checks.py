@@ -1,17 +1,15 @@
 """Single-process model checks (run under torchrun, world size 1): attention direction, document
 masking, and the step-0 alignment of the embedding states. Writes a JSON report to --out."""
 
-import argparse
 import json
 from dataclasses import fields
 
 import torch
 import torch.nn.functional as F
+from common import arguments, config_and_tokenizer, start_one_process
 
 from megalign import distributed
 from megalign.align.teacher import Teacher
-from megalign.config import load_config, padded_vocab_size
-from megalign.data.tokenizer import build_tokenizer
 from megalign.data.vocabulary import Vocabulary
 from megalign.diffusion.objective import DiffusionBatch, make_batch
 from megalign.model.attention import attention_mask, document_ids
@@ -27,16 +25,9 @@ def logits_of(model, tokens, mask):
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
-    cfg = load_config(args.config, [*args.overrides, "parallel.tensor_model_parallel_size=1",
-                                    "parallel.pipeline_model_parallel_size=1"])
-    tok = build_tokenizer(cfg.data.tokenizer)
-    distributed.initialize(distributed.launch_env(), 1, 1, cfg.seed)
-    vocab = padded_vocab_size(cfg, tok.vocab_size, tok.mask)
+    args = arguments()
+    cfg, tok = config_and_tokenizer(args, one_process=True)
+    vocab = start_one_process(cfg, tok).padded
     report = {}
 
     torch.manual_seed(0)

@@ -6,16 +6,14 @@ full-shape gradient of every student parameter; the p2p bytes of each; the teach
 and after three optimizer steps; and the losses of those steps. Rank results go to --out.
 """
 
-import argparse
 import json
 import os
 
 import torch
 import torch.distributed as dist
+from common import arguments, config_and_tokenizer
 from megatron.core import parallel_state
 
-from megalign.config import load_config
-from megalign.data.tokenizer import build_tokenizer
 from megalign.model.gather import full_tensors
 from megalign.telemetry.p2p import count_p2p
 from megalign.training.trainer import setup
@@ -28,14 +26,8 @@ def result_dict(result):
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
-    cfg = load_config(args.config, args.overrides)
-    tokenizer = build_tokenizer(cfg.data.tokenizer)
+    args = arguments(steps=3)
+    cfg, tokenizer = config_and_tokenizer(args)
     trainer = setup(cfg, tokenizer, log=lambda message: None)
     students, teacher, step = trainer.students, trainer.teacher, trainer.step
     initial_params = full_tensors(students, "param")
