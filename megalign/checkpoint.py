@@ -342,10 +342,17 @@ def load_checkpoint(path: str, chunks: list, optimizer=None, scheduler=None) -> 
 
 
 def _restore_rng(state: dict) -> None:
+    """The RNG states of the rank that saved; the CUDA ones only where they were CUDA states.
+
+    Why: a checkpoint written on CPU holds CPU generator states in Megatron's "CUDA" RNG tracker
+    (megalign/platform/cpu.py), which a CUDA tracker cannot take, and one written on GPUs holds
+    CUDA states a CPU run cannot use; resuming across the two keeps the torch CPU state only."""
     from megatron.core.tensor_parallel import random as mcore_random
 
     torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
+    if (state["cuda"] is not None) != torch.cuda.is_available():
+        return
+    if state["cuda"] is not None:
         torch.cuda.set_rng_state(state["cuda"])
     mcore_random.get_cuda_rng_tracker().set_states(state["tracker"])
 
