@@ -27,6 +27,7 @@ def uninterrupted(tmp_path_factory, data_overrides):
     return run
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_gives_identical_losses(tmp_path, data_overrides, uninterrupted):
     run = tmp_path / "killed"
     common = [*TRAIN, *data_overrides, f"checkpoint.save={run}/ckpt",
@@ -51,6 +52,7 @@ def test_kill_9_then_resume_gives_identical_losses(tmp_path, data_overrides, uni
             assert record[key] == full[iteration][key], (iteration, key)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp, pp, nproc", [(2, 2, 4), (1, 1, 1)])
 def test_resume_into_another_layout(tmp_path, data_overrides, uninterrupted, tp, pp, nproc):
     """Model and optimizer state reshard: the next step's loss matches the original layout's."""
@@ -65,6 +67,7 @@ def test_resume_into_another_layout(tmp_path, data_overrides, uninterrupted, tp,
         assert after[iteration]["loss"] == pytest.approx(full[iteration]["loss"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_kill_during_save_keeps_previous_checkpoint(tmp_path, data_overrides):
     run = tmp_path / "saving"
     root = run / "ckpt"
@@ -85,6 +88,7 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path, data_overrides):
     assert f"resumed from {root}" in out
 
 
+@pytest.mark.slow
 def test_corrupt_or_incomplete_checkpoint_is_a_clear_error(tmp_path, data_overrides, uninterrupted):
     broken = tmp_path / "broken"
     shutil.copytree(uninterrupted / "ckpt" / "iter_0000003", broken)
@@ -126,6 +130,7 @@ def test_nan_is_never_checkpointed(tmp_path, data_overrides, ar_checkpoint):
         assert all(int(p[5:]) < failed_at for p in saved), (failed_at, saved)
 
 
+@pytest.mark.slow
 def test_sigusr1_saves_and_stops(tmp_path, data_overrides):
     """Slurm's --signal: a signal to any one rank makes every rank save the same iteration."""
     run = tmp_path / "signalled"

@@ -48,6 +48,7 @@ def write_tasks(root):
         (root / f"{name}.yaml").write_text(template.format(data=data))
 
 
+@pytest.mark.slow
 def test_harness_offline(tmp_path, ar_checkpoint, monkeypatch):
     tasks = tmp_path / "tasks"
     tasks.mkdir()

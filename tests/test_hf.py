@@ -47,7 +47,8 @@ def megalign_logits(tmp_path, config, tp=1, pp=1, name="logits", extra=()):
     return torch.load(out)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("kind", ["llama", pytest.param("qwen2", marks=pytest.mark.slow),
+                                  pytest.param("gpt2", marks=pytest.mark.slow)])
 def test_hf_round_trip_keeps_logits(tmp_path, kind):
     from transformers import AutoModel
 

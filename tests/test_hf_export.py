@@ -9,6 +9,8 @@ import torch
 from conftest import TINY_CONFIG, TOKENIZER, WORKERS, run_python
 from test_hf import VOCAB, tiny_hf_model
 
+pytestmark = pytest.mark.slow  # each model is converted, trained and exported
+
 PROMPTS = ["In the beginning God", "And the LORD said unto Moses, Go"]
 # megalign-generate options -> diffusion_generate keyword options
 OPTION_SETS = [
