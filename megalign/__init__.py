@@ -9,3 +9,6 @@ warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not i
 warnings.filterwarnings("ignore", message="Apex is not installed. Falling back to Torch Norm")
 # megatron-core's TransformerConfig default for CUDA graphs (megalign captures none)
 warnings.filterwarnings("ignore", message="full scope is deprecated")
+# torch's deprecations inside megatron-core's dist_checkpointing (its torch_dist load path)
+warnings.filterwarnings("ignore", message=".load_state_dict. is deprecated and will be removed")
+warnings.filterwarnings("ignore", message="Please use DTensor instead and we are deprecating")

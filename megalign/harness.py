@@ -50,7 +50,8 @@ class MegalignLM(TemplateLM):
     def __init__(self, checkpoint: str, mc_samples: int = 8, seed: int = 0,
                  steps: Optional[int] = None, block_length: Optional[int] = None,
                  unmasking: str = "confidence", confidence: str = "prob",
-                 max_gen_toks: int = 32, **_harness_args):  # batch_size, device: not used
+                 max_gen_toks: int = 32, threshold: Optional[float] = None, cache=False,
+                 **_harness_args):  # batch_size, device: not used
         super().__init__()
         self.opened = open_checkpoint(checkpoint, [])
         self.tokenizer = self.opened.tokenizer
@@ -63,6 +64,8 @@ class MegalignLM(TemplateLM):
         self.unmasking = unmasking
         self.confidence = confidence
         self.max_gen_toks = int(max_gen_toks)
+        self.threshold = None if threshold is None else float(threshold)
+        self.cache = str(cache).lower() in ("1", "true", "yes")  # model_args arrive as text
 
     @property
     def eot_token_id(self) -> int:
@@ -124,7 +127,7 @@ class MegalignLM(TemplateLM):
             context, gen_kwargs = request.args
             sampler, until = self._sampler(gen_kwargs)
             prompt = self.tok_encode(context)[-(self.cfg.model.seq_length - sampler.gen_length):]
-            ids = sample(sampler_logits(self.chunks), [prompt], self.opened.vocab,
+            ids = sample(sampler_logits(self.chunks, sampler.cache), [prompt], self.opened.vocab,
                          self.cfg.diffusion.shift, sampler)[0]
             text = cut_at_stop(self.tok_decode(until_eos(ids, self.tokenizer.eod)), until)
             self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
@@ -145,7 +148,8 @@ class MegalignLM(TemplateLM):
                             top_k=int(gen_kwargs.get("top_k") or 0),
                             top_p=float(gen_kwargs.get("top_p") or 1.0),
                             confidence=self.confidence, unmasking=self.unmasking,
-                            eos_id=self.tokenizer.eod, seed=self.seed)
+                            eos_id=self.tokenizer.eod, seed=self.seed,
+                            threshold=self.threshold, cache=self.cache)
         cfg.check()
         return cfg, until
 

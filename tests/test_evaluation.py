@@ -87,6 +87,11 @@ def test_megalign_generate_and_the_main_job_use_the_defaults():
     args = build_parser().parse_args(["--checkpoint", "x", "--gen-length", "16", "--steps", "4",
                                       "--block-length", "4"])
     assert (sampler_config(args, 2).steps, sampler_config(args, 2).block_length) == (4, 4)
+    args = build_parser().parse_args(["--checkpoint", "x", "--threshold", "0.9", "--cache",
+                                      "--cache-refresh", "2"])
+    fast = sampler_config(args, 2)
+    assert (fast.threshold, fast.cache, fast.cache_refresh) == (0.9, True, 2)
+    assert (cfg.threshold, cfg.cache, cfg.cache_refresh) == (None, False, 0)  # off by default
     # the main job decodes with the CLI's defaults: it sets neither option
     script = (REPO / "examples" / "quickstart.sh").read_text()
     generate = script.split("-m megalign.cli.generate", 1)[1]

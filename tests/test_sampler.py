@@ -155,3 +155,66 @@ def test_vocab_parallel_shards_sample_like_the_full_vocabulary(tmp_path):
     torchrun(2, WORKERS / "sampler_shards.py", ["--out", out], timeout=300)
     report = json.loads(out.read_text())
     assert report["cases"] == 108 and report["mismatches"] == []
+
+
+def test_threshold_commits_the_confident_positions_and_at_least_one():
+    """Every masked position of the block at or above the threshold, the most confident when
+    none is; the prompt is never touched; EOS still stops a sample."""
+    from megalign.diffusion.sampler import _commit_confident
+
+    current = torch.tensor([MASK, 7, MASK, MASK])
+    masked = current == MASK
+    predicted = torch.tensor([20, 21, 22, 23])
+    confidence = torch.tensor([0.95, 0.99, 0.5, 0.91])
+    assert _commit_confident(current, masked, predicted, confidence, 0.9).tolist() == [20, 7, MASK, 23]
+    assert _commit_confident(current, masked, predicted, confidence, 0.99).tolist() == [20, 7, MASK, MASK]
+
+    prompts = ([5, 6, 7], [9])
+    out, trace = run(SamplerConfig(gen_length=8, threshold=0.99), prompts)
+    assert all(t != MASK for row in out for t in row)
+    for tokens in trace:  # the prompts (left-padded) stay as they were
+        assert tokens[0, :3].tolist() == [5, 6, 7] and tokens[1, 2].item() == 9
+    # random logits are never this confident: one position per step, as many steps as tokens
+    assert len(trace) == 8
+    everything, trace = run(SamplerConfig(gen_length=8, threshold=0.0), prompts)
+    assert len(trace) == 1  # all of the block at once
+
+    def eos_first(tokens, _mask):
+        logits = torch.zeros(*tokens.shape, 64)
+        logits[..., EOS] = 9.0
+        return logits
+
+    stopped, trace = run(SamplerConfig(gen_length=16, block_length=8, threshold=0.5, eos_id=EOS),
+                         logits_fn=eos_first)
+    assert stopped == [[EOS] * 16] and len(trace) == 1
+
+
+def test_threshold_needs_the_confidence_rule():
+    with pytest.raises(ValueError, match="does not combine with the 'p2' unmasking rule"):
+        SamplerConfig(threshold=0.9, unmasking="p2").check()
+
+
+@pytest.mark.slow
+def test_cached_and_threshold_decoding_across_layouts(tmp_path, ar_checkpoint):
+    """Refreshed every step the cache gives exactly the uncached tokens; the cache's keys and
+    values and a window's logits equal a full recomputation; TP2 x PP2 gives one process's
+    tokens in every mode."""
+    import json
+
+    from conftest import WORKERS, torchrun
+
+    reports = {}
+    for name, (tp, pp) in {"one": (1, 1), "tp2pp2": (2, 2)}.items():
+        out = tmp_path / f"{name}.json"
+        torchrun(tp * pp, WORKERS / "cached_sampler.py", [
+            "--checkpoint", ar_checkpoint, "--out", out,
+            f"parallel.tensor_model_parallel_size={tp}", f"parallel.pipeline_model_parallel_size={pp}"])
+        reports[name] = json.loads(out.read_text())
+    for name, ranks in reports.items():
+        tokens = ranks[0]["tokens"]
+        assert all(rank["tokens"] == tokens for rank in ranks)  # every rank ends with the same
+        assert tokens["refresh_every_step"] == tokens["plain"], name
+        assert all(rank["kv_equal"] for rank in ranks), name
+        diffs = [rank["window_max_diff"] for rank in ranks if "window_max_diff" in rank]
+        assert diffs and max(diffs) <= 1e-4, (name, diffs)
+    assert reports["tp2pp2"][0]["tokens"] == reports["one"][0]["tokens"]

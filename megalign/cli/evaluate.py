@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "report generative perplexity under the AR teacher (0: off)")
     parser.add_argument("--prompt-length", type=int, default=16)
     parser.add_argument("--gen-length", type=int, default=32)
+    parser.add_argument("--threshold", type=float, help="--generate with parallel decoding")
+    parser.add_argument("--cache", action="store_true", help="--generate with the block cache")
     parser.add_argument("--output", help="write the JSON result here too")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. parallel.*=N")
     return parser
@@ -82,11 +84,12 @@ def evaluate(args) -> None:
         nll, _ = ar_nll(ar_fn, batches)
         result.update(ar_nll_per_token=nll, ar_perplexity=math.exp(min(nll, 700)))
     if args.generate:
-        sampler = SamplerConfig(gen_length=args.gen_length, eos_id=vocab.eod)
+        sampler = SamplerConfig(gen_length=args.gen_length, eos_id=vocab.eod,
+                                threshold=args.threshold, cache=args.cache)
         sampler.check()
         result.update(generation_quality(
-            lambda prompts: sample(sampler_logits(student), prompts, vocab, cfg.diffusion.shift,
-                                   sampler),
+            lambda prompts: sample(sampler_logits(student, sampler.cache), prompts, vocab,
+                                   cfg.diffusion.shift, sampler),
             ar_fn, heldout_prompts(batches, args.generate, args.prompt_length),
             lambda token: tokenizer.decode([token]), vocab.eod))
     if distributed.launch_env().rank == 0:

@@ -66,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--confidence", choices=CONFIDENCES, default="prob")
     parser.add_argument("--unmasking", choices=RULES, default="confidence")
     parser.add_argument("--no-eos-stop", action="store_true", help="do not stop at the EOD token")
+    parser.add_argument("--threshold", type=float,
+                        help="commit every masked position of the block whose confidence reaches "
+                             "this, at least one per step (parallel decoding; --steps unused)")
+    parser.add_argument("--cache", action="store_true",
+                        help="keep the keys and values of the prompt and finished blocks")
+    parser.add_argument("--cache-refresh", type=int, default=0, metavar="N",
+                        help="with --cache, also recompute them every N steps (1: exact)")
     parser.add_argument("--ar", action="store_true", help="also decode with the AR teacher")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. parallel.*=N")
@@ -78,7 +85,8 @@ def sampler_config(args, eos_id):
 
     return SamplerConfig(args.gen_length, args.steps, args.block_length, args.temperature,
                          args.top_k, args.top_p, args.confidence, args.unmasking,
-                         None if args.no_eos_stop else eos_id, args.seed)
+                         None if args.no_eos_stop else eos_id, args.seed, args.threshold,
+                         args.cache, args.cache_refresh)
 
 
 def generate(args) -> None:
@@ -101,7 +109,7 @@ def generate(args) -> None:
     sampler = sampler_config(args, tokenizer.eod)
     sampler.check()
     chunks = load_student(opened)
-    outputs = sample(sampler_logits(chunks), encoded, opened.vocab, cfg.diffusion.shift, sampler)
+    outputs = sample(sampler_logits(chunks, sampler.cache), encoded, opened.vocab, cfg.diffusion.shift, sampler)
     records = [{"prompt": p, "completion": tokenizer.decode(until_eos(o, sampler.eos_id)),
                 "completion_ids": o} for p, o in zip(prompts, outputs)]
     if args.ar:

@@ -21,7 +21,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tasks", required=True, help="comma-separated task names")
     parser.add_argument("--include_path", help="directory of task YAML files")
     parser.add_argument("--model_args", default="", help="k=v,... for MegalignLM (mc_samples, "
-                        "seed, steps, block_length, unmasking, confidence, max_gen_toks)")
+                        "seed, steps, block_length, unmasking, confidence, max_gen_toks, "
+                        "threshold, cache)")
     parser.add_argument("--num_fewshot", type=int)
     parser.add_argument("--limit", type=float)
     parser.add_argument("--output", help="write the results JSON here too")

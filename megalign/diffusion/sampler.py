@@ -79,6 +79,14 @@ class SamplerConfig:
     unmasking: str = "confidence"
     eos_id: Optional[int] = None
     seed: int = 0
+    # commit every masked position of the block whose confidence reaches this (at least one per
+    # step), so a block takes as many steps as it needs; None: the step schedule above
+    threshold: Optional[float] = None
+    # keep the keys and values of the positions before the current block (prompt and finished
+    # blocks) and recompute only the block and what follows it; refreshed when a block starts,
+    # and every ``cache_refresh`` steps when > 0 (1: every step, exactly the uncached sampler)
+    cache: bool = False
+    cache_refresh: int = 0
 
     def __post_init__(self) -> None:
         if self.steps is None:
@@ -97,6 +105,11 @@ class SamplerConfig:
         blocks = self.gen_length // block
         if self.steps < blocks or self.steps % blocks:
             raise ValueError(f"steps ({self.steps}) must be a multiple of the {blocks} blocks")
+        if self.threshold is not None and self.unmasking != "confidence":
+            raise ValueError(f"a confidence threshold commits by confidence: it does not combine "
+                             f"with the '{self.unmasking}' unmasking rule")
+        if self.cache_refresh < 0:
+            raise ValueError(f"cache refresh interval {self.cache_refresh} must be >= 0")
 
 
 def _reduce(x: torch.Tensor, op, group) -> torch.Tensor:
@@ -238,7 +251,9 @@ def denoise(logits_fn, tokens: torch.Tensor, attention_mask, start: int, length:
             vocab: Vocabulary, shift: bool, cfg: SamplerConfig,
             trace: Optional[list] = None) -> torch.Tensor:
     """Fill the masked span ``tokens[:, start:start+length]`` in place (blocks left to right);
-    the tokens around it (prompt, or prefix and suffix for infilling) are never changed."""
+    the tokens around it (prompt, or prefix and suffix for infilling) are never changed. With
+    ``cfg.cache``, ``logits_fn(tokens, mask, first, refresh)`` gives the logits of positions
+    ``first..`` (``megalign.model.inference.CachedLogits``)."""
     mask_id, vocab_size = vocab.mask, vocab.size
     generator = torch.Generator().manual_seed(cfg.seed)
     block = cfg.block_length
@@ -246,26 +261,56 @@ def denoise(logits_fn, tokens: torch.Tensor, attention_mask, start: int, length:
     done = torch.zeros(tokens.shape[0], dtype=torch.bool)
     for block_start in range(start, start + length, block):
         region = slice(block_start, block_start + block)
-        for step in range(steps_per_block):
-            if done.all():
-                break
-            shard = logits_fn(tokens, attention_mask)
+        rows = slice(block_start - 1, block_start + block - 1) if shift else region
+        step = 0
+        while not done.all():
+            if cfg.threshold is None and step == steps_per_block:
+                break  # the step schedule
+            if cfg.threshold is not None and not (tokens[~done][:, region] == mask_id).any():
+                break  # as many steps as the block needs
+            if cfg.cache:
+                refresh = step == 0 or (cfg.cache_refresh > 0 and step % cfg.cache_refresh == 0)
+                shard = logits_fn(tokens, attention_mask, rows.start, refresh)
+            else:
+                shard = logits_fn(tokens, attention_mask)
             if not isinstance(shard, VocabShard):
                 shard = VocabShard(shard)
-            rows = slice(block_start - 1, block_start + block - 1) if shift else region
+            first = shard.first_position
             current = tokens[:, region]
-            predicted, confidence, kept = _predict(shard, rows, current, cfg, generator, vocab_size)
+            predicted, confidence, kept = _predict(
+                shard, slice(rows.start - first, rows.stop - first), current, cfg, generator,
+                vocab_size)
             masked = current == mask_id
             for row in range(tokens.shape[0]):
                 if done[row]:
                     continue
-                current[row] = _update(current[row], masked[row], predicted[row], confidence[row],
-                                       kept[row], step, steps_per_block, cfg, mask_id, generator)
+                if cfg.threshold is not None:
+                    current[row] = _commit_confident(current[row], masked[row], predicted[row],
+                                                     confidence[row], cfg.threshold)
+                else:
+                    current[row] = _update(current[row], masked[row], predicted[row],
+                                           confidence[row], kept[row], step, steps_per_block, cfg,
+                                           mask_id, generator)
+            step += 1
             if trace is not None:
                 trace.append(tokens.clone())
             if cfg.eos_id is not None:
                 done |= _finish_at_eos(tokens, start, mask_id, cfg.eos_id)
     return tokens
+
+
+def _commit_confident(current, masked, predicted, confidence, threshold: float):
+    """Every masked position whose confidence reaches ``threshold``; the most confident one when
+    none does (Fast-dLLM's parallel decoding)."""
+    positions = masked.nonzero().flatten()
+    if positions.numel() == 0:
+        return current
+    chosen = positions[confidence[positions] >= threshold]
+    if chosen.numel() == 0:
+        chosen = positions[confidence[positions].argmax()].reshape(1)
+    result = current.clone()
+    result[chosen] = predicted[chosen]
+    return result
 
 
 def _update(current, masked, predicted, confidence, kept, step, steps, cfg, mask_id, generator):

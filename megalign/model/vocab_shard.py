@@ -22,3 +22,4 @@ class VocabShard:
     pp_group: Optional[object] = None
     pp_src: int = 0
     device: torch.device = torch.device("cpu")
+    first_position: int = 0  # logits row 0 is this position of the sequence (cached decoding)
