@@ -19,6 +19,7 @@ OPTION_SETS = [
     ({"--confidence": "margin", "--unmasking": "p2", "--block-length": 16, "--steps": 16},
      {"confidence": "margin", "unmasking": "p2", "block_length": 16, "steps": 16}),
     ({"--temperature": 0.8, "--top-k": 20, "--seed": 3}, {"temperature": 0.8, "top_k": 20, "seed": 3}),
+    ({"--threshold": 0.05}, {"threshold": 0.05}),  # parallel decoding
 ]
 GEN_LENGTH = 16
 

@@ -109,7 +109,8 @@ def generate(args) -> None:
     sampler = sampler_config(args, tokenizer.eod)
     sampler.check()
     chunks = load_student(opened)
-    outputs = sample(sampler_logits(chunks, sampler.cache), encoded, opened.vocab, cfg.diffusion.shift, sampler)
+    outputs = sample(sampler_logits(chunks, sampler.cache), encoded, opened.vocab,
+                     cfg.diffusion.shift, sampler)
     records = [{"prompt": p, "completion": tokenizer.decode(until_eos(o, sampler.eos_id)),
                 "completion_ids": o} for p, o in zip(prompts, outputs)]
     if args.ar:

@@ -221,14 +221,17 @@ class MegalignForDiffusionLM(PreTrainedModel):
                            block_length: Optional[int] = None, temperature: float = 0.0,
                            top_k: int = 0, top_p: float = 1.0, confidence: str = "prob",
                            unmasking: str = "confidence", seed: int = 0,
-                           eos_token_id: Optional[int] = -1) -> torch.Tensor:
+                           eos_token_id: Optional[int] = -1,
+                           threshold: Optional[float] = None) -> torch.Tensor:
         """Prompts (rows of ``input_ids``, padding marked 0 in ``attention_mask``) followed by
         ``max_new_tokens`` denoised tokens: [b, longest prompt + max_new_tokens], prompts
         left-padded with the pad token. Options and defaults are megalign-generate's: blocks of 8
         when they tile the answer, one token per step, greedy; ``eos_token_id`` (default: the
-        config's; None: no stop) ends a sample once it is decoded with nothing masked before it."""
+        config's; None: no stop) ends a sample once it is decoded with nothing masked before it.
+        ``threshold``: commit every masked position of the block whose confidence reaches it, at
+        least one per step (parallel decoding; ``steps`` is then unused)."""
         options = _Options(max_new_tokens, steps, block_length, temperature, top_k, top_p,
-                           confidence, unmasking, seed)
+                           confidence, unmasking, seed, threshold)
         eos = self.config.eos_token_id if eos_token_id == -1 else eos_token_id
         if isinstance(eos, (list, tuple)):
             eos = eos[0] if eos else None
@@ -275,12 +278,15 @@ class _Options:
     """megalign's SamplerConfig: defaults and checks."""
 
     def __init__(self, gen_length, steps, block_length, temperature, top_k, top_p, confidence,
-                 unmasking, seed):
+                 unmasking, seed, threshold=None):
         self.gen_length = gen_length
         self.steps = gen_length if steps is None else steps
         self.block_length = block_length or (8 if gen_length % 8 == 0 else gen_length)
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.confidence, self.unmasking, self.seed = confidence, unmasking, seed
+        self.threshold = threshold
+        if threshold is not None and unmasking != "confidence":
+            raise ValueError(f"a confidence threshold does not combine with '{unmasking}'")
         if confidence not in CONFIDENCES:
             raise ValueError(f"confidence '{confidence}' is not one of {CONFIDENCES}")
         if unmasking not in RULES:
@@ -368,8 +374,12 @@ def _denoise(logits_fn, tokens, start, config, options, eos):
     done = torch.zeros(tokens.shape[0], dtype=torch.bool)
     for block_start in range(start, start + length, block):
         region = slice(block_start, block_start + block)
-        for step in range(steps_per_block):
-            if done.all():
+        step = 0
+        while not done.all():
+            if options.threshold is None and step == steps_per_block:
+                break
+            if options.threshold is not None and not (tokens[~done.to(tokens.device)][:, region]
+                                                      == mask_id).any():
                 break
             logits = logits_fn(tokens)
             rows = slice(block_start - 1, block_start + block - 1) if config.shift else region
@@ -380,9 +390,14 @@ def _denoise(logits_fn, tokens, start, config, options, eos):
             for row in range(tokens.shape[0]):
                 if done[row]:
                     continue
-                current[row] = _update(current[row], masked[row], predicted[row], confidence[row],
-                                       kept[row], step, steps_per_block, options, mask_id,
-                                       generator)
+                if options.threshold is not None:
+                    current[row] = _commit_confident(current[row], masked[row], predicted[row],
+                                                     confidence[row], options.threshold)
+                else:
+                    current[row] = _update(current[row], masked[row], predicted[row],
+                                           confidence[row], kept[row], step, steps_per_block,
+                                           options, mask_id, generator)
+            step += 1
             tokens[:, region] = current.to(tokens.device)
             if eos is not None:
                 done |= _finish_at_eos(tokens, start, mask_id, eos)
@@ -409,6 +424,18 @@ def _update(current, masked, predicted, confidence, kept, step, steps, options, 
     else:
         count = -(-positions.numel() // left)
         chosen = positions[confidence[positions].topk(count).indices]
+    result = current.clone()
+    result[chosen] = predicted[chosen]
+    return result
+
+
+def _commit_confident(current, masked, predicted, confidence, threshold):
+    positions = masked.nonzero().flatten()
+    if positions.numel() == 0:
+        return current
+    chosen = positions[confidence[positions] >= threshold]
+    if chosen.numel() == 0:
+        chosen = positions[confidence[positions].argmax()].reshape(1)
     result = current.clone()
     result[chosen] = predicted[chosen]
     return result

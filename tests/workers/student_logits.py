@@ -18,6 +18,7 @@ opened = open_checkpoint(args.checkpoint, [])
 tokens = torch.load(args.tokens)
 positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
 nothing_blocked = torch.zeros(tokens.shape[0], 1, tokens.shape[1], tokens.shape[1], dtype=torch.bool)
-logits = full_logits_fn(load_student(opened), opened.vocab)(tokens, positions, nothing_blocked)
+logits = full_logits_fn(load_student(opened), opened.vocab.size)(tokens, positions,
+                                                              nothing_blocked)
 torch.save(logits, args.out)
 distributed.shutdown()
