@@ -1,0 +1,135 @@
+"""Fast diffusion decoding, measured side by side: plain, threshold, cache, both.
+
+    python bench/decode.py [--checkpoint runs/smollm2/checkpoints] [--gen-length 64]
+                           [--threshold 0.9] [--prompts 8] [--threads 2]
+
+Decodes the same prompts (one at a time, greedy, blocks of 8) with the plain sampler (one token
+per step), the confidence-threshold rule, the key/value cache of the prompt and finished blocks,
+and both, on one process, and prints for each: tokens per second, model forward passes per
+generated token, generative perplexity of the continuations under the AR model the run started
+from (with the share of distinct tokens), and agreement with the plain sampler's tokens. The
+checkpoint defaults to the main job's (``bash examples/quickstart.sh`` makes it). Writes
+``bench/results/decode/results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = [
+    "In the beginning God created", "And the LORD said unto Moses,", "The LORD is my shepherd;",
+    "Blessed are the poor in spirit:", "And it came to pass, when the king", "For God so loved",
+    "Then Jesus said unto his disciples,", "Hear, O Israel: The LORD our God",
+    "And the children of Israel went", "Thus saith the LORD of hosts,", "Let there be light",
+    "And David said to Saul,",
+]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default="runs/smollm2/checkpoints")
+    parser.add_argument("--gen-length", type=int, default=64)
+    parser.add_argument("--threshold", type=float, default=0.9)
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="bench/results/decode")
+    return parser.parse_args(argv)
+
+
+class Counted:
+    """A logits function that counts its calls and the positions it computes."""
+
+    def __init__(self, logits_fn, cached: bool):
+        self.logits_fn, self.cached, self.calls, self.positions = logits_fn, cached, 0, 0
+
+    def __call__(self, tokens, mask, first=0, refresh=True):
+        shard = (self.logits_fn(tokens, mask, first, refresh) if self.cached
+                 else self.logits_fn(tokens, mask))
+        self.calls += 1
+        self.positions += tokens.shape[0] * (tokens.shape[1] - shard.first_position)
+        return shard
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.chdir(REPO)
+    if not os.path.isdir(args.checkpoint):
+        sys.exit(f"bench/decode.py: {args.checkpoint} does not exist; run "
+                 "`bash examples/quickstart.sh` first (or give --checkpoint)")
+    import torch
+
+    from megalign import distributed
+    from megalign.diffusion.sampler import SamplerConfig, sample, until_eos
+    from megalign.evaluation.generation import continuation_nll, text_statistics
+    from megalign.evaluation.heldout import full_logits_fn
+    from megalign.loading import load_ar_model, load_student, open_checkpoint
+    from megalign.model.inference import sampler_logits
+
+    torch.set_num_threads(args.threads)
+    opened = open_checkpoint(args.checkpoint, [])
+    student = load_student(opened)
+    vocab, tokenizer = opened.vocab, opened.tokenizer
+    ar = full_logits_fn(load_ar_model(opened.cfg, opened.meta, opened.path, vocab.padded),
+                        vocab.size)
+    prompts = [tokenizer.encode(text) for text in PROMPTS[: args.prompts]]
+    modes = {"plain": {}, "threshold": {"threshold": args.threshold}, "cache": {"cache": True},
+             "threshold+cache": {"threshold": args.threshold, "cache": True}}
+    results, reference = {}, None
+    for name, options in modes.items():
+        cfg = SamplerConfig(gen_length=args.gen_length, eos_id=None, **options)
+        outputs, calls, positions, seconds = [], 0, 0, 0.0
+        for prompt in prompts:  # batch 1: the latency a user sees
+            logits_fn = Counted(sampler_logits(student, cfg.cache), cfg.cache)
+            start = time.perf_counter()
+            outputs += sample(logits_fn, [prompt], vocab, opened.cfg.diffusion.shift, cfg)
+            seconds += time.perf_counter() - start
+            calls, positions = calls + logits_fn.calls, positions + logits_fn.positions
+        generated = len(prompts) * args.gen_length
+        continuations = [until_eos(ids, vocab.eod) for ids in outputs]
+        total, count = continuation_nll(ar, prompts, continuations)
+        reference = reference or outputs
+        same = sum(a == b for x, y in zip(outputs, reference) for a, b in zip(x, y))
+        results[name] = {
+            "tokens_per_s": generated / seconds, "seconds": seconds,
+            "forwards_per_token": calls / generated, "positions_per_token": positions / generated,
+            "gen_ppl": math.exp(total / count) if count else None,
+            **text_statistics(continuations, lambda token: tokenizer.decode([token])),
+            "agreement_with_plain": same / generated,
+            "sample": tokenizer.decode(continuations[0]),
+        }
+    plain = results["plain"]
+    for result in results.values():
+        result["speedup"] = result["tokens_per_s"] / plain["tokens_per_s"]
+        result["gen_ppl_ratio"] = (result["gen_ppl"] / plain["gen_ppl"]
+                                   if result["gen_ppl"] and plain["gen_ppl"] else None)
+    print(f"{len(prompts)} prompts x {args.gen_length} tokens, blocks of 8, greedy, one process "
+          f"({args.threads} threads), checkpoint {opened.path}")
+    print("| decoding | tokens/s | speed-up | forwards/token | positions/token | gen. PPL "
+          "(ratio) | distinct | agreement with plain |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        ppl = "–" if r["gen_ppl"] is None else f"{r['gen_ppl']:.2f} ({r['gen_ppl_ratio']:.2f})"
+        print(f"| {name} | {r['tokens_per_s']:.2f} | {r['speedup']:.2f}x | "
+              f"{r['forwards_per_token']:.2f} | {r['positions_per_token']:.1f} | {ppl} | "
+              f"{r['gen_distinct']:.2f} | {r['agreement_with_plain']:.2f} |")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(
+        {"command": "python bench/decode.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+         "checkpoint": opened.path, "gen_length": args.gen_length, "threshold": args.threshold,
+         "prompts": PROMPTS[: args.prompts], "threads": args.threads, "modes": results},
+        indent=1) + "\n", encoding="utf-8")
+    distributed.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
