@@ -25,9 +25,10 @@ def arguments(*options: str, **typed) -> argparse.Namespace:
     return parser.parse_args()
 
 
-def config_and_tokenizer(args, one_process: bool = False, extra=()):
+def config_and_tokenizer(args, one_process: bool = False, extra=(), tokenizer: bool = True):
+    """The run config (with ``extra`` overrides) and its tokenizer (None unless ``tokenizer``)."""
     cfg = load_config(args.config, [*args.overrides, *(ONE_PROCESS if one_process else ()), *extra])
-    return cfg, build_tokenizer(cfg.data.tokenizer, cfg.data.eod_token)
+    return cfg, build_tokenizer(cfg.data.tokenizer, cfg.data.eod_token) if tokenizer else None
 
 
 def start_one_process(cfg, tokenizer) -> Vocabulary:

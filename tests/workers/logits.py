@@ -10,7 +10,7 @@ from megalign.model.gpt import build_chunks
 from megalign.model.inference import forward_logits
 
 args = arguments("tokens")
-cfg, _ = config_and_tokenizer(args, extra=["model.document_attention=false"])
+cfg, _ = config_and_tokenizer(args, extra=["model.document_attention=false"], tokenizer=False)
 distributed.initialize(distributed.launch_env(), cfg.parallel.tensor_model_parallel_size,
                        cfg.parallel.pipeline_model_parallel_size, cfg.seed)
 chunks = build_chunks(cfg, cfg.model.padded_vocab_size, causal=True, params_dtype=torch.float32)
