@@ -39,9 +39,16 @@ def test_main_command_smollm2(tmp_path):
     result = run_script("examples/quickstart.sh",
                         {"MEGALIGN_RUN_DIR": str(run_dir), "GEN_LENGTH": "8"},
                         ["schedule.train_iters=2", "schedule.warmup_iters=1",
-                         "logging.log_interval=1"])
+                         "logging.log_interval=1", "evaluation.samples=4",
+                         "evaluation.generation_samples=2"])
     assert "TP 1 x PP 2 x DP 1" in result.stdout
     check_metrics(run_dir, 2, layers=30)
+    # the published recipe: embedding and tied output layer frozen; evaluated at 0 and the end
+    validation = [json.loads(line) for line in (run_dir / "validation.jsonl").read_text().splitlines()]
+    assert [v["iteration"] for v in validation] == [0, 2]
+    assert all(math.isfinite(v[key]) for v in validation
+               for key in ("val_nelbo", "val_ood_nelbo", "gen_ppl", "gen_distinct"))
+    assert "frozen parameters: embedding, output_layer" in (run_dir / "hf" / "README.md").read_text()
     assert (run_dir / "checkpoints" / "iter_0000002" / "metadata.json").is_file()
     samples = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{"prompt"')]
     assert [s["prompt"] for s in samples] == ["And God said", "The LORD is my shepherd"]
