@@ -84,6 +84,9 @@ def parse_args(argv=None):
     parser.add_argument("--low-docs", type=int, default=8,
                         help="documents (KJV chapters) of the low-data setting")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the one process")
+    parser.add_argument("--summarize", action="store_true",
+                        help="only recompute the comparisons, tables and plot of --out's "
+                             "results.json (e.g. of a run cut short)")
     parser.add_argument("overrides", nargs="*", help="config overrides for every run")
     args = parser.parse_args(argv)
     if args.weights[0] != 0:
@@ -227,43 +230,64 @@ def steps_to_reach(curve: list, target: float, direction: int):
                  if value is not None and direction * (value - target) >= 0), None)
 
 
+def best(curve: list, direction: int):
+    """The best value of a curve after its start (None: no value)."""
+    values = [value for step, value in curve if step > 0 and value is not None]
+    return (max if direction > 0 else min)(values, default=None)
+
+
 def compare(arms: list[dict]) -> list[dict]:
-    """Per aligned arm and metric: the steps to its paired baseline's final value and the ratio
-    to the steps the baseline itself needed (None where undefined: the baseline never moved
-    past its starting value, or the arm never reaches the target)."""
+    """Per arm and metric, against the λ = 0 arm of the same freeze setting and seed: the steps
+    to reach that baseline's final value and their ratio to the steps the baseline itself
+    needed (``ratio``), and the same for the baseline's best value (``ratio_to_best``: an
+    overfitting baseline reaches its own final value early, which caps ``ratio`` near 1). None
+    where undefined: the baseline never moved past its starting value, or the arm never reaches
+    the target."""
     baselines = {(a["freeze"], a["seed"]): a for a in arms if a["align_weight"] == 0}
     for arm in arms:
         base = baselines.get((arm["freeze"], arm["seed"]))
-        arm["steps_to_baseline_final"], arm["ratio"] = {}, {}
+        for key in ("steps_to_baseline_final", "ratio", "steps_to_baseline_best",
+                    "ratio_to_best"):
+            arm[key] = {}
         for metric, (direction, _) in METRICS.items():
-            target = base["final"][metric] if base else None
-            if target is None:
-                arm["steps_to_baseline_final"][metric] = arm["ratio"][metric] = None
-                continue
-            steps = steps_to_reach(arm["curves"][metric], target, direction)
-            base_steps = steps_to_reach(base["curves"][metric], target, direction)
-            arm["steps_to_baseline_final"][metric] = steps
-            arm["ratio"][metric] = (steps / base_steps
-                                    if steps is not None and base_steps else None)
+            targets = {"final": base["final"][metric] if base else None,
+                       "best": best(base["curves"][metric], direction) if base else None}
+            for kind, ratio_key in (("final", "ratio"), ("best", "ratio_to_best")):
+                target = targets[kind]
+                steps = base_steps = None
+                if target is not None:
+                    steps = steps_to_reach(arm["curves"][metric], target, direction)
+                    base_steps = steps_to_reach(base["curves"][metric], target, direction)
+                arm[f"steps_to_baseline_{kind}"][metric] = steps
+                arm[ratio_key][metric] = (steps / base_steps
+                                          if steps is not None and base_steps else None)
     return arms
 
 
 def spread(arms: list[dict]) -> list[dict]:
-    """Ratios per (freeze, λ, metric) over seeds: each seed's, their mean, min and max."""
+    """Per (freeze, λ, metric) over seeds: each seed's ratio (to the baseline's final and best
+    value) and final value, with their mean and range."""
     rows = {}
     for arm in arms:
         if arm["align_weight"] == 0:
             continue
         for metric in METRICS:
-            rows.setdefault((arm["freeze"], arm["align_weight"], metric), []).append(
-                arm["ratio"][metric])
+            row = rows.setdefault((arm["freeze"], arm["align_weight"], metric),
+                                  {"ratios": [], "ratios_to_best": [], "finals": []})
+            row["ratios"].append(arm["ratio"][metric])
+            row["ratios_to_best"].append(arm["ratio_to_best"][metric])
+            row["finals"].append(arm["final"][metric])
     out = []
-    for (freeze, weight, metric), ratios in rows.items():
-        defined = [r for r in ratios if r is not None]
-        out.append({"freeze": freeze, "align_weight": weight, "metric": metric, "ratios": ratios,
-                    "mean": statistics.mean(defined) if len(defined) == len(ratios) else None,
+    for (freeze, weight, metric), row in rows.items():
+        defined = [r for r in row["ratios"] if r is not None]
+        out.append({"freeze": freeze, "align_weight": weight, "metric": metric, **row,
+                    "mean": statistics.mean(defined) if len(defined) == len(row["ratios"]) else None,
                     "min": min(defined, default=None), "max": max(defined, default=None)})
     return out
+
+
+def span(low, high) -> str:
+    return "–" if low is None else f"{low:.2f}–{high:.2f}"
 
 
 def fmt(value, digits=3) -> str:
@@ -284,14 +308,16 @@ def table(results: dict) -> str:
                 cells.append(f"{fmt(arm['final'][metric])} ({reach})")
             lines.append(f"| {setting} | {arm['freeze']} | {arm['align_weight']:g} | "
                          f"{arm['seed']} | " + " | ".join(cells) + " |")
-    lines += ["", "| setting | frozen | λ | metric | ratio per seed | mean | range |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["", "| setting | frozen | λ | metric | ratio to λ=0's final, per seed | mean | "
+                  "range | ratio to λ=0's best, per seed |",
+              "|---|---|---|---|---|---|---|---|"]
     for setting, summary in results["settings"].items():
         for row in summary["spread"]:
             lines.append(f"| {setting} | {row['freeze']} | {row['align_weight']:g} | "
                          f"{METRICS[row['metric']][1]} | "
                          f"{', '.join(fmt(r, 2) for r in row['ratios'])} | {fmt(row['mean'], 2)} |"
-                         f" {fmt(row['min'], 2)}–{fmt(row['max'], 2)} |".replace("––", "–"))
+                         f" {span(row['min'], row['max'])} |"
+                         + f" {', '.join(fmt(r, 2) for r in row['ratios_to_best'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -353,6 +379,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    if args.summarize:
+        results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+        for summary in results["settings"].values():
+            summary["arms"] = compare(summary["arms"])
+            summary["spread"] = spread(summary["arms"])
+        print(write_outputs(results, out), end="")
+        return 0
     base, tokenizer = model_arguments(args)
     name = "kjv_" + hashlib.sha1(tokenizer.encode()).hexdigest()[:8]  # one per tokenizer
     data_dir = out / "data"
