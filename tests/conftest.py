@@ -114,7 +114,7 @@ def corpus_prefix(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def data_overrides(corpus_prefix, tmp_path_factory) -> list[str]:
     cache = tmp_path_factory.mktemp("index_cache")
-    return [f"data.paths=[{corpus_prefix}]", f"data.tokenizer={TOKENIZER}",
+    return [f"data.paths=[{corpus_prefix}]", f"data.tokenizer={TOKENIZER}", "data.eod_token=null",
             f"data.cache_dir={cache}", "logging.tensorboard=false"]
 
 

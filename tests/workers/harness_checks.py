@@ -44,7 +44,7 @@ for k in range(samples):
     t = (k + 0.5) / samples
     hidden = masks_at(index, len(cont_ids), 3, t, k)[0]
     noisy = clean.clone()
-    noisy[len(ctx_ids):][hidden] = lm.opened.mask_id
+    noisy[len(ctx_ids):][hidden] = lm.opened.vocab.mask
     blocked = attention_mask(document_ids(clean.unsqueeze(0), lm.tokenizer.eod), causal=False)
     logp = lm.logits(noisy.unsqueeze(0), blocked)[0].log_softmax(-1)
     for j in hidden.nonzero().flatten().tolist():
