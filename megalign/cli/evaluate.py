@@ -51,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def evaluate(args) -> None:
     from megalign import distributed
-    from megalign.diffusion.sampler import SamplerConfig, sample
-    from megalign.evaluation.generation import generation_quality, heldout_prompts
+    from megalign.diffusion.sampler import SamplerConfig
+    from megalign.evaluation.generation import student_generation_quality
     from megalign.evaluation.heldout import (
         ar_nll,
         diffusion_nelbo,
@@ -61,7 +61,6 @@ def evaluate(args) -> None:
         infilling,
     )
     from megalign.loading import load_ar_model, load_student, open_checkpoint
-    from megalign.model.inference import sampler_logits
 
     opened = open_checkpoint(args.checkpoint, args.overrides)
     path, cfg, tokenizer, vocab = opened.path, opened.cfg, opened.tokenizer, opened.vocab
@@ -87,11 +86,9 @@ def evaluate(args) -> None:
         sampler = SamplerConfig(gen_length=args.gen_length, eos_id=vocab.eod,
                                 threshold=args.threshold, cache=args.cache)
         sampler.check()
-        result.update(generation_quality(
-            lambda prompts: sample(sampler_logits(student, sampler.cache), prompts, vocab,
-                                   cfg.diffusion.shift, sampler),
-            ar_fn, heldout_prompts(batches, args.generate, args.prompt_length),
-            lambda token: tokenizer.decode([token]), vocab.eod))
+        result.update(student_generation_quality(
+            student, ar_fn, batches, args.generate, args.prompt_length, sampler, vocab,
+            cfg.diffusion.shift, tokenizer))
     if distributed.launch_env().rank == 0:
         print_result(result, args.output)
 

@@ -82,3 +82,18 @@ def generation_quality(sample_fn: Callable[[list[list[int]]], list[list[int]]],
     nll = total / count if count else None
     return {"gen_nll": nll, "gen_ppl": None if nll is None else math.exp(min(nll, 700)),
             **text_statistics(continuations, decode_token), "gen_tokens": count}
+
+
+def student_generation_quality(students: list, ar_logits_fn: Callable, batches: list, count: int,
+                               prompt_length: int, sampler, vocab, shift: bool,
+                               tokenizer) -> dict:
+    """``generation_quality`` of a diffusion student's model chunks on the first ``count``
+    held-out samples' first ``prompt_length`` tokens, decoded with ``sampler``."""
+    from megalign.diffusion.sampler import sample
+    from megalign.model.inference import sampler_logits
+
+    return generation_quality(
+        lambda prompts: sample(sampler_logits(students, sampler.cache), prompts, vocab, shift,
+                               sampler),
+        ar_logits_fn, heldout_prompts(batches, count, prompt_length),
+        lambda token: tokenizer.decode([token]), vocab.eod)

@@ -14,15 +14,14 @@ from functools import partial
 from typing import Optional
 
 from megalign.config import Config
-from megalign.diffusion.sampler import SamplerConfig, sample
-from megalign.evaluation.generation import generation_quality, heldout_prompts
+from megalign.diffusion.sampler import SamplerConfig
+from megalign.evaluation.generation import student_generation_quality
 from megalign.evaluation.heldout import (
     diffusion_nelbo,
     full_logits_fn,
     heldout_batches,
     infilling,
 )
-from megalign.model.inference import sampler_logits
 
 
 class Validator:
@@ -74,10 +73,8 @@ class Validator:
             result.update(infill_exact_match=exact, infill_token_accuracy=accuracy)
         if self.scorer is not None:
             sampler = SamplerConfig(gen_length=e.gen_length, eos_id=vocab.eod)
-            result.update(generation_quality(
-                lambda prompts: sample(sampler_logits(students), prompts, vocab,
-                                       cfg.diffusion.shift, sampler),
-                full_logits_fn(self.scorer, vocab.size),
-                heldout_prompts(self.heldout, e.generation_samples, e.prompt_length),
-                lambda token: tokenizer.decode([token]), vocab.eod))
+            result.update(student_generation_quality(
+                students, full_logits_fn(self.scorer, vocab.size), self.heldout,
+                e.generation_samples, e.prompt_length, sampler, vocab, cfg.diffusion.shift,
+                tokenizer))
         return result
