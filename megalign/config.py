@@ -84,6 +84,13 @@ class DiffusionConfig(Section):
     shift: bool = True  # position i predicts token i+1 (AR shift kept)
     loss_weighting: str = "none"  # none (mean CE over supervised) | inv_t (MDLM ELBO, 1/t)
     mask_token_id: Optional[int] = None  # default: the tokenizer's <mask> or first padded row
+    # attention annealing (DiffuLLaMA): over the first K iterations the student's attention moves
+    # from causal to bidirectional, each future position opened by a per-sample draw; 0 = off
+    anneal_iters: int = 0
+    # block diffusion (BD3-LM's two streams): each block of this many positions (counted from its
+    # document's start) is noised and attended bidirectionally, seeing only the clean earlier
+    # blocks; None = the whole sequence is one block (plain masked diffusion)
+    block_length: Optional[int] = None
 
 
 @dataclass
@@ -598,6 +605,15 @@ def validate(
         )
     if not 0.0 < cfg.diffusion.eps < 0.5:
         raise ConfigError(f"diffusion.eps={cfg.diffusion.eps} must lie in (0, 0.5)")
+    if cfg.diffusion.block_length is not None and cfg.diffusion.block_length < 1:
+        raise ConfigError(f"diffusion.block_length={cfg.diffusion.block_length} must be >= 1 "
+                          "(null: the whole sequence is one block)")
+    if cfg.diffusion.block_length and cfg.diffusion.anneal_iters:
+        raise ConfigError("diffusion.block_length and diffusion.anneal_iters are two ways of "
+                          "leaving causal attention: set one of them")
+    if cfg.diffusion.anneal_iters < 0:
+        raise ConfigError(f"diffusion.anneal_iters={cfg.diffusion.anneal_iters} must be >= 0 "
+                          "(0: no annealing)")
     if cfg.align.weight < 0:
         raise ConfigError(f"align.weight={cfg.align.weight} must be >= 0")
     if cfg.align.teacher_microbatches < 1:

@@ -38,7 +38,7 @@ import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
-from megalign.diffusion.sampler import SamplerConfig, sample, until_eos
+from megalign.diffusion.sampler import SamplerConfig, for_model, sample, until_eos
 from megalign.loading import load_student, open_checkpoint
 from megalign.model.inference import forward_logits, sampler_logits
 
@@ -143,13 +143,13 @@ class MegalignLM(TemplateLM):
                              f"model's context of {self.cfg.model.seq_length} tokens")
         sampled = gen_kwargs.get("do_sample", True)  # do_sample=false: greedy whatever the temperature
         temperature = float(gen_kwargs.get("temperature") or 0.0) if sampled else 0.0
-        cfg = SamplerConfig(gen_length=length, steps=self.steps, block_length=self.block_length,
+        cfg = for_model(self.cfg, SamplerConfig(gen_length=length, steps=self.steps, block_length=self.block_length,
                             temperature=temperature,
                             top_k=int(gen_kwargs.get("top_k") or 0),
                             top_p=float(gen_kwargs.get("top_p") or 1.0),
                             confidence=self.confidence, unmasking=self.unmasking,
                             eos_id=self.tokenizer.eod, seed=self.seed,
-                            threshold=self.threshold, cache=self.cache)
+                            threshold=self.threshold, cache=self.cache))
         cfg.check()
         return cfg, until
 

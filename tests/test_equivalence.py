@@ -227,21 +227,23 @@ def _rms_norm(x, weight, eps=1e-5):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
-def _rope(x, base=10000.0):
-    """x [s, b, n, d]; rotate-half convention, positions 0..s-1."""
-    s, d = x.shape[0], x.shape[-1]
+def _rope(x, positions, base=10000.0):
+    """x [s, b, n, d]; rotate-half convention, at ``positions`` [s]."""
+    d = x.shape[-1]
     inv_freq = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
-    angles = torch.outer(torch.arange(s, dtype=torch.float32), inv_freq)
+    angles = torch.outer(positions.to(torch.float32), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)[:, None, None, :]
     x1, x2 = x[..., : d // 2], x[..., d // 2 :]
     return x * angles.cos() + torch.cat([-x2, x1], dim=-1) * angles.sin()
 
 
-def _llama(params, tokens, blocked, num_layers, heads, groups):
-    """Returns the L+1 aligned states and the logits. tokens [b, s]; blocked [b, 1, s, s]."""
+def _llama(params, tokens, blocked, num_layers, heads, groups, positions=None):
+    """Returns the L+1 aligned states and the logits. tokens [b, s]; blocked [b, 1, s, s];
+    ``positions`` [s] the rotary positions (default 0..s-1)."""
     emb = params["embedding.word_embeddings.weight"]
     h = emb[tokens].transpose(0, 1)  # [s, b, hidden]
     s, b, hidden = h.shape
+    positions = torch.arange(s) if positions is None else positions
     hn = hidden // heads
     states = [h]
     for i in range(num_layers):
@@ -249,8 +251,8 @@ def _llama(params, tokens, blocked, num_layers, heads, groups):
         x = _rms_norm(h, p("input_layernorm.weight"))
         qkv = (x @ p("self_attention.linear_qkv.weight").T).view(s, b, groups, (heads // groups + 2) * hn)
         q, k, v = torch.split(qkv, [heads // groups * hn, hn, hn], dim=-1)
-        q = _rope(q.reshape(s, b, heads, hn))
-        k = _rope(k).repeat_interleave(heads // groups, dim=2)
+        q = _rope(q.reshape(s, b, heads, hn), positions)
+        k = _rope(k, positions).repeat_interleave(heads // groups, dim=2)
         v = v.repeat_interleave(heads // groups, dim=2)
         scores = torch.einsum("sbnd,tbnd->bnst", q, k) / math.sqrt(hn)
         scores = scores.masked_fill(blocked, float("-inf"))
@@ -272,18 +274,20 @@ def token_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                            labels.reshape(-1), reduction="none").view_as(labels)
 
 
-@pytest.fixture(scope="module")
-def reference(core_runs, corpus_prefix, data_overrides):
+def plain_reference(run, data_overrides, extra=(), student_input=None) -> dict:
     """Loss, per-layer cosines, teacher loss and student gradients computed from scratch in plain
-    PyTorch, from TP1PP1's initial weights and the same global batch."""
-    runs = core_runs
+    PyTorch, from ``run``'s initial TP1PP1 weights and the same global batch. ``student_input(raw,
+    batch, cfg)`` -> (tokens, blocked mask, rotary positions, supervised, aligned) builds the
+    student's input as the test writes it (default: the batch's single stream); the noise draw
+    (``make_batch``) is the one shared part."""
     from megalign.config import load_config
     from megalign.data.dataset import build_datasets, micro_batches
     from megalign.data.tokenizer import build_tokenizer
     from megalign.data.vocabulary import Vocabulary
     from megalign.diffusion.objective import make_batch
 
-    cfg = load_config(str(TINY_CONFIG), [*data_overrides, f"data.global_batch_size={GLOBAL_BATCH}"])
+    cfg = load_config(str(TINY_CONFIG), [*data_overrides, f"data.global_batch_size={GLOBAL_BATCH}",
+                                         *extra])
     tok = build_tokenizer(cfg.data.tokenizer)
     train, _, _ = build_datasets(cfg.data.paths, tok, cfg.model.seq_length, cfg.data.split, cfg.seed,
                                  [cfg.schedule.train_iters * GLOBAL_BATCH, 0, 0], cfg.data.cache_dir,
@@ -291,7 +295,7 @@ def reference(core_runs, corpus_prefix, data_overrides):
     iterator = micro_batches(train, 0, MICRO_BATCH, 0, 1)
     m = cfg.model
 
-    params = {n: t.clone().requires_grad_(True) for n, t in runs["tp1pp1"]["grads"]["params"].items()}
+    params = {n: t.clone().requires_grad_(True) for n, t in run["grads"]["params"].items()}
     teacher_params = {n: t.detach() for n, t in params.items()}
     num_mb = GLOBAL_BATCH // MICRO_BATCH
     L = m.num_layers
@@ -299,18 +303,27 @@ def reference(core_runs, corpus_prefix, data_overrides):
     for _ in range(num_mb):
         raw = next(iterator)
         batch = make_batch(raw["tokens"], raw["position_ids"], raw["sample_index"], cfg,
-                           Vocabulary.of(cfg, tok), with_teacher=True)
-        s_states, logits = _llama(params, batch.input_tokens, batch.student_mask, L,
-                                  m.num_attention_heads, m.num_query_groups)
+                           Vocabulary.of(cfg, tok), with_teacher=True, annealed=True)
+        if student_input is None:
+            tokens, blocked, positions = batch.input_tokens, batch.student_mask, None
+            supervised = aligned = batch.supervised
+        else:
+            tokens, blocked, positions, supervised, aligned = student_input(raw, batch, cfg)
+        labels = batch.sequence_labels
+        s_states, logits = _llama(params, tokens, blocked, L, m.num_attention_heads,
+                                  m.num_query_groups, positions)
         with torch.no_grad():
             t_states, t_logits = _llama(teacher_params, batch.clean_tokens, batch.teacher_mask, L,
                                         m.num_attention_heads, m.num_query_groups)
-        sup = batch.supervised.float()
-        diffusion = (token_ce(logits, batch.labels) * sup).sum() / sup.sum()
-        teacher_loss += float((token_ce(t_logits, batch.labels) * sup).sum() / sup.sum()) / num_mb
-        sup_sb = sup.T
-        layer_cos = torch.stack([(F.cosine_similarity(a, b, dim=-1) * sup_sb).sum() / sup_sb.sum()
-                                 for a, b in zip(s_states, t_states)])
+        sup = supervised.float()
+        repeat = tokens.shape[1] // labels.shape[1]  # block diffusion: both streams predict
+        diffusion = (token_ce(logits, labels.repeat(1, repeat)) * sup).sum() / sup.sum()
+        t_sup = batch.supervised_targets.float()
+        teacher_loss += float((token_ce(t_logits, labels) * t_sup).sum() / t_sup.sum()) / num_mb
+        weight = aligned.float()[:, : labels.shape[1]].T  # the (noisy) positions the teacher sees
+        layer_cos = torch.stack([
+            (F.cosine_similarity(a[: labels.shape[1]], b, dim=-1) * weight).sum() / weight.sum()
+            for a, b in zip(s_states, t_states)])
         align = ALIGN_WEIGHT * (1.0 - layer_cos).mean()
         (diffusion + align).div(num_mb).backward()
         total += float(diffusion + align) / num_mb
@@ -320,13 +333,17 @@ def reference(core_runs, corpus_prefix, data_overrides):
             "grads": {name: param.grad for name, param in params.items()}}
 
 
-def test_matches_plain_pytorch_reference(core_runs, reference):
-    """Loss, per-layer cosines and student gradients of TP1PP1 equal the from-scratch ones."""
-    summary = core_runs["tp1pp1"]["summary"]["align"]
+@pytest.fixture(scope="module")
+def reference(core_runs, corpus_prefix, data_overrides):
+    return plain_reference(core_runs["tp1pp1"], data_overrides)
+
+
+def assert_matches_reference(run, reference):
+    summary = run["summary"]["align"]
     got_total = summary["diffusion_loss"] + summary["align_loss"]
     assert got_total == pytest.approx(reference["total"], rel=RTOL)
     assert summary["align_cos"] == pytest.approx(reference["cos"], rel=RTOL)
-    megatron_grads = core_runs["tp1pp1"]["grads"]["align"]
+    megatron_grads = run["grads"]["align"]
     errors = {name: rel_err(megatron_grads[name], grad) for name, grad in reference["grads"].items()}
     worst = max(errors, key=errors.get)
     print(f"reference: loss {reference['total']:.6f} vs {got_total:.6f}; worst gradient error "
@@ -334,8 +351,144 @@ def test_matches_plain_pytorch_reference(core_runs, reference):
     assert errors[worst] <= RTOL, (worst, errors[worst])
 
 
+def test_matches_plain_pytorch_reference(core_runs, reference):
+    """Loss, per-layer cosines and student gradients of TP1PP1 equal the from-scratch ones."""
+    assert_matches_reference(core_runs["tp1pp1"], reference)
+
+
 @pytest.mark.slow
 def test_logged_teacher_loss_matches_plain_pytorch_reference(runs, reference):
     """The teacher's AR loss on the supervised positions, logged by the layout that asks for it."""
     assert runs["tp2pp2tl"]["summary"]["align"]["teacher_loss"] == pytest.approx(
         reference["teacher_loss"], rel=RTOL)
+
+
+# ------------------------------------------------------- block diffusion and attention annealing
+
+BLOCK = 32  # tiny.yaml's sequences of 128: four blocks
+MODES = {"block": [f"diffusion.block_length={BLOCK}"],
+         # one iteration of annealing: the step's samples 0..3 attend 0, 1/4, 1/2, 3/4 of the future
+         "anneal": ["diffusion.anneal_iters=1"]}
+MODE_LAYOUTS = ("tp2pp1", "tp1pp2", "tp2pp2")
+
+
+@pytest.fixture(scope="module")
+def mode_core_runs(tmp_path_factory, data_overrides, ar_checkpoint):
+    out = tmp_path_factory.mktemp("modes")
+    return {mode: run_layouts(out / mode, {name: LAYOUTS[name] for name in CORE}, data_overrides,
+                              ar_checkpoint, extra) for mode, extra in MODES.items()}
+
+
+@pytest.fixture(scope="module")
+def mode_runs(mode_core_runs, tmp_path_factory, data_overrides, ar_checkpoint):
+    out = tmp_path_factory.mktemp("modes_more")
+    more = {name: LAYOUTS[name] for name in (*MODE_LAYOUTS, "tp2pp2sp") if name not in CORE}
+    return {mode: {**mode_core_runs[mode],
+                   **run_layouts(out / mode, more, data_overrides, ar_checkpoint, extra)}
+            for mode, extra in MODES.items()}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("layout", layouts_to_check([*MODE_LAYOUTS, "tp2pp2sp"]))
+def test_training_modes_match_across_layouts(request, mode, layout):
+    """Block diffusion (two streams, and the teacher's states mirrored under sequence parallelism)
+    and annealed attention: losses, per-layer cosines and every gradient as on one process."""
+    runs = request.getfixturevalue("mode_core_runs" if layout in CORE else "mode_runs")[mode]
+    ref, got = runs["tp1pp1"], runs[layout]
+    for kind in ("plain", "align"):
+        for key in ("diffusion_loss", "align_loss"):
+            assert close(got["summary"][kind][key], ref["summary"][kind][key]), (kind, key)
+        errors = {name: rel_err(got["grads"][kind][name], grad)
+                  for name, grad in ref["grads"][kind].items()}
+        assert errors and max(errors.values()) <= RTOL, (kind, max(errors, key=errors.get))
+    for c_got, c_ref in zip(got["summary"]["align"]["align_cos"], ref["summary"]["align"]["align_cos"]):
+        assert close(c_got, c_ref)
+    for l_got, l_ref in zip(got["summary"]["losses"], ref["summary"]["losses"]):
+        assert close(l_got, l_ref)
+
+
+def _document_ids(tokens: list[int], eod: int) -> list[int]:
+    ids, current = [], 0
+    for token in tokens:
+        ids.append(current)
+        current += token == eod
+    return ids
+
+
+def block_student_input(raw, batch, cfg):
+    """The two-stream input written out position by position: [noisy; clean], a noisy position
+    sees its own noisy block and the clean earlier blocks, a clean one the clean blocks up to its
+    own; the token opening a block is predicted from the clean stream."""
+    from megalign.data.tokenizer import build_tokenizer
+    from megalign.data.vocabulary import Vocabulary
+    from megalign.diffusion.masking import sample_noise
+
+    vocab = Vocabulary.of(cfg, build_tokenizer(cfg.data.tokenizer))
+    clean = raw["tokens"][:, :-1]
+    b, s = clean.shape
+    _, masked = sample_noise(raw["sample_index"], s + 1, cfg.seed, cfg.diffusion.eps)
+    noisy = torch.where(masked[:, :s], torch.full_like(clean, vocab.mask), clean)
+    blocked = torch.ones(b, 1, 2 * s, 2 * s, dtype=torch.bool)
+    for row in range(b):
+        docs = _document_ids(clean[row].tolist(), vocab.eod)
+        block = [p // BLOCK for p in raw["position_ids"][row].tolist()]
+        for q in range(2 * s):
+            for k in range(2 * s):
+                qi, ki = q % s, k % s
+                if docs[qi] != docs[ki]:
+                    continue
+                if q < s:  # noisy query
+                    blocked[row, 0, q, k] = not (block[ki] == block[qi] if k < s else block[ki] < block[qi])
+                else:  # clean query
+                    blocked[row, 0, q, k] = k < s or block[ki] > block[qi]
+    targets = batch.supervised_targets
+    opens = (raw["position_ids"] + 1) % BLOCK == 0
+    supervised = torch.cat([targets & ~opens, targets & opens], dim=1)
+    aligned = torch.cat([targets & ~opens, torch.zeros_like(targets)], dim=1)
+    tokens = torch.cat([noisy, clean], dim=1)
+    # the library builds the same batch
+    assert torch.equal(batch.input_tokens, tokens)
+    assert torch.equal(batch.student_mask, blocked)
+    assert torch.equal(batch.supervised, supervised) and torch.equal(batch.aligned, aligned)
+    return tokens, blocked, torch.cat([torch.arange(s), torch.arange(s)]), supervised, aligned
+
+
+def anneal_student_input(raw, batch, cfg):
+    """Causal attention plus the future positions the sample's annealing draw opens: position j > i
+    is open to i when the sample's uniform draw u[i, j] < sample index / (K * global batch)."""
+    from megalign.data.tokenizer import build_tokenizer
+    from megalign.data.vocabulary import Vocabulary
+    from megalign.diffusion.masking import ANNEAL_STREAM, sample_seed
+    from megalign.diffusion.objective import make_batch
+
+    s = batch.clean_tokens.shape[1]
+    bidirectional = make_batch(raw["tokens"], raw["position_ids"], raw["sample_index"], cfg,
+                               Vocabulary.of(cfg, build_tokenizer(cfg.data.tokenizer))).student_mask
+    closed = []
+    for index in raw["sample_index"].tolist():
+        fraction = min(1.0, index / (cfg.diffusion.anneal_iters * GLOBAL_BATCH))
+        u = torch.rand(s, s, generator=torch.Generator().manual_seed(
+            sample_seed(cfg.seed + ANNEAL_STREAM, index)))
+        closed.append(torch.ones(s, s, dtype=torch.bool).triu(1) & ~(u < fraction))
+    blocked = bidirectional | torch.stack(closed).unsqueeze(1)
+    assert torch.equal(batch.student_mask, blocked)
+    return batch.input_tokens, blocked, None, batch.supervised, batch.supervised
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_training_modes_match_plain_pytorch_reference(mode_core_runs, data_overrides, mode):
+    inputs = {"block": block_student_input, "anneal": anneal_student_input}[mode]
+    reference = plain_reference(mode_core_runs[mode]["tp1pp1"], data_overrides,
+                                [*MODES[mode]], student_input=inputs)
+    assert_matches_reference(mode_core_runs[mode]["tp1pp1"], reference)
+
+
+@pytest.mark.slow
+def test_one_block_is_full_sequence_training_bit_for_bit(core_runs, tmp_path, data_overrides,
+                                                        ar_checkpoint):
+    one_block = run_layouts(tmp_path, {"tp1pp1": LAYOUTS["tp1pp1"]}, data_overrides, ar_checkpoint,
+                            ["diffusion.block_length=128"])["tp1pp1"]
+    full = core_runs["tp1pp1"]
+    assert one_block["summary"] == {**full["summary"], "world_size": 1}
+    for kind in ("plain", "align"):
+        assert all(torch.equal(one_block["grads"][kind][n], g) for n, g in full["grads"][kind].items())

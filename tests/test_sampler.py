@@ -196,9 +196,10 @@ def test_threshold_needs_the_confidence_rule():
 
 @pytest.mark.slow
 def test_cached_and_threshold_decoding_across_layouts(tmp_path, ar_checkpoint):
-    """Refreshed every step the cache gives exactly the uncached tokens; the cache's keys and
-    values and a window's logits equal a full recomputation; TP2 x PP2 gives one process's
-    tokens in every mode."""
+    """Refreshed every step the cache gives exactly the uncached tokens; block-causal decoding
+    (a block-diffusion student's) gives them with the cache refreshed once per block; the cache's
+    keys and values and a window's logits equal a full recomputation; TP2 x PP2 gives one
+    process's tokens in every mode."""
     import json
 
     from conftest import WORKERS, torchrun
@@ -214,6 +215,10 @@ def test_cached_and_threshold_decoding_across_layouts(tmp_path, ar_checkpoint):
         tokens = ranks[0]["tokens"]
         assert all(rank["tokens"] == tokens for rank in ranks)  # every rank ends with the same
         assert tokens["refresh_every_step"] == tokens["plain"], name
+        assert tokens["no_suffix_refresh_every_step"] == tokens["no_suffix"], name
+        assert tokens["block_cache"] == tokens["block"], name  # refreshed once per block only
+        assert tokens["block_cache_sampled"] == tokens["block_sampled"], name
+        assert tokens["no_suffix"] != tokens["plain"]  # the suffix is really left out
         assert all(rank["kv_equal"] for rank in ranks), name
         diffs = [rank["window_max_diff"] for rank in ranks if "window_max_diff" in rank]
         assert diffs and max(diffs) <= 1e-4, (name, diffs)

@@ -37,6 +37,24 @@ def supervised_positions(supervised: torch.Tensor, sequence_parallel: bool) -> t
     return positions
 
 
+def mirror_streams(states: dict[int, torch.Tensor], sequence_parallel: bool) -> dict[int, torch.Tensor]:
+    """The teacher's states [s, b, h] laid out like a two-stream student's [2s, b, h] (block
+    diffusion): each position's state at its noisy and at its clean place, so position ``i`` of
+    the noisy stream meets the teacher's position ``i``. Under sequence parallelism a rank's slice
+    of the 2s positions is not its slice of the s teacher positions: the teacher's are gathered
+    over the TP group (they carry no gradient) and this rank's slice is cut from the mirror."""
+    if not sequence_parallel:
+        return {index: torch.cat([state, state], dim=0) for index, state in states.items()}
+    group = parallel_state.get_tensor_model_parallel_group()
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    mirrored = {}
+    for index, state in states.items():
+        full = torch.cat(collectives.all_gather(state.contiguous(), group=group), dim=0)
+        chunk = 2 * state.shape[0]
+        mirrored[index] = torch.cat([full, full], dim=0)[rank * chunk : (rank + 1) * chunk]
+    return mirrored
+
+
 def stage_alignment(
     student: dict[int, torch.Tensor],
     teacher: dict[int, torch.Tensor],

@@ -90,8 +90,8 @@ class Teacher:
             shape = (tokens.shape[1] // self._sequence_divisor, tokens.shape[0], self._hidden)
             model.set_input_tensor(self.stream.recv(shape, self.dtype, tokens.device))
         mask = None if batches[0].teacher_mask is None else torch.cat([b.teacher_mask for b in batches])
-        labels = torch.cat([b.labels for b in batches]) if self.computes_loss[chunk] else None
-        output = model(tokens, torch.cat([b.position_ids for b in batches]), mask, labels=labels)
+        labels = torch.cat([b.sequence_labels for b in batches]) if self.computes_loss[chunk] else None
+        output = model(tokens, torch.cat([b.sequence_positions for b in batches]), mask, labels=labels)
         if self.sends_output[chunk]:
             self.stream.send(output)
         states = {index: state.split(sizes, dim=1)  # [s, b, h] per micro-batch

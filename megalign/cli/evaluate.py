@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gen-length", type=int, default=32)
     parser.add_argument("--threshold", type=float, help="--generate with parallel decoding")
     parser.add_argument("--cache", action="store_true", help="--generate with the block cache")
+    parser.add_argument("--no-suffix", action="store_true",
+                        help="--generate without the masked positions after the current block")
     parser.add_argument("--output", help="write the JSON result here too")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. parallel.*=N")
     return parser
@@ -51,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def evaluate(args) -> None:
     from megalign import distributed
-    from megalign.diffusion.sampler import SamplerConfig
+    from megalign.diffusion.sampler import SamplerConfig, for_model
     from megalign.evaluation.generation import student_generation_quality
     from megalign.evaluation.heldout import (
         ar_nll,
@@ -83,8 +85,9 @@ def evaluate(args) -> None:
         nll, _ = ar_nll(ar_fn, batches)
         result.update(ar_nll_per_token=nll, ar_perplexity=math.exp(min(nll, 700)))
     if args.generate:
-        sampler = SamplerConfig(gen_length=args.gen_length, eos_id=vocab.eod,
-                                threshold=args.threshold, cache=args.cache)
+        sampler = for_model(cfg, SamplerConfig(
+            gen_length=args.gen_length, eos_id=vocab.eod, threshold=args.threshold,
+            cache=args.cache, suffix=not args.no_suffix))
         sampler.check()
         result.update(student_generation_quality(
             student, ar_fn, batches, args.generate, args.prompt_length, sampler, vocab,

@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keep the keys and values of the prompt and finished blocks")
     parser.add_argument("--cache-refresh", type=int, default=0, metavar="N",
                         help="with --cache, also recompute them every N steps (1: exact)")
+    parser.add_argument("--no-suffix", action="store_true",
+                        help="leave the masked positions after the current block out of the input "
+                             "(as block-diffusion students decode; with --cache: the block alone)")
     parser.add_argument("--ar", action="store_true", help="also decode with the AR teacher")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. parallel.*=N")
@@ -86,12 +89,12 @@ def sampler_config(args, eos_id):
     return SamplerConfig(args.gen_length, args.steps, args.block_length, args.temperature,
                          args.top_k, args.top_p, args.confidence, args.unmasking,
                          None if args.no_eos_stop else eos_id, args.seed, args.threshold,
-                         args.cache, args.cache_refresh)
+                         args.cache, args.cache_refresh, not args.no_suffix)
 
 
 def generate(args) -> None:
     from megalign import distributed
-    from megalign.diffusion.sampler import sample, until_eos
+    from megalign.diffusion.sampler import for_model, sample, until_eos
     from megalign.errors import ConfigError
     from megalign.loading import load_ar_model, load_student, open_checkpoint
     from megalign.model.inference import ar_decode, sampler_logits
@@ -106,7 +109,7 @@ def generate(args) -> None:
             f"the longest prompt ({longest} tokens) + --gen-length {args.gen_length} exceeds "
             f"the model's context of {cfg.model.seq_length} tokens"
         )
-    sampler = sampler_config(args, tokenizer.eod)
+    sampler = for_model(cfg, sampler_config(args, tokenizer.eod))
     sampler.check()
     chunks = load_student(opened)
     outputs = sample(sampler_logits(chunks, sampler.cache), encoded, opened.vocab,

@@ -4,6 +4,11 @@ A sample's noise level ``t ~ U(eps, 1 - eps)`` and its Bernoulli(t) token mask a
 generator seeded by ``(seed, global sample index)`` alone. So every TP and PP rank that sees a
 sample draws the same mask, different samples (and so DP ranks) draw different ones, and a restart
 that resumes at a sample index draws exactly what an uninterrupted run would have drawn.
+
+Attention annealing draws the same way: a sample's ``[s, s]`` uniform matrix comes from its own
+generator (another stream of the same seed), and the future position ``j > i`` is open to ``i``
+when its entry is below the sample's annealing fraction, so the masks open monotonically as the
+fraction grows, identically on every rank and after a restart.
 """
 
 from __future__ import annotations
@@ -40,4 +45,27 @@ def masks_at(sample_indices: torch.Tensor, length: int, seed: int, t: float, dra
     for index in sample_indices.tolist():
         generator = torch.Generator().manual_seed(sample_seed(seed + 7919 * (draw + 1), int(index)))
         masks.append(torch.rand(length, generator=generator) < t)
+    return torch.stack(masks)
+
+
+ANNEAL_STREAM = 104729  # the annealing draws' offset to the seed
+
+
+def anneal_fraction(sample_indices: torch.Tensor, anneal_iters: int,
+                    global_batch_size: int) -> torch.Tensor:
+    """[b] share of future positions each sample's student may attend: 0 for the first sample,
+    rising linearly with the sample index to 1 at iteration ``anneal_iters`` (sample index
+    ``anneal_iters * global_batch_size``) and after."""
+    return (sample_indices.double() / (anneal_iters * global_batch_size)).clamp(max=1.0)
+
+
+def open_future(sample_indices: torch.Tensor, fractions: torch.Tensor, length: int,
+                seed: int) -> torch.Tensor:
+    """[b, length, length] True where query ``i`` may attend the later position ``j > i`` (the
+    positions before it are always open)."""
+    later = torch.ones(length, length, dtype=torch.bool).triu(1)
+    masks = []
+    for index, fraction in zip(sample_indices.tolist(), fractions.tolist()):
+        generator = torch.Generator().manual_seed(sample_seed(seed + ANNEAL_STREAM, int(index)))
+        masks.append(later & (torch.rand(length, length, generator=generator) < fraction))
     return torch.stack(masks)

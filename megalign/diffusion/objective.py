@@ -8,6 +8,17 @@ predicts its own token and is supervised when that token is masked.
 The noise mask is drawn over the ``s+1`` tokens of a Megatron sample, so the last position's target
 (token ``s``, never shown to the model) is supervised exactly when its mask bit is set.
 
+Block diffusion (``diffusion.block_length: B``, BD3-LM's vectorised form) feeds the student two
+streams in one sequence, ``[noisy; clean]`` (``2s`` positions, each stream numbered from 0).
+Blocks are ``B`` positions counted from each document's start. A noisy position attends its own
+noisy block and the clean earlier blocks; a clean position attends the clean blocks up to its own
+(block-causal); nothing attends the noisy stream from the clean one. With the AR shift the token
+that opens a block is predicted where the sampler predicts it, from the last clean position of the
+block before (which does not see the noisy block); every other masked token from the noisy
+position before it. The teacher and the alignment see the clean sequence and the noisy stream's
+supervised positions, as in full-sequence training. A block as long as the sequence is the whole
+sequence: one stream, exactly plain masked diffusion.
+
 Loss per micro-batch, as (sum, normaliser) so Megatron's schedule divides by the normaliser:
 ``none``  sum of CE over supervised positions / number of supervised positions;
 ``inv_t`` sum of CE/t over supervised positions / number of positions (MDLM ELBO per token).
@@ -22,7 +33,7 @@ import torch
 
 from megalign.config import Config
 from megalign.data.vocabulary import Vocabulary
-from megalign.diffusion.masking import sample_noise
+from megalign.diffusion.masking import anneal_fraction, open_future, sample_noise
 from megalign.model.attention import attention_mask, document_ids
 
 
@@ -37,6 +48,36 @@ class DiffusionBatch:
     student_mask: Optional[torch.Tensor]  # [b, 1, s, s] or None (full bidirectional)
     teacher_mask: Optional[torch.Tensor]  # [b, 1, s, s] or None (plain causal)
     sample_indices: torch.Tensor  # [b] global sample indices
+    aligned: Optional[torch.Tensor] = None  # [b, s·streams] positions aligned with the teacher
+    streams: int = 1  # 2: block diffusion's [noisy; clean] student input (2s positions)
+
+    def __post_init__(self):
+        if self.aligned is None:
+            self.aligned = self.supervised
+
+    @property
+    def sequence_labels(self) -> torch.Tensor:
+        """[b, s] the labels of the sequence (the teacher's)."""
+        return self.labels[:, : self.clean_tokens.shape[1]]
+
+    @property
+    def sequence_positions(self) -> torch.Tensor:
+        """[b, s] the position ids of the sequence (the teacher's)."""
+        return self.position_ids[:, : self.clean_tokens.shape[1]]
+
+    @property
+    def supervised_targets(self) -> torch.Tensor:
+        """[b, s] the supervised positions of the sequence, whichever stream predicts them."""
+        if self.streams == 1:
+            return self.supervised
+        noisy, clean = self.supervised.chunk(2, dim=1)
+        return noisy | clean
+
+
+def streams(cfg: Config) -> int:
+    """Positions per sequence position in the student's input: 2 under block diffusion."""
+    block = cfg.diffusion.block_length
+    return 2 if block and block < cfg.model.seq_length else 1
 
 
 def make_batch(
@@ -47,9 +88,12 @@ def make_batch(
     vocab: Vocabulary,
     with_teacher: bool = False,
     noise: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    annealed: bool = False,
 ) -> DiffusionBatch:
     """``tokens`` [b, s+1] clean sample tokens (Megatron sample with its extra token); ``noise``
-    (t [b], mask [b, s+1]) replaces the training draw, e.g. for evaluation on a t grid."""
+    (t [b], mask [b, s+1]) replaces the training draw, e.g. for evaluation on a t grid.
+    ``annealed``: the student's attention is that of its training sample under
+    ``diffusion.anneal_iters`` (training); otherwise bidirectional (evaluation, the final model)."""
     d, eod, pad = cfg.diffusion, vocab.eod, vocab.pad
     seq = tokens.shape[1] - 1
     t, masked = (noise if noise is not None
@@ -70,6 +114,15 @@ def make_batch(
         docs = document_ids(clean, eod)
         student_mask = attention_mask(docs, causal=False)
         teacher_mask = attention_mask(docs, causal=True) if with_teacher else None
+    if annealed and d.anneal_iters:
+        fractions = anneal_fraction(sample_indices, d.anneal_iters, cfg.data.global_batch_size)
+        later = torch.ones(seq, seq, dtype=torch.bool).triu(1)
+        closed = (later & ~open_future(sample_indices, fractions, seq, cfg.seed)).unsqueeze(1)
+        closed = closed.to(tokens.device)
+        student_mask = closed if student_mask is None else student_mask | closed
+    if streams(cfg) == 2:
+        return _two_streams(clean, input_tokens, labels.contiguous(), supervised, t, position_ids,
+                            teacher_mask, sample_indices, cfg, eod)
     return DiffusionBatch(
         clean_tokens=clean,
         input_tokens=input_tokens,
@@ -83,6 +136,40 @@ def make_batch(
     )
 
 
+def _two_streams(clean, noisy, labels, supervised, t, position_ids, teacher_mask, sample_indices,
+                 cfg: Config, eod: int) -> DiffusionBatch:
+    """The block-diffusion example (see the module docstring)."""
+    block_length = cfg.diffusion.block_length
+    blocks = position_ids // block_length
+    if cfg.diffusion.shift:
+        opens_block = (position_ids + 1) % block_length == 0  # the target starts the next block
+        from_noisy, from_clean = supervised & ~opens_block, supervised & opens_block
+    else:
+        from_noisy, from_clean = supervised, torch.zeros_like(supervised)
+    if cfg.model.document_attention:
+        docs = document_ids(clean, eod)
+        same = docs.unsqueeze(2) == docs.unsqueeze(1)
+    else:
+        same = torch.ones(*clean.shape, clean.shape[1], dtype=torch.bool, device=clean.device)
+    query, key = blocks.unsqueeze(2), blocks.unsqueeze(1)
+    noisy_rows = torch.cat([same & (key == query), same & (key < query)], dim=2)
+    clean_rows = torch.cat([torch.zeros_like(same), same & (key <= query)], dim=2)
+    allowed = torch.cat([noisy_rows, clean_rows], dim=1)
+    return DiffusionBatch(
+        clean_tokens=clean,
+        input_tokens=torch.cat([noisy, clean], dim=1),
+        labels=torch.cat([labels, labels], dim=1),
+        supervised=torch.cat([from_noisy, from_clean], dim=1),
+        t=t,
+        position_ids=torch.cat([position_ids, position_ids], dim=1),
+        student_mask=(~allowed).unsqueeze(1),
+        teacher_mask=teacher_mask,
+        sample_indices=sample_indices,
+        aligned=torch.cat([from_noisy, torch.zeros_like(from_noisy)], dim=1),
+        streams=2,
+    )
+
+
 def loss_terms(
     per_token_ce: torch.Tensor, batch: DiffusionBatch, weighting: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,7 +177,7 @@ def loss_terms(
     weights = batch.supervised.to(per_token_ce.dtype)
     if weighting == "inv_t":
         weights = weights / batch.t.to(per_token_ce.dtype).unsqueeze(1)
-        count = torch.tensor(batch.supervised.numel(), device=per_token_ce.device)
+        count = torch.tensor(batch.supervised.numel() // batch.streams, device=per_token_ce.device)
     else:
         count = batch.supervised.sum()
     return (per_token_ce.float() * weights.float()).sum(), count.to(torch.int)

@@ -42,12 +42,14 @@ between layouts (TP all-reduces), so a decision resting on a float near-tie can 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import torch
 
+from megalign.config import Config
 from megalign.data.vocabulary import Vocabulary
+from megalign.diffusion.objective import streams
 from megalign.model.vocab_shard import VocabShard
 from megalign.platform import collectives
 
@@ -87,6 +89,14 @@ class SamplerConfig:
     # and every ``cache_refresh`` steps when > 0 (1: every step, exactly the uncached sampler)
     cache: bool = False
     cache_refresh: int = 0
+    # the masked positions after the current block are part of the model's input; False: the
+    # input ends where the current block ends (how block-diffusion models decode), so a step
+    # computes the prefix and the block only, and with ``cache`` the block alone
+    suffix: bool = True
+    # "block_causal": each position attends its own block and the earlier ones only (blocks of
+    # ``block_length`` counted from the generation start), how a block-diffusion student is
+    # trained (``for_model``); the cache is then exact
+    attention: str = "bidirectional"
 
     def __post_init__(self) -> None:
         if self.steps is None:
@@ -108,8 +118,22 @@ class SamplerConfig:
         if self.threshold is not None and self.unmasking != "confidence":
             raise ValueError(f"a confidence threshold commits by confidence: it does not combine "
                              f"with the '{self.unmasking}' unmasking rule")
+        if self.attention not in ("bidirectional", "block_causal"):
+            raise ValueError(f"attention '{self.attention}' is not bidirectional or block_causal")
+        if self.attention == "block_causal" and self.suffix:
+            raise ValueError("block-causal decoding sees nothing after the current block: it "
+                             "needs suffix=False")
         if self.cache_refresh < 0:
             raise ValueError(f"cache refresh interval {self.cache_refresh} must be >= 0")
+
+
+def for_model(cfg: Config, sampler: SamplerConfig) -> SamplerConfig:
+    """``sampler`` as the model was trained: a block-diffusion student (``diffusion.block_length``)
+    decodes its blocks left to right, block-causally, without the positions after the block."""
+    if streams(cfg) == 1:
+        return sampler
+    return replace(sampler, block_length=cfg.diffusion.block_length, suffix=False,
+                   attention="block_causal")
 
 
 def _reduce(x: torch.Tensor, op, group) -> torch.Tensor:
@@ -223,6 +247,9 @@ def prepare(prompts: list[list[int]], cfg: SamplerConfig, mask_id: int, pad_id: 
         valid[row, longest - len(prompt) :] = True
     tokens[:, start:] = mask_id
     blocked = ~valid.unsqueeze(1) | ~valid.unsqueeze(2)  # padding sees nothing and is not seen
+    if cfg.attention == "block_causal":
+        blocks = torch.div(torch.arange(length) - start, cfg.block_length, rounding_mode="floor")
+        blocked |= blocks.unsqueeze(0) > blocks.unsqueeze(1)
     blocked &= ~torch.eye(length, dtype=torch.bool)  # (a padded row attends to itself only)
     return tokens, start, blocked.unsqueeze(1)
 
@@ -253,8 +280,12 @@ def denoise(logits_fn, tokens: torch.Tensor, attention_mask, start: int, length:
     """Fill the masked span ``tokens[:, start:start+length]`` in place (blocks left to right);
     the tokens around it (prompt, or prefix and suffix for infilling) are never changed. With
     ``cfg.cache``, ``logits_fn(tokens, mask, first, refresh)`` gives the logits of positions
-    ``first..`` (``megalign.model.inference.CachedLogits``)."""
+    ``first..`` (``megalign.model.inference.CachedLogits``); without ``cfg.suffix`` it sees the
+    tokens up to the current block's end only."""
     mask_id, vocab_size = vocab.mask, vocab.size
+    if not cfg.suffix and start + length < tokens.shape[1]:
+        raise ValueError("decoding without the suffix drops everything after the current block: "
+                         "it cannot fill a span with text after it (infilling)")
     generator = torch.Generator().manual_seed(cfg.seed)
     block = cfg.block_length
     steps_per_block = cfg.steps // (length // block)
@@ -262,6 +293,9 @@ def denoise(logits_fn, tokens: torch.Tensor, attention_mask, start: int, length:
     for block_start in range(start, start + length, block):
         region = slice(block_start, block_start + block)
         rows = slice(block_start - 1, block_start + block - 1) if shift else region
+        end = tokens.shape[1] if cfg.suffix else region.stop
+        seen = tokens[:, :end]
+        seen_mask = attention_mask[:, :, :end, :end] if attention_mask is not None else None
         step = 0
         while not done.all():
             if cfg.threshold is None and step == steps_per_block:
@@ -270,9 +304,9 @@ def denoise(logits_fn, tokens: torch.Tensor, attention_mask, start: int, length:
                 break  # as many steps as the block needs
             if cfg.cache:
                 refresh = step == 0 or (cfg.cache_refresh > 0 and step % cfg.cache_refresh == 0)
-                shard = logits_fn(tokens, attention_mask, rows.start, refresh)
+                shard = logits_fn(seen, seen_mask, rows.start, refresh)
             else:
-                shard = logits_fn(tokens, attention_mask)
+                shard = logits_fn(seen, seen_mask)
             if not isinstance(shard, VocabShard):
                 shard = VocabShard(shard)
             first = shard.first_position

@@ -25,6 +25,7 @@ from megalign.config import Config, num_query_groups
 
 from megalign.errors import ConfigError
 from megalign.model.norm import TorchNorm
+from megalign.model.streams import use_stream_positions
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -170,7 +171,8 @@ def build_chunks(
 
 
 def attention_mask_type(cfg: Config, causal: bool) -> AttnMaskType:
-    if cfg.model.document_attention:
+    d = cfg.diffusion
+    if cfg.model.document_attention or (not causal and (d.anneal_iters or d.block_length)):
         return AttnMaskType.arbitrary  # explicit mask from megalign.model.attention
     return AttnMaskType.causal if causal else AttnMaskType.no_mask
 
@@ -195,6 +197,8 @@ def build_gpt(
         rotary_base=m.rotary_base,
         vp_stage=vp_stage,
     )
+    if not causal and cfg.diffusion.block_length and m.arch == "llama":
+        use_stream_positions(model)  # block diffusion's two streams, each numbered from 0
     if not torch.cuda.is_available():
         return model
     return model.cuda(torch.cuda.current_device())

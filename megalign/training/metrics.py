@@ -96,6 +96,7 @@ def console_line(record: dict, train_iters: int) -> str:
         f"diffusion loss: {record['diffusion_loss']:.6E}",
         f"align loss: {record['align_loss']:.6E}",
         *([f"teacher loss: {record['teacher_loss']:.6E}"] if "teacher_loss" in record else []),
+        *([f"attention open: {record['attention_open']:.3f}"] if "attention_open" in record else []),
         f"grad norm: {_fmt(record['grad_norm'])}",
     ]
     cos = record.get("align_cos")

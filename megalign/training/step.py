@@ -13,7 +13,7 @@ then, so recording them costs no host sync.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Optional
 
@@ -21,7 +21,7 @@ import torch
 from megatron.core import parallel_state
 
 from megalign.align.injection import attach_loss
-from megalign.align.loss import alignment_loss, stage_alignment
+from megalign.align.loss import alignment_loss, mirror_streams, stage_alignment
 from megalign.align.teacher import Teacher
 from megalign.config import Config
 from megalign.data.vocabulary import Vocabulary
@@ -110,7 +110,7 @@ class DiffusionStep:
     def make_batch(self, raw: dict) -> DiffusionBatch:
         return make_batch(raw["tokens"].to(device()), raw["position_ids"].to(device()),
                           raw["sample_index"], self.cfg, self.vocab,
-                          with_teacher=self.teacher is not None)
+                          with_teacher=self.teacher is not None, annealed=True)
 
     def __call__(self, data_iterator, model):
         """Megatron's forward_step_func; ``model`` is one (DDP-wrapped) student chunk."""
@@ -129,7 +129,8 @@ class DiffusionStep:
                 "diffusion_loss": torch.zeros_like(self.stats.diffusion),
             }
         if teacher is not None and teacher.token_loss is not None:
-            loss_sum, count = loss_terms(teacher.token_loss, batch, "none")
+            loss_sum, count = loss_terms(teacher.token_loss, replace(
+                batch, supervised=batch.supervised_targets, streams=1), "none")
             self.stats.teacher += (loss_sum / count.clamp(min=1)).double()
         output = model(
             batch.input_tokens,
@@ -140,8 +141,9 @@ class DiffusionStep:
         if self.teacher is not None:
             alignment = stage_alignment(
                 self.recorders[chunk].pop(),
-                teacher.states,
-                batch.supervised,
+                teacher.states if batch.streams == 1 else
+                mirror_streams(teacher.states, self.cfg.parallel.sequence_parallel),
+                batch.aligned,
                 self.layer_weights,
                 self.cfg.parallel.sequence_parallel,
             )

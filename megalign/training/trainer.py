@@ -22,6 +22,8 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megalign.align.teacher import Teacher
 from megalign.config import Config
 from megalign.data.vocabulary import Vocabulary
+from megalign.diffusion.masking import anneal_fraction
+from megalign.diffusion.objective import streams
 from megalign.errors import TrainingError
 from megalign.platform import collectives
 from megalign.training.checkpointer import Checkpointer
@@ -211,7 +213,7 @@ class Trainer:
             data_iterator=data_iterator,
             model=self.models,
             num_microbatches=self.num_microbatches,
-            seq_length=self.cfg.model.seq_length,
+            seq_length=self.cfg.model.seq_length * streams(self.cfg),  # activations' length
             micro_batch_size=self.cfg.data.micro_batch_size,
             forward_only=False,
         )
@@ -257,6 +259,11 @@ class Trainer:
             "step_time_s": step_time,
             "tokens_per_s": cfg.data.global_batch_size * cfg.model.seq_length / step_time,
         }
+        if cfg.diffusion.anneal_iters:
+            samples = torch.arange((iteration - 1) * cfg.data.global_batch_size,
+                                   iteration * cfg.data.global_batch_size)
+            record["attention_open"] = float(anneal_fraction(
+                samples, cfg.diffusion.anneal_iters, cfg.data.global_batch_size).mean())
         if self.teacher is not None:
             record["align_cos"] = result.align_cos
         if result.teacher_loss is not None:

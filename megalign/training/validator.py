@@ -14,7 +14,7 @@ from functools import partial
 from typing import Optional
 
 from megalign.config import Config
-from megalign.diffusion.sampler import SamplerConfig
+from megalign.diffusion.sampler import SamplerConfig, for_model
 from megalign.evaluation.generation import student_generation_quality
 from megalign.evaluation.heldout import (
     diffusion_nelbo,
@@ -72,7 +72,7 @@ class Validator:
                                         e.infill_span)
             result.update(infill_exact_match=exact, infill_token_accuracy=accuracy)
         if self.scorer is not None:
-            sampler = SamplerConfig(gen_length=e.gen_length, eos_id=vocab.eod)
+            sampler = for_model(cfg, SamplerConfig(gen_length=e.gen_length, eos_id=vocab.eod))
             result.update(student_generation_quality(
                 students, full_logits_fn(self.scorer, vocab.size), self.heldout,
                 e.generation_samples, e.prompt_length, sampler, vocab, cfg.diffusion.shift,

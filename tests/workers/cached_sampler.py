@@ -28,6 +28,14 @@ MODES = {
     "threshold": {"threshold": 0.02},
     "cache_threshold": {"cache": True, "threshold": 0.02},
     "cache_sampled": {"cache": True, "temperature": 0.8, "seed": 3},
+    "no_suffix": {"suffix": False},
+    "no_suffix_refresh_every_step": {"suffix": False, "cache": True, "cache_refresh": 1},
+    # block-causal decoding (a block-diffusion student's): the cache of the clean blocks is exact
+    "block": {"suffix": False, "attention": "block_causal"},
+    "block_cache": {"suffix": False, "attention": "block_causal", "cache": True},
+    "block_cache_sampled": {"suffix": False, "attention": "block_causal", "cache": True,
+                            "temperature": 0.8, "seed": 3},
+    "block_sampled": {"suffix": False, "attention": "block_causal", "temperature": 0.8, "seed": 3},
 }
 report = {"tokens": {}}
 for name, options in MODES.items():

@@ -1,0 +1,55 @@
+"""Two-stream inputs for block diffusion: ``[noisy sequence; clean sequence]`` in one sequence.
+
+Learned absolute positions read the ``position_ids`` the batch gives (each stream numbered from
+0); Megatron-Core's rotary embedding numbers positions by their index instead, which would place
+the clean stream after the noisy one. ``use_stream_positions`` gives a block-diffusion student a
+rotary embedding that, for a two-stream input (``position_ids`` whose second half repeats the
+first), returns the first half's angles twice, so a noisy position and the clean one it mirrors
+share their angle and the attention scores between streams depend on the true offset. Any other
+input (the sampler's single stream, the inference cache) gets Megatron's embedding unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def is_two_stream(position_ids: torch.Tensor) -> bool:
+    """``position_ids`` [b, 2s] whose second half repeats the first (a two-stream batch)."""
+    length = position_ids.shape[-1]
+    if length < 2 or length % 2:
+        return False
+    return torch.equal(position_ids[..., : length // 2], position_ids[..., length // 2 :])
+
+
+class StreamRotaryEmbedding(torch.nn.Module):
+    """Megatron-Core's rotary embedding, per stream when the input has two."""
+
+    def __init__(self, rotary: torch.nn.Module):
+        super().__init__()
+        self.rotary = rotary
+        self.streams = 1
+
+    def forward(self, max_seq_len: int, *args, **kwargs) -> torch.Tensor:
+        if self.streams == 1:
+            return self.rotary(max_seq_len, *args, **kwargs)
+        half = self.rotary(max_seq_len // 2, *args, **kwargs)
+        return torch.cat([half, half], dim=0)
+
+    def get_rotary_seq_len(self, *args, **kwargs) -> int:
+        return self.rotary.get_rotary_seq_len(*args, **kwargs)
+
+    def get_cos_sin(self, *args, **kwargs):
+        return self.rotary.get_cos_sin(*args, **kwargs)
+
+
+def use_stream_positions(model: torch.nn.Module) -> None:
+    """Give ``model`` (a ``GPTModel`` with rotary positions) the per-stream rotary embedding."""
+    model.rotary_pos_emb = StreamRotaryEmbedding(model.rotary_pos_emb)
+
+    def note_streams(module, args, kwargs):
+        positions = args[1] if len(args) > 1 else kwargs.get("position_ids")
+        two = positions is not None and is_two_stream(positions)
+        module.rotary_pos_emb.streams = 2 if two else 1
+
+    model.register_forward_pre_hook(note_streams, with_kwargs=True)
