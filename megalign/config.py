@@ -65,6 +65,10 @@ class ModelConfig(Section):
     document_attention: bool = True  # attention stays inside each packed document
     mask_token_init: str = "mean"  # mean (mean of the real vocabulary's rows) | unused (row as is)
     init_checkpoint: Optional[str] = None  # AR weights (megatron dist checkpoint) for both models
+    # a fine-tune: the student starts from this megalign checkpoint's weights (e.g. a converted
+    # diffusion student, for SFT) with a fresh optimizer and schedule; the teacher, the scorer
+    # of generated samples and the alignment stay with init_checkpoint's AR weights
+    student_checkpoint: Optional[str] = None
 
 
 @dataclass
@@ -117,6 +121,9 @@ class DataConfig(Section):
     micro_batch_size: int = 2
     global_batch_size: int = 8
     cache_dir: Optional[str] = None  # Megatron index cache; default <run_dir>/data_cache
+    # diffusion SFT: every prefix has a loss-mask stream (megalign-preprocess --sft); only its
+    # response tokens are noised and supervised, the prompt stays clean
+    sft: bool = False
 
 
 @dataclass

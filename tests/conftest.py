@@ -15,6 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "examples" / "configs" / "tiny.yaml"
 TOKENIZER = REPO / "data" / "tokenizer" / "kjv_bpe4k.model"
 CORPUS = REPO / "data" / "corpus" / "kjv.jsonl.gz"
+INSTRUCTIONS = REPO / "data" / "corpus" / "kjv_instructions.jsonl.gz"
 WORKERS = REPO / "tests" / "workers"
 
 
@@ -83,10 +84,10 @@ def metrics(run_dir) -> dict:
     return {r["iteration"]: r for r in map(json.loads, path.read_text().splitlines())}
 
 
-def chat_tokenizer(out: Path) -> tuple[Path, Path]:
+def chat_tokenizer(out: Path, chat_template=None) -> tuple[Path, Path]:
     """A tiny BPE tokenizer laid out like SmolLM2's: <|endoftext|>=0, <|im_start|>=1,
     <|im_end|>=2, written as a tokenizer.json and as a directory whose eos_token is the chat
-    end-of-turn <|im_end|> (as megalign-convert writes SmolLM2's)."""
+    end-of-turn <|im_end|> (as megalign-convert writes SmolLM2's), with ``chat_template``."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -98,7 +99,8 @@ def chat_tokenizer(out: Path) -> tuple[Path, Path]:
         "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"])
     hf.train_from_iterator(list(read_jsonl(str(CORPUS)))[:50], trainer)
     hf.save(str(out / "tokenizer.json"))
-    PreTrainedTokenizerFast(tokenizer_object=hf, eos_token="<|im_end|>").save_pretrained(
+    PreTrainedTokenizerFast(tokenizer_object=hf, eos_token="<|im_end|>",
+                            chat_template=chat_template).save_pretrained(
         str(out / "hf_dir"))
     return out / "tokenizer.json", out / "hf_dir"
 
@@ -109,6 +111,16 @@ def corpus_prefix(tmp_path_factory) -> str:
 
     out = tmp_path_factory.mktemp("corpus")
     return preprocess([str(CORPUS)], str(TOKENIZER), str(out / "kjv"), "text", True)
+
+
+@pytest.fixture(scope="session")
+def sft_prefix(tmp_path_factory) -> str:
+    """The bundled instruction set (prompt/response pairs) with its loss-mask stream."""
+    from megalign.data.preprocess import preprocess
+
+    out = tmp_path_factory.mktemp("sft")
+    return preprocess([str(INSTRUCTIONS)], str(TOKENIZER), str(out / "kjv_instructions"),
+                      sft="prompt:response")
 
 
 @pytest.fixture(scope="session")

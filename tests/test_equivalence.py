@@ -291,7 +291,7 @@ def plain_reference(run, data_overrides, extra=(), student_input=None) -> dict:
     tok = build_tokenizer(cfg.data.tokenizer)
     train, _, _ = build_datasets(cfg.data.paths, tok, cfg.model.seq_length, cfg.data.split, cfg.seed,
                                  [cfg.schedule.train_iters * GLOBAL_BATCH, 0, 0], cfg.data.cache_dir,
-                                 reset_position_ids=True)
+                                 reset_position_ids=True, loss_mask=cfg.data.sft)
     iterator = micro_batches(train, 0, MICRO_BATCH, 0, 1)
     m = cfg.model
 
@@ -303,7 +303,8 @@ def plain_reference(run, data_overrides, extra=(), student_input=None) -> dict:
     for _ in range(num_mb):
         raw = next(iterator)
         batch = make_batch(raw["tokens"], raw["position_ids"], raw["sample_index"], cfg,
-                           Vocabulary.of(cfg, tok), with_teacher=True, annealed=True)
+                           Vocabulary.of(cfg, tok), with_teacher=True, annealed=True,
+                           response=raw.get("response"))
         if student_input is None:
             tokens, blocked, positions = batch.input_tokens, batch.student_mask, None
             supervised = aligned = batch.supervised
@@ -368,31 +369,40 @@ def test_logged_teacher_loss_matches_plain_pytorch_reference(runs, reference):
 BLOCK = 32  # tiny.yaml's sequences of 128: four blocks
 MODES = {"block": [f"diffusion.block_length={BLOCK}"],
          # one iteration of annealing: the step's samples 0..3 attend 0, 1/4, 1/2, 3/4 of the future
-         "anneal": ["diffusion.anneal_iters=1"]}
+         "anneal": ["diffusion.anneal_iters=1"],
+         # diffusion SFT on the bundled instruction set (data.paths: the sft_prefix fixture)
+         "sft": ["data.sft=true"]}
+
+
+def mode_overrides(mode: str, request) -> list[str]:
+    if mode == "sft":
+        return [*MODES[mode], f"data.paths=[{request.getfixturevalue('sft_prefix')}]"]
+    return MODES[mode]
 MODE_LAYOUTS = ("tp2pp1", "tp1pp2", "tp2pp2")
 
 
 @pytest.fixture(scope="module")
-def mode_core_runs(tmp_path_factory, data_overrides, ar_checkpoint):
+def mode_core_runs(request, tmp_path_factory, data_overrides, ar_checkpoint):
     out = tmp_path_factory.mktemp("modes")
     return {mode: run_layouts(out / mode, {name: LAYOUTS[name] for name in CORE}, data_overrides,
-                              ar_checkpoint, extra) for mode, extra in MODES.items()}
+                              ar_checkpoint, mode_overrides(mode, request)) for mode in MODES}
 
 
 @pytest.fixture(scope="module")
-def mode_runs(mode_core_runs, tmp_path_factory, data_overrides, ar_checkpoint):
+def mode_runs(request, mode_core_runs, tmp_path_factory, data_overrides, ar_checkpoint):
     out = tmp_path_factory.mktemp("modes_more")
     more = {name: LAYOUTS[name] for name in (*MODE_LAYOUTS, "tp2pp2sp") if name not in CORE}
-    return {mode: {**mode_core_runs[mode],
-                   **run_layouts(out / mode, more, data_overrides, ar_checkpoint, extra)}
-            for mode, extra in MODES.items()}
+    return {mode: {**mode_core_runs[mode], **run_layouts(out / mode, more, data_overrides,
+                                                         ar_checkpoint, mode_overrides(mode, request))}
+            for mode in MODES}
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("layout", layouts_to_check([*MODE_LAYOUTS, "tp2pp2sp"]))
 def test_training_modes_match_across_layouts(request, mode, layout):
-    """Block diffusion (two streams, and the teacher's states mirrored under sequence parallelism)
-    and annealed attention: losses, per-layer cosines and every gradient as on one process."""
+    """Block diffusion (two streams, and the teacher's states mirrored under sequence parallelism),
+    annealed attention and diffusion SFT: losses, per-layer cosines and every gradient as on one
+    process."""
     runs = request.getfixturevalue("mode_core_runs" if layout in CORE else "mode_runs")[mode]
     ref, got = runs["tp1pp1"], runs[layout]
     for kind in ("plain", "align"):
@@ -475,11 +485,30 @@ def anneal_student_input(raw, batch, cfg):
     return batch.input_tokens, blocked, None, batch.supervised, batch.supervised
 
 
+def sft_student_input(raw, batch, cfg):
+    """Only response tokens are noised: the noise draw restricted to the loss-mask stream; a
+    position is supervised when the token it predicts is a masked response token."""
+    from megalign.data.tokenizer import build_tokenizer
+    from megalign.diffusion.masking import sample_noise
+
+    eod = build_tokenizer(cfg.data.tokenizer).eod
+    clean = raw["tokens"][:, :-1]
+    s = clean.shape[1]
+    _, drawn = sample_noise(raw["sample_index"], s + 1, cfg.seed, cfg.diffusion.eps)
+    masked = drawn & raw["response"]
+    supervised = masked[:, 1:] & (clean != eod)
+    assert torch.equal(batch.input_tokens != clean, masked[:, :s])
+    assert torch.equal(batch.supervised, supervised)
+    assert supervised.any() and (drawn & ~raw["response"]).any()  # prompts were drawn, not masked
+    return batch.input_tokens, batch.student_mask, None, supervised, supervised
+
+
 @pytest.mark.parametrize("mode", MODES)
-def test_training_modes_match_plain_pytorch_reference(mode_core_runs, data_overrides, mode):
-    inputs = {"block": block_student_input, "anneal": anneal_student_input}[mode]
+def test_training_modes_match_plain_pytorch_reference(request, mode_core_runs, data_overrides, mode):
+    inputs = {"block": block_student_input, "anneal": anneal_student_input,
+              "sft": sft_student_input}[mode]
     reference = plain_reference(mode_core_runs[mode]["tp1pp1"], data_overrides,
-                                [*MODES[mode]], student_input=inputs)
+                                mode_overrides(mode, request), student_input=inputs)
     assert_matches_reference(mode_core_runs[mode]["tp1pp1"], reference)
 
 

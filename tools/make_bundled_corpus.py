@@ -9,6 +9,10 @@ never need this.
 * ``--corpus devil``: ``devil.jsonl.gz``, Ambrose Bierce's *The Devil's Dictionary* (1911), one
   object per entry, ``{"text": ..., "id": "ABASEMENT"}``; a second corpus of a different style
   that conversions never train on. Needs ``apt-get install dict-devil``.
+* ``--corpus instructions``: ``kjv_instructions.jsonl.gz``, a small instruction set for diffusion
+  SFT made from the bundled ``kjv.jsonl.gz`` (nothing to install): per chapter, the instruction to
+  continue its opening sentences and, as the response, the sentences that follow, both as
+  ``prompt``/``response`` and as chat ``messages``.
 """
 
 import argparse
@@ -70,11 +74,48 @@ def devil():
     yield from dictionary_entries("/usr/share/dictd/devil.index", "/usr/share/dictd/devil.dict.dz")
 
 
+SENTENCE_END = re.compile(r"(?<=[.;:?!])\s+")
+INSTRUCTION = "Continue this passage from the King James Bible:\n"
+
+
+def words(sentences: list[str]) -> int:
+    return sum(len(sentence.split()) for sentence in sentences)
+
+
+def instructions(path: str = "data/corpus/kjv.jsonl.gz"):
+    """(id, prompt, response) per chapter: its opening sentences (at least 12 words) and the
+    sentences after them (at most 48 words, at least one sentence)."""
+    with gzip.open(path, "rt", encoding="utf-8") as handle:
+        for line in handle:
+            chapter = json.loads(line)
+            sentences = SENTENCE_END.split(chapter["text"])
+            opening = 1
+            while opening < len(sentences) and words(sentences[:opening]) < 12:
+                opening += 1
+            rest = sentences[opening:]
+            if not rest:
+                continue
+            end = 1
+            while end < len(rest) and words(rest[: end + 1]) <= 48:
+                end += 1
+            yield chapter["id"], " ".join(sentences[:opening]), " ".join(rest[:end])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--corpus", choices=("kjv", "devil"), default="kjv")
+    parser.add_argument("--corpus", choices=("kjv", "devil", "instructions"), default="kjv")
     parser.add_argument("--output", help="default: data/corpus/<corpus>.jsonl.gz")
     args = parser.parse_args()
+    if args.corpus == "instructions":
+        output = args.output or "data/corpus/kjv_instructions.jsonl.gz"
+        with gzip.GzipFile(output, "wb", mtime=0) as raw, open_text(raw) as out:
+            for name, opening, following in instructions():
+                prompt = INSTRUCTION + opening
+                messages = [{"role": "user", "content": prompt},
+                            {"role": "assistant", "content": following}]
+                out.write(json.dumps({"id": name, "prompt": prompt, "response": following,
+                                      "messages": messages}) + "\n")
+        return
     output = args.output or f"data/corpus/{args.corpus}.jsonl.gz"
     documents = kjv() if args.corpus == "kjv" else devil()
     with gzip.GzipFile(output, "wb", mtime=0) as raw, open_text(raw) as out:

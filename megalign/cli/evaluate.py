@@ -68,7 +68,8 @@ def evaluate(args) -> None:
     path, cfg, tokenizer, vocab = opened.path, opened.cfg, opened.tokenizer, opened.vocab
     student = load_student(opened)
     batches = heldout_batches(args.data or cfg.data.paths, cfg.data.split, tokenizer, cfg,
-                              args.samples, args.batch_size, f"{path}.eval_cache")
+                              args.samples, args.batch_size, f"{path}.eval_cache",
+                              loss_mask=cfg.data.sft and not args.data)
     student_fn = full_logits_fn(student, vocab.size)
     nelbo, positions = diffusion_nelbo(student_fn, batches, cfg, vocab, args.t_grid)
     result = {"checkpoint": path, "samples": len(batches) * args.batch_size,

@@ -12,6 +12,11 @@ so the output is byte-identical for any worker count. ``--partitions K`` splits 
 contiguous ranges processed in parallel and merged in order (equal to a single pass);
 ``--merge PREFIX...`` merges existing datasets.
 
+Instruction data (``--sft prompt:response`` for two JSON keys, or ``--sft messages`` for chat
+messages through a Hugging Face tokenizer's chat template): ``<output-prefix>_sft_document``
+plus its loss-mask stream ``<output-prefix>_sft_document_loss_mask`` (1 on response tokens, 0 on
+the prompt), for training with ``data.sft=true``.
+
 End of document (``--append-eod``): ``--eod-token TEXT|ID`` names the token; without it the first
 of <|endoftext|>, </s>, <|end_of_text|>, <eos>, <|im_end|> in the vocabulary, else the tokenizer's
 eos token (the same rule for every tokenizer form and in training). The summary names it.
@@ -37,6 +42,9 @@ def parse_args(argv=None):
     parser.add_argument("--tokenizer", help="SentencePiece .model, HF tokenizer.json or HF directory")
     parser.add_argument("--output-prefix", required=True)
     parser.add_argument("--json-keys", nargs="+", default=["text"])
+    parser.add_argument("--sft", metavar="PROMPT_KEY:RESPONSE_KEY|MESSAGES_KEY",
+                        help="instruction data for diffusion SFT: tokens and a loss-mask stream "
+                             "(see megalign/data/sft.py); --json-keys is not used")
     parser.add_argument("--append-eod", action="store_true",
                         help="end every document with the end-of-document token")
     parser.add_argument("--eod-token", metavar="TEXT|ID",
@@ -65,11 +73,11 @@ def _run(args) -> None:
         raise DataError("--input and --tokenizer are required (or --merge PREFIX ...)")
     if args.workers < 1 or args.partitions < 1:
         raise DataError("--workers and --partitions must be at least 1")
-    if args.eod_token is not None and not args.append_eod:
+    if args.eod_token is not None and not args.append_eod and not args.sft:
         raise DataError("--eod-token names the token --append-eod appends; add --append-eod")
     preprocess(args.input, args.tokenizer, args.output_prefix, args.json_keys, args.append_eod,
                args.workers, args.partitions, args.skip_bad, args.dtype,
-               progress=not args.no_progress, eod_token=args.eod_token)
+               progress=not args.no_progress, eod_token=args.eod_token, sft=args.sft)
 
 
 def main(argv=None) -> int:

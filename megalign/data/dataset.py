@@ -21,6 +21,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
 from megalign.errors import ConfigError
 from megalign.data.indexed import check_indexed_dataset
+from megalign.data.sft import loss_mask_prefix
 
 
 def parse_blend(paths: list) -> tuple[list[str], Optional[list[float]]]:
@@ -61,25 +62,69 @@ def build_datasets(
     num_samples: list[int],
     cache_dir: str,
     reset_position_ids: bool,
+    loss_mask: bool = False,
 ):
-    """(train, valid, test) datasets; index caches are built once by rank 0 while others wait."""
+    """(train, valid, test) datasets; index caches are built once by rank 0 while others wait.
+    ``loss_mask``: each prefix has an SFT loss-mask stream (``megalign.data.sft``); its samples
+    are read with the same Megatron indices, so each item also carries its ``response`` mask."""
     prefixes, weights = parse_blend(paths)
     for prefix in prefixes:
         check_split(prefix, check_indexed_dataset(prefix), split)
-    config = GPTDatasetConfig(
-        random_seed=seed,
-        sequence_length=seq_length,
-        blend=(prefixes, weights),
-        split=split,
-        path_to_cache=cache_dir,
-        tokenizer=tokenizer,
-        reset_position_ids=reset_position_ids,
-        reset_attention_mask=False,
-        eod_mask_loss=False,
-        create_attention_mask=False,
-    )
+        if loss_mask:
+            check_loss_mask(prefix)
+
+    def build(blend_prefixes):
+        config = GPTDatasetConfig(
+            random_seed=seed,
+            sequence_length=seq_length,
+            blend=(blend_prefixes, weights),
+            split=split,
+            path_to_cache=cache_dir,
+            tokenizer=tokenizer,
+            reset_position_ids=reset_position_ids,
+            reset_attention_mask=False,
+            eod_mask_loss=False,
+            create_attention_mask=False,
+        )
+        return BlendedMegatronDatasetBuilder(GPTDataset, num_samples, lambda: True, config).build()
+
     os.makedirs(cache_dir, exist_ok=True)
-    return BlendedMegatronDatasetBuilder(GPTDataset, num_samples, lambda: True, config).build()
+    datasets = build(prefixes)
+    if not loss_mask:
+        return datasets
+    masks = build([loss_mask_prefix(prefix) for prefix in prefixes])
+    return tuple(None if d is None else WithLossMask(d, m) for d, m in zip(datasets, masks))
+
+
+def check_loss_mask(prefix: str) -> None:
+    """The loss-mask stream of ``prefix`` exists and has its documents' lengths."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    mask = loss_mask_prefix(prefix)
+    if not os.path.isfile(f"{mask}.idx"):
+        raise ConfigError(f"data.sft=true but '{mask}.idx' does not exist; build '{prefix}' with "
+                          "megalign-preprocess --sft, or set data.sft=false")
+    check_indexed_dataset(mask)
+    # the datasets stay referenced while their memory-mapped lengths are read
+    token_data, mask_data = IndexedDataset(prefix, mmap=True), IndexedDataset(mask, mmap=True)
+    tokens, masks = token_data.index.sequence_lengths, mask_data.index.sequence_lengths
+    if len(tokens) != len(masks) or (tokens != masks).any():
+        raise ConfigError(f"'{mask}' does not match the documents of '{prefix}'; rebuild both "
+                          "with megalign-preprocess --sft")
+
+
+class WithLossMask(torch.utils.data.Dataset):
+    """A token dataset and its loss-mask stream, sample for sample."""
+
+    def __init__(self, tokens, masks):
+        self.tokens, self.masks = tokens, masks
+
+    def __len__(self):
+        return len(self.tokens)
+
+    def __getitem__(self, index: int) -> dict:
+        item, mask = self.tokens[index], self.masks[index]
+        return {**item, "response": torch.cat([mask["tokens"], mask["labels"][-1:]]).bool()}
 
 
 class _Indexed(torch.utils.data.Dataset):
@@ -98,6 +143,7 @@ class _Indexed(torch.utils.data.Dataset):
             "tokens": tokens,
             "position_ids": item["position_ids"],
             "sample_index": torch.tensor(index),
+            **({"response": item["response"]} if "response" in item else {}),
         }
 
 

@@ -21,7 +21,8 @@ import numpy
 # version 1, dtype code, sequence and document counts, then int32 sequence lengths, int64 byte
 # pointers and int64 document boundaries (sequence indices).
 _INDEX_HEADER = b"MMIDIDX\x00\x00"
-_DTYPE_CODES = {numpy.dtype(numpy.uint16): 8, numpy.dtype(numpy.int32): 4}
+_DTYPE_CODES = {numpy.dtype(numpy.uint16): 8, numpy.dtype(numpy.int32): 4,
+                numpy.dtype(numpy.uint8): 1}  # Megatron-Core DType codes (uint8: SFT loss masks)
 _HEADER_SIZE = len(_INDEX_HEADER) + 8 + 1 + 8 + 8
 
 from megalign.errors import DataError

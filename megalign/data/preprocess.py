@@ -30,6 +30,7 @@ from megalign.data.workers import (
     start_process,
     stop_processes,
 )
+from megalign.data.sft import SFT_KEY, SFTFormat, example_tokens, loss_mask_prefix
 from megalign.errors import DataError, one_line
 
 BATCH_DOCS = 64  # lines per task sent to a worker
@@ -217,6 +218,42 @@ class _Encoder:
         return numpy.array(tokens, self.dtype).tobytes(), lengths
 
 
+class _SFTEncoder:
+    """One batch of instruction records -> (problems, {"tokens", "loss_mask"}: bytes, lengths);
+    see ``megalign.data.sft``."""
+
+    def __init__(self, tokenizer, fmt: SFTFormat, dtype):
+        self.tokenizer, self.fmt, self.dtype = tokenizer, fmt, dtype
+
+    def __call__(self, batch) -> tuple[list[str], dict, dict]:
+        import numpy
+
+        path, _, lines = batch
+        problems, tokens, masks, lengths = [], [], [], []
+        for number, raw in lines:
+            where = f"{path}:{number}"
+            try:
+                record = json.loads(raw.decode("utf-8"))
+                if not isinstance(record, dict):
+                    raise ValueError("expected a JSON object")
+                ids, mask = example_tokens(record, self.fmt, self.tokenizer)
+            except UnicodeDecodeError:
+                problems.append(f"{where}: line is not valid UTF-8")
+                continue
+            except json.JSONDecodeError as err:
+                problems.append(f"{where}: malformed JSON ({err.msg})")
+                continue
+            except ValueError as err:
+                problems.append(f"{where}: {err}")
+                continue
+            tokens += ids
+            masks += mask
+            lengths.append(len(ids))
+        data = {"tokens": numpy.array(tokens, self.dtype).tobytes(),
+                "loss_mask": numpy.array(masks, numpy.uint8).tobytes()}
+        return problems, data, {"tokens": lengths, "loss_mask": lengths}
+
+
 def _one_thread() -> None:
     """In each worker: --workers is the parallelism. Hugging Face tokenizers' own threads
     (rayon) make batches of BATCH_DOCS several times slower when workers share the cores."""
@@ -251,19 +288,30 @@ def tokenize_to_datasets(
     dtype: str = "auto",
     line_range=None,
     progress: bool = True,
+    sft: Optional[SFTFormat] = None,
 ) -> Stats:
     """Tokenize ``files`` into one dataset per key with ``workers`` processes; returns the counts.
-    A whole input (no ``line_range``) without documents is a DataError."""
+    A whole input (no ``line_range``) without documents is a DataError. ``sft``: instruction
+    records, written as tokens and their loss-mask stream (``megalign.data.sft``)."""
+    import numpy
+
     np_dtype = _dtype(tokenizer.vocab_size, dtype)
-    stats = Stats(tokens={key: 0 for key in keys})
-    outputs = [output_prefix_for(output_prefix, key) for key in keys]
-    encoder = _Encoder(tokenizer, keys, append_eod, np_dtype)
+    if sft is None:
+        streams = {key: (output_prefix_for(output_prefix, key), np_dtype) for key in keys}
+        encoder = _Encoder(tokenizer, keys, append_eod, np_dtype)
+    else:
+        tokens = output_prefix_for(output_prefix, SFT_KEY)
+        streams = {"tokens": (tokens, np_dtype), "loss_mask": (loss_mask_prefix(tokens), numpy.uint8)}
+        encoder = _SFTEncoder(tokenizer, sft, np_dtype)
+    counted = [name for name in streams if name != "loss_mask"]
+    stats = Stats(tokens={name: 0 for name in counted})
+    outputs = [path for path, _ in streams.values()]
     with OrderedWorkers(workers, encoder, "tokenizing worker", _one_thread) as pool, \
             atomic_dataset_paths(outputs) as temps:
         writers = []
         try:
-            for temp in temps:
-                writers.append(DatasetWriter(get_bin_path(temp), np_dtype))
+            for temp, (_, stream_dtype) in zip(temps, streams.values()):
+                writers.append(DatasetWriter(get_bin_path(temp), stream_dtype))
             bar = _progress_bar(files, line_range, progress)
             start = time.perf_counter()
             try:
@@ -271,10 +319,11 @@ def tokenize_to_datasets(
                     if problems and not skip_bad:
                         raise DataError(problems[0])
                     stats.skipped += len(problems)
-                    for key, writer in zip(keys, writers):
-                        writer.add_documents(data[key], lengths[key])
-                        stats.tokens[key] += sum(lengths[key])
-                    stats.documents += len(lengths[keys[0]])
+                    for name, writer in zip(streams, writers):
+                        writer.add_documents(data[name], lengths[name])
+                    for name in counted:
+                        stats.tokens[name] += sum(lengths[name])
+                    stats.documents += len(lengths[counted[0]])
                     elapsed = max(time.perf_counter() - start, 1e-9)
                     bar.set_postfix(docs_s=f"{stats.documents / elapsed:.0f}",
                                     tok_s=f"{sum(stats.tokens.values()) / elapsed:.0f}",
@@ -349,17 +398,29 @@ def preprocess(
     dtype: str = "auto",
     progress: bool = False,
     eod_token: Optional[str] = None,
+    sft: Optional[str] = None,
 ) -> str:
-    """Library entry point; returns the output prefix of the first key."""
+    """Library entry point; returns the output prefix of the first key. ``sft``: the instruction
+    format (``megalign.data.sft``), written with its loss-mask stream."""
     keys = [keys] if isinstance(keys, str) else list(keys)
+    fmt = None
+    if sft is not None:
+        try:
+            fmt = SFTFormat.parse(sft)
+        except ValueError as err:
+            raise DataError(str(err)) from None
+        if partitions > 1:
+            raise DataError("--sft writes one pass: use --workers instead of --partitions")
+        keys, append_eod = [SFT_KEY], True
     files = expand_inputs(inputs)
     make_output_directory(output_prefix)
-    clean_stale_temporaries([output_prefix_for(output_prefix, key) for key in keys])
+    outputs = [output_prefix_for(output_prefix, key) for key in keys]
+    clean_stale_temporaries(outputs + ([loss_mask_prefix(outputs[0])] if fmt else []))
     start = time.perf_counter()
     tokenizer = load_tokenizer(tokenizer_path, eod_token)
     if partitions <= 1:
         stats = tokenize_to_datasets(files, tokenizer, output_prefix, keys, append_eod,
-                                     workers, skip_bad, dtype, progress=progress)
+                                     workers, skip_bad, dtype, progress=progress, sft=fmt)
     else:
         stats = _preprocess_partitions(files, tokenizer, output_prefix, keys, append_eod,
                                        workers, partitions, skip_bad, dtype)

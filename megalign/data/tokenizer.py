@@ -89,6 +89,10 @@ class SentencePieceTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._sp.decode([i for i in ids if 0 <= i < self.vocab_size])
 
+    def chat_text(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        raise ValueError("a SentencePiece tokenizer has no chat template; use --sft "
+                         "PROMPT_KEY:RESPONSE_KEY")
+
 
 class HFTokenizer:
     """A Hugging Face ``tokenizer.json`` file or pretrained tokenizer directory."""
@@ -102,9 +106,11 @@ class HFTokenizer:
             hf = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
             self._tok = hf.backend_tokenizer
             eos_token, pad_token = hf.eos_token, hf.pad_token
+            self._chat = hf if getattr(hf, "chat_template", None) else None
         else:
             self._tok = Tokenizer.from_file(path)
             eos_token = pad_token = None
+            self._chat = None
         vocab = self._tok.get_vocab(with_added_tokens=True)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.eod_token, self.eod = choose_eod(path, eod_token, vocab.get, self._tok.id_to_token,
@@ -123,6 +129,16 @@ class HFTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode([i for i in ids if 0 <= i < self.vocab_size])
+
+    def chat_text(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        """``messages`` rendered by the tokenizer's chat template."""
+        if self._chat is None:
+            raise ValueError("this tokenizer has no chat template (a Hugging Face tokenizer "
+                             "directory with one is needed); use --sft PROMPT_KEY:RESPONSE_KEY")
+        if not messages:
+            return ""
+        return self._chat.apply_chat_template(messages, tokenize=False,
+                                              add_generation_prompt=add_generation_prompt)
 
 
 def _identifiers(tokenizer, path: str) -> OrderedDict:

@@ -89,16 +89,21 @@ def make_batch(
     with_teacher: bool = False,
     noise: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
     annealed: bool = False,
+    response: Optional[torch.Tensor] = None,
 ) -> DiffusionBatch:
     """``tokens`` [b, s+1] clean sample tokens (Megatron sample with its extra token); ``noise``
     (t [b], mask [b, s+1]) replaces the training draw, e.g. for evaluation on a t grid.
     ``annealed``: the student's attention is that of its training sample under
-    ``diffusion.anneal_iters`` (training); otherwise bidirectional (evaluation, the final model)."""
+    ``diffusion.anneal_iters`` (training); otherwise bidirectional (evaluation, the final model).
+    ``response`` [b, s+1] (diffusion SFT): only these tokens are noised, so only they are
+    supervised; the prompt stays clean."""
     d, eod, pad = cfg.diffusion, vocab.eod, vocab.pad
     seq = tokens.shape[1] - 1
     t, masked = (noise if noise is not None
                  else sample_noise(sample_indices, seq + 1, cfg.seed, d.eps))
     t, masked = t.to(tokens.device), masked.to(tokens.device)
+    if response is not None:
+        masked = masked & response.to(tokens.device)
     clean = tokens[:, :seq]
     input_tokens = torch.where(masked[:, :seq], torch.full_like(clean, vocab.mask), clean)
     if d.shift:

@@ -15,14 +15,15 @@ import torch.nn.functional as F
 
 
 def heldout_batches(paths: list, split: str, tokenizer, cfg, samples: int, batch_size: int,
-                    cache_dir: str, device=None) -> list:
+                    cache_dir: str, device=None, loss_mask: bool = False) -> list:
     """The first ``samples`` samples (whole batches) of the validation split of ``paths`` under
     ``split``: disjoint from the training split of the same split string by construction (Megatron
     splits by document ranges), and the same for every run of the same data and seed."""
     from megalign.data.dataset import build_datasets, micro_batches
 
     _, valid, _ = build_datasets(paths, tokenizer, cfg.model.seq_length, split, cfg.seed,
-                                 [0, samples, 0], cache_dir, cfg.model.document_attention)
+                                 [0, samples, 0], cache_dir, cfg.model.document_attention,
+                                 loss_mask)
     if valid is None or len(valid) < batch_size:
         raise ValueError(f"the validation split ({split}) of {paths} holds "
                          f"{0 if valid is None else len(valid)} samples, fewer than one batch "
@@ -31,8 +32,9 @@ def heldout_batches(paths: list, split: str, tokenizer, cfg, samples: int, batch
                                  micro_batches(valid, 0, batch_size, 0, 1))]
     if device is not None:
         for batch in batches:
-            batch["tokens"], batch["position_ids"] = (batch["tokens"].to(device),
-                                                      batch["position_ids"].to(device))
+            for key in ("tokens", "position_ids", "response"):
+                if key in batch:
+                    batch[key] = batch[key].to(device)
     return batches
 
 
@@ -69,7 +71,7 @@ def diffusion_nelbo(logits_fn, batches, cfg, vocab, grid: int) -> tuple[float, i
             masked = masks_at(raw["sample_index"], raw["tokens"].shape[1], cfg.seed, t, k)
             noise = (torch.full((masked.shape[0],), t), masked)
             batch = make_batch(raw["tokens"], raw["position_ids"], raw["sample_index"], cfg,
-                               vocab, noise=noise)
+                               vocab, noise=noise, response=raw.get("response"))
             loss_sum, count = inv_t_loss(logits_fn, batch)
             total += float(loss_sum) / grid
             positions += int(count) if k == 0 else 0

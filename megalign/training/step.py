@@ -110,7 +110,8 @@ class DiffusionStep:
     def make_batch(self, raw: dict) -> DiffusionBatch:
         return make_batch(raw["tokens"].to(device()), raw["position_ids"].to(device()),
                           raw["sample_index"], self.cfg, self.vocab,
-                          with_teacher=self.teacher is not None, annealed=True)
+                          with_teacher=self.teacher is not None, annealed=True,
+                          response=raw.get("response"))
 
     def __call__(self, data_iterator, model):
         """Megatron's forward_step_func; ``model`` is one (DDP-wrapped) student chunk."""

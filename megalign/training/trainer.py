@@ -64,7 +64,9 @@ def build_models(cfg: Config, vocab: Vocabulary, ar_checkpoint: Optional[str]):
         for chunk, weights in zip(scorer, ar_weights):
             chunk.load_state_dict(weights)
             chunk.requires_grad_(False)
-    if cfg.model.mask_token_init == "mean":
+    if cfg.model.student_checkpoint:
+        load_checkpoint(cfg.model.student_checkpoint, students)  # its mask row is trained
+    elif cfg.model.mask_token_init == "mean":
         for chunk in students:
             init_mask_token_embedding(chunk, vocab.mask, vocab.size)
     return students, teacher, scorer, layer_weights
@@ -344,6 +346,7 @@ def setup(cfg: Config, tokenizer, log=print, store=None, ar_checkpoint: Optional
         [cfg.schedule.train_iters * gbs, 0, 0],
         cache_dir,
         reset_position_ids=cfg.model.document_attention,
+        loss_mask=cfg.data.sft,
     )
     validator = Validator(cfg, tokenizer, cache_dir, distributed.device(), scorer)
     step = DiffusionStep(cfg, students, teacher, layer_weights, vocab)

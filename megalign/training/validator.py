@@ -34,7 +34,8 @@ class Validator:
         if e.interval:
             batch_size = e.batch_size or cfg.data.micro_batch_size
             self.heldout = heldout_batches(e.paths or cfg.data.paths, e.split or cfg.data.split,
-                                           tokenizer, cfg, e.samples, batch_size, cache_dir, device)
+                                           tokenizer, cfg, e.samples, batch_size, cache_dir, device,
+                                           loss_mask=cfg.data.sft and not e.paths)
             if e.ood_paths:  # every document of the unseen corpus is held out
                 self.ood = heldout_batches(e.ood_paths, "0,100,0", tokenizer, cfg, e.samples,
                                            batch_size, cache_dir, device)
