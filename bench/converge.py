@@ -9,7 +9,11 @@ recipe (AdamW, lr ``--lr``, constant after a 10% warm-up). Arms differ in ``alig
 in what is frozen (``none``, or ``embedding``: the word embedding and the tied output layer, as
 the paper's scripts freeze them) and in the seed, which sets the data order and the noise. Seeds:
 every seed of ``--seeds`` for the λ = 0 arm and the largest λ of the first ``--freeze`` setting
-(the published freeze), the first seed for the other arms.
+(the published freeze), the first seed for the other arms. ``--modes`` adds training modes beside
+full-sequence masked diffusion (``full``): ``block`` (block diffusion, ``diffusion.block_length``
+= ``--block-length``) and ``anneal`` (causal-to-bidirectional attention over the first
+``--anneal-iters`` steps), each with λ = 0 and the largest λ, the first freeze setting and seed;
+every comparison is within a mode (its own λ = 0 arm).
 
 Measured inside training every ``--eval-interval`` steps (``evaluation.*``, deterministic for a
 seed) and never on training data:
@@ -49,6 +53,7 @@ CORPUS = REPO / "data" / "corpus" / "kjv.jsonl.gz"
 OOD_CORPUS = REPO / "data" / "corpus" / "devil.jsonl.gz"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FREEZE = {"embedding": ["optimizer.freeze=[embedding,output_layer]"], "none": []}
+MODES = ("full", "block", "anneal")
 # metric -> (direction, label): +1 higher is better, -1 lower is better
 METRICS = {
     "val_nelbo": (-1, "held-out NELBO (KJV)"),
@@ -72,6 +77,10 @@ def parse_args(argv=None):
     parser.add_argument("--freeze", nargs="+", choices=tuple(FREEZE), default=["embedding", "none"],
                         help="freeze settings; the first one gets every seed")
     parser.add_argument("--seeds", nargs="+", type=int, default=[1234, 1235])
+    parser.add_argument("--modes", nargs="+", choices=tuple(MODES), default=["full"],
+                        help="training modes; full-sequence masked diffusion gets every arm")
+    parser.add_argument("--block-length", type=int, default=32, help="--modes block")
+    parser.add_argument("--anneal-iters", type=int, help="--modes anneal (default: steps / 4)")
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--eval-interval", type=int, default=20)
@@ -96,7 +105,15 @@ def parse_args(argv=None):
         args.gen_samples, args.prompt_length, args.gen_length = 2, 8, 8
         args.weights = [w for w in args.weights if w in (0, max(args.weights))]
         args.low_docs = min(args.low_docs, 4)
+        args.block_length = min(args.block_length, 4)
+    if args.anneal_iters is None:
+        args.anneal_iters = max(1, args.steps // 4)
     return args
+
+
+def mode_overrides(args, mode: str) -> list[str]:
+    return {"full": [], "block": [f"diffusion.block_length={args.block_length}"],
+            "anneal": [f"diffusion.anneal_iters={args.anneal_iters}"]}[mode]
 
 
 def run_python(args, env=None, log=None):
@@ -161,22 +178,26 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-def arms_of(args) -> list[tuple[str, float, int]]:
-    """(freeze, λ, seed) of every run, first seeds first (a run cut short keeps whole
-    comparisons): every seed for λ = 0 and the largest λ of the first freeze setting, the first
-    seed otherwise."""
+def arms_of(args) -> list[tuple[str, str, float, int]]:
+    """(mode, freeze, λ, seed) of every run, first seeds first (a run cut short keeps whole
+    comparisons): full-sequence diffusion with every seed for λ = 0 and the largest λ of the
+    first freeze setting, the first seed otherwise; the other modes with λ = 0 and the largest λ,
+    the first freeze setting and seed."""
     paired = {args.weights[0], max(args.weights)}
-    arms = [(freeze, weight, seed) for seed in args.seeds for freeze in args.freeze
+    arms = [("full", freeze, weight, seed) for seed in args.seeds for freeze in args.freeze
             for weight in args.weights
             if seed == args.seeds[0] or (freeze == args.freeze[0] and weight in paired)]
-    return arms
+    arms += [(mode, args.freeze[0], weight, args.seeds[0]) for mode in args.modes
+             if mode != "full" for weight in sorted(paired)]
+    return arms if "full" in args.modes else [arm for arm in arms if arm[0] != "full"]
 
 
 def train_arm(args, base: list, out: Path, setting: str, arm: tuple, data: str, split: str,
               heldout: str, ood: str) -> dict:
     """One fresh training run; returns its held-out curves, step times and alignment cosines."""
-    freeze, weight, seed = arm
-    run_dir = out / "runs" / setting / f"{freeze}_lambda{weight:g}_seed{seed}"
+    mode, freeze, weight, seed = arm
+    name = f"{freeze}_lambda{weight:g}_seed{seed}"
+    run_dir = out / "runs" / setting / (name if mode == "full" else f"{mode}_{name}")
     if run_dir.exists():
         shutil.rmtree(run_dir)  # metrics are appended: a fresh directory per arm
     run_dir.mkdir(parents=True)
@@ -191,6 +212,7 @@ def train_arm(args, base: list, out: Path, setting: str, arm: tuple, data: str, 
     run_python(["-m", "megalign.cli.train", *base,
                 "parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=1",
                 f"seed={seed}", f"align.weight={weight}", *FREEZE[freeze],
+                *mode_overrides(args, mode),
                 f"optimizer.lr={args.lr}", "schedule.lr_decay_style=constant",
                 f"data.paths=[{data}]", f"data.split={split}",
                 f"data.cache_dir={out / 'data' / 'cache'}",
@@ -210,7 +232,7 @@ def train_arm(args, base: list, out: Path, setting: str, arm: tuple, data: str, 
     metrics = read_jsonl(run_dir / "metrics.jsonl")
     validation = read_jsonl(run_dir / "validation.jsonl")
     return {
-        "freeze": freeze, "align_weight": weight, "seed": seed,
+        "mode": mode, "freeze": freeze, "align_weight": weight, "seed": seed,
         "run_dir": str(run_dir.relative_to(out)),  # logs: train.log, metrics and validation
         "curves": {key: [[v["iteration"], v.get(key)] for v in validation]
                    for key in (*METRICS, "infill_token_accuracy", "gen_distinct",
@@ -236,16 +258,20 @@ def best(curve: list, direction: int):
     return (max if direction > 0 else min)(values, default=None)
 
 
+def mode(arm: dict) -> str:
+    return arm.get("mode", "full")  # results written before modes existed
+
+
 def compare(arms: list[dict]) -> list[dict]:
-    """Per arm and metric, against the λ = 0 arm of the same freeze setting and seed: the steps
+    """Per arm and metric, against the λ = 0 arm of the same mode, freeze setting and seed: the steps
     to reach that baseline's final value and their ratio to the steps the baseline itself
     needed (``ratio``), and the same for the baseline's best value (``ratio_to_best``: an
     overfitting baseline reaches its own final value early, which caps ``ratio`` near 1). None
     where undefined: the baseline never moved past its starting value, or the arm never reaches
     the target."""
-    baselines = {(a["freeze"], a["seed"]): a for a in arms if a["align_weight"] == 0}
+    baselines = {(mode(a), a["freeze"], a["seed"]): a for a in arms if a["align_weight"] == 0}
     for arm in arms:
-        base = baselines.get((arm["freeze"], arm["seed"]))
+        base = baselines.get((mode(arm), arm["freeze"], arm["seed"]))
         for key in ("steps_to_baseline_final", "ratio", "steps_to_baseline_best",
                     "ratio_to_best"):
             arm[key] = {}
@@ -265,22 +291,23 @@ def compare(arms: list[dict]) -> list[dict]:
 
 
 def spread(arms: list[dict]) -> list[dict]:
-    """Per (freeze, λ, metric) over seeds: each seed's ratio (to the baseline's final and best
-    value) and final value, with their mean and range."""
+    """Per (mode, freeze, λ, metric) over seeds: each seed's ratio (to the baseline's final and
+    best value) and final value, with their mean and range."""
     rows = {}
     for arm in arms:
         if arm["align_weight"] == 0:
             continue
         for metric in METRICS:
-            row = rows.setdefault((arm["freeze"], arm["align_weight"], metric),
+            row = rows.setdefault((mode(arm), arm["freeze"], arm["align_weight"], metric),
                                   {"ratios": [], "ratios_to_best": [], "finals": []})
             row["ratios"].append(arm["ratio"][metric])
             row["ratios_to_best"].append(arm["ratio_to_best"][metric])
             row["finals"].append(arm["final"][metric])
     out = []
-    for (freeze, weight, metric), row in rows.items():
+    for (arm_mode, freeze, weight, metric), row in rows.items():
         defined = [r for r in row["ratios"] if r is not None]
-        out.append({"freeze": freeze, "align_weight": weight, "metric": metric, **row,
+        out.append({"mode": arm_mode, "freeze": freeze, "align_weight": weight, "metric": metric,
+                    **row,
                     "mean": statistics.mean(defined) if len(defined) == len(row["ratios"]) else None,
                     "min": min(defined, default=None), "max": max(defined, default=None)})
     return out
@@ -296,9 +323,9 @@ def fmt(value, digits=3) -> str:
 
 def table(results: dict) -> str:
     names = list(METRICS)
-    lines = ["| setting | frozen | λ | seed | " + " | ".join(
+    lines = ["| setting | mode | frozen | λ | seed | " + " | ".join(
                  f"final {METRICS[m][1]} (steps to λ=0's final, ratio)" for m in names) + " |",
-             "|---" * (4 + len(names)) + "|"]
+             "|---" * (5 + len(names)) + "|"]
     for setting, summary in results["settings"].items():
         for arm in summary["arms"]:
             cells = []
@@ -306,14 +333,14 @@ def table(results: dict) -> str:
                 steps, ratio = arm["steps_to_baseline_final"][metric], arm["ratio"][metric]
                 reach = "not reached" if steps is None else f"{steps}, {fmt(ratio, 2)}"
                 cells.append(f"{fmt(arm['final'][metric])} ({reach})")
-            lines.append(f"| {setting} | {arm['freeze']} | {arm['align_weight']:g} | "
+            lines.append(f"| {setting} | {mode(arm)} | {arm['freeze']} | {arm['align_weight']:g} | "
                          f"{arm['seed']} | " + " | ".join(cells) + " |")
-    lines += ["", "| setting | frozen | λ | metric | ratio to λ=0's final, per seed | mean | "
+    lines += ["", "| setting | mode | frozen | λ | metric | ratio to λ=0's final, per seed | mean | "
                   "range | ratio to λ=0's best, per seed |",
-              "|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|"]
     for setting, summary in results["settings"].items():
         for row in summary["spread"]:
-            lines.append(f"| {setting} | {row['freeze']} | {row['align_weight']:g} | "
+            lines.append(f"| {setting} | {mode(row)} | {row['freeze']} | {row['align_weight']:g} | "
                          f"{METRICS[row['metric']][1]} | "
                          f"{', '.join(fmt(r, 2) for r in row['ratios'])} | {fmt(row['mean'], 2)} |"
                          f" {span(row['min'], row['max'])} |"
@@ -322,20 +349,21 @@ def table(results: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> None:
-    """One column per (setting, freeze): each metric's curves (one line per λ and seed), then the
-    per-layer cosine to the teacher of the largest-λ arm's first seed."""
+    """One column per (setting, mode, freeze): each metric's curves (one line per λ and seed),
+    then the per-layer cosine to the teacher of the largest-λ arm's first seed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    columns = [(setting, freeze) for setting, summary in results["settings"].items()
-               for freeze in dict.fromkeys(a["freeze"] for a in summary["arms"])]
+    columns = [(setting, arm_mode, freeze) for setting, summary in results["settings"].items()
+               for arm_mode, freeze in dict.fromkeys((mode(a), a["freeze"]) for a in summary["arms"])]
     fig, axes = plt.subplots(len(METRICS) + 1, len(columns), squeeze=False,
                              figsize=(5.5 * len(columns), 3.2 * (len(METRICS) + 1)))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for column, (setting, freeze) in enumerate(columns):
-        arms = [a for a in results["settings"][setting]["arms"] if a["freeze"] == freeze]
+    for column, (setting, arm_mode, freeze) in enumerate(columns):
+        arms = [a for a in results["settings"][setting]["arms"]
+                if a["freeze"] == freeze and mode(a) == arm_mode]
         weights = sorted({a["align_weight"] for a in arms})
         seeds = sorted({a["seed"] for a in arms})
         for row, (metric, (_, label)) in enumerate(METRICS.items()):
@@ -347,7 +375,7 @@ def plot(results: dict, path: Path) -> None:
                               color=colors[weights.index(arm["align_weight"]) % len(colors)],
                               linestyle="-" if arm["seed"] == seeds[0] else "--",
                               label=f"λ = {arm['align_weight']:g}, seed {arm['seed']}")
-            axis.set(title=f"{setting}, frozen: {freeze}: {label}", xlabel="step")
+            axis.set(title=f"{setting}, {arm_mode}, frozen: {freeze}: {label}", xlabel="step")
             axis.legend(fontsize=7)
         bottom = axes[-1][column]
         aligned = [a for a in arms if a["align_weight"] == max(weights) and a["align_cos"]]
@@ -403,7 +431,7 @@ def main(argv=None) -> int:
     for setting in args.settings:
         done = []
         for arm in arms:
-            print(f"> {setting}: frozen {arm[0]}, λ = {arm[1]:g}, seed {arm[2]}: "
+            print(f"> {setting}: {arm[0]}, frozen {arm[1]}, λ = {arm[2]:g}, seed {arm[3]}: "
                   f"{args.steps} steps", flush=True)
             done.append(train_arm(args, base, out, setting, arm, *data[setting], full, ood))
             print("  final " + ", ".join(f"{k} {fmt(v)}" for k, v in done[-1]["final"].items())
@@ -413,7 +441,7 @@ def main(argv=None) -> int:
     print(markdown, end="")
     for setting, summary in results["settings"].items():
         for row in summary["spread"]:
-            print(f"{setting}: frozen {row['freeze']}, λ = {row['align_weight']:g}, "
+            print(f"{setting}: {mode(row)}, frozen {row['freeze']}, λ = {row['align_weight']:g}, "
                   f"{METRICS[row['metric']][1]}: ratio to λ = 0 per seed "
                   f"{', '.join(fmt(r, 2) for r in row['ratios'])}")
     print(f"> wrote {out}/results.json, results.md, converge.png")

@@ -75,23 +75,31 @@ def test_validation_is_megalign_eval_and_leaves_training_unchanged(tmp_path, dat
 @pytest.mark.slow
 def test_converge_quick(tmp_path):
     out = tmp_path / "converge"
-    result = run_python([REPO / "bench" / "converge.py", "--quick", "--out", out], timeout=900)
+    result = run_python([REPO / "bench" / "converge.py", "--quick", "--out", out,
+                         "--modes", "full", "block", "anneal"], timeout=900)
     results = json.loads((out / "results.json").read_text())
     assert set(results["settings"]) == {"low"}
     summary = results["settings"]["low"]
     arms = summary["arms"]
-    # every seed for λ = 0 and the largest λ under the published freeze, the first seed otherwise
-    assert [(a["freeze"], a["align_weight"], a["seed"]) for a in arms] == [
-        ("embedding", 0, 1234), ("embedding", 10, 1234), ("none", 0, 1234), ("none", 10, 1234),
-        ("embedding", 0, 1235), ("embedding", 10, 1235)]
+    # every seed for λ = 0 and the largest λ under the published freeze, the first seed otherwise;
+    # block diffusion and annealing with λ = 0 and the largest λ
+    assert [(a["mode"], a["freeze"], a["align_weight"], a["seed"]) for a in arms] == [
+        ("full", "embedding", 0, 1234), ("full", "embedding", 10, 1234),
+        ("full", "none", 0, 1234), ("full", "none", 10, 1234),
+        ("full", "embedding", 0, 1235), ("full", "embedding", 10, 1235),
+        ("block", "embedding", 0, 1234), ("block", "embedding", 10, 1234),
+        ("anneal", "embedding", 0, 1234), ("anneal", "embedding", 10, 1234)]
+    logs = {a["mode"]: (out / a["run_dir"] / "train.log").read_text() for a in arms}
+    # one annealing step (steps / 4): its 4 samples open 0, 1/4, 1/2, 3/4 of the future
+    assert "attention open: 0.375" in logs["anneal"] and "attention open" not in logs["block"]
     metrics = ("val_nelbo", "val_ood_nelbo", "infill_exact_match", "gen_ppl")
     for arm in arms:
         assert set(arm["ratio"]) == set(metrics)
         for metric in metrics:
             assert [step for step, _ in arm["curves"][metric]] == [0, 2, 4]
             assert all(math.isfinite(value) for _, value in arm["curves"][metric])
-        baseline = next(a for a in arms if a["align_weight"] == 0
-                        and (a["freeze"], a["seed"]) == (arm["freeze"], arm["seed"]))
+        baseline = next(a for a in arms if a["align_weight"] == 0 and (a["mode"], a["freeze"], a["seed"])
+                        == (arm["mode"], arm["freeze"], arm["seed"]))
         # same start for the arms of one seed: same AR weights, held-out samples and masks
         assert all(arm["curves"][m][0] == baseline["curves"][m][0] for m in metrics)
         target = baseline["final"]["val_nelbo"]
@@ -101,9 +109,12 @@ def test_converge_quick(tmp_path):
             assert len(arm["align_cos"]) == 4 and len(arm["align_cos"][0][1]) == 5
         else:
             assert arm["align_cos"] == [] and arm["ratio"]["val_nelbo"] == 1.0
-    spread = {(r["freeze"], r["metric"]): r["ratios"] for r in summary["spread"]}
-    assert len(spread[("embedding", "val_nelbo")]) == 2 and len(spread[("none", "gen_ppl")]) == 1
+    spread = {(r["mode"], r["freeze"], r["metric"]): r["ratios"] for r in summary["spread"]}
+    assert len(spread[("full", "embedding", "val_nelbo")]) == 2
+    assert len(spread[("full", "none", "gen_ppl")]) == 1
+    assert len(spread[("block", "embedding", "gen_ppl")]) == 1
     table = (out / "results.md").read_text()
-    assert table.count("\n| low | embedding |") == 4 + len(metrics)
+    assert table.count("\n| low | full | embedding |") == 4 + len(metrics)
+    assert table.count("\n| low | block | embedding |") == 2 + len(metrics)
     assert (out / "converge.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "ratio to λ = 0 per seed" in result.stdout
