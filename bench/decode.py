@@ -5,7 +5,8 @@
 
 Decodes the same prompts (one at a time, greedy, blocks of 8) with the plain sampler (one token
 per step), the confidence-threshold rule, the key/value cache of the prompt and finished blocks,
-and both, on one process, and prints for each: tokens per second, model forward passes per
+both, and without the masked positions after the current block (``--no-suffix``, alone and with
+the cache), on one process, and prints for each: tokens per second, model forward passes per
 generated token, generative perplexity of the continuations under the AR model the run started
 from (with the share of distinct tokens), and agreement with the plain sampler's tokens. The
 checkpoint defaults to the main job's (``bash examples/quickstart.sh`` makes it). Writes
@@ -81,7 +82,8 @@ def main(argv=None) -> int:
                         vocab.size)
     prompts = [tokenizer.encode(text) for text in PROMPTS[: args.prompts]]
     modes = {"plain": {}, "threshold": {"threshold": args.threshold}, "cache": {"cache": True},
-             "threshold+cache": {"threshold": args.threshold, "cache": True}}
+             "threshold+cache": {"threshold": args.threshold, "cache": True},
+             "no suffix": {"suffix": False}, "cache, no suffix": {"cache": True, "suffix": False}}
     results, reference = {}, None
     for name, options in modes.items():
         cfg = SamplerConfig(gen_length=args.gen_length, eos_id=None, **options)

@@ -65,6 +65,22 @@ def test_main_command_smollm2(tmp_path):
     hf = json.loads((tmp_path / "hf.json").read_text())
     assert hf["batched"][0] == [s["completion_ids"] for s in samples]
 
+    # diffusion SFT of that student on the bundled instruction set (examples/sft.sh)
+    sft_dir = tmp_path / "sft"
+    result = run_script("examples/sft.sh",
+                        {"MEGALIGN_RUN_DIR": str(run_dir), "MEGALIGN_SFT_DIR": str(sft_dir),
+                         "GEN_LENGTH": "8"},
+                        ["schedule.train_iters=2", "schedule.warmup_iters=1", "evaluation.interval=2",
+                         "logging.log_interval=1", "evaluation.samples=4",
+                         "evaluation.generation_samples=2"])
+    check_metrics(sft_dir, 2, layers=30)
+    config = (sft_dir / "config.yaml").read_text()
+    assert "sft: true" in config and f"student_checkpoint: {run_dir}/checkpoints" in config
+    validation = [json.loads(line) for line in (sft_dir / "validation.jsonl").read_text().splitlines()]
+    assert [v["iteration"] for v in validation] == [0, 2]
+    answers = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{"prompt"')]
+    assert len(answers) == 2 and all("<|im_start|>assistant" in a["prompt"] for a in answers)
+
 
 @pytest.mark.slow
 def test_tiny_demo_and_generation_errors(tmp_path):

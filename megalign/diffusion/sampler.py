@@ -24,6 +24,13 @@ temperature > 0 is ``argmax(p / E)`` with ``E ~ Exp(1)`` per vocabulary entry, w
 ``torch.multinomial`` draws for one sample); every rank draws the same numbers and ends with the
 same tokens, so any TP/PP layout gives the same output.
 
+Faster decoding: ``threshold`` commits every masked position of the block whose confidence reaches
+it (at least one per step); ``cache`` keeps the keys and values of the positions before the block
+(``megalign.model.inference.CachedLogits``); ``suffix=False`` feeds the model the tokens up to the
+current block's end only. ``attention="block_causal"`` is how a block-diffusion student decodes
+(``for_model``): each position attends its own block and the earlier ones, so the cached keys and
+values of finished blocks are exactly what a full recomputation gives.
+
 Vocab-parallel logits are not gathered. ``logits_fn`` may return a ``VocabShard`` (this rank's
 slice of the vocabulary on the last pipeline stage, ``megalign.model.inference.sampler_logits``);
 only per-position scalars then cross the tensor-parallel group: the row maximum, the sum of
