@@ -144,3 +144,16 @@ def test_decoding_without_the_suffix_shows_the_model_only_the_blocks_so_far():
     seen.clear()
     sample(logits_fn, prompt, VOCAB, True, SamplerConfig(gen_length=8, block_length=4))
     assert seen == [11] * 8
+
+
+def test_the_model_card_names_the_training_mode():
+    from megalign.convert.checkpoints import training_mode_lines
+
+    assert training_mode_lines(_config()) == []
+    assert "block diffusion, blocks of 4" in training_mode_lines(_config(block_length=4))[0]
+    cfg = Config(diffusion=DiffusionConfig(anneal_iters=3), data=DataConfig(sft=True),
+                 model=ModelConfig(student_checkpoint="runs/x/checkpoints"))
+    assert training_mode_lines(cfg) == [
+        "- attention annealed from causal to bidirectional over the first 3 steps",
+        "- diffusion SFT: only response tokens noised and supervised, starting from "
+        "`runs/x/checkpoints`"]

@@ -214,6 +214,23 @@ def export_diffusion_model(cfg: Config, meta: dict, hf_state: dict, output: str)
         handle.write(model_card(cfg, meta, bool(source and os.path.isdir(source))))
 
 
+def training_mode_lines(cfg: Config) -> list[str]:
+    """The model card's lines on how training departed from full-sequence masked diffusion."""
+    d, lines = cfg.diffusion, []
+    if d.block_length:
+        lines.append(f"- block diffusion, blocks of {d.block_length}: decode block by block with "
+                     "block-causal attention (megalign-generate does; `diffusion_generate` "
+                     "below attends bidirectionally, which this model was not trained for)")
+    if d.anneal_iters:
+        lines.append(f"- attention annealed from causal to bidirectional over the first "
+                     f"{d.anneal_iters} steps")
+    if cfg.data.sft:
+        lines.append("- diffusion SFT: only response tokens noised and supervised"
+                     + (f", starting from `{cfg.model.student_checkpoint}`"
+                        if cfg.model.student_checkpoint else ""))
+    return lines
+
+
 def model_card(cfg: Config, meta: dict, has_tokenizer: bool) -> str:
     """What the model is, how it was made (base model, recipe), its held-out metrics when the
     run's validation.jsonl is at hand, and how to sample it."""
@@ -238,7 +255,8 @@ def model_card(cfg: Config, meta: dict, has_tokenizer: bool) -> str:
         f"{cfg.schedule.warmup_iters} warm-up steps), global batch {d.global_batch_size} x "
         f"{cfg.model.seq_length} tokens",
         f"- mask token id {cfg.diffusion.mask_token_id}; position i predicts token i+1: "
-        f"{cfg.diffusion.shift}", "",
+        f"{cfg.diffusion.shift}",
+        *training_mode_lines(cfg), "",
     ]
     validation = os.path.join(cfg.logging.run_dir, "validation.jsonl")
     if iterations and os.path.isfile(validation):
