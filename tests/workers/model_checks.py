@@ -66,8 +66,9 @@ def main():
     batch = make_batch(sample, positions, torch.tensor([0, 1]), cfg, vocabulary, with_teacher=True)
     teacher_states = teacher.forward([batch])[0].states
     # align.teacher_microbatches: one forward over two micro-batches gives each its own states
-    halves = [DiffusionBatch(**{f.name: None if getattr(batch, f.name) is None
-                                else getattr(batch, f.name)[i:i + 1] for f in fields(batch)})
+    halves = [DiffusionBatch(**{f.name: getattr(batch, f.name)[i:i + 1]
+                                if isinstance(getattr(batch, f.name), torch.Tensor)
+                                else getattr(batch, f.name) for f in fields(batch)})
               for i in range(2)]
     grouped, alone = teacher.forward(halves), [teacher.forward([half])[0] for half in halves]
     report["teacher_group_max_diff"] = max(
