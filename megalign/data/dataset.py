@@ -20,7 +20,7 @@ from megatron.core.datasets.blended_megatron_dataset_config import (
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
 from megalign.errors import ConfigError
-from megalign.data.indexed import check_indexed_dataset
+from megalign.data.indexed import check_indexed_dataset, read_index
 from megalign.data.sft import loss_mask_prefix
 
 
@@ -98,16 +98,11 @@ def build_datasets(
 
 def check_loss_mask(prefix: str) -> None:
     """The loss-mask stream of ``prefix`` exists and has its documents' lengths."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
     mask = loss_mask_prefix(prefix)
     if not os.path.isfile(f"{mask}.idx"):
         raise ConfigError(f"data.sft=true but '{mask}.idx' does not exist; build '{prefix}' with "
                           "megalign-preprocess --sft, or set data.sft=false")
-    check_indexed_dataset(mask)
-    # the datasets stay referenced while their memory-mapped lengths are read
-    token_data, mask_data = IndexedDataset(prefix, mmap=True), IndexedDataset(mask, mmap=True)
-    tokens, masks = token_data.index.sequence_lengths, mask_data.index.sequence_lengths
+    tokens, masks = read_index(prefix).lengths, read_index(mask).lengths
     if len(tokens) != len(masks) or (tokens != masks).any():
         raise ConfigError(f"'{mask}' does not match the documents of '{prefix}'; rebuild both "
                           "with megalign-preprocess --sft")
