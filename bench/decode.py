@@ -1,16 +1,18 @@
-"""Fast diffusion decoding, measured side by side: plain, threshold, cache, both.
+"""Fast diffusion decoding, measured side by side: plain, threshold, caches, bfloat16.
 
     python bench/decode.py [--checkpoint runs/smollm2/checkpoints] [--gen-length 64]
                            [--threshold 0.9] [--prompts 8] [--threads 2]
 
 Decodes the same prompts (one at a time, greedy, blocks of 8) with the plain sampler (one token
 per step), the confidence-threshold rule, the key/value cache of the prompt and finished blocks,
-both, and without the masked positions after the current block (``--no-suffix``, alone and with
-the cache), on one process, and prints for each: tokens per second, model forward passes per
-generated token, generative perplexity of the continuations under the AR model the run started
-from (with the share of distinct tokens), and agreement with the plain sampler's tokens. The
-checkpoint defaults to the main job's (``bash examples/quickstart.sh`` makes it). Writes
-``bench/results/decode/results.json``.
+the dual cache (also the masked positions after the block), the dual cache with the threshold,
+the cache without the masked positions after the block (``--no-suffix``), and the plain sampler
+and the dual cache with the student's weights in bfloat16, on one process, and prints for each:
+tokens per second (and the speed-up over the plain sampler in float32 and in the same precision),
+model forward passes and positions computed per generated token, generative perplexity of the
+continuations under the AR model the run started from (float32, with the share of distinct
+tokens), and agreement with the plain sampler's tokens. The checkpoint defaults to the main job's
+(``bash examples/quickstart.sh`` makes it). Writes ``bench/results/decode/results.json``.
 """
 
 from __future__ import annotations
@@ -51,11 +53,12 @@ class Counted:
     def __init__(self, logits_fn, cached: bool):
         self.logits_fn, self.cached, self.calls, self.positions = logits_fn, cached, 0, 0
 
-    def __call__(self, tokens, mask, first=0, refresh=True):
-        shard = (self.logits_fn(tokens, mask, first, refresh) if self.cached
+    def __call__(self, tokens, mask, first=0, refresh=True, stop=None):
+        shard = (self.logits_fn(tokens, mask, first, refresh, stop) if self.cached
                  else self.logits_fn(tokens, mask))
         self.calls += 1
-        self.positions += tokens.shape[0] * (tokens.shape[1] - shard.first_position)
+        computed = shard.logits.shape[1] if self.cached and not refresh else tokens.shape[1]
+        self.positions += tokens.shape[0] * computed
         return shard
 
 
@@ -76,20 +79,25 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     opened = open_checkpoint(args.checkpoint, [])
-    student = load_student(opened)
+    students = {"fp32": load_student(opened), "bf16": load_student(opened, torch.bfloat16)}
     vocab, tokenizer = opened.vocab, opened.tokenizer
     ar = full_logits_fn(load_ar_model(opened.cfg, opened.meta, opened.path, vocab.padded),
                         vocab.size)
     prompts = [tokenizer.encode(text) for text in PROMPTS[: args.prompts]]
-    modes = {"plain": {}, "threshold": {"threshold": args.threshold}, "cache": {"cache": True},
-             "threshold+cache": {"threshold": args.threshold, "cache": True},
-             "no suffix": {"suffix": False}, "cache, no suffix": {"cache": True, "suffix": False}}
+    dual = {"cache": True, "dual_cache": True}
+    modes = {"plain": ("fp32", {}), "threshold": ("fp32", {"threshold": args.threshold}),
+             "cache": ("fp32", {"cache": True}), "dual cache": ("fp32", dual),
+             "dual cache+threshold": ("fp32", {**dual, "threshold": args.threshold}),
+             "cache, no suffix": ("fp32", {"cache": True, "suffix": False}),
+             "plain, bf16": ("bf16", {}), "dual cache, bf16": ("bf16", dual),
+             "dual cache+threshold, bf16": ("bf16", {**dual, "threshold": args.threshold})}
     results, reference = {}, None
-    for name, options in modes.items():
+    for name, (precision, options) in modes.items():
         cfg = SamplerConfig(gen_length=args.gen_length, eos_id=None, **options)
         outputs, calls, positions, seconds = [], 0, 0, 0.0
         for prompt in prompts:  # batch 1: the latency a user sees
-            logits_fn = Counted(sampler_logits(student, cfg.cache), cfg.cache)
+            logits_fn = Counted(sampler_logits(students[precision], cfg.cache, cfg.dual_cache),
+                                cfg.cache)
             start = time.perf_counter()
             outputs += sample(logits_fn, [prompt], vocab, opened.cfg.diffusion.shift, cfg)
             seconds += time.perf_counter() - start
@@ -100,7 +108,7 @@ def main(argv=None) -> int:
         reference = reference or outputs
         same = sum(a == b for x, y in zip(outputs, reference) for a, b in zip(x, y))
         results[name] = {
-            "tokens_per_s": generated / seconds, "seconds": seconds,
+            "precision": precision, "tokens_per_s": generated / seconds, "seconds": seconds,
             "forwards_per_token": calls / generated, "positions_per_token": positions / generated,
             "gen_ppl": math.exp(total / count) if count else None,
             **text_statistics(continuations, lambda token: tokenizer.decode([token])),
@@ -108,18 +116,22 @@ def main(argv=None) -> int:
             "sample": tokenizer.decode(continuations[0]),
         }
     plain = results["plain"]
+    plains = {"fp32": plain, "bf16": results["plain, bf16"]}
     for result in results.values():
         result["speedup"] = result["tokens_per_s"] / plain["tokens_per_s"]
+        result["speedup_same_precision"] = (result["tokens_per_s"]
+                                            / plains[result["precision"]]["tokens_per_s"])
         result["gen_ppl_ratio"] = (result["gen_ppl"] / plain["gen_ppl"]
                                    if result["gen_ppl"] and plain["gen_ppl"] else None)
     print(f"{len(prompts)} prompts x {args.gen_length} tokens, blocks of 8, greedy, one process "
           f"({args.threads} threads), checkpoint {opened.path}")
-    print("| decoding | tokens/s | speed-up | forwards/token | positions/token | gen. PPL "
-          "(ratio) | distinct | agreement with plain |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| decoding | tokens/s | speed-up | same precision | forwards/token | positions/token "
+          "| gen. PPL (ratio) | distinct | agreement with plain |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         ppl = "–" if r["gen_ppl"] is None else f"{r['gen_ppl']:.2f} ({r['gen_ppl_ratio']:.2f})"
         print(f"| {name} | {r['tokens_per_s']:.2f} | {r['speedup']:.2f}x | "
+              f"{r['speedup_same_precision']:.2f}x | "
               f"{r['forwards_per_token']:.2f} | {r['positions_per_token']:.1f} | {ppl} | "
               f"{r['gen_distinct']:.2f} | {r['agreement_with_plain']:.2f} |")
     out = Path(args.out)

@@ -51,7 +51,7 @@ class MegalignLM(TemplateLM):
                  steps: Optional[int] = None, block_length: Optional[int] = None,
                  unmasking: str = "confidence", confidence: str = "prob",
                  max_gen_toks: int = 32, threshold: Optional[float] = None, cache=False,
-                 **_harness_args):  # batch_size, device: not used
+                 dual_cache=False, **_harness_args):  # batch_size, device: not used
         super().__init__()
         self.opened = open_checkpoint(checkpoint, [])
         self.tokenizer = self.opened.tokenizer
@@ -65,7 +65,8 @@ class MegalignLM(TemplateLM):
         self.confidence = confidence
         self.max_gen_toks = int(max_gen_toks)
         self.threshold = None if threshold is None else float(threshold)
-        self.cache = str(cache).lower() in ("1", "true", "yes")  # model_args arrive as text
+        self.dual_cache = str(dual_cache).lower() in ("1", "true", "yes")  # model_args are text
+        self.cache = self.dual_cache or str(cache).lower() in ("1", "true", "yes")
 
     @property
     def eot_token_id(self) -> int:
@@ -127,8 +128,9 @@ class MegalignLM(TemplateLM):
             context, gen_kwargs = request.args
             sampler, until = self._sampler(gen_kwargs)
             prompt = self.tok_encode(context)[-(self.cfg.model.seq_length - sampler.gen_length):]
-            ids = sample(sampler_logits(self.chunks, sampler.cache), [prompt], self.opened.vocab,
-                         self.cfg.diffusion.shift, sampler)[0]
+            logits_fn = sampler_logits(self.chunks, sampler.cache, sampler.dual_cache)
+            ids = sample(logits_fn, [prompt], self.opened.vocab, self.cfg.diffusion.shift,
+                         sampler)[0]
             text = cut_at_stop(self.tok_decode(until_eos(ids, self.tokenizer.eod)), until)
             self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
             outputs.append(text)
@@ -149,7 +151,8 @@ class MegalignLM(TemplateLM):
                             top_p=float(gen_kwargs.get("top_p") or 1.0),
                             confidence=self.confidence, unmasking=self.unmasking,
                             eos_id=self.tokenizer.eod, seed=self.seed,
-                            threshold=self.threshold, cache=self.cache))
+                            threshold=self.threshold, cache=self.cache,
+                            dual_cache=self.dual_cache))
         cfg.check()
         return cfg, until
 

@@ -60,9 +60,10 @@ def open_checkpoint(checkpoint: str, overrides: list[str]) -> Opened:
     return Opened(path, cfg, meta, tokenizer, vocab)
 
 
-def load_student(opened: Opened) -> list:
+def load_student(opened: Opened, dtype: torch.dtype = torch.float32) -> list:
     """The bidirectional student's chunks, resharded into the launch layout (``parallel.*`` of the
-    config; one process: TP=1, PP=1); starts the process groups unless they exist."""
+    config; one process: TP=1, PP=1); starts the process groups unless they exist. ``dtype``:
+    the weights' type for inference (bfloat16 halves the bytes a decoding step reads)."""
     from megatron.core import parallel_state
 
     from megalign import distributed
@@ -81,6 +82,10 @@ def load_student(opened: Opened) -> list:
 
         for chunk in chunks:
             init_mask_token_embedding(chunk, opened.vocab.mask, opened.vocab.size)
+    if dtype != torch.float32:
+        for chunk in chunks:  # the weights, and the activations pipeline stages exchange
+            chunk.to(dtype)
+            chunk.config.params_dtype = chunk.config.pipeline_dtype = dtype
     return chunks
 
 

@@ -92,6 +92,9 @@ def test_megalign_generate_and_the_main_job_use_the_defaults():
     fast = sampler_config(args, 2)
     assert (fast.threshold, fast.cache, fast.cache_refresh) == (0.9, True, 2)
     assert (cfg.threshold, cfg.cache, cfg.cache_refresh) == (None, False, 0)  # off by default
+    assert not cfg.dual_cache
+    dual = sampler_config(build_parser().parse_args(["--checkpoint", "x", "--dual-cache"]), 2)
+    assert (dual.cache, dual.dual_cache, dual.suffix) == (True, True, True)
     # the main job decodes with the CLI's defaults: it sets neither option
     script = (REPO / "examples" / "quickstart.sh").read_text()
     generate = script.split("-m megalign.cli.generate", 1)[1]

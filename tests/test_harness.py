@@ -73,7 +73,7 @@ def test_harness_offline(tmp_path, ar_checkpoint, monkeypatch):
     assert stopped == free[: free.index(stop)] and stop not in stopped
     assert "empty context" in report["empty_context_error"]
     assert report["default_decoding"] == [32, 32, 8]  # blocks of 8, one token per step
-    assert report["fast_decoding"] == [0.5, True] and isinstance(report["fast_free"], str)
+    assert report["fast_decoding"] == [0.5, True, True] and isinstance(report["fast_free"], str)
 
 
 def test_rolling_loglikelihood_is_refused_clearly():

@@ -189,6 +189,13 @@ def test_threshold_commits_the_confident_positions_and_at_least_one():
     assert stopped == [[EOS] * 16] and len(trace) == 1
 
 
+def test_dual_cache_needs_the_cache_and_the_suffix():
+    for options in ({"dual_cache": True}, {"dual_cache": True, "cache": True, "suffix": False}):
+        with pytest.raises(ValueError, match="the dual cache keeps the positions after the block"):
+            SamplerConfig(**options).check()
+    SamplerConfig(dual_cache=True, cache=True).check()
+
+
 def test_threshold_needs_the_confidence_rule():
     with pytest.raises(ValueError, match="does not combine with the 'p2' unmasking rule"):
         SamplerConfig(threshold=0.9, unmasking="p2").check()
@@ -196,10 +203,11 @@ def test_threshold_needs_the_confidence_rule():
 
 @pytest.mark.slow
 def test_cached_and_threshold_decoding_across_layouts(tmp_path, ar_checkpoint):
-    """Refreshed every step the cache gives exactly the uncached tokens; block-causal decoding
-    (a block-diffusion student's) gives them with the cache refreshed once per block; the cache's
-    keys and values and a window's logits equal a full recomputation; TP2 x PP2 gives one
-    process's tokens in every mode."""
+    """Refreshed every step the cache (and the dual cache) gives exactly the uncached tokens;
+    block-causal decoding (a block-diffusion student's) gives them with the cache refreshed once
+    per block; the cache's keys and values and a window's logits equal a full recomputation (the
+    dual cache's up to summation order); the bfloat16 student's logits follow float32's; TP2 x PP2
+    gives one process's tokens in every mode."""
     import json
 
     from conftest import WORKERS, torchrun
@@ -218,8 +226,16 @@ def test_cached_and_threshold_decoding_across_layouts(tmp_path, ar_checkpoint):
         assert tokens["no_suffix_refresh_every_step"] == tokens["no_suffix"], name
         assert tokens["block_cache"] == tokens["block"], name  # refreshed once per block only
         assert tokens["block_cache_sampled"] == tokens["block_sampled"], name
+        assert tokens["dual_refresh_every_step"] == tokens["plain"], name
+        assert len(tokens["dual"][0]) == len(tokens["dual_threshold"][0]) == 16
         assert tokens["no_suffix"] != tokens["plain"]  # the suffix is really left out
         assert all(rank["kv_equal"] for rank in ranks), name
         diffs = [rank["window_max_diff"] for rank in ranks if "window_max_diff" in rank]
         assert diffs and max(diffs) <= 1e-4, (name, diffs)
+        last = [rank for rank in ranks if "dual_max_diff" in rank]
+        assert last and all(rank["dual_first_position"] == [5, 5] for rank in last), name
+        assert max(rank["dual_max_diff"] for rank in last) <= 1e-4, name
+        assert max(rank["dual_kv_max_diff"] for rank in ranks) <= 1e-4, name
+        assert all(rank["bf16_weights"] for rank in ranks), name
+        assert all(rank["bf16_max_diff"] <= 0.05 * rank["logits_max"] for rank in last), name
     assert reports["tp2pp2"][0]["tokens"] == reports["one"][0]["tokens"]

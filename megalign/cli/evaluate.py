@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gen-length", type=int, default=32)
     parser.add_argument("--threshold", type=float, help="--generate with parallel decoding")
     parser.add_argument("--cache", action="store_true", help="--generate with the block cache")
+    parser.add_argument("--dual-cache", action="store_true",
+                        help="--generate with the block cache of the prompt, finished blocks and "
+                             "the masked positions after the block")
     parser.add_argument("--no-suffix", action="store_true",
                         help="--generate without the masked positions after the current block")
     parser.add_argument("--output", help="write the JSON result here too")
@@ -88,7 +91,8 @@ def evaluate(args) -> None:
     if args.generate:
         sampler = for_model(cfg, SamplerConfig(
             gen_length=args.gen_length, eos_id=vocab.eod, threshold=args.threshold,
-            cache=args.cache, suffix=not args.no_suffix))
+            cache=args.cache or args.dual_cache, dual_cache=args.dual_cache,
+            suffix=not args.no_suffix))
         sampler.check()
         result.update(student_generation_quality(
             student, ar_fn, batches, args.generate, args.prompt_length, sampler, vocab,

@@ -71,11 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
                              "this, at least one per step (parallel decoding; --steps unused)")
     parser.add_argument("--cache", action="store_true",
                         help="keep the keys and values of the prompt and finished blocks")
+    parser.add_argument("--dual-cache", action="store_true",
+                        help="--cache, and also keep the masked positions after the current block "
+                             "(Fast-dLLM's dual cache): a step computes the block only")
     parser.add_argument("--cache-refresh", type=int, default=0, metavar="N",
                         help="with --cache, also recompute them every N steps (1: exact)")
     parser.add_argument("--no-suffix", action="store_true",
                         help="leave the masked positions after the current block out of the input "
                              "(as block-diffusion students decode; with --cache: the block alone)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="run the student in bfloat16 (each step reads half the weights' bytes)")
     parser.add_argument("--ar", action="store_true", help="also decode with the AR teacher")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. parallel.*=N")
@@ -86,13 +91,18 @@ def sampler_config(args, eos_id):
     """The sampler settings of parsed arguments (unset ones take the sampler's defaults)."""
     from megalign.diffusion.sampler import SamplerConfig
 
-    return SamplerConfig(args.gen_length, args.steps, args.block_length, args.temperature,
-                         args.top_k, args.top_p, args.confidence, args.unmasking,
-                         None if args.no_eos_stop else eos_id, args.seed, args.threshold,
-                         args.cache, args.cache_refresh, not args.no_suffix)
+    return SamplerConfig(
+        gen_length=args.gen_length, steps=args.steps, block_length=args.block_length,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        confidence=args.confidence, unmasking=args.unmasking,
+        eos_id=None if args.no_eos_stop else eos_id, seed=args.seed, threshold=args.threshold,
+        cache=args.cache or args.dual_cache, cache_refresh=args.cache_refresh,
+        suffix=not args.no_suffix, dual_cache=args.dual_cache)
 
 
 def generate(args) -> None:
+    import torch
+
     from megalign import distributed
     from megalign.diffusion.sampler import for_model, sample, until_eos
     from megalign.errors import ConfigError
@@ -111,8 +121,8 @@ def generate(args) -> None:
         )
     sampler = for_model(cfg, sampler_config(args, tokenizer.eod))
     sampler.check()
-    chunks = load_student(opened)
-    outputs = sample(sampler_logits(chunks, sampler.cache), encoded, opened.vocab,
+    chunks = load_student(opened, torch.bfloat16 if args.bf16 else torch.float32)
+    outputs = sample(sampler_logits(chunks, sampler.cache, sampler.dual_cache), encoded, opened.vocab,
                      cfg.diffusion.shift, sampler)
     records = [{"prompt": p, "completion": tokenizer.decode(until_eos(o, sampler.eos_id)),
                 "completion_ids": o} for p, o in zip(prompts, outputs)]

@@ -100,6 +100,10 @@ class SamplerConfig:
     # input ends where the current block ends (how block-diffusion models decode), so a step
     # computes the prefix and the block only, and with ``cache`` the block alone
     suffix: bool = True
+    # with ``cache`` and ``suffix``, also keep the keys and values of the positions after the
+    # current block (Fast-dLLM's dual cache): a step computes the block only (and, with the AR
+    # shift, the position before it)
+    dual_cache: bool = False
     # "block_causal": each position attends its own block and the earlier ones only (blocks of
     # ``block_length`` counted from the generation start), how a block-diffusion student is
     # trained (``for_model``); the cache is then exact
@@ -130,6 +134,9 @@ class SamplerConfig:
         if self.attention == "block_causal" and self.suffix:
             raise ValueError("block-causal decoding sees nothing after the current block: it "
                              "needs suffix=False")
+        if self.dual_cache and not (self.cache and self.suffix):
+            raise ValueError("the dual cache keeps the positions after the block: it needs the "
+                             "cache and the suffix")
         if self.cache_refresh < 0:
             raise ValueError(f"cache refresh interval {self.cache_refresh} must be >= 0")
 
@@ -286,9 +293,9 @@ def denoise(logits_fn, tokens: torch.Tensor, attention_mask, start: int, length:
             trace: Optional[list] = None) -> torch.Tensor:
     """Fill the masked span ``tokens[:, start:start+length]`` in place (blocks left to right);
     the tokens around it (prompt, or prefix and suffix for infilling) are never changed. With
-    ``cfg.cache``, ``logits_fn(tokens, mask, first, refresh)`` gives the logits of positions
-    ``first..`` (``megalign.model.inference.CachedLogits``); without ``cfg.suffix`` it sees the
-    tokens up to the current block's end only."""
+    ``cfg.cache``, ``logits_fn(tokens, mask, first, refresh, stop)`` gives the logits of positions
+    ``first..`` (``first..stop`` with the dual cache; ``megalign.model.inference.CachedLogits``);
+    without ``cfg.suffix`` it sees the tokens up to the current block's end only."""
     mask_id, vocab_size = vocab.mask, vocab.size
     if not cfg.suffix and start + length < tokens.shape[1]:
         raise ValueError("decoding without the suffix drops everything after the current block: "
@@ -311,7 +318,7 @@ def denoise(logits_fn, tokens: torch.Tensor, attention_mask, start: int, length:
                 break  # as many steps as the block needs
             if cfg.cache:
                 refresh = step == 0 or (cfg.cache_refresh > 0 and step % cfg.cache_refresh == 0)
-                shard = logits_fn(seen, seen_mask, rows.start, refresh)
+                shard = logits_fn(seen, seen_mask, rows.start, refresh, region.stop)
             else:
                 shard = logits_fn(seen, seen_mask)
             if not isinstance(shard, VocabShard):

@@ -9,6 +9,7 @@ diffusion sampler, which reduces per-position scalars instead (see megalign/diff
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -16,7 +17,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megalign.model.vocab_shard import VocabShard
-from megalign.platform import collectives
+from megalign.platform import collectives, cpu
 
 
 @torch.no_grad()
@@ -32,8 +33,10 @@ def forward_vocab_shard(chunks: list, tokens: torch.Tensor, position_ids: torch.
 
     def forward_step(_data_iterator, model):
         # Megatron-Core's inference path gathers the vocabulary over TP itself
-        output = model(tokens, position_ids, attention_mask, inference_context=inference_context,
-                       runtime_gather_output=True if inference_context is not None else None)
+        with cpu.redirect_paused():
+            output = model(tokens, position_ids, attention_mask,
+                           inference_context=inference_context,
+                           runtime_gather_output=True if inference_context is not None else None)
 
         def keep(logits):
             captured["logits"] = logits.float().contiguous()
@@ -41,7 +44,8 @@ def forward_vocab_shard(chunks: list, tokens: torch.Tensor, position_ids: torch.
 
         return output, keep
 
-    chunks[0].eval()
+    if any(module.training for module in chunks[0].modules()):
+        chunks[0].eval()  # (setting it on every call walks the module tree: skipped when eval)
     get_forward_backward_func()(
         forward_step_func=forward_step,
         data_iterator=iter(()),
@@ -98,11 +102,11 @@ def _shard(logits: Optional[torch.Tensor], device, first_position: int = 0,
     )
 
 
-def sampler_logits(chunks: list, cache: bool = False):
+def sampler_logits(chunks: list, cache: bool = False, dual: bool = False):
     """``logits_fn(tokens, attention_mask)`` for the sampler: this rank's ``VocabShard``; with
-    ``cache``, a ``CachedLogits`` (``SamplerConfig.cache``)."""
+    ``cache``, a ``CachedLogits`` (``SamplerConfig.cache`` and ``dual_cache``)."""
     if cache:
-        return CachedLogits(chunks)
+        return CachedLogits(chunks, dual)
 
     def logits_fn(tokens, attention_mask) -> VocabShard:
         positions = _positions(tokens, attention_mask)
@@ -112,36 +116,92 @@ def sampler_logits(chunks: list, cache: bool = False):
     return logits_fn
 
 
+def cache_layout(start: int, stop: int, length: int) -> torch.Tensor:
+    """The position held by each cache slot: the positions before the window, those after it,
+    then the window, so the window is the cache's last slots."""
+    return torch.cat([torch.arange(start), torch.arange(stop, length), torch.arange(start, stop)])
+
+
+@contextlib.contextmanager
+def _rotary_in_slot_order(chunk: torch.nn.Module, layout: torch.Tensor):
+    """Rotary angles by position, not by slot: Megatron-Core numbers a sequence's rotary positions
+    by index (cache slot), so while the slots hold permuted positions each slot is given the
+    angles of the position it holds. Learned absolute positions read ``position_ids`` instead."""
+    model = chunk
+    while not hasattr(model, "rotary_pos_emb") and hasattr(model, "module"):
+        model = model.module
+    rotary = getattr(model, "rotary_pos_emb", None)
+    if rotary is None:
+        yield
+        return
+    if model.config.flash_decode:
+        raise ValueError("the dual cache reorders rotary angles, which flash decoding "
+                         "precomputes: turn flash_decode off")
+
+    def by_position(_module, _args, angles):
+        if angles.shape[0] != layout.numel():
+            raise RuntimeError(f"rotary angles for {angles.shape[0]} slots, the cache holds "
+                               f"{layout.numel()}")
+        return angles[layout.to(angles.device)]
+
+    handle = rotary.register_forward_hook(by_position)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 class CachedLogits:
-    """The sampler's logits with a key/value cache of the positions before ``start``.
+    """The sampler's logits with a key/value cache of the positions outside a window.
 
     ``refresh=True`` runs the whole sequence and keeps every layer's keys and values (Megatron-
     Core's static inference context, on each rank for its layers and heads); ``refresh=False``
-    runs only positions ``start..`` against the kept keys and values of the positions before
-    them, which are not recomputed: an approximation for a bidirectional model (they were
-    computed when the later positions held other tokens), exact when refreshed at every step.
+    runs only the window against the kept keys and values of the other positions, which are not
+    recomputed: an approximation for a bidirectional model (they were computed when the window
+    held other tokens), exact when refreshed at every step. The window is ``start..`` to the end
+    of the sequence, or with ``dual`` (Fast-dLLM's dual cache) ``start..stop``: the positions
+    after it are cached too, and the cache holds them before the window (``cache_layout``) because
+    Megatron-Core's cache attends the slots up to the window's end. Attention is order-free and
+    each slot keeps its position's ids and rotary angles, so only the summation order changes.
     """
 
-    def __init__(self, chunks: list):
+    def __init__(self, chunks: list, dual: bool = False):
         if len(chunks) != 1:
             raise ValueError("the cached sampler needs one model chunk per rank")
         self.chunks = chunks
+        self.dual = dual
         self.context = None
+        self.layout = None
 
-    def __call__(self, tokens, attention_mask, start: int = 0, refresh: bool = True) -> VocabShard:
+    def __call__(self, tokens, attention_mask, start: int = 0, refresh: bool = True,
+                 stop: Optional[int] = None) -> VocabShard:
         from megatron.core.inference.contexts import StaticInferenceContext
 
         batch, length = tokens.shape
+        stop = stop if self.dual and stop is not None else length
+        layout = cache_layout(start, stop, length)
         if refresh or self.context is None:
             self.context = StaticInferenceContext(batch, length)
             self.context.materialize_only_last_token_logits = False
-            start = 0
-        self.context.sequence_len_offset = start
-        positions = _positions(tokens, attention_mask)[:, start:]
-        mask = attention_mask[:, :, start:, :] if attention_mask is not None else None
-        logits = forward_vocab_shard(self.chunks, tokens[:, start:].contiguous(), positions, mask,
-                                     inference_context=self.context)
-        return _shard(logits, tokens.device, first_position=start, gathered=True)
+            self.layout = layout
+            first = 0
+        elif not torch.equal(layout, self.layout):
+            raise ValueError(f"the cache holds another window than {start}..{stop}: refresh it")
+        else:
+            first = length - (stop - start)
+        self.context.sequence_len_offset = first
+        slots = layout[first:]
+        positions = _positions(tokens, attention_mask)[:, slots]
+        mask = (attention_mask[:, :, slots][:, :, :, layout]
+                if attention_mask is not None else None)
+        reordered = stop < length
+        with _rotary_in_slot_order(self.chunks[0], layout) if reordered else contextlib.nullcontext():
+            logits = forward_vocab_shard(self.chunks, tokens[:, slots].contiguous(), positions,
+                                         mask, inference_context=self.context)
+        if logits is not None and reordered:
+            logits = logits[:, -(stop - start):]
+        shown = start if reordered else first
+        return _shard(logits, tokens.device, first_position=shown, gathered=True)
 
 
 def ar_decode(chunks, prompt: list[int], length: int, vocab: int, temperature: float,

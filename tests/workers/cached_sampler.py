@@ -10,7 +10,7 @@ import torch.distributed as dist
 from megalign import distributed
 from megalign.diffusion.sampler import SamplerConfig, prepare, sample
 from megalign.loading import load_student, open_checkpoint
-from megalign.model.inference import CachedLogits, sampler_logits
+from megalign.model.inference import CachedLogits, cache_layout, sampler_logits
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--checkpoint", required=True)
@@ -28,6 +28,9 @@ MODES = {
     "threshold": {"threshold": 0.02},
     "cache_threshold": {"cache": True, "threshold": 0.02},
     "cache_sampled": {"cache": True, "temperature": 0.8, "seed": 3},
+    "dual_refresh_every_step": {"cache": True, "dual_cache": True, "cache_refresh": 1},
+    "dual": {"cache": True, "dual_cache": True},
+    "dual_threshold": {"cache": True, "dual_cache": True, "threshold": 0.02},
     "no_suffix": {"suffix": False},
     "no_suffix_refresh_every_step": {"suffix": False, "cache": True, "cache_refresh": 1},
     # block-causal decoding (a block-diffusion student's): the cache of the clean blocks is exact
@@ -40,7 +43,7 @@ MODES = {
 report = {"tokens": {}}
 for name, options in MODES.items():
     cfg = SamplerConfig(gen_length=16, block_length=8, **options)
-    logits_fn = CachedLogits(chunks) if options.get("cache") else sampler_logits(chunks)
+    logits_fn = sampler_logits(chunks, cfg.cache, cfg.dual_cache)
     report["tokens"][name] = sample(logits_fn, PROMPTS, vocab, True, cfg)
 
 # after a refresh, a window run on the same tokens reads the cache for the positions before it:
@@ -57,6 +60,31 @@ report["kv_equal"] = all(
     torch.equal(cached.context.key_value_memory_dict[layer][kind][: start - 1],
                 fresh.context.key_value_memory_dict[layer][kind][: start - 1])
     for layer in fresh.context.key_value_memory_dict for kind in (0, 1))
+
+# the dual cache holds the positions before the window, after it, then the window (its rotary
+# angles follow the positions): the refresh's and a window run's logits equal the full run's, and
+# each slot's keys and values equal a full run's at the position it holds (up to summation order)
+first, stop = start - 1, start + 8
+dual = CachedLogits(chunks, dual=True)
+refreshed = dual(tokens, mask, first, True, stop)
+rerun = dual(tokens, mask, first, False, stop)
+if full is not None:
+    report["dual_first_position"] = [refreshed.first_position, rerun.first_position]
+    report["dual_max_diff"] = max(float((shard.logits - full[:, first:stop]).abs().max())
+                                  for shard in (refreshed, rerun))
+layout = cache_layout(first, stop, tokens.shape[1])
+report["dual_kv_max_diff"] = max(
+    float((dual.context.key_value_memory_dict[layer][kind]
+           - fresh.context.key_value_memory_dict[layer][kind][layout]).abs().max())
+    for layer in fresh.context.key_value_memory_dict for kind in (0, 1))
+
+# the student in bfloat16 (``megalign-generate --bf16``): its logits follow float32's
+half = load_student(opened, torch.bfloat16)
+report["bf16_weights"] = all(p.dtype == torch.bfloat16 for p in half[0].parameters())
+half_logits = CachedLogits(half)(tokens, mask, 0, True).logits
+if full is not None:
+    report["bf16_max_diff"] = float((half_logits - full).abs().max())
+    report["logits_max"] = float(full.abs().max())
 reports = [None] * dist.get_world_size()
 dist.all_gather_object(reports, report)
 if dist.get_rank() == 0:

@@ -67,9 +67,9 @@ report.update(free=free, stop=stop, stopped=stopped)
 # the adapter decodes with the sampler's defaults unless model_args set steps / block_length
 sampler, _ = lm._sampler({"max_gen_toks": 32})
 report["default_decoding"] = [sampler.gen_length, sampler.steps, sampler.block_length]
-fast = MegalignLM(checkpoint=args.checkpoint, threshold="0.5", cache="true")
+fast = MegalignLM(checkpoint=args.checkpoint, threshold="0.5", dual_cache="true")
 sampler, _ = fast._sampler({"max_gen_toks": 16})
-report["fast_decoding"] = [sampler.threshold, sampler.cache]
+report["fast_decoding"] = [sampler.threshold, sampler.cache, sampler.dual_cache]
 report["fast_free"] = fast.generate_until(
     [Instance("generate_until", {}, (prompt, {"until": [], "max_gen_toks": 16}), 0)])[0]
 try:
