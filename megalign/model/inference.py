@@ -179,7 +179,7 @@ class CachedLogits:
 
         batch, length = tokens.shape
         stop = stop if self.dual and stop is not None else length
-        layout = cache_layout(start, stop, length)
+        layout = cache_layout(start, stop, length).to(tokens.device)
         if refresh or self.context is None:
             self.context = StaticInferenceContext(batch, length)
             self.context.materialize_only_last_token_logits = False
