@@ -93,7 +93,7 @@ def student_generation_quality(students: list, ar_logits_fn: Callable, batches: 
     from megalign.model.inference import sampler_logits
 
     return generation_quality(
-        lambda prompts: sample(sampler_logits(students, sampler.cache, sampler.dual_cache), prompts, vocab, shift,
-                               sampler),
+        lambda prompts: sample(sampler_logits(students, sampler.cache, sampler.dual_cache),
+                               prompts, vocab, shift, sampler),
         ar_logits_fn, heldout_prompts(batches, count, prompt_length),
         lambda token: tokenizer.decode([token]), vocab.eod)

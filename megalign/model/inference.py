@@ -17,7 +17,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megalign.model.vocab_shard import VocabShard
-from megalign.platform import collectives, cpu
+from megalign.platform import collectives
 
 
 @torch.no_grad()
@@ -33,10 +33,8 @@ def forward_vocab_shard(chunks: list, tokens: torch.Tensor, position_ids: torch.
 
     def forward_step(_data_iterator, model):
         # Megatron-Core's inference path gathers the vocabulary over TP itself
-        with cpu.redirect_paused():
-            output = model(tokens, position_ids, attention_mask,
-                           inference_context=inference_context,
-                           runtime_gather_output=True if inference_context is not None else None)
+        output = model(tokens, position_ids, attention_mask, inference_context=inference_context,
+                       runtime_gather_output=True if inference_context is not None else None)
 
         def keep(logits):
             captured["logits"] = logits.float().contiguous()

@@ -149,23 +149,3 @@ def apply() -> None:
     _mode = _CudaToCpu()
     _mode.__enter__()
     _applied = True
-
-
-@contextlib.contextmanager
-def redirect_paused():
-    """Run a block without the CUDA redirection when it is the innermost torch-function mode.
-
-    Why: the mode is a Python call on every torch operation, a visible share of a small
-    inference forward, and Megatron-Core's model forward itself creates no CUDA tensor (the
-    redirected sites are in the schedules, optimizer and RNG set-up). A no-op without ``apply``.
-    """
-    from torch.overrides import _get_current_function_mode
-
-    if _mode is None or _get_current_function_mode() is not _mode:
-        yield
-        return
-    _mode.__exit__(None, None, None)
-    try:
-        yield
-    finally:
-        _mode.__enter__()
