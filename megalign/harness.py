@@ -43,6 +43,11 @@ from megalign.loading import load_student, open_checkpoint
 from megalign.model.inference import forward_logits, sampler_logits
 
 
+def _flag(value) -> bool:
+    """A yes/no model argument: lm_eval passes ``model_args`` as text."""
+    return str(value).lower() in ("1", "true", "yes")
+
+
 @register_model("megalign")
 class MegalignLM(TemplateLM):
     """A diffusion student checkpoint behind lm_eval's ``LM`` interface (see the module doc)."""
@@ -65,8 +70,8 @@ class MegalignLM(TemplateLM):
         self.confidence = confidence
         self.max_gen_toks = int(max_gen_toks)
         self.threshold = None if threshold is None else float(threshold)
-        self.dual_cache = str(dual_cache).lower() in ("1", "true", "yes")  # model_args are text
-        self.cache = self.dual_cache or str(cache).lower() in ("1", "true", "yes")
+        self.dual_cache = _flag(dual_cache)
+        self.cache = self.dual_cache or _flag(cache)
 
     @property
     def eot_token_id(self) -> int:

@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import get_attr_wrapped_model
 
 from megalign.model.vocab_shard import VocabShard
 from megalign.platform import collectives
@@ -125,9 +126,7 @@ def _rotary_in_slot_order(chunk: torch.nn.Module, layout: torch.Tensor):
     """Rotary angles by position, not by slot: Megatron-Core numbers a sequence's rotary positions
     by index (cache slot), so while the slots hold permuted positions each slot is given the
     angles of the position it holds. Learned absolute positions read ``position_ids`` instead."""
-    model = chunk
-    while not hasattr(model, "rotary_pos_emb") and hasattr(model, "module"):
-        model = model.module
+    model = get_attr_wrapped_model(chunk, "decoder", return_model_obj=True)  # the GPTModel
     rotary = getattr(model, "rotary_pos_emb", None)
     if rotary is None:
         yield
