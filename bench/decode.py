@@ -104,13 +104,13 @@ def main(argv=None) -> int:
             calls, positions = calls + logits_fn.calls, positions + logits_fn.positions
         generated = len(prompts) * args.gen_length
         continuations = [until_eos(ids, vocab.eod) for ids in outputs]
-        total, count = continuation_nll(ar, prompts, continuations)
+        scored = continuation_nll(ar, prompts, continuations)
         reference = reference or outputs
         same = sum(a == b for x, y in zip(outputs, reference) for a, b in zip(x, y))
         results[name] = {
             "precision": precision, "tokens_per_s": generated / seconds, "seconds": seconds,
             "forwards_per_token": calls / generated, "positions_per_token": positions / generated,
-            "gen_ppl": math.exp(total / count) if count else None,
+            "gen_ppl": math.exp(scored.value) if sum(scored.counts) else None,
             **text_statistics(continuations, lambda token: tokenizer.decode([token])),
             "agreement_with_plain": same / generated,
             "sample": tokenizer.decode(continuations[0]),

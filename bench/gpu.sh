@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# bf16 vs FP8, plain masked diffusion vs REPR-ALIGN, on one GPU: step time, tokens/s and MFU.
+# bf16 vs FP8, plain masked diffusion vs REPR-ALIGN, on one GPU: step time, tokens/s and MFU; then
+# REPR-ALIGN's pay-off at GPU scale (about 8 minutes of one H200).
 #
-#   bash bench/gpu.sh [key.sub=value ...]        # overrides apply to all runs (bench/gpu.yaml)
+#   bash bench/gpu.sh [key.sub=value ...]        # overrides apply to the throughput runs
 #
 # Four training runs of bench/gpu.yaml (precision bf16|fp8 x align.weight 0|10), one process each;
 # bench/gpu_report.py then takes medians over the iterations after WARMUP from each metrics.jsonl.
+# Then the SmolLM2-135M conversion study of bench/converge.py in bf16: lambda 0 vs 10 under the
+# published freeze, 300 steps of 64 x 256 tokens on all of KJV, paired held-out evaluation
+# (results in $OUT/converge). STUDY=0 skips it; STUDY_ARGS replaces its arguments (the suite
+# dry-runs it on CPU with tiny shapes: PRECISIONS="" STUDY_ARGS="--quick ...").
 # Environment: PYTHON (default python), PRECISIONS (default "bf16 fp8"), ITERS (30), WARMUP (10),
 # PEAK_TFLOPS (the GPU's dense bf16 peak; A100, H100 SXM and H200 are known), OUT (runs/bench_gpu).
 set -euo pipefail
@@ -30,4 +35,13 @@ for precision in ${PRECISIONS:-bf16 fp8}; do
     runs+=("$run")
   done
 done
-"$PY" bench/gpu_report.py --warmup "$WARMUP" "${runs[@]}"
+if [ ${#runs[@]} -gt 0 ]; then
+  "$PY" bench/gpu_report.py --warmup "$WARMUP" "${runs[@]}"
+fi
+if [ "${STUDY:-1}" = 1 ]; then
+  # shellcheck disable=SC2086  # STUDY_ARGS is a list of arguments
+  "$PY" bench/converge.py ${STUDY_ARGS:---model smollm2 --sizes 0 --weights 0 10 \
+    --freeze embedding --modes full --seeds 1 --steps 300 --eval-interval 50 --jobs 1 \
+    --time-steps 20 --out $OUT/converge precision=bf16 model.seq_length=256 \
+    data.micro_batch_size=64 data.global_batch_size=64 evaluation.batch_size=64}
+fi

@@ -151,6 +151,10 @@ class EvaluationConfig(Section):
     """Held-out diffusion NELBO during training, computed as megalign-eval computes it."""
 
     interval: int = 0  # evaluate every N iterations (and at 0 and the end); 0 = off
+    # chooses the held-out samples, the noise levels' masks and so the generation prompts; apart
+    # from the run's seed, so that runs with different seeds are scored on the same text with the
+    # same masks (paired comparisons)
+    seed: int = 1234
     samples: int = 16  # from the validation split (data.split) of paths
     batch_size: Optional[int] = None  # default: data.micro_batch_size
     t_grid: int = 4  # midpoint noise levels, deterministic masks (megalign/evaluate.py)
@@ -219,7 +223,10 @@ class DebugConfig(Section):
 
 @dataclass
 class Config(Section):
-    seed: int = 1234
+    seed: int = 1234  # data order, noise and initialisation; evaluation.seed is apart
+    # diffusion: the masked-diffusion student (with REPR-ALIGN when align.weight > 0);
+    # ar: plain causal next-token pretraining of the same model, data, layouts and checkpoints
+    objective: str = "diffusion"
     precision: str = "fp32"  # fp32 | bf16 | fp8 (bf16 with FP8 GEMMs; GPU with Transformer Engine)
     fp8: Fp8Config = field(default_factory=Fp8Config)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -237,6 +244,7 @@ class Config(Section):
 
 
 CHOICES = {
+    "objective": ("diffusion", "ar"),
     "model.arch": ("llama", "gpt2"),
     "model.mask_token_init": ("mean", "unused"),
     "diffusion.loss_weighting": ("none", "inv_t"),
@@ -503,6 +511,25 @@ def _validate_evaluation(cfg: Config) -> None:
         )
 
 
+def _validate_causal_lm(cfg: Config) -> None:
+    """objective=ar trains the causal model alone: nothing to align to, no masks to learn."""
+    diffusion_only = {
+        "align.weight": (cfg.align.weight, 0.0),
+        "diffusion.block_length": (cfg.diffusion.block_length, None),
+        "diffusion.anneal_iters": (cfg.diffusion.anneal_iters, 0),
+        "diffusion.loss_weighting": (cfg.diffusion.loss_weighting, "none"),
+        "data.sft": (cfg.data.sft, False),
+        "evaluation.infill_span": (cfg.evaluation.infill_span, 0),
+        "evaluation.generation_samples": (cfg.evaluation.generation_samples, 0),
+    }
+    for key, (value, off) in diffusion_only.items():
+        if value != off:
+            off_text = yaml.safe_dump(off).splitlines()[0]  # null, false, 0, none
+            raise ConfigError(f"{key}={value!r} is a diffusion setting: objective=ar pretrains "
+                              f"the causal model alone; set {key}={off_text} or "
+                              "objective=diffusion")
+
+
 def data_parallel_size(cfg: Config, world_size: int) -> int:
     return world_size // (cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size)
 
@@ -651,6 +678,8 @@ def validate(
             f"0..schedule.train_iters - 1 ({cfg.schedule.train_iters - 1})"
         )
     _validate_evaluation(cfg)
+    if cfg.objective == "ar":
+        _validate_causal_lm(cfg)
     if not d.paths:
         raise ConfigError("data.paths is empty; give [prefix] or [weight1, prefix1, ...]")
     if not d.tokenizer:

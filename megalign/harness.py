@@ -167,7 +167,7 @@ def continuation_nelbo(logits_fn, context: list[int], continuation: list[int], c
     """Monte-Carlo negative ELBO of ``continuation`` given ``context`` (see the module doc)."""
     from megalign.diffusion.masking import masks_at
     from megalign.diffusion.objective import make_batch
-    from megalign.evaluation.heldout import inv_t_loss
+    from megalign.evaluation.heldout import sample_losses
 
     length = len(context) + len(continuation)
     # one extra token, as a Megatron sample has, so that make_batch keeps all `length` as input
@@ -179,8 +179,8 @@ def continuation_nelbo(logits_fn, context: list[int], continuation: list[int], c
         masked[k, len(context):length] = masks_at(index, len(continuation), seed, float(t[k]), k)[0]
     positions = torch.arange(length).unsqueeze(0).expand(samples, -1)
     batch = make_batch(tokens, positions, index.expand(samples), cfg, vocab, noise=(t, masked))
-    loss_sum, _ = inv_t_loss(logits_fn, batch)
-    return float(loss_sum) / samples
+    loss_sums, _ = sample_losses(logits_fn, batch, "inv_t")
+    return float(loss_sums.sum()) / samples
 
 
 def cut_at_stop(text: str, until: list[str]) -> str:

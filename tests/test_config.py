@@ -98,3 +98,19 @@ def test_cli_fails_before_launch(tmp_path, overrides, key):
     assert result.returncode == 2
     assert key in result.stderr and "Traceback" not in result.stderr
     assert not run_dir.exists()  # nothing was started or written
+
+
+@pytest.mark.parametrize("override, key", [
+    ("align.weight=10", "align.weight"),
+    ("diffusion.block_length=32", "diffusion.block_length"),
+    ("diffusion.anneal_iters=5", "diffusion.anneal_iters"),
+    ("diffusion.loss_weighting=inv_t", "diffusion.loss_weighting"),
+    ("evaluation.generation_samples=2", "evaluation.generation_samples"),
+])
+def test_causal_lm_objective_refuses_diffusion_settings(override, key):
+    ar = ["objective=ar", "align.weight=0"]
+    validate(load_config(str(TINY_CONFIG), ar), 4)
+    with pytest.raises(ConfigError, match=f"{key}=.* is a diffusion setting: objective=ar"):
+        validate(load_config(str(TINY_CONFIG), [*ar, override]), 4)
+    with pytest.raises(ConfigError, match="objective='causal' is not one of"):
+        validate(load_config(str(TINY_CONFIG), ["objective=causal"]), 4)

@@ -2,10 +2,12 @@
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 
-from conftest import REPO, TINY_CONFIG, run_python, torchrun
+from conftest import REPO, TINY_CONFIG, run_env, run_python, torchrun
 
 from megalign.config import load_config, validate
 
@@ -74,47 +76,78 @@ def test_validation_is_megalign_eval_and_leaves_training_unchanged(tmp_path, dat
 
 @pytest.mark.slow
 def test_converge_quick(tmp_path):
+    """The study end to end on tiny shapes: megalign pretrains the AR model (objective=ar),
+    converts it on two data sizes with every arm kind, and compares the arms paired."""
     out = tmp_path / "converge"
     result = run_python([REPO / "bench" / "converge.py", "--quick", "--out", out,
-                         "--modes", "full", "block", "anneal"], timeout=900)
+                         "--modes", "full", "block", "anneal"], timeout=1200)
     results = json.loads((out / "results.json").read_text())
-    assert set(results["settings"]) == {"low"}
-    summary = results["settings"]["low"]
-    arms = summary["arms"]
-    # every seed for λ = 0 and the largest λ under the published freeze, the first seed otherwise;
-    # block diffusion and annealing with λ = 0 and the largest λ
-    assert [(a["mode"], a["freeze"], a["align_weight"], a["seed"]) for a in arms] == [
-        ("full", "embedding", 0, 1234), ("full", "embedding", 10, 1234),
-        ("full", "none", 0, 1234), ("full", "none", 10, 1234),
-        ("full", "embedding", 0, 1235), ("full", "embedding", 10, 1235),
-        ("block", "embedding", 0, 1234), ("block", "embedding", 10, 1234),
-        ("anneal", "embedding", 0, 1234), ("anneal", "embedding", 10, 1234)]
+    pretraining = (out / "runs" / "pretrain" / "train.log").read_text()
+    assert "next-token NLL" in pretraining and "diffusion NELBO" not in pretraining
+    assert [step for step, _, _ in results["pretraining"]["curve"]] == [0, 1, 2, 3, 4]
+    assert set(results["settings"]) == {"docs4", "docs8"}
+    arms = [a for s in results["settings"].values() for a in s["arms"]]
+    # λ = 0 and the largest λ under the published freeze with every seed on every size, the
+    # other modes and freeze settings on the smallest size with the first seed
+    assert sorted((a["setting"], a["mode"], a["freeze"], a["align_weight"], a["seed"])
+                  for a in arms) == sorted(
+        [(size, "full", "embedding", w, seed) for size in ("docs4", "docs8") for w in (0, 10)
+         for seed in (1, 2)] +
+        [("docs4", mode, "embedding", w, 1) for mode in ("block", "anneal") for w in (0, 10)] +
+        [("docs4", "full", "none", w, 1) for w in (0, 10)])
     logs = {a["mode"]: (out / a["run_dir"] / "train.log").read_text() for a in arms}
-    # one annealing step (steps / 4): its 4 samples open 0, 1/4, 1/2, 3/4 of the future
-    assert "attention open: 0.375" in logs["anneal"] and "attention open" not in logs["block"]
-    metrics = ("val_nelbo", "val_ood_nelbo", "infill_exact_match", "gen_ppl")
+    # one annealing step (steps / 4): its 2 samples open 0 and 1/2 of the future
+    assert "attention open: 0.250" in logs["anneal"] and "attention open" not in logs["block"]
+    for mode in ("full", "block", "anneal"):
+        # paired evaluation: at step 0 every arm of a mode scores the same, whatever its seed,
+        # λ, freeze setting or data size (same AR weights, held-out text, masks and prompts)
+        starts = {json.dumps({m: a["curves"][m][0] for m in ("val_nelbo", "val_ood_nelbo",
+                                                             "gen_ppl")})
+                  for a in arms if a["mode"] == mode}
+        assert len(starts) == 1, (mode, starts)
     for arm in arms:
-        assert set(arm["ratio"]) == set(metrics)
-        for metric in metrics:
+        for metric in ("val_nelbo", "val_ood_nelbo", "gen_ppl"):
             assert [step for step, _ in arm["curves"][metric]] == [0, 2, 4]
             assert all(math.isfinite(value) for _, value in arm["curves"][metric])
-        baseline = next(a for a in arms if a["align_weight"] == 0 and (a["mode"], a["freeze"], a["seed"])
-                        == (arm["mode"], arm["freeze"], arm["seed"]))
-        # same start for the arms of one seed: same AR weights, held-out samples and masks
-        assert all(arm["curves"][m][0] == baseline["curves"][m][0] for m in metrics)
-        target = baseline["final"]["val_nelbo"]
-        reached = [s for s, v in arm["curves"]["val_nelbo"] if v <= target]
-        assert arm["steps_to_baseline_final"]["val_nelbo"] == (reached[0] if reached else None)
+            assert all(math.isfinite(se) and se > 0 for _, se in arm["se"][metric])
+        assert len(arm["final_samples"]["val_nelbo"]) == 4  # evaluation.samples
         if arm["align_weight"]:
             assert len(arm["align_cos"]) == 4 and len(arm["align_cos"][0][1]) == 5
+            assert set(arm["final_status"]) == {"val_nelbo", "val_ood_nelbo", "gen_ppl"}
+            assert all(k in (2, 4) for k, _ in arm["acceleration"]["val_nelbo"])
+            low, high = arm["paired_final"]["val_nelbo"][1:]
+            assert low <= arm["paired_final"]["val_nelbo"][0] <= high
         else:
-            assert arm["align_cos"] == [] and arm["ratio"]["val_nelbo"] == 1.0
-    spread = {(r["mode"], r["freeze"], r["metric"]): r["ratios"] for r in summary["spread"]}
-    assert len(spread[("full", "embedding", "val_nelbo")]) == 2
-    assert len(spread[("full", "none", "gen_ppl")]) == 1
-    assert len(spread[("block", "embedding", "gen_ppl")]) == 1
+            assert arm["align_cos"] == [] and arm["acceleration"] == {}
+    rows = {(r["setting"], r["mode"], r["freeze"], r["metric"]): r for r in results["summary"]}
+    assert rows[("docs8", "full", "embedding", "val_nelbo")]["seeds"] == [1, 2]
+    assert rows[("docs4", "block", "embedding", "gen_ppl")]["seeds"] == [1]
+    assert not any(r["target_met"] for r in results["summary"])  # fewer than 3 seeds
+    for mode, cost in results["costs"].items():
+        assert cost["flops_ratio"] > 1 and cost["time_ratio"] > 0, mode
+    assert results["costs"]["block"]["flops_per_step"]["0"] > results["costs"]["full"][
+        "flops_per_step"]["0"]
     table = (out / "results.md").read_text()
-    assert table.count("\n| low | full | embedding |") == 4 + len(metrics)
-    assert table.count("\n| low | block | embedding |") == 2 + len(metrics)
-    assert (out / "converge.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "ratio to λ = 0 per seed" in result.stdout
+    assert table.count("\n| docs4 | full | embedding | 10 |") == 3
+    for picture in ("curves.png", "acceleration.png"):
+        assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "> wrote" in result.stdout
+    # --summarize recomputes the same comparisons from results.json alone
+    again = run_python([REPO / "bench" / "converge.py", "--summarize", "--out", out])
+    assert again.stdout == table.split("\n\n", 1)[1]
+
+
+@pytest.mark.slow
+def test_gpu_study_dry_runs_on_cpu(tmp_path):
+    """bench/gpu.sh's conversion study, wired as on a GPU, with tiny shapes on CPU (no
+    throughput runs: PRECISIONS is empty)."""
+    out = tmp_path / "converge"
+    env = {**run_env(), "PRECISIONS": "", "OUT": str(tmp_path), "PYTHON": sys.executable,
+           "STUDY_ARGS": f"--quick --modes full --freeze embedding --seeds 1 --out {out}"}
+    result = subprocess.run(["bash", "bench/gpu.sh"], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert [(a["align_weight"], a["seed"]) for a in results["settings"]["docs4"]["arms"]] == [
+        (0, 1), (10, 1)]
+    assert results["costs"]["full"]["flops_ratio"] > 1

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from megalign.config import Config, DiffusionConfig
+from megalign.config import Config, DiffusionConfig, EvaluationConfig
 from megalign.data.vocabulary import Vocabulary
 from megalign.diffusion.masking import sample_noise
 from megalign.diffusion.objective import loss_terms, make_batch
@@ -80,16 +80,21 @@ def test_elbo_estimate_is_the_inv_t_training_loss_on_its_mask():
     from megalign.diffusion.masking import masks_at
     from megalign.evaluation.heldout import diffusion_nelbo
 
-    cfg = Config(seed=1234, diffusion=DiffusionConfig(shift=True))
+    # the masks follow evaluation.seed, not the run's seed
+    cfg = Config(seed=99, diffusion=DiffusionConfig(shift=True),
+                 evaluation=EvaluationConfig(seed=1234))
 
     tokens = torch.randint(4, 40, (2, 33))
     tokens[:, 7] = EOD
     raw = {"tokens": tokens, "position_ids": torch.arange(32).repeat(2, 1),
            "sample_index": torch.tensor([11, 12])}
     fixed = torch.randn(2, 32, 40, generator=torch.Generator().manual_seed(0))
-    nelbo, positions = diffusion_nelbo(lambda x, p, m: fixed, [raw], cfg, VOCAB, grid=1)
+    nelbo = diffusion_nelbo(lambda x, p, m: fixed, [raw], cfg, VOCAB, grid=1)
     masked = masks_at(raw["sample_index"], 33, 1234, 0.5, 0)  # t = 0.5: the one grid point
     supervised = masked[:, 1:] & (tokens[:, :32] != EOD)
     ce = torch.nn.functional.cross_entropy(fixed.transpose(1, 2), tokens[:, 1:], reduction="none")
-    assert positions == 64
-    assert nelbo == pytest.approx(float((ce * supervised / 0.5).sum() / 64), rel=1e-6)
+    assert nelbo.counts == (32, 32)
+    assert nelbo.value == pytest.approx(float((ce * supervised / 0.5).sum() / 64), rel=1e-6)
+    per_sample = ((ce * supervised / 0.5).sum(dim=1) / 32).tolist()
+    assert nelbo.per_sample == pytest.approx(per_sample, rel=1e-6)
+    assert nelbo.se == pytest.approx(abs(per_sample[0] - per_sample[1]) / 2, rel=1e-5)

@@ -48,10 +48,11 @@ def by_hand(model, prompt, continuation):
 def test_generative_perplexity_equals_a_hand_computation():
     model = ToyCausalLM()
     prompts, continuations = [[1, 2, 3], [4]], [[5, 6, 7, 8], [9, 9]]
-    total, count = continuation_nll(model.logits_fn, prompts, continuations)
-    expected = sum(by_hand(model, p, c) for p, c in zip(prompts, continuations))
-    assert count == 6
-    assert total == pytest.approx(expected, rel=1e-6)
+    scored = continuation_nll(model.logits_fn, prompts, continuations)
+    each = [by_hand(model, p, c) for p, c in zip(prompts, continuations)]
+    expected = sum(each)
+    assert scored.counts == (4, 2)
+    assert scored.sums == pytest.approx(each, rel=1e-6)
     # the scorer is given a causal mask (True = blocked above the diagonal)
     assert torch.equal(model.masks[0][0, 0], torch.ones(7, 7, dtype=torch.bool).triu(1))
     quality = generation_quality(lambda p: [c + [0, 5] for c in continuations], model.logits_fn,
@@ -59,12 +60,19 @@ def test_generative_perplexity_equals_a_hand_computation():
     assert quality["gen_tokens"] == 6  # cut at EOS (id 0)
     assert quality["gen_nll"] == pytest.approx(expected / 6, rel=1e-6)
     assert quality["gen_ppl"] == pytest.approx(math.exp(expected / 6), rel=1e-6)
+    assert quality["gen_nll_samples"] == pytest.approx([each[0] / 4, each[1] / 2], rel=1e-6)
+    # the ratio estimator's standard error of the token-pooled NLL, by hand
+    pooled = expected / 6
+    se = math.sqrt(((each[0] - 4 * pooled) ** 2 + (each[1] - 2 * pooled) ** 2) / 2) / 3
+    assert quality["gen_nll_se"] == pytest.approx(se, rel=1e-6)
+    assert quality["gen_ppl_se"] == pytest.approx(math.exp(pooled) * se, rel=1e-6)
 
 
 def test_text_statistics_catch_degenerate_text():
     pieces = {1: ",", 2: " ,", 3: " and", 4: " the", 5: "!?", 6: " "}
     stats = text_statistics([[1, 2, 1, 2], [3, 4, 5, 6]], pieces.get)
     assert stats["gen_distinct"] == pytest.approx((2 / 4 + 4 / 4) / 2)
+    assert stats["gen_distinct_se"] == pytest.approx(0.25)  # stdev(0.5, 1) / sqrt(2)
     assert stats["gen_punctuation"] == pytest.approx(5 / 8)  # ",", " ,", ",", " ,", "!?"
     assert [is_punctuation(t) for t in (",", " .", "a.", " ", "")] == [True, True, False, False, False]
     assert text_statistics([[], []], pieces.get) == {"gen_distinct": None, "gen_punctuation": None}

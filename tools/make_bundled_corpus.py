@@ -9,6 +9,14 @@ never need this.
 * ``--corpus devil``: ``devil.jsonl.gz``, Ambrose Bierce's *The Devil's Dictionary* (1911), one
   object per entry, ``{"text": ..., "id": "ABASEMENT"}``; a second corpus of a different style
   that conversions never train on. Needs ``apt-get install dict-devil``.
+* ``--corpus pretrain``: ``pretrain.jsonl.gz``, the corpus ``bench/converge.py`` pretrains its
+  small AR model on and that its conversions never see: the Python 3.11 documentation's
+  reStructuredText sources in sections of at least ``PYDOC_MIN_CHARS`` characters
+  (``{"text": ..., "id": "pydoc/library/os/3"}``, PSF License), the Django 3.2 documentation's
+  pages in sections (``"id": "django/topics/db/models/0"``, BSD-3-Clause), the Sphinx 5.3
+  documentation's sources (``"id": "sphinx/usage/quickstart/0"``, BSD-2-Clause) and the Jargon
+  File's entries (``"id": "jargon/<headword>"``, public domain). Needs
+  ``apt-get install python3-doc python-django-doc sphinx-doc dict-jargon``.
 * ``--corpus instructions``: ``kjv_instructions.jsonl.gz``, a small instruction set for diffusion
   SFT made from the bundled ``kjv.jsonl.gz`` (nothing to install): per chapter, the instruction to
   continue its opening sentences and, as the response, the sentences that follow, both as
@@ -20,6 +28,7 @@ import gzip
 import json
 import re
 import subprocess
+from html.parser import HTMLParser
 
 VERSE = re.compile(r"^(?P<chapter>\d?[A-Za-z]+\d+):\d+ (?P<text>.*)$")
 
@@ -74,6 +83,117 @@ def devil():
     yield from dictionary_entries("/usr/share/dictd/devil.index", "/usr/share/dictd/devil.dict.dz")
 
 
+PYDOC = "/usr/share/doc/python3.11/html/_sources"
+SPHINX_DOC = "/usr/share/doc/sphinx-doc/html/_sources"
+PYDOC_MIN_CHARS = 2000
+HEADING_RULE = re.compile(r"^([=\-~^*#\"+'`])\1{2,}\s*$")
+
+
+def rst_sections(text: str) -> list[str]:
+    """A reStructuredText file cut before each heading (a line underlined with =, -, ~, ...),
+    each section's paragraphs with their lines joined."""
+    lines = text.splitlines()
+    cuts = [i for i in range(1, len(lines))
+            if HEADING_RULE.match(lines[i]) and lines[i - 1].strip()
+            and not HEADING_RULE.match(lines[i - 1])]
+    sections = []
+    for start, end in zip([0, *[c - 1 for c in cuts]], [*[c - 1 for c in cuts], len(lines)]):
+        kept = ["" if HEADING_RULE.match(line) else line for line in lines[start:end]]
+        paragraphs = [" ".join(p.split()) for p in "\n".join(kept).split("\n\n")]
+        sections.append("\n".join(p for p in paragraphs if p))
+    return [s for s in sections if s]
+
+
+def rst_documents(root: str, label: str):
+    """The reStructuredText sources under ``root`` in documents of at least PYDOC_MIN_CHARS
+    characters (consecutive sections of one file merged), files in sorted order."""
+    import pathlib
+
+    for path in sorted(pathlib.Path(root).rglob("*.rst.txt")):
+        name = str(path.relative_to(root))[: -len(".rst.txt")]
+        pending, count = [], 0
+        for section in rst_sections(path.read_text(encoding="utf-8")):
+            pending.append(section)
+            if sum(map(len, pending)) >= PYDOC_MIN_CHARS:
+                yield f"{label}/{name}/{count}", "\n".join(pending)
+                pending, count = [], count + 1
+        if "".join(pending).strip():
+            yield f"{label}/{name}/{count}", "\n".join(pending)
+
+
+DJANGO_DOC = "/usr/share/doc/python-django-doc/html"
+BLOCKS = {"p", "pre", "li", "dt", "dd", "h1", "h2", "h3", "h4", "h5", "h6", "div", "tr", "table"}
+HEADINGS = {"h1", "h2", "h3"}
+
+
+class SphinxText(HTMLParser):
+    """The text of a Sphinx page's content element (``<div class="yui-g">`` in Django's theme) as
+    (is_heading, paragraph) blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.depth, self.blocks, self.current, self.heading = 0, [], [], False
+
+    def _flush(self):
+        text = " ".join("".join(self.current).split())
+        if text:
+            self.blocks.append((self.heading, text.replace("\u00b6", "").strip()))
+        self.current, self.heading = [], False
+
+    def handle_starttag(self, tag, attrs):
+        if self.depth:
+            self.depth += tag == "div"
+            if tag in BLOCKS:
+                self._flush()
+                self.heading = tag in HEADINGS
+        elif tag == "div" and "yui-g" in (dict(attrs).get("class") or ""):
+            self.depth = 1
+
+    def handle_endtag(self, tag):
+        if self.depth:
+            if tag in BLOCKS:
+                self._flush()
+            self.depth -= tag == "div"
+
+    def handle_data(self, data):
+        if self.depth:
+            self.current.append(data)
+
+
+def django_doc():
+    """Django's documentation (its rendered pages, module sources and indices left out) in
+    documents of at least PYDOC_MIN_CHARS characters, cut at headings."""
+    import pathlib
+
+    skip = {"genindex", "py-modindex", "search", "contents", "index"}
+    for path in sorted(pathlib.Path(DJANGO_DOC).rglob("*.html")):
+        name = str(path.relative_to(DJANGO_DOC))[: -len(".html")]
+        if name.startswith("_") or name in skip:
+            continue
+        parser = SphinxText()
+        parser.feed(path.read_text(encoding="utf-8"))
+        pending, count = [], 0
+        for heading, text in parser.blocks:
+            if heading and sum(map(len, pending)) >= PYDOC_MIN_CHARS:
+                yield f"django/{name}/{count}", "\n".join(pending)
+                pending, count = [], count + 1
+            pending.append(text)
+        if "".join(pending).strip():
+            yield f"django/{name}/{count}", "\n".join(pending)
+
+
+def pretrain():
+    """The Python documentation, Django's, Sphinx's, then the Jargon File's entries (empty ones
+    left out)."""
+    yield from rst_documents(PYDOC, "pydoc")
+    yield from django_doc()
+    yield from rst_documents(SPHINX_DOC, "sphinx")
+    for word, body in dictionary_entries("/usr/share/dictd/jargon.index",
+                                         "/usr/share/dictd/jargon.dict.dz"):
+        if body.strip():
+            yield f"jargon/{word}", body
+
+
 SENTENCE_END = re.compile(r"(?<=[.;:?!])\s+")
 INSTRUCTION = "Continue this passage from the King James Bible:\n"
 
@@ -103,7 +223,7 @@ def instructions(path: str = "data/corpus/kjv.jsonl.gz"):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--corpus", choices=("kjv", "devil", "instructions"), default="kjv")
+    parser.add_argument("--corpus", choices=("kjv", "devil", "pretrain", "instructions"), default="kjv")
     parser.add_argument("--output", help="default: data/corpus/<corpus>.jsonl.gz")
     args = parser.parse_args()
     if args.corpus == "instructions":
@@ -117,7 +237,7 @@ def main():
                                       "messages": messages}) + "\n")
         return
     output = args.output or f"data/corpus/{args.corpus}.jsonl.gz"
-    documents = kjv() if args.corpus == "kjv" else devil()
+    documents = {"kjv": kjv, "devil": devil, "pretrain": pretrain}[args.corpus]()
     with gzip.GzipFile(output, "wb", mtime=0) as raw, open_text(raw) as out:
         for name, body in documents:
             out.write(json.dumps({"id": name, "text": body}) + "\n")

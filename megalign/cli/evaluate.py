@@ -74,15 +74,17 @@ def evaluate(args) -> None:
                               args.samples, args.batch_size, f"{path}.eval_cache",
                               loss_mask=cfg.data.sft and not args.data)
     student_fn = full_logits_fn(student, vocab.size)
-    nelbo, positions = diffusion_nelbo(student_fn, batches, cfg, vocab, args.t_grid)
+    nelbo = diffusion_nelbo(student_fn, batches, cfg, vocab, args.t_grid)
     result = {"checkpoint": path, "samples": len(batches) * args.batch_size,
-              "t_grid": args.t_grid, "diffusion_nelbo_per_token": nelbo,
-              "perplexity_upper_bound": math.exp(min(nelbo, 700)), "positions": positions}
+              "t_grid": args.t_grid, "diffusion_nelbo_per_token": nelbo.value,
+              "diffusion_nelbo_se": nelbo.se,
+              "perplexity_upper_bound": math.exp(min(nelbo.value, 700)),
+              "positions": int(sum(nelbo.counts))}
     if args.infill_span:
         exact, accuracy = infilling(student_fn, batches, cfg, vocab, args.infill_span,
                                     args.infill_steps or args.infill_span)
-        result.update(infill_span=args.infill_span, infill_exact_match=exact,
-                      infill_token_accuracy=accuracy)
+        result.update(infill_span=args.infill_span, infill_exact_match=exact.value,
+                      infill_token_accuracy=accuracy.value)
     if args.ar or args.generate:
         ar_fn = full_logits_fn(load_ar_model(cfg, opened.meta, path, vocab.padded), vocab.size)
     if args.ar:

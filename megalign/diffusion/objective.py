@@ -22,6 +22,10 @@ sequence: one stream, exactly plain masked diffusion.
 Loss per micro-batch, as (sum, normaliser) so Megatron's schedule divides by the normaliser:
 ``none``  sum of CE over supervised positions / number of supervised positions;
 ``inv_t`` sum of CE/t over supervised positions / number of positions (MDLM ELBO per token).
+
+``objective: ar`` (causal-LM pretraining of the same model) fills the same batch with the clean
+tokens as input, every position supervised whose next token belongs to its document, and the
+causal (per-document) mask: the plain next-token loss.
 """
 
 from __future__ import annotations
@@ -141,6 +145,22 @@ def make_batch(
     )
 
 
+def causal_lm_batch(tokens: torch.Tensor, position_ids: torch.Tensor, sample_indices: torch.Tensor,
+                    vocab: Vocabulary, document_attention: bool) -> DiffusionBatch:
+    """The next-token example of ``objective: ar``: ``tokens`` [b, s+1] as in ``make_batch``; the
+    supervised positions are those of the diffusion objective with every token masked."""
+    seq = tokens.shape[1] - 1
+    clean, labels = tokens[:, :seq], tokens[:, 1:].contiguous()
+    supervised = clean != vocab.eod
+    if vocab.pad != vocab.eod:
+        supervised &= labels != vocab.pad
+    mask = attention_mask(document_ids(clean, vocab.eod), causal=True) if document_attention else None
+    return DiffusionBatch(clean_tokens=clean, input_tokens=clean, labels=labels,
+                          supervised=supervised, t=torch.ones(tokens.shape[0], device=tokens.device),
+                          position_ids=position_ids, student_mask=mask, teacher_mask=None,
+                          sample_indices=sample_indices)
+
+
 def _two_streams(clean, noisy, labels, supervised, t, position_ids, teacher_mask, sample_indices,
                  cfg: Config, eod: int) -> DiffusionBatch:
     """The block-diffusion example (see the module docstring)."""
@@ -175,14 +195,30 @@ def _two_streams(clean, noisy, labels, supervised, t, position_ids, teacher_mask
     )
 
 
+def _loss_weights(per_token_ce: torch.Tensor, batch: DiffusionBatch, weighting: str):
+    """([b, s] weight of each position's CE, [b] normaliser of each sample)."""
+    weights = batch.supervised.to(per_token_ce.dtype)
+    if weighting == "inv_t":
+        weights = weights / batch.t.to(per_token_ce.dtype).unsqueeze(1)
+        positions = batch.supervised.shape[1] // batch.streams
+        counts = torch.full((batch.supervised.shape[0],), positions, device=per_token_ce.device)
+    else:
+        counts = batch.supervised.sum(dim=1)
+    return weights, counts
+
+
 def loss_terms(
     per_token_ce: torch.Tensor, batch: DiffusionBatch, weighting: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss sum, normaliser) for one micro-batch; ``per_token_ce`` is [b, s] float."""
-    weights = batch.supervised.to(per_token_ce.dtype)
-    if weighting == "inv_t":
-        weights = weights / batch.t.to(per_token_ce.dtype).unsqueeze(1)
-        count = torch.tensor(batch.supervised.numel() // batch.streams, device=per_token_ce.device)
-    else:
-        count = batch.supervised.sum()
-    return (per_token_ce.float() * weights.float()).sum(), count.to(torch.int)
+    weights, counts = _loss_weights(per_token_ce, batch, weighting)
+    return (per_token_ce.float() * weights.float()).sum(), counts.sum().to(torch.int)
+
+
+def sample_loss_terms(
+    per_token_ce: torch.Tensor, batch: DiffusionBatch, weighting: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``loss_terms`` of each sample: ([b] loss sums, [b] normalisers), for evaluations that
+    report a standard error over samples."""
+    weights, counts = _loss_weights(per_token_ce, batch, weighting)
+    return (per_token_ce.float() * weights.float()).sum(dim=1), counts

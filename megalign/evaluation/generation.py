@@ -6,7 +6,8 @@ run started from) scores the continuations: its mean negative log-likelihood per
 word repeated, runs of commas) also scores a low perplexity, so two statistics of the text are
 reported beside it and must be read with it: the share of distinct tokens per continuation
 (``gen_distinct``, averaged over continuations) and the share of generated tokens that are
-punctuation only (``gen_punctuation``).
+punctuation only (``gen_punctuation``). Each comes with its standard error over prompts
+(``*_se``) and the per-prompt values (``*_samples``) for paired comparisons.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from megalign.diffusion.sampler import until_eos
+from megalign.evaluation.statistics import Estimate, estimate
 from megalign.model.attention import attention_mask
 
 
@@ -32,14 +34,17 @@ def heldout_prompts(batches: list, count: int, length: int) -> list[list[int]]:
 
 
 def continuation_nll(ar_logits_fn: Callable, prompts: list[list[int]],
-                     continuations: list[list[int]]) -> tuple[float, int]:
-    """(sum of -log p_AR(token | prompt, earlier tokens) over every continuation token, tokens).
+                     continuations: list[list[int]]) -> Estimate:
+    """Per continuation, the sum of -log p_AR(token | prompt, earlier tokens) over its tokens and
+    their number (an empty continuation counts 0 of 0).
 
     ``ar_logits_fn(tokens, positions, attention_mask)`` -> [b, s, vocab] logits of a causal model;
     each prompt and its continuation are scored as one unpadded sequence."""
-    total, count = 0.0, 0
+    sums, counts = [], []
     for prompt, continuation in zip(prompts, continuations):
         if not continuation:
+            sums.append(0.0)
+            counts.append(0)
             continue
         tokens = torch.tensor([prompt + continuation])
         positions = torch.arange(tokens.shape[1]).unsqueeze(0)
@@ -47,9 +52,9 @@ def continuation_nll(ar_logits_fn: Callable, prompts: list[list[int]],
         logits = ar_logits_fn(tokens, positions, causal)[0].float()
         predicting = logits[len(prompt) - 1 : tokens.shape[1] - 1]
         targets = torch.tensor(continuation, device=predicting.device)
-        total += float(F.cross_entropy(predicting, targets, reduction="sum"))
-        count += len(continuation)
-    return total, count
+        sums.append(float(F.cross_entropy(predicting, targets, reduction="sum")))
+        counts.append(len(continuation))
+    return estimate(sums, counts)
 
 
 def is_punctuation(text: str) -> bool:
@@ -59,15 +64,17 @@ def is_punctuation(text: str) -> bool:
 
 
 def text_statistics(continuations: list[list[int]], decode_token: Callable[[int], str]) -> dict:
-    """Mean share of distinct tokens per continuation and share of punctuation-only tokens."""
+    """Mean share of distinct tokens per continuation and share of punctuation-only tokens, with
+    their standard errors over the non-empty continuations."""
     nonempty = [ids for ids in continuations if ids]
-    tokens = [token for ids in nonempty for token in ids]
-    if not tokens:
+    if not nonempty:
         return {"gen_distinct": None, "gen_punctuation": None}
-    return {
-        "gen_distinct": sum(len(set(ids)) / len(ids) for ids in nonempty) / len(nonempty),
-        "gen_punctuation": sum(is_punctuation(decode_token(t)) for t in tokens) / len(tokens),
-    }
+    distinct = estimate([len(set(ids)) / len(ids) for ids in nonempty], [1] * len(nonempty))
+    punctuation = estimate([sum(is_punctuation(decode_token(t)) for t in ids) for ids in nonempty],
+                           [len(ids) for ids in nonempty])
+    return {"gen_distinct": distinct.value, "gen_distinct_se": distinct.se,
+            "gen_punctuation": punctuation.value, "gen_punctuation_se": punctuation.se,
+            "gen_distinct_samples": distinct.per_sample}
 
 
 def generation_quality(sample_fn: Callable[[list[list[int]]], list[list[int]]],
@@ -75,13 +82,19 @@ def generation_quality(sample_fn: Callable[[list[list[int]]], list[list[int]]],
                        decode_token: Callable[[int], str], eos_id: Optional[int]) -> dict:
     """Sample a continuation of every prompt with ``sample_fn`` (cut at ``eos_id``) and score it.
 
-    Returns ``gen_nll``, ``gen_ppl``, ``gen_distinct``, ``gen_punctuation`` and ``gen_tokens``;
-    the first four are None when every continuation is empty."""
+    Returns ``gen_nll``, ``gen_ppl``, ``gen_distinct``, ``gen_punctuation`` (None when every
+    continuation is empty), their standard errors (``gen_ppl_se`` by the delta method), the
+    per-prompt NLL (``gen_nll_samples``; None for an empty continuation) and ``gen_tokens``."""
     continuations = [until_eos(ids, eos_id) for ids in sample_fn(prompts)]
-    total, count = continuation_nll(ar_logits_fn, prompts, continuations)
-    nll = total / count if count else None
-    return {"gen_nll": nll, "gen_ppl": None if nll is None else math.exp(min(nll, 700)),
-            **text_statistics(continuations, decode_token), "gen_tokens": count}
+    scored = continuation_nll(ar_logits_fn, prompts, continuations)
+    count = int(sum(scored.counts))
+    nll = scored.value if count else None
+    ppl = None if nll is None else math.exp(min(nll, 700))
+    return {"gen_nll": nll, "gen_nll_se": scored.se if count else None, "gen_ppl": ppl,
+            "gen_ppl_se": None if nll is None else ppl * scored.se,
+            **text_statistics(continuations, decode_token), "gen_tokens": count,
+            "gen_nll_samples": [v if n else None for v, n in zip(scored.per_sample,
+                                                                   scored.counts)]}
 
 
 def student_generation_quality(students: list, ar_logits_fn: Callable, batches: list, count: int,

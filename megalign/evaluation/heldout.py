@@ -2,9 +2,10 @@
 in-training evaluation alike.
 
 Diffusion NELBO per token: ``E_t[(1/t) sum_{masked} CE] / positions``, estimated on a fixed
-midpoint grid of noise levels (t_k = (k + 1/2) / K) with masks drawn from (seed, sample index, k):
-deterministic, the same for any layout, and per level exactly the training loss with
-``diffusion.loss_weighting=inv_t`` on that mask. Infilling: the middle tokens of each sample are
+midpoint grid of noise levels (t_k = (k + 1/2) / K) with masks drawn from (evaluation.seed, sample
+index, k): deterministic, the same for any layout and any training seed, and per level exactly the
+training loss with ``diffusion.loss_weighting=inv_t`` on that mask. Each metric comes as an
+``Estimate`` (per-sample values and the standard error over samples). Infilling: the middle tokens of each sample are
 masked and restored by the sampler from the prefix and suffix. AR NLL: ordinary next-token loss.
 """
 
@@ -13,15 +14,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from megalign.evaluation.statistics import Estimate, estimate
+
 
 def heldout_batches(paths: list, split: str, tokenizer, cfg, samples: int, batch_size: int,
                     cache_dir: str, device=None, loss_mask: bool = False) -> list:
     """The first ``samples`` samples (whole batches) of the validation split of ``paths`` under
     ``split``: disjoint from the training split of the same split string by construction (Megatron
-    splits by document ranges), and the same for every run of the same data and seed."""
+    splits by document ranges), and the same for every run of the same data and
+    ``evaluation.seed``, whatever the run's own seed."""
     from megalign.data.dataset import build_datasets, micro_batches
 
-    _, valid, _ = build_datasets(paths, tokenizer, cfg.model.seq_length, split, cfg.seed,
+    _, valid, _ = build_datasets(paths, tokenizer, cfg.model.seq_length, split, cfg.evaluation.seed,
                                  [0, samples, 0], cache_dir, cfg.model.document_attention,
                                  loss_mask)
     if valid is None or len(valid) < batch_size:
@@ -49,42 +53,61 @@ def full_logits_fn(chunks: list, vocab_size: int):
     return logits_fn
 
 
-def inv_t_loss(logits_fn, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum over supervised positions of CE/t, positions) of one noised ``DiffusionBatch``: the
-    training loss with ``diffusion.loss_weighting=inv_t``, from full-vocabulary logits."""
-    from megalign.diffusion.objective import loss_terms
+def sample_losses(logits_fn, batch, weighting: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """([b] loss sums, [b] normalisers) of one ``DiffusionBatch`` under the training loss with
+    ``weighting`` (``inv_t``: the NELBO's terms), from full-vocabulary logits."""
+    from megalign.diffusion.objective import sample_loss_terms
 
     logits = logits_fn(batch.input_tokens, batch.position_ids, batch.student_mask)
-    ce = F.cross_entropy(logits.transpose(1, 2), batch.labels, reduction="none")
-    return loss_terms(ce, batch, "inv_t")
+    ce = F.cross_entropy(logits.float().transpose(1, 2), batch.labels, reduction="none")
+    return sample_loss_terms(ce, batch, weighting)
 
 
-def diffusion_nelbo(logits_fn, batches, cfg, vocab, grid: int) -> tuple[float, int]:
-    """(NELBO per position, positions) over ``batches`` of raw dataset items."""
+def diffusion_nelbo(logits_fn, batches, cfg, vocab, grid: int) -> Estimate:
+    """NELBO per position over ``batches`` of raw dataset items (``Estimate.counts``: each
+    sample's positions)."""
     from megalign.diffusion.masking import masks_at
     from megalign.diffusion.objective import make_batch
 
-    total, positions = 0.0, 0
+    sums, counts = [], []
     for raw in batches:
+        total = torch.zeros(raw["tokens"].shape[0], dtype=torch.float64)
         for k in range(grid):
             t = (k + 0.5) / grid
-            masked = masks_at(raw["sample_index"], raw["tokens"].shape[1], cfg.seed, t, k)
+            masked = masks_at(raw["sample_index"], raw["tokens"].shape[1], cfg.evaluation.seed,
+                              t, k)
             noise = (torch.full((masked.shape[0],), t), masked)
             batch = make_batch(raw["tokens"], raw["position_ids"], raw["sample_index"], cfg,
                                vocab, noise=noise, response=raw.get("response"))
-            loss_sum, count = inv_t_loss(logits_fn, batch)
-            total += float(loss_sum) / grid
-            positions += int(count) if k == 0 else 0
-    return total / max(positions, 1), positions
+            loss_sums, positions = sample_losses(logits_fn, batch, "inv_t")
+            total += loss_sums.double().cpu() / grid
+        sums += total.tolist()
+        counts += positions.tolist()
+    return estimate(sums, counts)
 
 
-def infilling(logits_fn, batches, cfg, vocab, span: int, steps: int):
-    """(exact-match rate, token accuracy): the middle ``span`` tokens of each sample are masked
-    and recovered by the sampler from the prefix and suffix around them."""
+def causal_nll(logits_fn, batches, vocab, document_attention: bool) -> Estimate:
+    """Mean next-token negative log-likelihood of a causal model over the positions that
+    ``objective: ar`` trains (``Estimate.counts``: each sample's supervised positions)."""
+    from megalign.diffusion.objective import causal_lm_batch
+
+    sums, counts = [], []
+    for raw in batches:
+        batch = causal_lm_batch(raw["tokens"], raw["position_ids"], raw["sample_index"], vocab,
+                                document_attention)
+        loss_sums, supervised = sample_losses(logits_fn, batch, "none")
+        sums += loss_sums.tolist()
+        counts += supervised.tolist()
+    return estimate(sums, counts)
+
+
+def infilling(logits_fn, batches, cfg, vocab, span: int, steps: int) -> tuple[Estimate, Estimate]:
+    """(exact-match rate, token accuracy) over samples: the middle ``span`` tokens of each sample
+    are masked and recovered by the sampler from the prefix and suffix around them."""
     from megalign.diffusion.sampler import SamplerConfig, denoise
     from megalign.model.attention import attention_mask, document_ids
 
-    exact = correct = samples = 0
+    exact, correct = [], []
     for raw in batches:
         clean = raw["tokens"][:, :-1]
         start = clean.shape[1] // 2 - span // 2
@@ -96,10 +119,9 @@ def infilling(logits_fn, batches, cfg, vocab, span: int, steps: int):
         denoise(lambda x, m: logits_fn(x, positions, m), tokens, blocked, start, span, vocab,
                 cfg.diffusion.shift, SamplerConfig(gen_length=span, steps=steps))
         hit = tokens[:, start : start + span] == clean[:, start : start + span]
-        exact += int(hit.all(dim=1).sum())
-        correct += int(hit.sum())
-        samples += clean.shape[0]
-    return exact / samples, correct / (samples * span)
+        exact += hit.all(dim=1).tolist()
+        correct += hit.sum(dim=1).tolist()
+    return estimate(exact, [1] * len(exact)), estimate(correct, [span] * len(correct))
 
 
 def ar_nll(logits_fn, batches) -> tuple[float, int]:

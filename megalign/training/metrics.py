@@ -15,9 +15,12 @@ import sys
 from typing import Optional
 
 
-# optional held-out metrics (megalign/train.py Trainer.evaluate) and their console names
+# the held-out metric of each objective (megalign/training/validator.py) and its console name
+VALIDATION_MAIN = {"val_nelbo": "diffusion NELBO per token", "val_nll": "next-token NLL"}
+# optional held-out metrics and their console names
 VALIDATION_EXTRAS = {
     "val_ood_nelbo": "NELBO on the unseen corpus",
+    "val_ood_nll": "NLL on the unseen corpus",
     "infill_exact_match": "infill exact match",
     "gen_ppl": "generative PPL",
     "gen_distinct": "distinct tokens",
@@ -64,14 +67,17 @@ class MetricsLogger:
             return
         with open(self._validation_path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
+        main = next(key for key in VALIDATION_MAIN if key in record)
         extra = {key: record[key] for key in VALIDATION_EXTRAS if record.get(key) is not None}
         if self._writer is not None:
-            self._writer.add_scalar("validation/nelbo", record["val_nelbo"], record["iteration"])
+            self._writer.add_scalar(f"validation/{main.removeprefix('val_')}", record[main],
+                                    record["iteration"])
             for key, value in extra.items():
                 self._writer.add_scalar(f"validation/{key}", value, record["iteration"])
             self._writer.flush()
-        print(f" validation at iteration {record['iteration']:8d} | diffusion NELBO per token: "
-              f"{record['val_nelbo']:.6E} | PPL upper bound: {record['val_ppl_upper_bound']:.3E} |"
+        print(f" validation at iteration {record['iteration']:8d} | {VALIDATION_MAIN[main]}: "
+              f"{record[main]:.6E} (s.e. {_fmt(record.get(main + '_se'), '.2E')}) | PPL upper "
+              f"bound: {record['val_ppl_upper_bound']:.3E} |"
               + "".join(f" {VALIDATION_EXTRAS[key]}: {value:.4g} |" for key, value in extra.items())
               + f" eval time (s): {record['eval_time_s']:.1f} |", flush=True)
 
@@ -105,5 +111,6 @@ def console_line(record: dict, train_iters: int) -> str:
     return " | ".join(parts) + " |"
 
 
-def _fmt(value: Optional[float]) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+def _fmt(value: Optional[float], spec: str = ".3f") -> str:
+    missing = value is None or (isinstance(value, float) and math.isnan(value))
+    return "n/a" if missing else f"{value:{spec}}"

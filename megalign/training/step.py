@@ -1,5 +1,8 @@
 """The per-micro-batch forward step given to Megatron-Core's schedules, and per-step statistics.
 
+Under ``objective: ar`` the same step trains the causal model on next-token batches (no teacher);
+its "diffusion loss" is then the next-token loss.
+
 Every pipeline stage reads the same micro-batch (the masks are a function of the sample index)
 and runs, in order: the teacher's layers of this stage on the clean tokens (REPR-ALIGN only; once
 per group of ``align.teacher_microbatches``, in the group's first forward step, which reads the
@@ -26,7 +29,7 @@ from megalign.align.teacher import Teacher
 from megalign.config import Config
 from megalign.data.vocabulary import Vocabulary
 from megalign.distributed import device
-from megalign.diffusion.objective import DiffusionBatch, loss_terms, make_batch
+from megalign.diffusion.objective import DiffusionBatch, causal_lm_batch, loss_terms, make_batch
 from megalign.model.hidden_states import HiddenStateRecorder
 from megalign.platform import collectives
 
@@ -108,6 +111,10 @@ class DiffusionStep:
         return scale
 
     def make_batch(self, raw: dict) -> DiffusionBatch:
+        if self.cfg.objective == "ar":
+            return causal_lm_batch(raw["tokens"].to(device()), raw["position_ids"].to(device()),
+                                   raw["sample_index"], self.vocab,
+                                   self.cfg.model.document_attention)
         return make_batch(raw["tokens"].to(device()), raw["position_ids"].to(device()),
                           raw["sample_index"], self.cfg, self.vocab,
                           with_teacher=self.teacher is not None, annealed=True,

@@ -47,7 +47,8 @@ def build_models(cfg: Config, vocab: Vocabulary, ar_checkpoint: Optional[str]):
     from megalign.model.gpt import build_chunks
 
     dtype = torch.float32 if cfg.precision == "fp32" else torch.bfloat16  # fp8: bf16 + FP8 GEMMs
-    students = build_chunks(cfg, vocab.padded, causal=False, params_dtype=dtype,
+    causal_lm = cfg.objective == "ar"  # the trained model is itself the causal AR model
+    students = build_chunks(cfg, vocab.padded, causal=causal_lm, params_dtype=dtype,
                             fp8=cfg.precision == "fp8")
     if ar_checkpoint:
         load_checkpoint(ar_checkpoint, students)
@@ -66,7 +67,7 @@ def build_models(cfg: Config, vocab: Vocabulary, ar_checkpoint: Optional[str]):
             chunk.requires_grad_(False)
     if cfg.model.student_checkpoint:
         load_checkpoint(cfg.model.student_checkpoint, students)  # its mask row is trained
-    elif cfg.model.mask_token_init == "mean":
+    elif cfg.model.mask_token_init == "mean" and not causal_lm:
         for chunk in students:
             init_mask_token_embedding(chunk, vocab.mask, vocab.size)
     return students, teacher, scorer, layer_weights

@@ -3,7 +3,10 @@
 Forward only, in the training layout, without a checkpoint and without consuming training
 randomness; the numbers are megalign-eval's (megalign/evaluation/): diffusion NELBO per token on
 held-out samples, and as configured the NELBO on a corpus never trained on, infilling, and the
-generative perplexity of sampled continuations under the AR model the run started from.
+generative perplexity of sampled continuations under the AR model the run started from. A causal
+model (``objective: ar``) is scored by its next-token NLL on the same samples instead. Every
+metric is reported with its standard error over samples and, for paired comparisons between runs
+(the samples and masks follow ``evaluation.seed`` alone), its per-sample values (``*_samples``).
 """
 
 from __future__ import annotations
@@ -17,11 +20,18 @@ from megalign.config import Config
 from megalign.diffusion.sampler import SamplerConfig, for_model
 from megalign.evaluation.generation import student_generation_quality
 from megalign.evaluation.heldout import (
+    causal_nll,
     diffusion_nelbo,
     full_logits_fn,
     heldout_batches,
     infilling,
 )
+from megalign.evaluation.statistics import Estimate
+
+
+def reported(name: str, metric: Estimate) -> dict:
+    """``name``, its standard error and its per-sample values, as validation.jsonl records them."""
+    return {name: metric.value, f"{name}_se": metric.se, f"{name}_samples": metric.per_sample}
 
 
 class Validator:
@@ -62,16 +72,23 @@ class Validator:
     def _metrics(self, students: list, step) -> dict:
         cfg, e, tokenizer, vocab = self.cfg, self.cfg.evaluation, self.tokenizer, step.vocab
         student = full_logits_fn(students, vocab.size)
-        nelbo = partial(diffusion_nelbo, student, cfg=cfg, vocab=vocab, grid=e.t_grid)
-        value, positions = nelbo(self.heldout)
-        result = {"val_nelbo": value, "val_ppl_upper_bound": math.exp(min(value, 700)),
-                  "val_positions": positions}
+        if cfg.objective == "ar":
+            score, name = partial(causal_nll, student, vocab=vocab,
+                                  document_attention=cfg.model.document_attention), "val_nll"
+        else:
+            score, name = partial(diffusion_nelbo, student, cfg=cfg, vocab=vocab,
+                                  grid=e.t_grid), "val_nelbo"
+        heldout = score(self.heldout)
+        result = {**reported(name, heldout), "val_positions": int(sum(heldout.counts)),
+                  "val_ppl_upper_bound": math.exp(min(heldout.value, 700))}
         if self.ood:
-            result["val_ood_nelbo"] = nelbo(self.ood)[0]
+            result.update(reported(name.replace("val_", "val_ood_"), score(self.ood)))
         if e.infill_span:
             exact, accuracy = infilling(student, self.heldout, cfg, vocab, e.infill_span,
                                         e.infill_span)
-            result.update(infill_exact_match=exact, infill_token_accuracy=accuracy)
+            result.update(infill_exact_match=exact.value, infill_exact_match_se=exact.se,
+                          infill_token_accuracy=accuracy.value,
+                          infill_token_accuracy_se=accuracy.se)
         if self.scorer is not None:
             sampler = for_model(cfg, SamplerConfig(gen_length=e.gen_length, eos_id=vocab.eod))
             result.update(student_generation_quality(

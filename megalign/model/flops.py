@@ -1,0 +1,41 @@
+"""Floating-point operations of a training step, counted the way Megatron-LM and the scaling-law
+papers count them: 2 per multiply-add of every matrix product, the backward pass twice the
+forward, attention's score and value products over the full sequence, norms and softmax left out.
+
+Why: an aligned step runs the teacher's forward besides the student's forward and backward, so a
+speed-up in steps is not one in compute; the FLOPs per step make the comparison independent of
+the machine, beside the step time measured on it.
+"""
+
+from __future__ import annotations
+
+from megalign.config import Config, num_query_groups
+from megalign.model.gpt import ffn_hidden_size
+
+
+def layer_matmul_parameters(cfg: Config) -> int:
+    """Weights of one transformer layer's matrix products (QKV, output projection, MLP)."""
+    m = cfg.model
+    head_dim = m.hidden_size // m.num_attention_heads
+    qkv = m.hidden_size * (m.hidden_size + 2 * num_query_groups(m) * head_dim)
+    mlp = (3 if m.arch == "llama" else 2) * m.hidden_size * ffn_hidden_size(cfg)
+    return qkv + m.hidden_size * m.hidden_size + mlp
+
+
+def forward_flops_per_token(cfg: Config, vocab_size: int, positions: int,
+                            lm_head: bool = True) -> int:
+    """Forward FLOPs per input position of the model on sequences of ``positions``."""
+    m = cfg.model
+    layers = m.num_layers * (2 * layer_matmul_parameters(cfg) + 4 * positions * m.hidden_size)
+    return layers + (2 * m.hidden_size * vocab_size if lm_head else 0)
+
+
+def step_flops(cfg: Config, vocab_size: int, aligned: bool, streams: int = 1) -> int:
+    """FLOPs of one optimizer step: the student's forward and backward over the global batch's
+    positions (``streams`` = 2 under block diffusion) and, when ``aligned``, the frozen
+    teacher's forward without its LM head over the clean sequences."""
+    sequences = cfg.data.global_batch_size
+    seq = cfg.model.seq_length
+    student = 3 * forward_flops_per_token(cfg, vocab_size, streams * seq) * streams * seq
+    teacher = forward_flops_per_token(cfg, vocab_size, seq, lm_head=False) * seq if aligned else 0
+    return sequences * (student + teacher)
