@@ -62,6 +62,8 @@ def inputs(tmp_path) -> dict:
     with gzip.open(CORPUS, "rb") as source:
         (tmp_path / "plain.jsonl.gz").write_bytes(source.read(5000))
     (tmp_path / "a_file").write_text("")
+    # valid JSON, not valid Unicode text: a lone surrogate (found by generated inputs, issue #31)
+    (tmp_path / "surrogate.jsonl").write_text('{"text": "fine"}\n{"text": "a \\ud800 b"}\n')
     good = tmp_path / "whole.jsonl.gz"
     out = tmp_path / "out" / "x"
     return {
@@ -74,6 +76,7 @@ def inputs(tmp_path) -> dict:
         "eod id out of range": (good, ["--eod-token", "4000"], out),
         "not a tokenizer": (good, ["--tokenizer", str(CORPUS)], out),
         "unknown option": (good, ["--frobnicate"], out),
+        "lone surrogate": (tmp_path / "surrogate.jsonl", [], out),
     }
 
 
@@ -87,6 +90,7 @@ def inputs(tmp_path) -> dict:
     ("eod id out of range", "end-of-document id 4000 is outside"),
     ("not a tokenizer", "kjv.jsonl.gz' cannot be read"),
     ("unknown option", "unrecognized arguments: --frobnicate"),
+    ("lone surrogate", "surrogate.jsonl:2: invalid Unicode text in key 'text'"),
 ])
 def test_preprocess_bad_input_is_one_line_exit_2(tmp_path, case, message):
     input_path, extra, out = inputs(tmp_path)[case]
@@ -205,6 +209,9 @@ def test_train_tokenizer_failures_are_one_line(tmp_path):
                           "bad.jsonl:2: malformed JSON")
     assert_one_line_error(train_tokenizer(tmp_path, "--input", str(CORPUS), "--vocab-size",
                                           "100000"), 2, "Vocabulary size too high")
+    (tmp_path / "surrogate.jsonl").write_text('{"text": "a \\ud800 b"}\n')
+    assert_one_line_error(train_tokenizer(tmp_path, "--input", str(tmp_path / "surrogate.jsonl")),
+                          2, "surrogate.jsonl:1: invalid Unicode text")
     (tmp_path / "a_file").write_text("")
     assert_one_line_error(run([*TRAIN_TOKENIZER, "--input", str(CORPUS), "--output-prefix",
                                str(tmp_path / "a_file" / "tok")]), 2, "is a file")

@@ -127,8 +127,21 @@ def _parse(path, number, raw: bytes, keys, text_input):
             return DataError(f"{where}: no key '{key}' (choose others with --json-keys)")
         if not isinstance(record[key], str) or not record[key].strip():
             return DataError(f"{where}: key '{key}' holds an empty or non-string document")
+        if not is_unicode_text(record[key]):
+            return DataError(f"{where}: invalid Unicode text in key '{key}' (a lone surrogate "
+                             "escape such as \\ud800)")
         out[key] = record[key]
     return out
+
+
+def is_unicode_text(value) -> bool:
+    """False for a string (or JSON value holding one) with a lone surrogate: valid JSON
+    (``"\\ud800"``), but not text any tokenizer or UTF-8 file can hold."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def read_jsonl(path: str, key: str = "text") -> Iterator[str]:
@@ -236,6 +249,9 @@ class _SFTEncoder:
                 record = json.loads(raw.decode("utf-8"))
                 if not isinstance(record, dict):
                     raise ValueError("expected a JSON object")
+                if not is_unicode_text(record):
+                    raise ValueError("invalid Unicode text (a lone surrogate escape such as "
+                                     "\\ud800)")
                 ids, mask = example_tokens(record, self.fmt, self.tokenizer)
             except UnicodeDecodeError:
                 problems.append(f"{where}: line is not valid UTF-8")
