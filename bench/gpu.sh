@@ -24,7 +24,7 @@ if [ ! -f data/build/kjv_text_document.idx ]; then
 fi
 mkdir -p "$OUT"
 runs=()
-for precision in ${PRECISIONS:-bf16 fp8}; do
+for precision in ${PRECISIONS-bf16 fp8}; do  # set but empty: no throughput runs
   for weight in 0 10; do
     run=$OUT/${precision}_align$weight
     rm -rf "$run"
