@@ -436,7 +436,7 @@ def summarize(arms: list[dict], costs: dict) -> list[dict]:
                    "steps": spread_over_seeds(ratios)}
             cost = costs.get(mode)
             for kind in ("time", "flops"):
-                if cost:
+                if cost and f"{kind}_ratio" in cost:
                     scaled = [None if r is None else r * cost[f"{kind}_ratio"] for r in ratios]
                     row[kind] = spread_over_seeds(scaled)
             steps = row["steps"]
