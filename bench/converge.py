@@ -395,7 +395,7 @@ def baseline_of(arm: dict, arms: list[dict]):
         a[key] == arm[key] for key in ("setting", "mode", "freeze", "seed"))), None)
 
 
-def compare(arms: list[dict], costs: dict) -> list[dict]:
+def compare(arms: list[dict]) -> list[dict]:
     """Per aligned arm and metric, against its λ = 0 arm: the acceleration curve, its final value
     (in steps, and in compute where step costs were measured) and the paired per-sample
     difference at the end (arm − baseline, mean and 95% interval)."""
@@ -563,7 +563,7 @@ def plot(results: dict, out: Path) -> None:
 def write_outputs(results: dict, out: Path) -> str:
     settings = list(dict.fromkeys(a["setting"] for a in results["arms"]))
     results["arms"].sort(key=lambda a: settings.index(a["setting"]))  # stable: by setting
-    results["arms"] = compare(results["arms"], results.get("costs", {}))
+    results["arms"] = compare(results["arms"])
     results["summary"] = summarize(results["arms"], results.get("costs", {}))
     # the per-setting view the earlier studies' readers expect: settings.<name>.arms[]
     results["settings"] = {setting: {"arms": [a for a in results["arms"] if a["setting"] == setting]}

@@ -5,7 +5,8 @@ Diffusion NELBO per token: ``E_t[(1/t) sum_{masked} CE] / positions``, estimated
 midpoint grid of noise levels (t_k = (k + 1/2) / K) with masks drawn from (evaluation.seed, sample
 index, k): deterministic, the same for any layout and any training seed, and per level exactly the
 training loss with ``diffusion.loss_weighting=inv_t`` on that mask. Each metric comes as an
-``Estimate`` (per-sample values and the standard error over samples). Infilling: the middle tokens of each sample are
+``Estimate`` (per-sample values and the standard error over samples). Infilling: the middle
+tokens of each sample are
 masked and restored by the sampler from the prefix and suffix. AR NLL: ordinary next-token loss.
 """
 
