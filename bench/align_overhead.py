@@ -83,7 +83,7 @@ def ensure_data(args):
     """Build the bundled corpus's dataset when the config reads it and it is missing (as
     examples/tiny.sh does); returns what else is missing, in one line, or None."""
     from megalign.config import load_config
-    from megalign.data.dataset import parse_blend
+    from megalign.config import parse_blend
 
     cfg = load_config(args.config, args.overrides)
     for prefix in parse_blend(cfg.data.paths)[0]:

@@ -46,16 +46,32 @@ def resolve(path: str) -> str:
     """A checkpoint directory, or a root whose ``latest`` names one."""
     latest = os.path.join(path, LATEST)
     if os.path.isfile(latest):
-        with open(latest, encoding="utf-8") as handle:
-            name = handle.read().strip()
+        with open(latest, "rb") as handle:
+            name = handle.read().decode("utf-8", "replace").strip()
+        if not name or name != os.path.basename(name) or name in (".", ".."):
+            raise CheckpointError(
+                f"'{latest}' names {name!r}, not a checkpoint directory inside '{path}'; it "
+                "should hold a name such as iter_0000100 (write it again or give that directory)"
+            )
         path = os.path.join(path, name)
-    if not os.path.isdir(path) or not dist_checkpointing.check_is_distributed_checkpoint(path):
+    if not os.path.isdir(path) or not _is_distributed_checkpoint(path):
         raise CheckpointError(
             f"'{path}' is not a complete megalign checkpoint (no metadata.json); give a directory "
             "written by megalign (iter_NNNNNNN) or a checkpoint root with a 'latest' file"
         )
     _check_safe_to_load(path)
     return path
+
+
+def _is_distributed_checkpoint(path: str) -> bool:
+    """Megatron's check, with a damaged ``metadata.json`` named instead of a JSON traceback."""
+    try:
+        return dist_checkpointing.check_is_distributed_checkpoint(path)
+    except (ValueError, TypeError, KeyError, UnicodeDecodeError) as err:
+        raise CheckpointError(
+            f"'{os.path.join(path, 'metadata.json')}' is damaged ({first_line(err)}); the "
+            "checkpoint may be truncated or incompletely copied"
+        ) from None
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -305,7 +321,15 @@ def read_meta(path: str) -> dict:
         common = dist_checkpointing.load_common_state_dict(path)
     except Exception as err:
         raise CheckpointError(f"checkpoint '{path}' is unreadable ({first_line(err)})") from None
-    return common.get("meta", {})
+    meta = common.get("meta", {}) if isinstance(common, dict) else None
+    expected = {"iteration": int, "consumed_samples": int, "config": dict, "layout": list,
+                "ar_checkpoint": (str, type(None))}
+    wrong = [key for key, kind in expected.items() if key in (meta or {})
+             and (not isinstance(meta[key], kind) or isinstance(meta[key], bool))]
+    if not isinstance(meta, dict) or wrong or meta.get("iteration", 0) < 0:
+        raise CheckpointError(f"checkpoint '{path}' has damaged metadata ({wrong or 'meta'}); it "
+                              "may be corrupt or not written by megalign")
+    return meta
 
 
 def load_checkpoint(path: str, chunks: list, optimizer=None, scheduler=None) -> dict:

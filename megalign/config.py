@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -16,7 +17,7 @@ from typing import Any, Optional
 
 import yaml
 
-from megalign.errors import ConfigError
+from megalign.errors import ConfigError, one_line
 
 
 class Section:
@@ -102,8 +103,8 @@ class AlignConfig(Section):
     """REPR-ALIGN: lambda * (1 - cos(student, teacher)) over aligned hidden states."""
 
     weight: float = 0.0  # lambda; 0 = plain diffusion training (no teacher is built)
-    layers: Optional[list] = None  # aligned state indices 0..L (0 = embedding, L = final norm)
-    layer_weights: Optional[list] = None  # same length as layers; normalised to sum 1
+    layers: Optional[list[int]] = None  # aligned state indices 0..L (0 = embedding, L = final norm)
+    layer_weights: Optional[list[float]] = None  # same length as layers; normalised to sum 1
     teacher_dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     log_teacher_loss: bool = False  # also run the teacher's LM head: log its AR loss on V
     # consecutive micro-batches the teacher runs as one batch: fewer, larger forwards and TP
@@ -136,7 +137,7 @@ class OptimizerConfig(Section):
     beta2: float = 0.95
     eps: float = 1e-8
     clip_grad: float = 1.0
-    freeze: list = field(default_factory=list)  # regexes over parameter names (re.search)
+    freeze: list[str] = field(default_factory=list)  # regexes over parameter names (re.search)
 
 
 @dataclass
@@ -285,21 +286,31 @@ def _coerce(key: str, value: Any, tp) -> Any:
             return value
     elif origin is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if not -INT64_LIMIT <= value < INT64_LIMIT:
+                raise ConfigError(f"{key}={value} is too large for a 64-bit integer")
             return value
     elif origin is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads 3e-4 (no dot) as a string
+            number = float(value) if abs(value) < INT64_LIMIT else math.inf
+        elif isinstance(value, str):  # PyYAML reads 3e-4 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):
+                raise ConfigError(f"{key}={value} is not a finite number")
+            return number
     elif origin is str:
         if isinstance(value, str):
             return value
     elif origin is list:
         if isinstance(value, list):
-            return value
+            element = typing.get_args(base)
+            if not element:  # a list checked where it is read (data.paths: a blend)
+                return value
+            return [_coerce(f"{key}[{i}]", item, element[0]) for i, item in enumerate(value)]
     raise ConfigError(
         f"{key}: expected {getattr(origin, '__name__', origin)}, got {value!r} "
         f"({type(value).__name__})"
@@ -311,6 +322,9 @@ def _build(cls, values: dict, prefix: str = ""):
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in values.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"config key {key!r}{f' under {prefix[:-1]!r}' if prefix else ''} "
+                              f"is not a name; known keys: {names}")
         if key not in names:
             close = difflib.get_close_matches(key, names, n=1)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; known keys: {names}"
@@ -336,11 +350,23 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text or text.startswith("="):
         raise ConfigError(f"override '{text}' is not of the form key.sub=value")
     key, raw = text.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError as err:
-        raise ConfigError(f"override '{text}': value is not valid YAML ({err})") from None
+    value = parse_yaml(raw, f"override '{text}'") if raw != "" else ""
     return key.strip(), value
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """``text`` as YAML, or a ConfigError in one line naming ``where``, the line and the problem."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark
+        at = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = " ".join(part for part in (err.context, err.problem) if part)
+        raise ConfigError(f"{where}{at}: not valid YAML ({problem})") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where}: not valid YAML ({one_line(err)})") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deeply to be a configuration") from None
 
 
 def _merge(base: dict, update: dict) -> dict:
@@ -352,6 +378,7 @@ def _merge(base: dict, update: dict) -> dict:
     return base
 
 
+INT64_LIMIT = 2**63
 CONFIG_DIR = "${config_dir}"
 
 
@@ -378,11 +405,15 @@ def load_config(paths=None, overrides: Optional[list[str]] = None) -> Config:
         path = str(path)
         if not os.path.isfile(path):
             raise ConfigError(f"config file '{path}' does not exist")
-        with open(path, encoding="utf-8") as handle:
-            try:
-                part = yaml.safe_load(handle) or {}
-            except yaml.YAMLError as err:
-                raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from None
+        with open(path, "rb") as handle:
+            data = handle.read()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            line = data[: err.start].count(b"\n") + 1
+            raise ConfigError(f"config file '{path}', line {line}: not UTF-8 text") from None
+        part = parse_yaml(text, f"config file '{path}'")
+        part = {} if part is None else part
         if not isinstance(part, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
         _merge(tree, expand_config_dir(part, os.path.dirname(path)))
@@ -530,49 +561,71 @@ def _validate_causal_lm(cfg: Config) -> None:
                               "objective=diffusion")
 
 
+def parse_blend(paths: list, key: str = "data.paths") -> tuple[list[str], Optional[list[float]]]:
+    """``[prefix]``, ``[prefix1, prefix2]`` or ``[w1, prefix1, w2, prefix2]`` -> Megatron blend."""
+    if all(isinstance(p, str) for p in paths):
+        if "" in paths:
+            raise ConfigError(f"{key}={paths}: a dataset prefix is empty")
+        return [str(p) for p in paths], None
+    if len(paths) % 2 or not all(
+        isinstance(w, (int, float)) and not isinstance(w, bool) and isinstance(p, str)
+        for w, p in zip(paths[::2], paths[1::2])
+    ):
+        raise ConfigError(
+            f"{key}={paths}: give prefixes only, or alternate weight and prefix "
+            "([0.7, data/a_text_document, 0.3, data/b_text_document])"
+        )
+    if "" in paths[1::2]:
+        raise ConfigError(f"{key}={paths}: a dataset prefix is empty")
+    weights = [float(w) for w in paths[::2]]
+    if not all(0 < w < math.inf for w in weights):
+        raise ConfigError(f"{key}: blend weights must be positive and finite, got {weights}")
+    return [str(p) for p in paths[1::2]], weights
+
+
 def data_parallel_size(cfg: Config, world_size: int) -> int:
     return world_size // (cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size)
 
 
-def validate(
-    cfg: Config,
-    world_size: int,
-    tokenizer_vocab: Optional[int] = None,
-    tokenizer_mask: Optional[int] = None,
-) -> None:
-    """Raise ``ConfigError`` for the first impossible combination found."""
-    for key, allowed in CHOICES.items():
+def _check_choices(cfg: Config, choices: dict) -> None:
+    for key, allowed in choices.items():
         node = cfg
         for part in key.split("."):
             node = getattr(node, part)
         if node not in allowed:
             raise ConfigError(f"{key}={node!r} is not one of {list(allowed)}")
 
-    m, p, d = cfg.model, cfg.parallel, cfg.data
+
+def validate_model(
+    cfg: Config,
+    tokenizer_vocab: Optional[int] = None,
+    tokenizer_mask: Optional[int] = None,
+) -> None:
+    """The model, its TP/PP layout and its vocabulary: what building the model needs. Training
+    checks it with the rest (``validate``); inference and export check the config a checkpoint
+    records with it."""
+    _check_choices(cfg, {key: allowed for key, allowed in CHOICES.items()
+                         if key.startswith("model.")})
+    m, p = cfg.model, cfg.parallel
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-    positive = {
-        "parallel.tensor_model_parallel_size": tp,
-        "parallel.pipeline_model_parallel_size": pp,
-        "model.num_layers": m.num_layers,
-        "model.hidden_size": m.hidden_size,
-        "model.num_attention_heads": m.num_attention_heads,
-        "model.seq_length": m.seq_length,
-        "data.micro_batch_size": d.micro_batch_size,
-        "data.global_batch_size": d.global_batch_size,
-        "schedule.train_iters": cfg.schedule.train_iters,
-        "logging.log_interval": cfg.logging.log_interval,
-        "fp8.amax_history_len": cfg.fp8.amax_history_len,
-    }
-    for key, value in {"checkpoint.save_interval": cfg.checkpoint.save_interval,
-                       "checkpoint.keep_last_n": cfg.checkpoint.keep_last_n,
-                       "fp8.margin": cfg.fp8.margin}.items():
-        if value < 0:
-            raise ConfigError(f"{key}={value} must be >= 0")
-    for key, value in positive.items():
+    for key, value in {"parallel.tensor_model_parallel_size": tp,
+                       "parallel.pipeline_model_parallel_size": pp,
+                       "model.num_layers": m.num_layers,
+                       "model.hidden_size": m.hidden_size,
+                       "model.num_attention_heads": m.num_attention_heads,
+                       "model.seq_length": m.seq_length,
+                       "model.make_vocab_size_divisible_by": m.make_vocab_size_divisible_by,
+                       "model.rotary_base": m.rotary_base}.items():
         if value < 1:
             raise ConfigError(f"{key}={value} must be at least 1")
-    _validate_resilience(cfg.resilience)
-
+    for key in ("ffn_hidden_size", "num_query_groups", "padded_vocab_size",
+                "max_position_embeddings"):
+        value = getattr(m, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"model.{key}={value} must be at least 1 (or null: the default)")
+    for key in ("norm_epsilon", "init_method_std"):
+        if getattr(m, key) <= 0:
+            raise ConfigError(f"model.{key}={getattr(m, key)} must be > 0")
     if m.hidden_size % m.num_attention_heads != 0:
         raise ConfigError(
             f"model.hidden_size={m.hidden_size} is not divisible by "
@@ -599,6 +652,86 @@ def validate(
             f"parallel.pipeline_model_parallel_size={pp} does not divide "
             f"model.num_layers={m.num_layers}; choose a PP size that divides {m.num_layers}"
         )
+    if tokenizer_vocab is not None:
+        need = required_vocab_size(tokenizer_vocab, tokenizer_mask)
+        vocab = padded_vocab_size(cfg, tokenizer_vocab, tokenizer_mask)
+        if vocab < need:
+            raise ConfigError(
+                f"model.padded_vocab_size={vocab} is smaller than the {need} rows the tokenizer and "
+                "the mask token need"
+            )
+        if vocab % tp != 0:
+            key = (
+                "model.padded_vocab_size"
+                if m.padded_vocab_size is not None
+                else "model.make_vocab_size_divisible_by"
+            )
+            raise ConfigError(
+                f"{key}: the padded vocabulary ({vocab}) is not divisible by "
+                f"tensor_model_parallel_size={tp}; use a multiple of {tp}"
+            )
+        mask = mask_token_id(cfg, tokenizer_vocab, tokenizer_mask)
+        if not 0 <= mask < vocab:
+            raise ConfigError(
+                f"diffusion.mask_token_id={mask} lies outside the padded vocabulary (0..{vocab - 1})"
+            )
+
+
+def validate_inference(
+    cfg: Config,
+    tokenizer_vocab: Optional[int] = None,
+    tokenizer_mask: Optional[int] = None,
+) -> None:
+    """What sampling, evaluating or exporting a checkpoint reads of its config: the model
+    (``validate_model``), the seeds and the diffusion settings."""
+    validate_model(cfg, tokenizer_vocab, tokenizer_mask)
+    _check_choices(cfg, {"diffusion.loss_weighting": CHOICES["diffusion.loss_weighting"]})
+    for key, value in {"seed": cfg.seed, "evaluation.seed": cfg.evaluation.seed}.items():
+        if not 0 <= value < 2**32:  # numpy's generators (Megatron's dataset shuffles) need this
+            raise ConfigError(f"{key}={value} must lie in 0..{2**32 - 1}")
+    d = cfg.diffusion
+    if not 0.0 < d.eps < 0.5:
+        raise ConfigError(f"diffusion.eps={d.eps} must lie in (0, 0.5)")
+    if d.block_length is not None and d.block_length < 1:
+        raise ConfigError(f"diffusion.block_length={d.block_length} must be >= 1 "
+                          "(null: the whole sequence is one block)")
+    if d.block_length and d.anneal_iters:
+        raise ConfigError("diffusion.block_length and diffusion.anneal_iters are two ways of "
+                          "leaving causal attention: set one of them")
+    if d.anneal_iters < 0:
+        raise ConfigError(f"diffusion.anneal_iters={d.anneal_iters} must be >= 0 "
+                          "(0: no annealing)")
+
+
+def validate(
+    cfg: Config,
+    world_size: int,
+    tokenizer_vocab: Optional[int] = None,
+    tokenizer_mask: Optional[int] = None,
+) -> None:
+    """Raise ``ConfigError`` for the first impossible combination found."""
+    _check_choices(cfg, CHOICES)
+    validate_inference(cfg, tokenizer_vocab, tokenizer_mask)
+
+    m, p, d = cfg.model, cfg.parallel, cfg.data
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    positive = {
+        "data.micro_batch_size": d.micro_batch_size,
+        "data.global_batch_size": d.global_batch_size,
+        "schedule.train_iters": cfg.schedule.train_iters,
+        "logging.log_interval": cfg.logging.log_interval,
+        "fp8.amax_history_len": cfg.fp8.amax_history_len,
+    }
+    for key, value in {"checkpoint.save_interval": cfg.checkpoint.save_interval,
+                       "checkpoint.keep_last_n": cfg.checkpoint.keep_last_n,
+                       "fp8.margin": cfg.fp8.margin}.items():
+        if value < 0:
+            raise ConfigError(f"{key}={value} must be >= 0")
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}={value} must be at least 1")
+    _validate_resilience(cfg.resilience)
+
     vpp = p.virtual_pipeline_model_parallel_size
     if vpp is not None:
         if pp < 2 or vpp < 2:
@@ -637,17 +770,6 @@ def validate(
             f"number of micro-batches per step divisible by pipeline_model_parallel_size={pp}; "
             f"use a multiple of {d.micro_batch_size * dp * pp}"
         )
-    if not 0.0 < cfg.diffusion.eps < 0.5:
-        raise ConfigError(f"diffusion.eps={cfg.diffusion.eps} must lie in (0, 0.5)")
-    if cfg.diffusion.block_length is not None and cfg.diffusion.block_length < 1:
-        raise ConfigError(f"diffusion.block_length={cfg.diffusion.block_length} must be >= 1 "
-                          "(null: the whole sequence is one block)")
-    if cfg.diffusion.block_length and cfg.diffusion.anneal_iters:
-        raise ConfigError("diffusion.block_length and diffusion.anneal_iters are two ways of "
-                          "leaving causal attention: set one of them")
-    if cfg.diffusion.anneal_iters < 0:
-        raise ConfigError(f"diffusion.anneal_iters={cfg.diffusion.anneal_iters} must be >= 0 "
-                          "(0: no annealing)")
     if cfg.align.weight < 0:
         raise ConfigError(f"align.weight={cfg.align.weight} must be >= 0")
     if cfg.align.teacher_microbatches < 1:
@@ -682,29 +804,8 @@ def validate(
         _validate_causal_lm(cfg)
     if not d.paths:
         raise ConfigError("data.paths is empty; give [prefix] or [weight1, prefix1, ...]")
+    for key, paths in {"data.paths": d.paths, "evaluation.paths": cfg.evaluation.paths,
+                       "evaluation.ood_paths": cfg.evaluation.ood_paths}.items():
+        parse_blend(paths, key)
     if not d.tokenizer:
         raise ConfigError("data.tokenizer is empty; give a SentencePiece .model file")
-
-    if tokenizer_vocab is not None:
-        need = required_vocab_size(tokenizer_vocab, tokenizer_mask)
-        vocab = padded_vocab_size(cfg, tokenizer_vocab, tokenizer_mask)
-        if vocab < need:
-            raise ConfigError(
-                f"model.padded_vocab_size={vocab} is smaller than the {need} rows the tokenizer and "
-                "the mask token need"
-            )
-        if vocab % tp != 0:
-            key = (
-                "model.padded_vocab_size"
-                if m.padded_vocab_size is not None
-                else "model.make_vocab_size_divisible_by"
-            )
-            raise ConfigError(
-                f"{key}: the padded vocabulary ({vocab}) is not divisible by "
-                f"tensor_model_parallel_size={tp}; use a multiple of {tp}"
-            )
-        mask = mask_token_id(cfg, tokenizer_vocab, tokenizer_mask)
-        if not 0 <= mask < vocab:
-            raise ConfigError(
-                f"diffusion.mask_token_id={mask} lies outside the padded vocabulary (0..{vocab - 1})"
-            )

@@ -15,20 +15,35 @@ import torch
 from megalign.data.vocabulary import Vocabulary
 
 
-def load_config_from_checkpoint(path: str, overrides: list[str]):
+def recorded_config(path: str):
+    """The config a checkpoint directory records (``${config_dir}`` resolved), and its meta;
+    a missing or unreadable one is a CheckpointError naming the directory."""
     from megalign.checkpoint import read_meta
-    from megalign.errors import CheckpointError
-    from megalign.config import config_from_dict, parse_override, set_dotted
+    from megalign.config import config_from_dict
+    from megalign.errors import CheckpointError, ConfigError
 
     meta = read_meta(path)
     tree = meta.get("config")
-    if tree is None:
+    if not isinstance(tree, dict):
         raise CheckpointError(f"checkpoint '{path}' records no config")
-    tree.setdefault("parallel", {}).update(
-        tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
-        virtual_pipeline_model_parallel_size=None, sequence_parallel=False)
-    tree["model"]["document_attention"] = True  # explicit masks keep batch padding out
-    for text in overrides:
+    try:
+        return config_from_dict(tree, path), meta
+    except ConfigError as err:
+        raise CheckpointError(f"checkpoint '{path}' records a config megalign cannot read "
+                              f"({err}); it may be damaged or from another version") from None
+
+
+def load_config_from_checkpoint(path: str, overrides: list[str]):
+    """The recorded config for inference in one process (or the layout ``overrides`` give)."""
+    from dataclasses import replace
+
+    from megalign.config import (ParallelConfig, config_from_dict, parse_override, set_dotted,
+                                 to_dict)
+
+    recorded, meta = recorded_config(path)
+    tree = to_dict(replace(recorded, parallel=ParallelConfig(),
+                           model=replace(recorded.model, document_attention=True)))  # masks
+    for text in overrides:  # keep batch padding out
         set_dotted(tree, *parse_override(text))
     return config_from_dict(tree, path), meta
 
@@ -47,17 +62,25 @@ class Opened:
 def open_checkpoint(checkpoint: str, overrides: list[str]) -> Opened:
     """Resolve ``checkpoint`` and read what inference needs; fails early without a mask token."""
     from megalign.checkpoint import resolve
+    from megalign.config import validate_inference
     from megalign.data.tokenizer import build_tokenizer
-    from megalign.errors import ConfigError
+    from megalign.errors import ConfigError, one_line
 
     path = resolve(checkpoint)
     cfg, meta = load_config_from_checkpoint(path, overrides)
-    tokenizer = build_tokenizer(cfg.data.tokenizer, cfg.data.eod_token)
-    vocab = Vocabulary.of(cfg, tokenizer)
-    if vocab.mask >= vocab.padded:
-        raise ConfigError(f"the model has no mask token (id {vocab.mask} >= vocabulary "
-                          f"{vocab.padded})")
-    return Opened(path, cfg, meta, tokenizer, vocab)
+    if not cfg.data.tokenizer:
+        raise ConfigError(f"checkpoint '{path}' records no tokenizer; give one with "
+                          "data.tokenizer=PATH")
+    try:
+        tokenizer = build_tokenizer(cfg.data.tokenizer, cfg.data.eod_token)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"data.tokenizer={cfg.data.tokenizer} (of checkpoint '{path}', or "
+                          f"overridden): {one_line(err)}") from None
+    try:
+        validate_inference(cfg, tokenizer.vocab_size, tokenizer.mask)
+    except ConfigError as err:
+        raise ConfigError(f"checkpoint '{path}' (with the overrides given): {err}") from None
+    return Opened(path, cfg, meta, tokenizer, Vocabulary.of(cfg, tokenizer))
 
 
 def load_student(opened: Opened, dtype: torch.dtype = torch.float32) -> list:
@@ -76,17 +99,23 @@ def load_student(opened: Opened, dtype: torch.dtype = torch.float32) -> list:
                                cfg.parallel.pipeline_model_parallel_size, cfg.seed)
     chunks = build_chunks(cfg, opened.vocab.padded, causal=False, params_dtype=torch.float32)
     load_checkpoint(opened.path, chunks)
-    if is_converted_ar_model(opened.meta) and cfg.model.mask_token_init == "mean":
-        # the step-0 student: what training starts from (megalign.training.trainer.build_models)
-        from megalign.model.embedding import init_mask_token_embedding
-
-        for chunk in chunks:
-            init_mask_token_embedding(chunk, opened.vocab.mask, opened.vocab.size)
+    start_step0_student(chunks, cfg, opened.meta, opened.vocab)
     if dtype != torch.float32:
         for chunk in chunks:  # the weights, and the activations pipeline stages exchange
             chunk.to(dtype)
             chunk.config.params_dtype = chunk.config.pipeline_dtype = dtype
     return chunks
+
+
+def start_step0_student(chunks: list, cfg, meta: dict, vocab: Vocabulary) -> None:
+    """A converted AR model's mask row initialised as training initialises it
+    (megalign.training.trainer.build_models), so that the step-0 student sampled, evaluated or
+    exported is the one training starts from; a trained checkpoint is left as it is."""
+    if is_converted_ar_model(meta) and cfg.model.mask_token_init == "mean":
+        from megalign.model.embedding import init_mask_token_embedding
+
+        for chunk in chunks:
+            init_mask_token_embedding(chunk, vocab.mask, vocab.size)
 
 
 def is_converted_ar_model(meta: dict) -> bool:

@@ -13,7 +13,8 @@ import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from conftest import CORPUS, REPO, TOKENIZER, chat_tokenizer, run_env
-from megalign.data.dataset import PretrainingSampler, build_datasets, parse_blend
+from megalign.config import parse_blend
+from megalign.data.dataset import PretrainingSampler, build_datasets
 from megalign.data.indexed import check_indexed_dataset, write_indexed_dataset
 from megalign.errors import DataError
 from megalign.cli.preprocess import main as preprocess_main
@@ -178,6 +179,12 @@ def test_blank_lines_are_skipped_and_counted(tmp_path, capsys):
 
 
 def test_train_tokenizer_reserves_special_ids(tmp_path):
+    """Called from a process that ran torch's OpenMP threads (where a forked SentencePiece
+    trainer hung or crashed; it now runs in a fresh interpreter)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    torch.ones(512, 512) @ torch.ones(512, 512)
+    torch.set_num_threads(threads)
     prefix = str(tmp_path / "tok")
     assert train_tokenizer_main(["--input", str(CORPUS), "--vocab-size", "600",
                                  "--model-type", "unigram", "--output-prefix", prefix]) == 0

@@ -138,7 +138,7 @@ def test_tiny_demo_and_generation_errors(tmp_path):
     assert too_long.returncode == 2 and "exceeds the model's context" in too_long.stderr
     no_mask = run_python(["-m", "megalign.cli.generate", "--checkpoint", checkpoints, "--prompt", "x",
                           "diffusion.mask_token_id=5000"], check=False)
-    assert no_mask.returncode == 2 and "has no mask token" in no_mask.stderr
+    assert no_mask.returncode == 2 and "mask_token_id=5000 lies outside the padded vocabulary" in no_mask.stderr
     missing = run_python(["-m", "megalign.cli.generate", "--checkpoint", tmp_path / "nope",
                           "--prompt", "x"], check=False)
     assert missing.returncode == 2 and "not a complete megalign checkpoint" in missing.stderr

@@ -23,7 +23,7 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse whose usage errors are one line (exit code 2), like every other failure."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see --help)\n")
 
 
 def describe_os_error(err: OSError) -> str:

@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megalign.cli.common import run_command
+from megalign.cli.common import ArgumentParser, run_command
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="megalign-convert", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="megalign-convert", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--from", dest="source", choices=["hf", "megalign"], required=True)
     parser.add_argument("--to", dest="target", choices=["hf", "megalign"], required=True)
     parser.add_argument("--input", required=True)

@@ -22,12 +22,12 @@ import argparse
 import math
 import sys
 
-from megalign.cli.common import print_result, run_command
+from megalign.cli.common import ArgumentParser, print_result, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="megalign-eval", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="megalign-eval", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--data", nargs="+", help="dataset prefix(es); default: data.paths")
     parser.add_argument("--samples", type=int, default=32)

@@ -22,7 +22,7 @@ import argparse
 import json
 import sys
 
-from megalign.cli.common import run_command
+from megalign.cli.common import ArgumentParser, run_command
 
 
 
@@ -48,8 +48,8 @@ def read_prompts(args) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     from megalign.diffusion.sampler import CONFIDENCES, DEFAULT_BLOCK_LENGTH, RULES, SamplerConfig
 
-    parser = argparse.ArgumentParser(prog="megalign-generate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="megalign-generate", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--prompt", action="append")
     parser.add_argument("--prompt-file")

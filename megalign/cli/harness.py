@@ -11,12 +11,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megalign.cli.common import print_result, run_command
+from megalign.cli.common import ArgumentParser, print_result, run_command
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="megalign-harness", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="megalign-harness", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--tasks", required=True, help="comma-separated task names")
     parser.add_argument("--include_path", help="directory of task YAML files")

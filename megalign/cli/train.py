@@ -15,16 +15,20 @@ import os
 import sys
 from functools import partial
 
-from megalign.errors import USER_ERRORS, ConfigError
+from megalign.cli.common import ArgumentParser
+from megalign.errors import USER_ERRORS, ConfigError, one_line
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="megalign-train", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--config", action="append",
                         help="YAML run configuration(s), merged in order (examples/configs/*.yaml)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. align.weight=10")
+    parser.add_argument("--check", action="store_true",
+                        help="check the configuration and tokenizer, print the resolved config "
+                             "(YAML) and exit: 0 valid, 2 not; starts nothing")
     return parser
 
 
@@ -48,14 +52,34 @@ def load_and_validate(args, world_size: int):
     return freeze(cfg), tokenizer
 
 
-def write_resolved_config(cfg) -> None:
+def check_data_files(cfg) -> None:
+    """Every dataset the run reads exists and is whole (what --check adds to the config's own
+    checks; a run finds out when it builds its datasets)."""
+    from megalign.config import parse_blend
+    from megalign.data.indexed import check_indexed_dataset
+    from megalign.errors import DataError
+
+    for key, paths in (("data.paths", cfg.data.paths), ("evaluation.paths", cfg.evaluation.paths),
+                       ("evaluation.ood_paths", cfg.evaluation.ood_paths)):
+        for prefix in parse_blend(paths, key)[0]:
+            try:
+                check_indexed_dataset(prefix)
+            except DataError as err:
+                raise DataError(f"{key}: {err}") from None
+
+
+def resolved_config_yaml(cfg) -> str:
     import yaml
 
     from megalign.config import to_dict
 
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def write_resolved_config(cfg) -> None:
     os.makedirs(cfg.logging.run_dir, exist_ok=True)
     with open(os.path.join(cfg.logging.run_dir, "config.yaml"), "w", encoding="utf-8") as handle:
-        yaml.safe_dump(to_dict(cfg), handle, sort_keys=False)
+        handle.write(resolved_config_yaml(cfg))
 
 
 def _attempt(cfg, tokenizer, store) -> None:
@@ -75,14 +99,19 @@ def main(argv=None) -> int:
     from megalign.training import inprocess, watchdog
     from megalign.training.trainer import run
 
-    faulthandler.enable()  # a SIGBUS/SIGSEGV still says where
     args = build_parser().parse_args(argv)
     launch = distributed.launch_env()
     try:
         cfg, tokenizer = load_and_validate(args, launch.world_size)
+        if args.check:
+            check_data_files(cfg)
     except (ConfigError, OSError, ValueError) as err:
-        print(f"megalign-train: error: {err}", file=sys.stderr)
+        print(f"megalign-train: error: {one_line(err)}", file=sys.stderr)
         return 2
+    if args.check:
+        sys.stdout.write(resolved_config_yaml(cfg))
+        return 0
+    faulthandler.enable()  # a SIGBUS/SIGSEGV in training still says where
     if launch.rank == 0:
         write_resolved_config(cfg)
     try:

@@ -16,15 +16,18 @@ trust_remote_code=True)`` and needs only torch and transformers. Remote code is 
 
 from __future__ import annotations
 
+import glob
 import os
+import re
 import shutil
 import sys
+from dataclasses import replace
 from typing import Optional
 
 import torch
 import yaml
 
-from megalign.config import CONFIG_DIR, Config, config_from_dict, to_dict
+from megalign.config import CONFIG_DIR, Config, ParallelConfig, to_dict, validate_inference
 from megalign.convert.hf import (
     ConversionError,
     check_layout,
@@ -32,6 +35,10 @@ from megalign.convert.hf import (
     megatron_to_hf,
     model_config_from_hf,
 )
+from megalign.data.tokenizer import build_tokenizer
+from megalign.data.vocabulary import Vocabulary
+from megalign.errors import ConfigError, first_line, one_line
+from megalign.loading import recorded_config, start_step0_student
 
 MEGALIGN_YAML = "megalign.yaml"
 
@@ -68,22 +75,88 @@ def _load_exact(chunk, tensors: dict) -> None:
     chunk.load_state_dict(tensors, strict=False)
 
 
+def stored_shapes(source: str) -> dict[str, tuple]:
+    """Name -> shape of every tensor in the directory's safetensors files, read from their
+    headers (no tensor is loaded); empty when the weights are in another format."""
+    from safetensors import safe_open
+
+    shapes = {}
+    for file in sorted(glob.glob(os.path.join(source, "*.safetensors"))):
+        try:
+            with safe_open(file, "pt") as handle:
+                for name in handle.keys():
+                    shapes[name] = tuple(handle.get_slice(name).get_shape())
+        except Exception as err:  # safetensors' SafetensorError, a truncated header
+            raise ConversionError(f"'{file}' is not a readable safetensors file "
+                                  f"({first_line(err)}); download or copy it again") from None
+    return shapes
+
+
+def check_config_fits_weights(source: str, hf_config) -> None:
+    """config.json against the shapes of the stored weights, before any weight is allocated: a
+    damaged or mismatched config.json is refused by name instead of building a model of the
+    size it claims."""
+    from transformers import AutoModelForCausalLM
+
+    stored = stored_shapes(source)
+    if not stored:
+        return
+    layers = {int(m.group(1)) for m in map(re.compile(r"(?:layers|h)\.(\d+)\.").search, stored)
+              if m is not None}
+    claimed = model_config_from_hf(hf_config)["num_layers"]
+    if layers and claimed != len(layers):
+        raise ConversionError(f"'{source}/config.json' describes {claimed} layers, its weights "
+                              f"hold {len(layers)}; the config does not belong to these weights")
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        expected = {name: tuple(tensor.shape) for name, tensor in
+                    AutoModelForCausalLM.from_config(hf_config).state_dict().items()}
+    wrong = [f"{name}: config {expected[key]} vs weights {shape}"
+             for name, shape in stored.items()
+             for key in [name if name in expected else f"transformer.{name}"]
+             if key in expected and expected[key] != shape]
+    if wrong:
+        raise ConversionError(f"'{source}/config.json' does not describe its weights "
+                              f"({'; '.join(wrong[:3])})")
+
+
 def hf_to_megalign(source: str, output: str, gguf_file: Optional[str] = None, tp: int = 1,
                    pp: int = 1, make_vocab_size_divisible_by: int = 128,
                    trust_remote_code: bool = False) -> str:
     """Convert the HF causal LM in ``source`` (a directory; ``gguf_file`` inside it) into a
     megalign checkpoint ``output`` trainable with ``tp`` x ``pp``; returns its path."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     from megalign.checkpoint import save_weights
-    from megalign.data.tokenizer import MASK_CANDIDATES, build_tokenizer
+    from megalign.data.tokenizer import MASK_CANDIDATES
 
+    hf_logging.disable_progress_bar()  # megalign-convert says what it wrote, in one line
+    hf_logging.set_verbosity_error()  # its loading report: missing weights are refused below
     load_kwargs = {"trust_remote_code": trust_remote_code}
     if gguf_file:
         load_kwargs["gguf_file"] = gguf_file
     if not os.path.isdir(source):
         raise ConversionError(f"--input '{source}' is not a directory")
-    hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **load_kwargs)
+    try:
+        hf_config = AutoConfig.from_pretrained(source, **load_kwargs)
+        try:
+            model_config_from_hf(hf_config)  # an unsupported architecture is refused first
+        except ConversionError as err:
+            raise ConversionError(f"'{source}': {err}") from None
+        if not gguf_file:
+            check_config_fits_weights(source, hf_config)
+        hf_model, loading = AutoModelForCausalLM.from_pretrained(
+            source, dtype=torch.float32, output_loading_info=True, **load_kwargs)
+        if loading.get("missing_keys") or loading.get("mismatched_keys"):
+            raise ConversionError(
+                f"'{source}' lacks weights its config.json asks for "
+                f"({sorted(loading.get('missing_keys') or loading['mismatched_keys'])[:3]}); "
+                "transformers would initialise them at random")
+    except ConversionError:
+        raise
+    except Exception as err:  # what transformers raises for a directory it cannot load
+        raise ConversionError(f"--input '{source}': transformers cannot load it "
+                              f"({first_line(err)})") from None
     model = model_config_from_hf(hf_model.config)
     check_layout(model, tp, pp)
     rows = hf_model.get_input_embeddings().weight.shape[0]
@@ -137,27 +210,56 @@ def hf_to_megalign(source: str, output: str, gguf_file: Optional[str] = None, tp
 def megalign_to_hf(source: str, output: str) -> str:
     """The megalign checkpoint ``source`` as a self-contained transformers directory ``output``
     (see ``export_diffusion_model``); returns its path."""
-    from megalign.checkpoint import load_checkpoint, read_meta, resolve
+    from megalign.checkpoint import load_checkpoint, resolve
     from megalign.model.gather import full_tensors
 
     path = resolve(source)
-    meta = read_meta(path)
-    if "config" not in meta:
-        raise ConversionError(f"checkpoint '{path}' records no model config")
-    cfg = config_from_dict(meta["config"], path)
-    cfg.parallel.tensor_model_parallel_size = cfg.parallel.pipeline_model_parallel_size = 1
-    cfg.parallel.virtual_pipeline_model_parallel_size = None
-    cfg.parallel.sequence_parallel = False
+    cfg, meta = recorded_config(path)
+    cfg = replace(cfg, parallel=ParallelConfig())
+    vocab = None
+    try:
+        if cfg.data.tokenizer:  # the vocabulary sizes and mask row as training resolved them
+            tokenizer = build_tokenizer(cfg.data.tokenizer, cfg.data.eod_token)
+            validate_inference(cfg, tokenizer.vocab_size, tokenizer.mask)
+            vocab = Vocabulary.of(cfg, tokenizer)
+            cfg = replace(cfg, model=replace(cfg.model, padded_vocab_size=vocab.padded),
+                          diffusion=replace(cfg.diffusion, mask_token_id=vocab.mask))
+        elif cfg.model.padded_vocab_size is None:
+            raise ConversionError("it records neither a tokenizer nor a padded vocabulary size "
+                                  "(model.padded_vocab_size)")
+        validate_inference(cfg)
+    except (ConfigError, OSError, ValueError) as err:
+        raise ConversionError(f"checkpoint '{path}': {one_line(err)}") from None
     m = cfg.model
-    if m.padded_vocab_size is None:
-        raise ConversionError(f"checkpoint '{path}' records no padded vocabulary size")
     chunks = _build_single_process_model(cfg)
     load_checkpoint(path, chunks)
+    if vocab is not None:
+        start_step0_student(chunks, cfg, meta, vocab)
     model = {k: getattr(m, k) for k in ("arch", "num_layers", "num_attention_heads",
                                          "num_query_groups", "qkv_bias", "tie_embeddings")}
     hf_state = megatron_to_hf(full_tensors(chunks, "param"), model, m.padded_vocab_size)
-    export_diffusion_model(cfg, meta, hf_state, output)
+    write_export_atomically(output, lambda directory: export_diffusion_model(cfg, meta, hf_state,
+                                                                             directory))
     return output
+
+
+def write_export_atomically(output: str, write) -> None:
+    """``write(directory)`` into a temporary directory renamed to ``output`` once complete, so a
+    failure never leaves a partial export that looks whole. An ``output`` that exists is
+    replaced only when it is an earlier export (it holds modeling_megalign.py)."""
+    if os.path.isdir(output) and os.listdir(output) and not os.path.isfile(
+            os.path.join(output, "modeling_megalign.py")):
+        raise ConversionError(f"--output '{output}' exists and is not a megalign export; give a "
+                              "new directory")
+    temp = f"{os.path.normpath(output)}.tmp-{os.getpid()}"
+    shutil.rmtree(temp, ignore_errors=True)
+    try:
+        write(temp)
+        if os.path.isdir(output):
+            shutil.rmtree(output)
+        os.replace(temp, output)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def export_diffusion_model(cfg: Config, meta: dict, hf_state: dict, output: str) -> None:
@@ -166,8 +268,9 @@ def export_diffusion_model(cfg: Config, meta: dict, hf_state: dict, output: str)
     (``AutoModel.from_pretrained(output, trust_remote_code=True)``)."""
     import json
 
+    from transformers.utils import logging as hf_logging
+
     from megalign.convert import modeling_megalign
-    from megalign.data.tokenizer import build_tokenizer
     from megalign.diffusion.sampler import SamplerConfig
     from megalign.model.gpt import ffn_hidden_size
 
@@ -195,6 +298,7 @@ def export_diffusion_model(cfg: Config, meta: dict, hf_state: dict, output: str)
     if missing or unexpected:
         raise ConversionError(f"HF model mismatch: missing {missing}, unexpected {unexpected}")
     os.makedirs(output, exist_ok=True)
+    hf_logging.disable_progress_bar()  # megalign-convert says what it wrote, in one line
     hf_model.save_pretrained(output, safe_serialization=True)
     shutil.copy(modeling_megalign.__file__, os.path.join(output, "modeling_megalign.py"))
     defaults = SamplerConfig()

@@ -19,26 +19,10 @@ from megatron.core.datasets.blended_megatron_dataset_config import (
 )
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
+from megalign.config import parse_blend
 from megalign.errors import ConfigError
 from megalign.data.indexed import check_indexed_dataset, read_index
 from megalign.data.sft import loss_mask_prefix
-
-
-def parse_blend(paths: list) -> tuple[list[str], Optional[list[float]]]:
-    """``[prefix]``, ``[prefix1, prefix2]`` or ``[w1, prefix1, w2, prefix2]`` -> Megatron blend."""
-    if all(isinstance(p, str) for p in paths):
-        return [str(p) for p in paths], None
-    if len(paths) % 2 or not all(
-        isinstance(w, (int, float)) and isinstance(p, str) for w, p in zip(paths[::2], paths[1::2])
-    ):
-        raise ConfigError(
-            f"data.paths={paths}: give prefixes only, or alternate weight and prefix "
-            "([0.7, data/a_text_document, 0.3, data/b_text_document])"
-        )
-    weights = [float(w) for w in paths[::2]]
-    if any(w <= 0 for w in weights):
-        raise ConfigError(f"data.paths: blend weights must be positive, got {weights}")
-    return [str(p) for p in paths[1::2]], weights
 
 
 def check_split(prefix: str, documents: int, split: str) -> None:

@@ -113,12 +113,16 @@ def _parse(path, number, raw: bytes, keys, text_input):
         line = raw.decode("utf-8")
     except UnicodeDecodeError:
         return DataError(f"{where}: line is not valid UTF-8")
+    if number == 1:
+        line = line.removeprefix("\ufeff")  # a byte-order mark, as some editors write
     if text_input:
-        return {key: line.rstrip("\n") for key in keys}
+        return {key: line.removesuffix("\n").removesuffix("\r") for key in keys}
     try:
         record = json.loads(line)
     except json.JSONDecodeError as err:
         return DataError(f"{where}: malformed JSON ({err.msg})")
+    except RecursionError:
+        return DataError(f"{where}: JSON nested too deeply to be a document")
     if not isinstance(record, dict):
         return DataError(f"{where}: expected a JSON object")
     out = {}

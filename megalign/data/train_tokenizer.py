@@ -37,7 +37,10 @@ def _train_in_child(text: str, prefix: str, vocab_size: int, model_type: str) ->
     """SentencePiece trains in C++ and returns to Python, where signals are handled, only when
     done: in a child process the tool can stop at once."""
     reader, writer = pipe()
-    process = start_process(_train, (writer, text, prefix, vocab_size, model_type), close=[reader])
+    # SentencePiece's trainer threads hang in a forked child of a process that ran torch's
+    # OpenMP threads (the library called from Python, as in a notebook): a fresh interpreter
+    process = start_process(_train, (writer, text, prefix, vocab_size, model_type), close=[reader],
+                            fresh_interpreter=True)
     writer.close()
     try:
         receive(reader, process, "SentencePiece trainer")

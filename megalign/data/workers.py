@@ -23,15 +23,18 @@ def pipe():
     return _FORK.Pipe(duplex=False)
 
 
-def start_process(target, args: tuple, close: Iterable = (), daemon: bool = True):
+def start_process(target, args: tuple, close: Iterable = (), daemon: bool = True,
+                  fresh_interpreter: bool = False):
     """Fork a child running ``target(*args)`` that ignores SIGINT and stops on SIGTERM: the
     parent alone handles Ctrl-C (a terminal sends it to the whole process group) and stops its
     children, so none dies in the middle of a message or prints a traceback. A daemon child dies
     of SIGTERM at once; a non-daemon one may start children of its own, so SIGTERM raises
     ``Interrupted`` in it and its ``finally`` blocks stop them and remove its files. ``close``:
     the parent's pipe ends the child must not hold (a reader sees EOF only once every copy of the
-    writer is closed)."""
-    process = _FORK.Process(target=_child, args=(target, args, list(close)), daemon=daemon)
+    writer is closed). ``fresh_interpreter``: spawn a new Python instead of forking, for a child
+    whose native threads would hang in a fork of a process that ran OpenMP (torch) threads."""
+    context = multiprocessing.get_context("spawn") if fresh_interpreter else _FORK
+    process = context.Process(target=_child, args=(target, args, list(close)), daemon=daemon)
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # until the child's are set
     try:
         process.start()

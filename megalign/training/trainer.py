@@ -358,7 +358,7 @@ def setup(cfg: Config, tokenizer, log=print, store=None, ar_checkpoint: Optional
 def run(cfg: Config, tokenizer, store=None) -> list[dict]:
     """Train to ``schedule.train_iters`` (or a stop signal), resuming from a checkpoint if there
     is one; ``store``: see ``setup``."""
-    from megalign.data.dataset import parse_blend
+    from megalign.config import parse_blend
     from megalign.data.indexed import DataFileGuard
     from megalign.training import watchdog
     from megalign.training.ft_heartbeat import LauncherHeartbeat
