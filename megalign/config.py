@@ -416,11 +416,25 @@ def load_config(paths=None, overrides: Optional[list[str]] = None) -> Config:
         part = {} if part is None else part
         if not isinstance(part, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
+        data = part.get("data")
+        if isinstance(data, dict) and "tokenizer" in data and "eod_token" not in data:
+            _forget_eod_token(tree)
         _merge(tree, expand_config_dir(part, os.path.dirname(path)))
-    for text in overrides or []:
-        key, value = parse_override(text)
+    parsed = [parse_override(text) for text in overrides or []]
+    keys = [key for key, _ in parsed]
+    if "data.tokenizer" in keys and "data.eod_token" not in keys:
+        _forget_eod_token(tree)
+    for key, value in parsed:
         set_dotted(tree, key, value)
     return _build(Config, tree)
+
+
+def _forget_eod_token(tree: dict) -> None:
+    """An end-of-document token belongs to the tokenizer it was given with (megalign.yaml names
+    a converted model's): a tokenizer given later without one brings its own rule
+    (megalign/data/tokenizer.py)."""
+    if isinstance(tree.get("data"), dict):
+        tree["data"].pop("eod_token", None)
 
 
 def config_from_dict(tree: dict, directory: Optional[str] = None) -> Config:

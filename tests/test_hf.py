@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import TINY_CONFIG, WORKERS, chat_tokenizer, run_python, torchrun
+from conftest import TINY_CONFIG, TOKENIZER, WORKERS, chat_tokenizer, run_python, torchrun
 
 VOCAB = 4000  # the bundled tokenizer's, so converted models can train on the bundled corpus
 
@@ -144,3 +144,29 @@ def test_conversion_records_the_document_separator(tmp_path):
     cfg = load_config([str(tmp_path / "ml" / "megalign.yaml")])
     assert build_tokenizer(cfg.data.tokenizer, cfg.data.eod_token).eod == 0
     assert build_tokenizer(cfg.data.tokenizer).eod == 0  # what megalign-preprocess chooses
+    # another tokenizer brings its own end-of-document rule (it has no '<|endoftext|>')
+    cfg = load_config([str(tmp_path / "ml" / "megalign.yaml")], [f"data.tokenizer={TOKENIZER}"])
+    assert cfg.data.eod_token is None and build_tokenizer(cfg.data.tokenizer).eod_token == "</s>"
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_a_directory_without_tokenizer_files_converts_without_a_tokenizer(tmp_path, kind,
+                                                                            corpus_prefix):
+    """transformers builds the model type's default tokenizer for such a directory (for Qwen2,
+    one token); megalign-convert kept it and recorded its end-of-document token, so training
+    with one's own tokenizer stopped unless data.eod_token=null was given too."""
+    import yaml
+
+    from fuzz import targets
+
+    tiny_hf_model(kind).save_pretrained(tmp_path / "hf")
+    assert targets.convert_hf(tmp_path, tmp_path / "hf").code == 0
+    model = tmp_path / "converted" / "model"
+    assert not (model / "tokenizer").exists()
+    assert "data" not in yaml.safe_load((model / "megalign.yaml").read_text())
+    base = {"parallel": {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1},
+            "data": {"global_batch_size": 2, "paths": [corpus_prefix]}}
+    outcome = targets.train_check(tmp_path, (model / "megalign.yaml").read_bytes(),
+                                  [f"data.tokenizer={TOKENIZER}"], base,
+                                  path=model / "megalign.yaml")
+    assert outcome.code == 0, outcome.stderr

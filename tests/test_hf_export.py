@@ -122,6 +122,23 @@ def test_a_converted_model_moves_and_samples_as_the_step_0_student(tmp_path):
                       "w1 w2 w3", "--gen-length", "8", "--ar"])
     sample = json.loads(out.stdout.strip().splitlines()[-1])
     assert len(sample["completion_ids"]) == 8 and "ar_completion" in sample
+    # exported, the step-0 student is the one megalign-generate samples (its mask row
+    # initialised as training initialises it): the same tokens under transformers alone
+    run_python(["-m", "megalign.cli.convert", "--from", "megalign", "--to", "hf", "--input",
+                tmp_path / "moved", "--output", tmp_path / "export"])
+    tokens = torch.tensor([[3, 4, 5] + [VOCAB] * 8])  # w1 w2 w3 and mask tokens
+    torch.save(tokens, tmp_path / "tokens.pt")
+    run_python([WORKERS / "student_logits.py", "--checkpoint", tmp_path / "moved", "--tokens",
+                tmp_path / "tokens.pt", "--out", tmp_path / "megalign_logits.pt"])
+    job = {"model": str(tmp_path / "export"), "tokens": str(tmp_path / "tokens.pt"),
+           "prompts": [[3, 4, 5]], "options": [{"max_new_tokens": 8}]}
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    run_python([WORKERS / "hf_diffusion.py", "--job", tmp_path / "job.json", "--out",
+                tmp_path / "hf.json"])
+    exported = torch.load(tmp_path / "hf.json.logits.pt")[..., :len(words)]
+    assert (exported - torch.load(tmp_path / "megalign_logits.pt")[..., :len(words)]).abs().max() \
+        <= 1e-4
+    assert json.loads((tmp_path / "hf.json").read_text())["alone"] == [[sample["completion_ids"]]]
     from megalign.data.preprocess import preprocess
 
     generator = torch.Generator().manual_seed(0)

@@ -41,6 +41,10 @@ from megalign.errors import ConfigError, first_line, one_line
 from megalign.loading import recorded_config, start_step0_student
 
 MEGALIGN_YAML = "megalign.yaml"
+# what a Hugging Face directory holds when it has a tokenizer of its own (without any,
+# AutoTokenizer builds the model type's default tokenizer with an empty vocabulary)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json",
+                   "spiece.model", "vocab.txt")
 
 
 def _single_process_group(cfg: Config) -> None:
@@ -164,10 +168,15 @@ def hf_to_megalign(source: str, output: str, gguf_file: Optional[str] = None, tp
     tokenizer_dir = os.path.join(output, "tokenizer")
     mask_id = rows  # the first padded row, unless the tokenizer has a mask token
     tokenizer = None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **load_kwargs)
-    except (OSError, ValueError, TypeError):
-        pass  # a weights-only directory
+    if gguf_file or any(os.path.isfile(os.path.join(source, name)) for name in TOKENIZER_FILES):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, **load_kwargs)
+        except (OSError, ValueError, TypeError):
+            pass  # files transformers cannot build a tokenizer from: treated as weights only
+    if tokenizer is not None and len(tokenizer) > rows:
+        print(f"megalign-convert: the tokenizer in '{source}' has {len(tokenizer)} tokens for "
+              f"{rows} embedding rows; not kept (train with data.tokenizer=...)", file=sys.stderr)
+        tokenizer = None
     if tokenizer is not None:
         vocab = tokenizer.get_vocab()
         mask_id = next((vocab[t] for t in MASK_CANDIDATES if t in vocab), mask_id)
