@@ -416,25 +416,27 @@ def load_config(paths=None, overrides: Optional[list[str]] = None) -> Config:
         part = {} if part is None else part
         if not isinstance(part, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
+        part = expand_config_dir(part, os.path.dirname(path))
         data = part.get("data")
         if isinstance(data, dict) and "tokenizer" in data and "eod_token" not in data:
-            _forget_eod_token(tree)
-        _merge(tree, expand_config_dir(part, os.path.dirname(path)))
+            _forget_eod_token(tree, data["tokenizer"])
+        _merge(tree, part)
     parsed = [parse_override(text) for text in overrides or []]
-    keys = [key for key, _ in parsed]
-    if "data.tokenizer" in keys and "data.eod_token" not in keys:
-        _forget_eod_token(tree)
+    given = dict(parsed)
+    if "data.tokenizer" in given and "data.eod_token" not in given:
+        _forget_eod_token(tree, given["data.tokenizer"])
     for key, value in parsed:
         set_dotted(tree, key, value)
     return _build(Config, tree)
 
 
-def _forget_eod_token(tree: dict) -> None:
+def _forget_eod_token(tree: dict, tokenizer) -> None:
     """An end-of-document token belongs to the tokenizer it was given with (megalign.yaml names
-    a converted model's): a tokenizer given later without one brings its own rule
+    a converted model's): another tokenizer given later without one brings its own rule
     (megalign/data/tokenizer.py)."""
-    if isinstance(tree.get("data"), dict):
-        tree["data"].pop("eod_token", None)
+    data = tree.get("data")
+    if isinstance(data, dict) and data.get("tokenizer") != tokenizer:
+        data.pop("eod_token", None)
 
 
 def config_from_dict(tree: dict, directory: Optional[str] = None) -> Config:

@@ -114,3 +114,21 @@ def test_causal_lm_objective_refuses_diffusion_settings(override, key):
         validate(load_config(str(TINY_CONFIG), [*ar, override]), 4)
     with pytest.raises(ConfigError, match="objective='causal' is not one of"):
         validate(load_config(str(TINY_CONFIG), ["objective=causal"]), 4)
+
+
+def test_an_end_of_document_token_belongs_to_its_tokenizer(tmp_path):
+    """megalign.yaml records a converted model's tokenizer with its end-of-document token; a
+    different tokenizer given later without one brings its own rule (data.eod_token unset)."""
+    recorded = tmp_path / "megalign.yaml"
+    recorded.write_text("data: {tokenizer: a.json, eod_token: '<|endoftext|>'}\n")
+    other = tmp_path / "run.yaml"
+    other.write_text("data: {tokenizer: b.model}\n")
+    same = tmp_path / "same.yaml"
+    same.write_text("data: {tokenizer: a.json}\n")
+    assert load_config([recorded]).data.eod_token == "<|endoftext|>"
+    assert load_config([recorded], ["data.tokenizer=b.model"]).data.eod_token is None
+    assert load_config([recorded, other]).data.eod_token is None
+    assert load_config([recorded, same]).data.eod_token == "<|endoftext|>"
+    assert load_config([recorded], ["data.tokenizer=b.model",
+                                    "data.eod_token=</s>"]).data.eod_token == "</s>"
+    assert load_config([other, recorded]).data.eod_token == "<|endoftext|>"

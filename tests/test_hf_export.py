@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import TINY_CONFIG, TOKENIZER, WORKERS, run_python
+from conftest import CORPUS, TINY_CONFIG, TOKENIZER, WORKERS, run_python
 from test_hf import VOCAB, tiny_hf_model
 
 pytestmark = pytest.mark.slow  # each model is converted, trained and exported
@@ -58,7 +58,28 @@ def test_export_is_safetensors_with_its_own_modeling_file(exported):
     assert config["mask_token_id"] == VOCAB and config["shift"] is True
     card = (tmp / "export" / "README.md").read_text()
     assert "λ = 10" in card and "optimizer steps: 2" in card and "diffusion_generate" in card
+    assert "AutoTokenizer" in card
     assert "val_nelbo" not in card or "Held-out" in card
+
+
+def test_exported_sentencepiece_tokenizer_encodes_as_the_model_file(exported):
+    """The SentencePiece .model the student was trained with, exported as tokenizer.json:
+    AutoTokenizer loads it without remote code and encodes the corpus exactly as the .model."""
+    import gzip
+
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    _, tmp = exported
+    tokenizer = AutoTokenizer.from_pretrained(tmp / "export", trust_remote_code=False)
+    sp = spm.SentencePieceProcessor(model_file=str(TOKENIZER))
+    with gzip.open(CORPUS, "rt", encoding="utf-8") as handle:
+        documents = [json.loads(line)["text"] for line in handle][:300]
+    documents += ["  two  spaces ", "tab\there", "ünïcödé ＡＢＣ", "\u200b", "x\ny", "😀"]
+    assert [tokenizer(d).input_ids for d in documents] == [sp.encode(d) for d in documents]
+    assert (tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.mask_token_id) == (
+        sp.piece_to_id("</s>"), sp.piece_to_id("<pad>"), sp.piece_to_id("<mask>"))
+    assert tokenizer.decode(sp.encode(documents[0])) == sp.decode(sp.encode(documents[0]))
 
 
 def test_transformers_alone_matches_megalign(exported, tmp_path):

@@ -35,6 +35,7 @@ from megalign.convert.hf import (
     megatron_to_hf,
     model_config_from_hf,
 )
+from megalign.convert.tokenizer import sentencepiece_as_transformers
 from megalign.data.tokenizer import build_tokenizer
 from megalign.data.vocabulary import Vocabulary
 from megalign.errors import ConfigError, first_line, one_line
@@ -323,8 +324,16 @@ def export_diffusion_model(cfg: Config, meta: dict, hf_state: dict, output: str)
     if source and os.path.isdir(source):
         for name in os.listdir(source):
             shutil.copy(os.path.join(source, name), output)
+    elif source and source.endswith(".model"):  # SentencePiece: as tokenizer.json
+        sentencepiece_as_transformers(source, tokenizer.eod, tokenizer.pad,
+                                      tokenizer.mask).save_pretrained(output)
+    elif source:  # a tokenizer.json file
+        from transformers import PreTrainedTokenizerFast
+
+        PreTrainedTokenizerFast(tokenizer_file=source,
+                                eos_token=tokenizer.eod_token).save_pretrained(output)
     with open(os.path.join(output, "README.md"), "w", encoding="utf-8") as handle:
-        handle.write(model_card(cfg, meta, bool(source and os.path.isdir(source))))
+        handle.write(model_card(cfg, meta, tokenizer is not None))
 
 
 def training_mode_lines(cfg: Config) -> list[str]:
@@ -385,7 +394,9 @@ def model_card(cfg: Config, meta: dict, has_tokenizer: bool) -> str:
         "```python",
         "from transformers import AutoModel" + (", AutoTokenizer" if has_tokenizer else ""),
         "model = AutoModel.from_pretrained(path, trust_remote_code=True)",
-        ("tokenizer = AutoTokenizer.from_pretrained(path)\n"
+        ("# the tokenizer needs no remote code (without False, transformers asks: config.json\n"
+         "# names the model's code)\n"
+         "tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)\n"
          "ids = model.diffusion_generate(tokenizer('In the beginning', return_tensors='pt')"
          ".input_ids, max_new_tokens=32)\nprint(tokenizer.decode(ids[0]))" if has_tokenizer else
          "ids = model.diffusion_generate(prompt_ids, max_new_tokens=32)"),
