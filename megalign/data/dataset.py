@@ -9,7 +9,6 @@ sample (``megalign.model.attention.document_ids``).
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder

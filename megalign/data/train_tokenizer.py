@@ -4,6 +4,7 @@ megalign/cli/train_tokenizer.py)."""
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 
 from megalign.data.indexed import clean_stale_temporaries, make_output_directory
@@ -37,10 +38,11 @@ def _train_in_child(text: str, prefix: str, vocab_size: int, model_type: str) ->
     """SentencePiece trains in C++ and returns to Python, where signals are handled, only when
     done: in a child process the tool can stop at once."""
     reader, writer = pipe()
-    # SentencePiece's trainer threads hang in a forked child of a process that ran torch's
-    # OpenMP threads (the library called from Python, as in a notebook): a fresh interpreter
+    # SentencePiece's trainer hangs in a forked child of a process that ran torch's OpenMP
+    # threads (the library called from Python with torch loaded, as in a notebook): there, a
+    # fresh interpreter; the command never imports torch and forks
     process = start_process(_train, (writer, text, prefix, vocab_size, model_type), close=[reader],
-                            fresh_interpreter=True)
+                            fresh_interpreter="torch" in sys.modules)
     writer.close()
     try:
         receive(reader, process, "SentencePiece trainer")

@@ -14,6 +14,7 @@ input that broke it (hypothesis: a reproduce blob; atheris: a crash-* file).
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import subprocess
 import sys
@@ -38,8 +39,8 @@ def run_atheris(target: str, fuzzer_args: list[str]) -> int:
 
     workdir = Path(tempfile.mkdtemp(prefix="megalign-fuzz-"))
     samples = strategies.corpus_sample(str(targets.REPO / "data" / "corpus" / "kjv.jsonl.gz"))
-    import megalign.cli.train  # noqa: F401  (loaded before instrument_all)
-    import megalign.data.preprocess  # noqa: F401
+    for module in ("megalign.cli.train", "megalign.data.preprocess"):  # instrumented below
+        importlib.import_module(module)
 
     if target == "corpus":
         seed, body = samples["corpus.jsonl"], lambda data: targets.read_corpus(workdir, data)
