@@ -99,6 +99,9 @@ def parse_args(argv=None):
     parser.add_argument("--modes", nargs="+", choices=MODES, default=["full", "block"])
     parser.add_argument("--mode-seeds", type=int, default=1,
                         help="seeds of the modes other than full (the first N of --seeds)")
+    parser.add_argument("--weight-seeds", type=int, default=1,
+                        help="seeds of the λ other than 0 and the largest (the first N of "
+                             "--seeds), on the smallest setting")
     parser.add_argument("--block-length", type=int, default=32, help="--modes block")
     parser.add_argument("--anneal-iters", type=int, help="--modes anneal (default: steps / 4)")
     parser.add_argument("--lr", type=float, default=3e-4)
@@ -122,6 +125,9 @@ def parse_args(argv=None):
     parser.add_argument("--measure-costs", action="store_true",
                         help="only measure the step costs (--time-steps, alone on the machine) "
                              "into --out's results.json and recompute its comparisons")
+    parser.add_argument("--extend", action="store_true",
+                        help="train only the arms --out's results.json lacks (e.g. after raising "
+                             "--weight-seeds) and add them to it")
     parser.add_argument("overrides", nargs="*", help="config overrides for every run")
     args = parser.parse_args(argv)
     if args.weights[0] != 0:
@@ -285,11 +291,18 @@ def arms_of(args) -> list[tuple[str, str, str, float, int]]:
                 if mode != "full" and (setting != first_setting or index >= args.mode_seeds):
                     continue
                 arms += [(setting, mode, first_freeze, weight, seed) for weight in paired]
-        if index == 0:  # the other λ and freeze settings: the smallest setting, first seed
-            arms += [(first_setting, "full", freeze, weight, seed) for freeze in args.freeze
-                     for weight in args.weights
-                     if (freeze, weight) not in {(first_freeze, w) for w in paired}]
+        if index < args.weight_seeds:  # the other λ: the smallest setting, the first N seeds
+            arms += [(first_setting, "full", first_freeze, weight, seed)
+                     for weight in args.weights if weight not in paired]
+        if index == 0:  # the other freeze settings: the smallest setting, the first seed
+            arms += [(first_setting, "full", freeze, weight, seed) for freeze in args.freeze[1:]
+                     for weight in args.weights]
     return arms
+
+
+def arm_key(record: dict) -> tuple[str, str, str, float, int]:
+    """(setting, mode, freeze, λ, seed) of an arm's record in results.json."""
+    return tuple(record[k] for k in ("setting", "mode", "freeze", "align_weight", "seed"))
 
 
 def train_arm(args, base: list, out: Path, arm: tuple, data: str, heldout: str, ood: str,
@@ -571,7 +584,8 @@ def write_outputs(results: dict, out: Path) -> str:
     (out / "results.json").write_text(json.dumps({k: v for k, v in results.items() if k != "arms"},
                                                  indent=1) + "\n", encoding="utf-8")
     markdown = table(results) + "\n" + curves_table(results)
-    (out / "results.md").write_text(f"`{results['command']}`\n\n{markdown}", encoding="utf-8")
+    commands = " then ".join(f"`{c}`" for c in [results["command"], *results.get("extended_by", [])])
+    (out / "results.md").write_text(f"{commands}\n\n{markdown}", encoding="utf-8")
     plot(results, out)
     return markdown
 
@@ -595,11 +609,19 @@ def main(argv=None) -> int:
         results = load_results(out)
         results["costs"] = step_costs(args, model["base"], out, data[setting_name(args.sizes[0])],
                                       heldout, ood)
+        results.pop("costs_note", None)  # what an earlier measurement said of itself
         print(write_outputs(results, out), end="")
         return 0
-    command = "python bench/converge.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    results = {"command": command.strip(), "args": vars(args),
-               "pretraining": model.get("pretraining"), "arms": []}
+    command = ("python bench/converge.py " + " ".join(
+        argv if argv is not None else sys.argv[1:])).strip()
+    arms = arms_of(args)
+    if args.extend:
+        results = load_results(out)
+        arms += [arm_key(a) for a in results["arms"] if arm_key(a) not in arms]
+        results["extended_by"] = [*results.get("extended_by", []), command]
+    else:
+        results = {"command": command, "args": vars(args),
+                   "pretraining": model.get("pretraining"), "arms": []}
     lock = threading.Lock()
 
     def run(arm):
@@ -610,18 +632,17 @@ def main(argv=None) -> int:
         record = train_arm(args, model["base"], out, arm, data[arm[0]], heldout, ood, save=keep)
         with lock:
             results["arms"].append(record)
-            results["arms"].sort(key=lambda a: arms.index(tuple(
-                a[k] for k in ("setting", "mode", "freeze", "align_weight", "seed"))))
+            results["arms"].sort(key=lambda a: arms.index(arm_key(a)))
             write_outputs(results, out)  # after each arm: a cut-short run keeps them
         print(f"  {arm}: final " + ", ".join(f"{k} {fmt(record['final'][k], 3)}"
                                              for k in METRICS) +
               f" ({record['wall_time_s']:.0f} s)", flush=True)
 
-    arms = arms_of(args)
+    done = {arm_key(a) for a in results["arms"]}
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        for future in [pool.submit(run, arm) for arm in arms]:
+        for future in [pool.submit(run, arm) for arm in arms if arm not in done]:
             future.result()
-    if args.time_steps:
+    if args.time_steps and not (args.extend and "costs" in results):
         print(f"> step times: λ = 0 and {max(args.weights):g} alone, {args.time_steps} steps each",
               flush=True)
         first = setting_name(args.sizes[0])
