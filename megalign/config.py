@@ -54,11 +54,16 @@ class ModelConfig(Section):
     ffn_hidden_size: Optional[int] = None  # default: 4*hidden (gpt2), 8/3*hidden rounded (llama)
     num_attention_heads: int = 4
     num_query_groups: Optional[int] = None  # GQA; None = multi-head attention
+    head_dim: Optional[int] = None  # per-head size; None = hidden_size / num_attention_heads
+    qk_norm: bool = False  # llama: RMSNorm on each head's queries and keys before RoPE (Qwen3)
     seq_length: int = 128
     max_position_embeddings: Optional[int] = None  # default: seq_length
     qkv_bias: bool = False
     tie_embeddings: bool = True
     rotary_base: int = 10000
+    # Llama 3.x RoPE scaling by this factor (low/high frequency factors 1 and 4 over 8,192
+    # original positions, the published models' and Megatron-Core's); None = unscaled RoPE
+    rope_scaling_factor: Optional[float] = None
     norm_epsilon: float = 1e-5
     init_method_std: float = 0.02
     make_vocab_size_divisible_by: int = 128
@@ -479,6 +484,10 @@ def num_query_groups(model: ModelConfig) -> int:
     return model.num_query_groups or model.num_attention_heads
 
 
+def head_dim(model: ModelConfig) -> int:
+    return model.head_dim or model.hidden_size // model.num_attention_heads
+
+
 def _validate_resilience(r: ResilienceConfig) -> None:
     if r.collective_timeout_minutes <= 0:
         raise ConfigError(
@@ -634,7 +643,7 @@ def validate_model(
                        "model.rotary_base": m.rotary_base}.items():
         if value < 1:
             raise ConfigError(f"{key}={value} must be at least 1")
-    for key in ("ffn_hidden_size", "num_query_groups", "padded_vocab_size",
+    for key in ("ffn_hidden_size", "num_query_groups", "head_dim", "padded_vocab_size",
                 "max_position_embeddings"):
         value = getattr(m, key)
         if value is not None and value < 1:
@@ -642,11 +651,20 @@ def validate_model(
     for key in ("norm_epsilon", "init_method_std"):
         if getattr(m, key) <= 0:
             raise ConfigError(f"model.{key}={getattr(m, key)} must be > 0")
-    if m.hidden_size % m.num_attention_heads != 0:
+    if m.head_dim is None and m.hidden_size % m.num_attention_heads != 0:
         raise ConfigError(
             f"model.hidden_size={m.hidden_size} is not divisible by "
-            f"model.num_attention_heads={m.num_attention_heads}"
+            f"model.num_attention_heads={m.num_attention_heads}; set model.head_dim"
         )
+    if m.arch == "llama" and head_dim(m) % 2:
+        raise ConfigError(f"model.head_dim={head_dim(m)} must be even (RoPE rotates pairs)")
+    if m.arch == "gpt2" and (m.qk_norm or m.rope_scaling_factor is not None
+                             or m.head_dim not in (None, m.hidden_size // m.num_attention_heads)):
+        raise ConfigError("model.qk_norm, model.rope_scaling_factor and a model.head_dim other "
+                          "than hidden_size / heads need model.arch=llama")
+    if m.rope_scaling_factor is not None and not m.rope_scaling_factor >= 1:
+        raise ConfigError(f"model.rope_scaling_factor={m.rope_scaling_factor} must be at least 1 "
+                          "(or null: unscaled)")
     if m.num_attention_heads % tp != 0:
         raise ConfigError(
             f"parallel.tensor_model_parallel_size={tp} does not divide "

@@ -95,6 +95,18 @@ def gpt2_runs(tmp_path_factory, data_overrides):
     return run_layouts(out, layouts, data_overrides, checkpoint, [*GPT2, *FREEZE])
 
 
+# Qwen3's attention: RMSNorm over each head's queries and keys, heads of 32 (not 64 / 4)
+QWEN3 = ["model.qk_norm=true", "model.head_dim=32"]
+
+
+@pytest.fixture(scope="module")
+def qwen3_runs(tmp_path_factory, data_overrides):
+    out = tmp_path_factory.mktemp("qwen3")
+    checkpoint = make_ar_checkpoint(out / "ar", data_overrides, QWEN3)
+    layouts = {name: LAYOUTS[name] for name in ("tp1pp1", "tp2pp1", "tp1pp2", "tp2pp2")}
+    return run_layouts(out, layouts, data_overrides, checkpoint, QWEN3)
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp(min=1e-30))
 
@@ -237,26 +249,32 @@ def _rope(x, positions, base=10000.0):
     return x * angles.cos() + torch.cat([-x2, x1], dim=-1) * angles.sin()
 
 
-def _llama(params, tokens, blocked, num_layers, heads, groups, positions=None):
+def _llama(params, tokens, blocked, num_layers, heads, groups, positions=None, head_dim=None,
+           qk_norm=False):
     """Returns the L+1 aligned states and the logits. tokens [b, s]; blocked [b, 1, s, s];
-    ``positions`` [s] the rotary positions (default 0..s-1)."""
+    ``positions`` [s] the rotary positions (default 0..s-1); ``head_dim`` (default hidden /
+    heads) and ``qk_norm`` (RMSNorm over each head's queries and keys before RoPE) for Qwen3."""
     emb = params["embedding.word_embeddings.weight"]
     h = emb[tokens].transpose(0, 1)  # [s, b, hidden]
     s, b, hidden = h.shape
     positions = torch.arange(s) if positions is None else positions
-    hn = hidden // heads
+    hn = head_dim or hidden // heads
     states = [h]
     for i in range(num_layers):
         p = lambda n: params[f"decoder.layers.{i}.{n}"]  # noqa: E731
         x = _rms_norm(h, p("input_layernorm.weight"))
         qkv = (x @ p("self_attention.linear_qkv.weight").T).view(s, b, groups, (heads // groups + 2) * hn)
         q, k, v = torch.split(qkv, [heads // groups * hn, hn, hn], dim=-1)
-        q = _rope(q.reshape(s, b, heads, hn), positions)
+        q = q.reshape(s, b, heads, hn)
+        if qk_norm:
+            q = _rms_norm(q, p("self_attention.q_layernorm.weight"))
+            k = _rms_norm(k, p("self_attention.k_layernorm.weight"))
+        q = _rope(q, positions)
         k = _rope(k, positions).repeat_interleave(heads // groups, dim=2)
         v = v.repeat_interleave(heads // groups, dim=2)
         scores = torch.einsum("sbnd,tbnd->bnst", q, k) / math.sqrt(hn)
         scores = scores.masked_fill(blocked, float("-inf"))
-        context = torch.einsum("bnst,tbnd->sbnd", scores.softmax(-1), v).reshape(s, b, hidden)
+        context = torch.einsum("bnst,tbnd->sbnd", scores.softmax(-1), v).reshape(s, b, heads * hn)
         h = h + context @ p("self_attention.linear_proj.weight").T
         x = _rms_norm(h, p("pre_mlp_layernorm.weight"))
         gate, up = torch.chunk(x @ p("mlp.linear_fc1.weight").T, 2, dim=-1)
@@ -311,11 +329,12 @@ def plain_reference(run, data_overrides, extra=(), student_input=None) -> dict:
         else:
             tokens, blocked, positions, supervised, aligned = student_input(raw, batch, cfg)
         labels = batch.sequence_labels
+        shape = {"head_dim": m.head_dim, "qk_norm": m.qk_norm}
         s_states, logits = _llama(params, tokens, blocked, L, m.num_attention_heads,
-                                  m.num_query_groups, positions)
+                                  m.num_query_groups, positions, **shape)
         with torch.no_grad():
             t_states, t_logits = _llama(teacher_params, batch.clean_tokens, batch.teacher_mask, L,
-                                        m.num_attention_heads, m.num_query_groups)
+                                        m.num_attention_heads, m.num_query_groups, **shape)
         sup = supervised.float()
         repeat = tokens.shape[1] // labels.shape[1]  # block diffusion: both streams predict
         diffusion = (token_ce(logits, labels.repeat(1, repeat)) * sup).sum() / sup.sum()
@@ -355,6 +374,24 @@ def assert_matches_reference(run, reference):
 def test_matches_plain_pytorch_reference(core_runs, reference):
     """Loss, per-layer cosines and student gradients of TP1PP1 equal the from-scratch ones."""
     assert_matches_reference(core_runs["tp1pp1"], reference)
+
+
+@pytest.mark.slow
+def test_qwen3_attention_matches_across_layouts_and_plain_pytorch(qwen3_runs, data_overrides):
+    """QK-norm and an explicit head size: losses, cosines and every gradient (the q/k norm
+    weights' summed over TP) agree across TP1PP1, TP2PP1, TP1PP2 and TP2PP2, and TP1PP1 equals
+    the from-scratch computation."""
+    ref = qwen3_runs["tp1pp1"]
+    assert any("q_layernorm" in name for name in ref["grads"]["align"])
+    for layout, run in qwen3_runs.items():
+        for key in ("diffusion_loss", "align_loss"):
+            assert close(run["summary"]["align"][key], ref["summary"]["align"][key]), (layout, key)
+        assert run["summary"]["align"]["align_cos"] == pytest.approx(
+            ref["summary"]["align"]["align_cos"], rel=RTOL)
+        for kind in ("plain", "align"):
+            for name, grad in ref["grads"][kind].items():
+                assert rel_err(run["grads"][kind][name], grad) <= RTOL, (layout, kind, name)
+    assert_matches_reference(ref, plain_reference(ref, data_overrides, QWEN3))
 
 
 @pytest.mark.slow

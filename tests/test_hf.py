@@ -15,6 +15,8 @@ def tiny_hf_model(kind):
     from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
                               Qwen2Config, Qwen2ForCausalLM)
 
+    if kind in ("qwen3", "llama3", "mistral"):
+        return family_model(kind)
     torch.manual_seed(0)
     if kind == "llama":  # tied embeddings, GQA
         return LlamaForCausalLM(LlamaConfig(
@@ -30,6 +32,39 @@ def tiny_hf_model(kind):
     return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4,
                                       n_positions=128, bos_token_id=0, eos_token_id=0,
                                       initializer_range=0.3))
+
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def family_model(kind, **changes):
+    """Tiny random models of the families megalign converts besides Llama/Qwen2/GPT-2, with
+    norm weights away from 1 (so a misplaced norm shows) and weights large enough that RoPE
+    scaling changes the logits by about 0.3."""
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                              Qwen3Config, Qwen3ForCausalLM)
+
+    torch.manual_seed(0)
+    shared = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)
+    if kind == "qwen3":  # RMSNorm on queries and keys, head size 32 (not 64 / 4), untied
+        model = Qwen3ForCausalLM(Qwen3Config(**{**shared, "head_dim": 32,
+                                                "max_position_embeddings": 128,
+                                                "tie_word_embeddings": False, **changes}))
+    elif kind == "llama3":  # Llama 3.x RoPE scaling, tied
+        model = LlamaForCausalLM(LlamaConfig(**{**shared, "max_position_embeddings": 131072,
+                                                "rope_scaling": dict(LLAMA3_ROPE),
+                                                "tie_word_embeddings": True, **changes}))
+    else:  # Mistral without a sliding window (v0.3 and later), untied
+        model = MistralForCausalLM(MistralConfig(**{**shared, "max_position_embeddings": 128,
+                                                    "sliding_window": None,
+                                                    "tie_word_embeddings": False, **changes}))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
+    return model.eval()
 
 
 def hf_logits(model, tokens):
@@ -77,6 +112,69 @@ def test_hf_round_trip_keeps_logits(tmp_path, kind):
     with torch.no_grad():
         logits = back(tokens, attention_mask=causal).logits
     assert (logits[..., :VOCAB] - reference).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("kind", ["qwen3", pytest.param("llama3", marks=pytest.mark.slow),
+                                  pytest.param("mistral", marks=pytest.mark.slow)])
+def test_family_converts_exactly(tmp_path, kind):
+    """HF -> megalign: logits within 1e-4 of transformers' under TP1PP1 and TP2PP2 and the same
+    greedy continuation; megalign -> HF: every tensor bit-identical to the original, and the
+    export under a causal mask is the AR model again."""
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    model = family_model(kind)
+    model.save_pretrained(tmp_path / "hf")
+    tokens = torch.randint(0, VOCAB, (2, 48))
+    torch.save(tokens, tmp_path / "tokens.pt")
+    reference = hf_logits(model, tokens)
+    greedy = model.generate(tokens[:1, :8], max_new_tokens=12, do_sample=False,
+                            pad_token_id=0)[0, 8:].tolist()
+    run_python(["-m", "megalign.cli.convert", "--from", "hf", "--to", "megalign",
+                "--input", tmp_path / "hf", "--output", tmp_path / "ml"])
+    for tp, pp in [(1, 1), (2, 2)] if kind == "qwen3" else [(1, 1)]:
+        out = megalign_logits(tmp_path, tmp_path / "ml" / "megalign.yaml", tp, pp,
+                              extra=["--greedy", "12"])
+        assert (out["logits"][..., :VOCAB] - reference).abs().max() <= 1e-4, (kind, tp, pp)
+        assert out["greedy"] == greedy, (kind, tp, pp)
+
+    run_python(["-m", "megalign.cli.convert", "--from", "megalign", "--to", "hf",
+                "--input", tmp_path / "ml", "--output", tmp_path / "back"])
+    original, exported = model.state_dict(), load_file(tmp_path / "back" / "model.safetensors")
+    if model.config.tie_word_embeddings:
+        original.pop("lm_head.weight")
+    assert sorted(exported) == sorted(original)
+    for name, tensor in original.items():
+        rows = exported[name][:VOCAB] if tensor.shape[0] == VOCAB else exported[name]
+        assert torch.equal(rows, tensor), name
+    back = AutoModel.from_pretrained(tmp_path / "back", trust_remote_code=True).eval()
+    causal = torch.ones(48, 48, dtype=torch.bool).triu(1).expand(2, 1, 48, 48)
+    with torch.no_grad():
+        logits = back(tokens, attention_mask=causal).logits
+    assert (logits[..., :VOCAB] - reference).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("kind, changes, refusal", [
+    ("mistral", {"sliding_window": 16}, "sliding_window=16"),
+    ("qwen3", {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 0},
+     "sliding_window=16"),
+    ("qwen3", {"attention_bias": True}, "attention_bias=True"),
+    ("llama3", {"mlp_bias": True}, "mlp_bias=True"),
+    ("llama3", {"hidden_act": "gelu"}, "hidden_act=gelu"),
+    ("llama3", {"rope_scaling": {**LLAMA3_ROPE, "high_freq_factor": 2.0}}, "high_freq_factor=2.0"),
+    ("llama3", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0,
+                                 "original_max_position_embeddings": 32}}, "rope_type=yarn"),
+])
+def test_what_a_family_has_and_megalign_cannot_reproduce_is_refused(tmp_path, kind, changes,
+                                                                     refusal):
+    """One line naming the config.json field, exit 2, nothing written."""
+    from fuzz import targets
+
+    family_model(kind, **changes).save_pretrained(tmp_path / "hf")
+    outcome = targets.convert_hf(tmp_path, tmp_path / "hf")
+    assert outcome.code == 2 and refusal in outcome.stderr, outcome.stderr
+    assert len(outcome.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "converted" / "model").exists()
 
 
 @pytest.mark.slow

@@ -27,7 +27,8 @@ from typing import Optional
 import torch
 import yaml
 
-from megalign.config import CONFIG_DIR, Config, ParallelConfig, to_dict, validate_inference
+from megalign.config import (CONFIG_DIR, Config, ParallelConfig, head_dim, to_dict,
+                             validate_inference)
 from megalign.convert.hf import (
     ConversionError,
     check_layout,
@@ -246,7 +247,8 @@ def megalign_to_hf(source: str, output: str) -> str:
     if vocab is not None:
         start_step0_student(chunks, cfg, meta, vocab)
     model = {k: getattr(m, k) for k in ("arch", "num_layers", "num_attention_heads",
-                                         "num_query_groups", "qkv_bias", "tie_embeddings")}
+                                         "num_query_groups", "qkv_bias", "qk_norm",
+                                         "tie_embeddings")}
     hf_state = megatron_to_hf(full_tensors(chunks, "param"), model, m.padded_vocab_size)
     write_export_atomically(output, lambda directory: export_diffusion_model(cfg, meta, hf_state,
                                                                              directory))
@@ -291,6 +293,7 @@ def export_diffusion_model(cfg: Config, meta: dict, hf_state: dict, output: str)
         intermediate_size=ffn_hidden_size(cfg), num_hidden_layers=m.num_layers,
         num_attention_heads=m.num_attention_heads,
         num_key_value_heads=m.num_query_groups or m.num_attention_heads,
+        head_dim=head_dim(m), qk_norm=m.qk_norm, rope_scaling_factor=m.rope_scaling_factor,
         max_position_embeddings=m.max_position_embeddings or m.seq_length,
         norm_epsilon=m.norm_epsilon, rope_theta=float(m.rotary_base), qkv_bias=m.qkv_bias,
         tie_word_embeddings=m.tie_embeddings, mask_token_id=cfg.diffusion.mask_token_id,

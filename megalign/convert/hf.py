@@ -4,7 +4,8 @@ One table (``name_table``) lists every tensor on both sides with the transform e
 and export both read it. Names on the Megatron side are megalign's global names (TP=1,
 PP-independent): a single process converts, and ``dist_checkpointing`` reshards the result into any TP/PP layout when it is loaded.
 
-* Llama family (Llama, SmolLM2, Qwen2 with QKV bias; tied or untied embeddings; GQA): Megatron's
+* Llama family (Llama incl. 3.x RoPE scaling, SmolLM2, Mistral, Qwen2 with QKV bias, Qwen3 with
+  RMSNorm on queries and keys and its own head size; tied or untied embeddings; GQA): Megatron's
   fused ``linear_qkv`` holds, per KV group, that group's query heads then its key and value head;
   ``linear_fc1`` holds [gate; up]. Both use the rotate-half RoPE convention, like HF.
 * GPT-2: HF's ``Conv1D`` weights are transposed; ``c_attn`` is [q; k; v] over all heads, Megatron
@@ -20,11 +21,17 @@ import torch
 
 from megalign.errors import ConfigError, ConversionError
 
-SUPPORTED = {"llama": "llama", "qwen2": "llama", "gpt2": "gpt2"}  # HF model_type -> megalign arch
+# HF model_type -> megalign arch
+SUPPORTED = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama",
+             "gpt2": "gpt2"}
+# Llama 3.x RoPE scaling as Megatron-Core implements it (only the factor is a parameter there)
+LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
 
 
 def model_config_from_hf(hf_config) -> dict:
-    """The ``model`` section of a megalign config for an HF causal LM config."""
+    """The ``model`` section of a megalign config for an HF causal LM config; what megalign cannot
+    reproduce exactly is refused naming the config.json field."""
     model_type = getattr(hf_config, "model_type", None)
     arch = SUPPORTED.get(model_type)
     if arch is None:
@@ -48,13 +55,26 @@ def model_config_from_hf(hf_config) -> dict:
             "tie_embeddings": True,
             "norm_epsilon": hf_config.layer_norm_epsilon,
         }
-    rope = getattr(hf_config, "rope_parameters", None) or {}
+    check_full_attention(hf_config)
+    for field, allowed in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
+        value = getattr(hf_config, field, allowed)
+        if value != allowed and not (field == "attention_bias" and model_type == "qwen2"):
+            raise ConversionError(f"config.json {field}={value} is not supported "
+                                  f"(megalign's Llama family has {allowed})")
+    rope = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling",
+                                                                  None) or {}
     theta = rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
-    if rope.get("rope_type", "default") != "default":
-        raise ConversionError(f"RoPE scaling {rope.get('rope_type')} is not supported")
-    head_dim = getattr(hf_config, "head_dim", None)
-    if head_dim not in (None, hf_config.hidden_size // hf_config.num_attention_heads):
-        raise ConversionError(f"head_dim {head_dim} != hidden_size / heads is not supported")
+    scaling = rope.get("rope_type", rope.get("type", "default"))
+    if scaling not in ("default", "llama3"):
+        raise ConversionError(f"config.json rope_type={scaling} is not supported (default, "
+                              "llama3)")
+    if scaling == "llama3":
+        for field, value in LLAMA3_ROPE.items():
+            if float(rope.get(field, value)) != value:
+                raise ConversionError(f"config.json rope {field}={rope.get(field)} is not "
+                                      f"supported (Llama 3.x's {value:g})")
+    default_head_dim = hf_config.hidden_size // hf_config.num_attention_heads
+    head_dim = getattr(hf_config, "head_dim", None) or default_head_dim
     return {
         "arch": "llama",
         "num_layers": hf_config.num_hidden_layers,
@@ -62,12 +82,31 @@ def model_config_from_hf(hf_config) -> dict:
         "ffn_hidden_size": hf_config.intermediate_size,
         "num_attention_heads": hf_config.num_attention_heads,
         "num_query_groups": hf_config.num_key_value_heads,
+        "head_dim": None if head_dim == default_head_dim else head_dim,
+        "qk_norm": model_type == "qwen3",
         "max_position_embeddings": hf_config.max_position_embeddings,
         "qkv_bias": model_type == "qwen2",
         "tie_embeddings": bool(hf_config.tie_word_embeddings),
         "rotary_base": int(theta),
+        "rope_scaling_factor": float(rope["factor"]) if scaling == "llama3" else None,
         "norm_epsilon": hf_config.rms_norm_eps,
     }
+
+
+def check_full_attention(hf_config) -> None:
+    """Sliding-window attention (Mistral, Qwen2/3 ``use_sliding_window``, ``layer_types``) is
+    refused: megalign's layers attend over the whole sequence."""
+    window = getattr(hf_config, "sliding_window", None)
+    uses_window = getattr(hf_config, "use_sliding_window", window is not None)
+    if uses_window and window is not None and window < hf_config.max_position_embeddings:
+        raise ConversionError(
+            f"config.json sliding_window={window} (below max_position_embeddings="
+            f"{hf_config.max_position_embeddings}) is not supported: megalign's attention is "
+            "full; set it to null only if the model was trained without a window")
+    kinds = set(getattr(hf_config, "layer_types", None) or ["full_attention"])
+    if kinds != {"full_attention"}:
+        raise ConversionError(f"config.json layer_types {sorted(kinds)} are not supported "
+                              "(full_attention only)")
 
 
 @dataclass(frozen=True)
@@ -154,6 +193,9 @@ def name_table(model: dict, padded_vocab: int, vocab: int) -> list[Mapping]:
         if model["qkv_bias"]:
             table.append(_qkv(tuple(h + f"self_attn.{p}_proj.bias" for p in "qkv"),
                               m + "self_attention.linear_qkv.bias", heads, groups))
+        if model.get("qk_norm"):  # Qwen3: RMSNorm over each head's queries and keys
+            table += [_same(h + "self_attn.q_norm.weight", m + "self_attention.q_layernorm.weight"),
+                      _same(h + "self_attn.k_norm.weight", m + "self_attention.k_layernorm.weight")]
         table += [
             _same(h + "self_attn.o_proj.weight", m + "self_attention.linear_proj.weight"),
             _gated(h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight", m + "mlp.linear_fc1.weight"),

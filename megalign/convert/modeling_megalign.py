@@ -8,7 +8,8 @@ directory loads with transformers alone::
                                    max_new_tokens=32)
 
 It needs only torch and transformers and never imports megalign. The network is the AR model's
-(Llama family: RMSNorm, SwiGLU, RoPE, grouped-query attention, optional QKV bias; or GPT-2:
+(Llama family: RMSNorm, SwiGLU, RoPE with optional Llama 3 scaling, grouped-query attention,
+optional QKV bias, optional RMSNorm on queries and keys (Qwen3); or GPT-2:
 LayerNorm, tanh GeLU, learned positions) with bidirectional attention; position ``i``'s logits
 predict token ``i+1`` when ``config.shift`` (the AR shift kept in training). ``diffusion_generate``
 follows megalign's sampler (megalign/diffusion/sampler.py) rule for rule, so the same options and
@@ -36,7 +37,8 @@ class MegalignDiffusionConfig(PretrainedConfig):
     def __init__(self, arch: str = "llama", vocab_size: int = 32000, hidden_size: int = 64,
                  intermediate_size: int = 128, num_hidden_layers: int = 2,
                  num_attention_heads: int = 4, num_key_value_heads: Optional[int] = None,
-                 max_position_embeddings: int = 128, norm_epsilon: float = 1e-5,
+                 head_dim: Optional[int] = None, qk_norm: bool = False,
+                 rope_scaling_factor: Optional[float] = None, max_position_embeddings: int = 128, norm_epsilon: float = 1e-5,
                  rope_theta: float = 10000.0, qkv_bias: bool = False,
                  tie_word_embeddings: bool = True, mask_token_id: Optional[int] = None,
                  shift: bool = True, sample_vocab_size: Optional[int] = None,
@@ -48,6 +50,9 @@ class MegalignDiffusionConfig(PretrainedConfig):
         self.num_hidden_layers = num_hidden_layers
         self.num_attention_heads = num_attention_heads
         self.num_key_value_heads = num_key_value_heads or num_attention_heads
+        self.head_dim = head_dim or hidden_size // num_attention_heads
+        self.qk_norm = qk_norm  # RMSNorm over each head's queries and keys before RoPE (Qwen3)
+        self.rope_scaling_factor = rope_scaling_factor  # Llama 3.x RoPE scaling; None = off
         self.max_position_embeddings = max_position_embeddings
         self.norm_epsilon = norm_epsilon
         self.rope_theta = rope_theta
@@ -86,6 +91,18 @@ class Conv1D(nn.Module):
             *x.shape[:-1], -1)
 
 
+def _llama3_frequencies(inverse: torch.Tensor, factor: float) -> torch.Tensor:
+    """Llama 3.x RoPE scaling (low/high frequency factors 1 and 4, 8,192 original positions):
+    wavelengths beyond 8,192 positions slowed by ``factor``, below 2,048 kept, blended between."""
+    original, low, high = 8192, 1.0, 4.0
+    wavelength = 2 * math.pi / inverse
+    smooth = (original / wavelength - low) / (high - low)
+    blended = (1 - smooth) * inverse / factor + smooth * inverse
+    scaled = torch.where(wavelength > original / low, inverse / factor, inverse)
+    medium = (wavelength <= original / low) & (wavelength >= original / high)
+    return torch.where(medium, blended, scaled)
+
+
 def _rotate_half(x):
     first, second = x.chunk(2, dim=-1)
     return torch.cat((-second, first), dim=-1)
@@ -103,12 +120,15 @@ def _attend(q, k, v, blocked):
 class LlamaBlock(nn.Module):
     def __init__(self, config: MegalignDiffusionConfig):
         super().__init__()
-        h, d = config.hidden_size, config.hidden_size // config.num_attention_heads
+        h, d = config.hidden_size, config.head_dim
         self.heads, self.groups, self.head_dim = (config.num_attention_heads,
                                                   config.num_key_value_heads, d)
         self.input_layernorm = RMSNorm(h, config.norm_epsilon)
         self.post_attention_layernorm = RMSNorm(h, config.norm_epsilon)
         self.self_attn = nn.Module()
+        if config.qk_norm:
+            self.self_attn.q_norm = RMSNorm(d, config.norm_epsilon)
+            self.self_attn.k_norm = RMSNorm(d, config.norm_epsilon)
         self.self_attn.q_proj = nn.Linear(h, self.heads * d, bias=config.qkv_bias)
         self.self_attn.k_proj = nn.Linear(h, self.groups * d, bias=config.qkv_bias)
         self.self_attn.v_proj = nn.Linear(h, self.groups * d, bias=config.qkv_bias)
@@ -122,8 +142,11 @@ class LlamaBlock(nn.Module):
         b, s, _ = x.shape
         a = self.self_attn
         y = self.input_layernorm(x)
-        q = a.q_proj(y).view(b, s, self.heads, self.head_dim).transpose(1, 2)
-        k = a.k_proj(y).view(b, s, self.groups, self.head_dim).transpose(1, 2)
+        q = a.q_proj(y).view(b, s, self.heads, self.head_dim)
+        k = a.k_proj(y).view(b, s, self.groups, self.head_dim)
+        if hasattr(a, "q_norm"):
+            q, k = a.q_norm(q), a.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = a.v_proj(y).view(b, s, self.groups, self.head_dim).transpose(1, 2)
         q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
         x = x + a.o_proj(_attend(q, k, v, blocked))
@@ -202,9 +225,11 @@ class MegalignForDiffusionLM(PreTrainedModel):
                 x = block(x, blocked)
             x = t.ln_f(x)
         else:
-            m, d = self.model, self.config.hidden_size // self.config.num_attention_heads
+            m, d = self.model, self.config.head_dim
             inverse = 1.0 / (self.config.rope_theta
                              ** (torch.arange(0, d, 2, dtype=torch.float32, device=x_device(m)) / d))
+            if self.config.rope_scaling_factor is not None:
+                inverse = _llama3_frequencies(inverse, self.config.rope_scaling_factor)
             angles = position_ids.float().unsqueeze(-1) * inverse
             angles = torch.cat((angles, angles), dim=-1).unsqueeze(1)  # [b, 1, s, d]
             cos, sin = angles.cos(), angles.sin()

@@ -21,7 +21,7 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megalign.config import Config, num_query_groups
+from megalign.config import Config, head_dim, num_query_groups
 
 from megalign.errors import ConfigError
 from megalign.model.norm import TorchNorm
@@ -103,7 +103,8 @@ def transformer_config(cfg: Config, params_dtype: torch.dtype, fp8: bool = False
         ffn_hidden_size=ffn_hidden_size(cfg),
         num_attention_heads=m.num_attention_heads,
         num_query_groups=num_query_groups(m),
-        kv_channels=m.hidden_size // m.num_attention_heads,
+        kv_channels=head_dim(m),
+        qk_layernorm=m.qk_norm,
         tensor_model_parallel_size=cfg.parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=cfg.parallel.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=cfg.parallel.virtual_pipeline_model_parallel_size,
@@ -144,10 +145,13 @@ def layer_spec(cfg: Config, attn_mask_type: AttnMaskType):
             get_gpt_layer_with_transformer_engine_spec,
         )
 
-        spec = get_gpt_layer_with_transformer_engine_spec()
+        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=cfg.model.qk_norm)
     else:
-        spec = get_gpt_layer_local_spec()
+        spec = get_gpt_layer_local_spec(qk_layernorm=cfg.model.qk_norm)
         spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = TorchNorm
+        if cfg.model.qk_norm:
+            attention = spec.submodules.self_attention.submodules
+            attention.q_layernorm = attention.k_layernorm = TorchNorm
     spec.submodules.self_attention.params["attn_mask_type"] = attn_mask_type
     return spec
 
@@ -195,6 +199,8 @@ def build_gpt(
         share_embeddings_and_output_weights=m.tie_embeddings,
         position_embedding_type="rope" if m.arch == "llama" else "learned_absolute",
         rotary_base=m.rotary_base,
+        rope_scaling=m.rope_scaling_factor is not None,
+        rope_scaling_factor=m.rope_scaling_factor or 8.0,  # (Megatron-Core's default, unused)
         vp_stage=vp_stage,
     )
     if not causal and cfg.diffusion.block_length and m.arch == "llama":
