@@ -64,6 +64,15 @@ class ModelConfig(Section):
     # Llama 3.x RoPE scaling by this factor (low/high frequency factors 1 and 4 over 8,192
     # original positions, the published models' and Megatron-Core's); None = unscaled RoPE
     rope_scaling_factor: Optional[float] = None
+    # mixture of experts (Qwen3-MoE, Mixtral): every layer's MLP is num_experts SwiGLU experts
+    # of moe_ffn_hidden_size, each token sent to moe_topk of them by a softmax router; None = dense
+    num_experts: Optional[int] = None
+    moe_topk: int = 2
+    moe_ffn_hidden_size: Optional[int] = None  # default: ffn_hidden_size
+    # softmax over all experts, then the top k kept as they are (Qwen3-MoE's norm_topk_prob:
+    # false); false: the top k's probabilities renormalised to sum 1 (Mixtral, norm_topk_prob: true)
+    moe_router_pre_softmax: bool = False
+    moe_aux_loss_coeff: float = 0.0  # load-balancing loss (Switch) added to the student's loss
     norm_epsilon: float = 1e-5
     init_method_std: float = 0.02
     make_vocab_size_divisible_by: int = 128
@@ -83,7 +92,9 @@ class ParallelConfig(Section):
     pipeline_model_parallel_size: int = 1
     virtual_pipeline_model_parallel_size: Optional[int] = None  # model chunks per PP rank (interleaved 1F1B)
     sequence_parallel: bool = False
-    # Data-parallel size is what is left: world_size / (tp * pp).
+    # experts split over this many data-parallel ranks (model.num_experts); it divides the
+    # data-parallel size, which is what is left: world_size / (tp * pp)
+    expert_model_parallel_size: int = 1
 
 
 @dataclass
@@ -662,6 +673,27 @@ def validate_model(
                              or m.head_dim not in (None, m.hidden_size // m.num_attention_heads)):
         raise ConfigError("model.qk_norm, model.rope_scaling_factor and a model.head_dim other "
                           "than hidden_size / heads need model.arch=llama")
+    ep = p.expert_model_parallel_size
+    if ep < 1:
+        raise ConfigError(f"parallel.expert_model_parallel_size={ep} must be at least 1")
+    if m.num_experts is None:
+        if ep > 1:
+            raise ConfigError(f"parallel.expert_model_parallel_size={ep} needs experts "
+                              "(model.num_experts)")
+    else:
+        if m.arch != "llama":
+            raise ConfigError("model.num_experts needs model.arch=llama")
+        if m.num_experts < 1 or not 1 <= m.moe_topk <= m.num_experts:
+            raise ConfigError(f"model.moe_topk={m.moe_topk} must be between 1 and "
+                              f"model.num_experts={m.num_experts}")
+        if m.num_experts % ep:
+            raise ConfigError(f"parallel.expert_model_parallel_size={ep} does not divide "
+                              f"model.num_experts={m.num_experts}")
+        if m.moe_ffn_hidden_size is not None and m.moe_ffn_hidden_size < 1:
+            raise ConfigError(f"model.moe_ffn_hidden_size={m.moe_ffn_hidden_size} must be at "
+                              "least 1 (or null: model.ffn_hidden_size)")
+        if not m.moe_aux_loss_coeff >= 0:
+            raise ConfigError(f"model.moe_aux_loss_coeff={m.moe_aux_loss_coeff} must be >= 0")
     if m.rope_scaling_factor is not None and not m.rope_scaling_factor >= 1:
         raise ConfigError(f"model.rope_scaling_factor={m.rope_scaling_factor} must be at least 1 "
                           "(or null: unscaled)")
@@ -792,6 +824,13 @@ def validate(
             f"{world_size}; launch a multiple of {tp * pp} processes or change the parallel sizes"
         )
     dp = data_parallel_size(cfg, world_size)
+    if cfg.model.num_experts and tp > 1 and not cfg.parallel.sequence_parallel:
+        raise ConfigError("training experts with parallel.tensor_model_parallel_size > 1 needs "
+                          "parallel.sequence_parallel=true (Megatron-Core's MoE layer)")
+    if dp % cfg.parallel.expert_model_parallel_size:
+        raise ConfigError(
+            f"parallel.expert_model_parallel_size={cfg.parallel.expert_model_parallel_size} does "
+            f"not divide the data-parallel size {dp}; launch more processes or use a smaller one")
     if d.global_batch_size % (d.micro_batch_size * dp) != 0:
         raise ConfigError(
             f"data.global_batch_size={d.global_batch_size} is not divisible by "

@@ -62,6 +62,7 @@ def initialize(
     virtual_pipeline_parallel: int | None = None,
     timeout_minutes: float = 10.0,
     store: dist.Store | None = None,
+    expert_parallel: int = 1,
 ) -> None:
     """Start the process group (NCCL with CUDA, gloo without) and Megatron's model-parallel state.
 
@@ -99,6 +100,7 @@ def initialize(
         tensor_model_parallel_size=tensor_parallel,
         pipeline_model_parallel_size=pipeline_parallel,
         virtual_pipeline_model_parallel_size=virtual_pipeline_parallel,
+        expert_model_parallel_size=expert_parallel,
     )
     torch.manual_seed(seed)
     mcore_random.model_parallel_cuda_manual_seed(seed)

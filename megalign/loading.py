@@ -96,7 +96,8 @@ def load_student(opened: Opened, dtype: torch.dtype = torch.float32) -> list:
     cfg = opened.cfg
     if not parallel_state.model_parallel_is_initialized():
         distributed.initialize(distributed.launch_env(), cfg.parallel.tensor_model_parallel_size,
-                               cfg.parallel.pipeline_model_parallel_size, cfg.seed)
+                               cfg.parallel.pipeline_model_parallel_size, cfg.seed,
+                               expert_parallel=cfg.parallel.expert_model_parallel_size)
     chunks = build_chunks(cfg, opened.vocab.padded, causal=False, params_dtype=torch.float32)
     load_checkpoint(opened.path, chunks)
     start_step0_student(chunks, cfg, opened.meta, opened.vocab)

@@ -99,11 +99,31 @@ def gpt2_runs(tmp_path_factory, data_overrides):
 QWEN3 = ["model.qk_norm=true", "model.head_dim=32"]
 
 
+# a Qwen3-MoE-like student: 4 experts of 64 per layer, top 2 of a softmax over all (not
+# renormalised), QK-norm, and a load-balancing loss large enough to move the gradients
+MOE = [*QWEN3, "model.num_experts=4", "model.moe_ffn_hidden_size=64", "model.moe_topk=2",
+       "model.moe_router_pre_softmax=true", "model.moe_aux_loss_coeff=0.1"]
+SP = ["parallel.sequence_parallel=true"]  # Megatron-Core's MoE layer trains TP > 1 only with SP
+MOE_LAYOUTS = {"tp1pp1": (1, 1, 1, []), "tp2pp1sp": (2, 1, 2, SP), "tp1pp2": (1, 2, 2, []),
+               "tp2pp2sp": (2, 2, 4, SP),
+               "ep2": (1, 1, 2, ["parallel.expert_model_parallel_size=2"]),
+               "tp1pp2ep2": (1, 2, 4, ["parallel.expert_model_parallel_size=2"])}
+
+
+@pytest.fixture(scope="module")
+def moe_runs(tmp_path_factory, data_overrides):
+    out = tmp_path_factory.mktemp("moe")
+    checkpoint = make_ar_checkpoint(out / "ar", data_overrides, MOE)
+    return run_layouts(out, MOE_LAYOUTS, data_overrides, checkpoint, MOE)
+
+
 @pytest.fixture(scope="module")
 def qwen3_runs(tmp_path_factory, data_overrides):
     out = tmp_path_factory.mktemp("qwen3")
     checkpoint = make_ar_checkpoint(out / "ar", data_overrides, QWEN3)
-    layouts = {name: LAYOUTS[name] for name in ("tp1pp1", "tp2pp1", "tp1pp2", "tp2pp2")}
+    # without sequence parallelism, so the q/k norm gradients are summed over TP by name (the
+    # MoE layouts below cover it with SP, PP alone and EP)
+    layouts = {name: LAYOUTS[name] for name in ("tp1pp1", "tp2pp2")}
     return run_layouts(out, layouts, data_overrides, checkpoint, QWEN3)
 
 
@@ -249,11 +269,38 @@ def _rope(x, positions, base=10000.0):
     return x * angles.cos() + torch.cat([-x2, x1], dim=-1) * angles.sin()
 
 
+def _experts(p, x, topk, pre_softmax):
+    """A mixture-of-experts MLP on x [s, b, h] and its Switch load-balancing loss (without the
+    coefficient): softmax router, top-k (renormalised unless ``pre_softmax``), SwiGLU experts."""
+    tokens = x.reshape(-1, x.shape[-1])
+    logits = tokens @ p("mlp.router.weight").T
+    experts = logits.shape[-1]
+    scores = logits.softmax(-1)
+    if pre_softmax:
+        weights, chosen = scores.topk(topk, dim=-1)
+    else:
+        top, chosen = logits.topk(topk, dim=-1)
+        weights = top.softmax(-1)
+    out = torch.zeros_like(tokens)
+    for e in range(experts):
+        rows, slot = (chosen == e).nonzero(as_tuple=True)
+        gate, up = torch.chunk(tokens[rows] @ p(f"mlp.experts.local_experts.{e}.linear_fc1.weight").T,
+                               2, dim=-1)
+        expert = (F.silu(gate) * up) @ p(f"mlp.experts.local_experts.{e}.linear_fc2.weight").T
+        out = out.index_add(0, rows, expert * weights[rows, slot, None])
+    count = tokens.shape[0]
+    routed = torch.zeros_like(scores).scatter(1, chosen, 1.0).sum(0)  # tokens per expert
+    balance = experts * ((routed / (count * topk)) * (scores.sum(0) / count)).sum()
+    return out.view_as(x), balance
+
+
 def _llama(params, tokens, blocked, num_layers, heads, groups, positions=None, head_dim=None,
-           qk_norm=False):
+           qk_norm=False, moe=None, aux=None):
     """Returns the L+1 aligned states and the logits. tokens [b, s]; blocked [b, 1, s, s];
     ``positions`` [s] the rotary positions (default 0..s-1); ``head_dim`` (default hidden /
-    heads) and ``qk_norm`` (RMSNorm over each head's queries and keys before RoPE) for Qwen3."""
+    heads) and ``qk_norm`` (RMSNorm over each head's queries and keys before RoPE) for Qwen3;
+    ``moe`` (topk, pre_softmax): mixture-of-experts MLPs, each layer's load-balancing loss
+    appended to ``aux``."""
     emb = params["embedding.word_embeddings.weight"]
     h = emb[tokens].transpose(0, 1)  # [s, b, hidden]
     s, b, hidden = h.shape
@@ -277,8 +324,13 @@ def _llama(params, tokens, blocked, num_layers, heads, groups, positions=None, h
         context = torch.einsum("bnst,tbnd->sbnd", scores.softmax(-1), v).reshape(s, b, heads * hn)
         h = h + context @ p("self_attention.linear_proj.weight").T
         x = _rms_norm(h, p("pre_mlp_layernorm.weight"))
-        gate, up = torch.chunk(x @ p("mlp.linear_fc1.weight").T, 2, dim=-1)
-        h = h + (F.silu(gate) * up) @ p("mlp.linear_fc2.weight").T
+        if moe is not None:
+            mlp, balance = _experts(p, x, *moe)
+            h = h + mlp
+            aux.append(balance)
+        else:
+            gate, up = torch.chunk(x @ p("mlp.linear_fc1.weight").T, 2, dim=-1)
+            h = h + (F.silu(gate) * up) @ p("mlp.linear_fc2.weight").T
         if i < num_layers - 1:
             states.append(h)
     final = _rms_norm(h, params["decoder.final_layernorm.weight"])
@@ -317,7 +369,7 @@ def plain_reference(run, data_overrides, extra=(), student_input=None) -> dict:
     teacher_params = {n: t.detach() for n, t in params.items()}
     num_mb = GLOBAL_BATCH // MICRO_BATCH
     L = m.num_layers
-    total, teacher_loss, cos_means = 0.0, 0.0, torch.zeros(L + 1)
+    total, teacher_loss, cos_means, aux_means = 0.0, 0.0, torch.zeros(L + 1), torch.zeros(L)
     for _ in range(num_mb):
         raw = next(iterator)
         batch = make_batch(raw["tokens"], raw["position_ids"], raw["sample_index"], cfg,
@@ -329,12 +381,15 @@ def plain_reference(run, data_overrides, extra=(), student_input=None) -> dict:
         else:
             tokens, blocked, positions, supervised, aligned = student_input(raw, batch, cfg)
         labels = batch.sequence_labels
-        shape = {"head_dim": m.head_dim, "qk_norm": m.qk_norm}
+        shape = {"head_dim": m.head_dim, "qk_norm": m.qk_norm,
+                 "moe": (m.moe_topk, m.moe_router_pre_softmax) if m.num_experts else None}
+        balance = []
         s_states, logits = _llama(params, tokens, blocked, L, m.num_attention_heads,
-                                  m.num_query_groups, positions, **shape)
+                                  m.num_query_groups, positions, **shape, aux=balance)
         with torch.no_grad():
             t_states, t_logits = _llama(teacher_params, batch.clean_tokens, batch.teacher_mask, L,
-                                        m.num_attention_heads, m.num_query_groups, **shape)
+                                        m.num_attention_heads, m.num_query_groups, **shape,
+                                        aux=[])
         sup = supervised.float()
         repeat = tokens.shape[1] // labels.shape[1]  # block diffusion: both streams predict
         diffusion = (token_ce(logits, labels.repeat(1, repeat)) * sup).sum() / sup.sum()
@@ -345,11 +400,14 @@ def plain_reference(run, data_overrides, extra=(), student_input=None) -> dict:
             (F.cosine_similarity(a[: labels.shape[1]], b, dim=-1) * weight).sum() / weight.sum()
             for a, b in zip(s_states, t_states)])
         align = ALIGN_WEIGHT * (1.0 - layer_cos).mean()
-        (diffusion + align).div(num_mb).backward()
+        moe_aux = m.moe_aux_loss_coeff * torch.stack(balance) if balance else torch.zeros(L)
+        (diffusion + align + moe_aux.sum()).div(num_mb).backward()
         total += float(diffusion + align) / num_mb
+        aux_means += moe_aux.detach() / num_mb
         cos_means += layer_cos.detach() / num_mb
 
     return {"total": total, "cos": cos_means.tolist(), "teacher_loss": teacher_loss,
+            "moe_aux_loss": aux_means.tolist(),
             "grads": {name: param.grad for name, param in params.items()}}
 
 
@@ -379,8 +437,8 @@ def test_matches_plain_pytorch_reference(core_runs, reference):
 @pytest.mark.slow
 def test_qwen3_attention_matches_across_layouts_and_plain_pytorch(qwen3_runs, data_overrides):
     """QK-norm and an explicit head size: losses, cosines and every gradient (the q/k norm
-    weights' summed over TP) agree across TP1PP1, TP2PP1, TP1PP2 and TP2PP2, and TP1PP1 equals
-    the from-scratch computation."""
+    weights' summed over TP) agree between TP1PP1 and TP2PP2, and TP1PP1 equals the from-scratch
+    computation."""
     ref = qwen3_runs["tp1pp1"]
     assert any("q_layernorm" in name for name in ref["grads"]["align"])
     for layout, run in qwen3_runs.items():
@@ -392,6 +450,33 @@ def test_qwen3_attention_matches_across_layouts_and_plain_pytorch(qwen3_runs, da
             for name, grad in ref["grads"][kind].items():
                 assert rel_err(run["grads"][kind][name], grad) <= RTOL, (layout, kind, name)
     assert_matches_reference(ref, plain_reference(ref, data_overrides, QWEN3))
+
+
+@pytest.mark.slow
+def test_moe_alignment_matches_across_layouts_and_plain_pytorch(moe_runs, data_overrides):
+    """A mixture-of-experts student aligned to its MoE teacher: losses, cosines, the
+    load-balancing loss and every gradient (experts gathered over EP) agree across TP1PP1,
+    TP2PP1, TP1PP2, TP2PP2 (SP), EP2 and TP1PP2EP2, and TP1PP1 equals the from-scratch
+    computation with the router, top-k and the Switch loss written here; the teacher's router
+    and experts take no gradient and no optimizer state."""
+    ref = moe_runs["tp1pp1"]
+    experts = {n for n in ref["grads"]["align"] if "local_experts" in n}
+    assert len(experts) == 4 * 4 * 2 and any("mlp.router" in n for n in ref["grads"]["align"])
+    for layout, run in moe_runs.items():
+        for kind in ("plain", "align"):
+            got, want = run["summary"][kind], ref["summary"][kind]
+            for key in ("diffusion_loss", "align_loss"):
+                assert close(got[key], want[key]), (layout, kind, key)
+            assert got["moe_aux_loss"] == pytest.approx(want["moe_aux_loss"], rel=RTOL)
+            for name, grad in ref["grads"][kind].items():
+                assert rel_err(run["grads"][kind][name], grad) <= RTOL, (layout, kind, name)
+        assert all(not r["teacher_has_grad"] and not r["teacher_in_optimizer"]
+                   and r["teacher_unchanged"] for r in run["ranks"]), layout
+    reference = plain_reference(ref, data_overrides, MOE)
+    assert ref["summary"]["align"]["moe_aux_loss"] == pytest.approx(reference["moe_aux_loss"],
+                                                                    rel=RTOL)
+    assert min(reference["moe_aux_loss"]) > 0  # in every layer's loss and gradients
+    assert_matches_reference(ref, reference)
 
 
 @pytest.mark.slow

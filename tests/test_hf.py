@@ -15,7 +15,7 @@ def tiny_hf_model(kind):
     from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
                               Qwen2Config, Qwen2ForCausalLM)
 
-    if kind in ("qwen3", "llama3", "mistral"):
+    if kind in ("qwen3", "qwen3_moe", "mixtral", "llama3", "mistral"):
         return family_model(kind)
     torch.manual_seed(0)
     if kind == "llama":  # tied embeddings, GQA
@@ -43,7 +43,8 @@ def family_model(kind, **changes):
     norm weights away from 1 (so a misplaced norm shows) and weights large enough that RoPE
     scaling changes the logits by about 0.3."""
     from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
-                              Qwen3Config, Qwen3ForCausalLM)
+                              MixtralConfig, MixtralForCausalLM, Qwen3Config, Qwen3ForCausalLM,
+                              Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
     torch.manual_seed(0)
     shared = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
@@ -52,6 +53,15 @@ def family_model(kind, **changes):
         model = Qwen3ForCausalLM(Qwen3Config(**{**shared, "head_dim": 32,
                                                 "max_position_embeddings": 128,
                                                 "tie_word_embeddings": False, **changes}))
+    elif kind == "qwen3_moe":  # 4 experts of 32, top 2 of a softmax over all, QK-norm
+        model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**{
+            **shared, "head_dim": 32, "moe_intermediate_size": 32, "num_experts": 4,
+            "num_experts_per_tok": 2, "norm_topk_prob": False, "max_position_embeddings": 128,
+            "tie_word_embeddings": False, **changes}))
+    elif kind == "mixtral":  # 4 experts of 32, the top 2 renormalised
+        model = MixtralForCausalLM(MixtralConfig(**{
+            **shared, "intermediate_size": 32, "num_local_experts": 4, "num_experts_per_tok": 2,
+            "max_position_embeddings": 128, "tie_word_embeddings": False, **changes}))
     elif kind == "llama3":  # Llama 3.x RoPE scaling, tied
         model = LlamaForCausalLM(LlamaConfig(**{**shared, "max_position_embeddings": 131072,
                                                 "rope_scaling": dict(LLAMA3_ROPE),
@@ -73,12 +83,14 @@ def hf_logits(model, tokens):
         return model(tokens).logits
 
 
-def megalign_logits(tmp_path, config, tp=1, pp=1, name="logits", extra=()):
+def megalign_logits(tmp_path, config, tp=1, pp=1, name="logits", extra=(), ep=1):
+    """Logits under TP x PP (x EP: experts over EP data-parallel ranks, TP x PP x EP processes)."""
     tokens = tmp_path / "tokens.pt"
-    out = tmp_path / f"{name}_{tp}{pp}.pt"
-    torchrun(tp * pp, WORKERS / "logits.py", ["--config", config, "--tokens", tokens, "--out", out,
-                                              f"parallel.tensor_model_parallel_size={tp}",
-                                              f"parallel.pipeline_model_parallel_size={pp}", *extra])
+    out = tmp_path / f"{name}_{tp}{pp}{ep}.pt"
+    torchrun(tp * pp * ep, WORKERS / "logits.py", [
+        "--config", config, "--tokens", tokens, "--out", out,
+        f"parallel.tensor_model_parallel_size={tp}", f"parallel.pipeline_model_parallel_size={pp}",
+        f"parallel.expert_model_parallel_size={ep}", *extra])
     return torch.load(out)
 
 
@@ -114,14 +126,21 @@ def test_hf_round_trip_keeps_logits(tmp_path, kind):
     assert (logits[..., :VOCAB] - reference).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("kind", ["qwen3", pytest.param("llama3", marks=pytest.mark.slow),
-                                  pytest.param("mistral", marks=pytest.mark.slow)])
+# (TP, PP, EP) each family's logits are checked under (TP1PP1 where none is given)
+LAYOUTS = {"qwen3": [(2, 2, 1)], "qwen3_moe": [(2, 2, 1), (1, 2, 2)], "mixtral": [(1, 1, 2)]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["qwen3", "qwen3_moe", "mixtral", "llama3"])
 def test_family_converts_exactly(tmp_path, kind):
-    """HF -> megalign: logits within 1e-4 of transformers' under TP1PP1 and TP2PP2 and the same
-    greedy continuation; megalign -> HF: every tensor bit-identical to the original, and the
-    export under a causal mask is the AR model again."""
+    """HF -> megalign: logits within 1e-4 of transformers' (Qwen3 under TP2PP2, Qwen3-MoE under
+    TP2PP2 and TP1PP2EP2, Mixtral at EP2) and the same greedy continuation; megalign -> HF: every
+    tensor bit-identical to the original (experts as the published checkpoints store them), and
+    the export under a causal mask is the AR model again."""
     from safetensors.torch import load_file
     from transformers import AutoModel
+
+    from megalign.convert.hf import split_experts
 
     model = family_model(kind)
     model.save_pretrained(tmp_path / "hf")
@@ -132,15 +151,16 @@ def test_family_converts_exactly(tmp_path, kind):
                             pad_token_id=0)[0, 8:].tolist()
     run_python(["-m", "megalign.cli.convert", "--from", "hf", "--to", "megalign",
                 "--input", tmp_path / "hf", "--output", tmp_path / "ml"])
-    for tp, pp in [(1, 1), (2, 2)] if kind == "qwen3" else [(1, 1)]:
-        out = megalign_logits(tmp_path, tmp_path / "ml" / "megalign.yaml", tp, pp,
+    for tp, pp, ep in LAYOUTS.get(kind, [(1, 1, 1)]):
+        out = megalign_logits(tmp_path, tmp_path / "ml" / "megalign.yaml", tp, pp, ep=ep,
                               extra=["--greedy", "12"])
-        assert (out["logits"][..., :VOCAB] - reference).abs().max() <= 1e-4, (kind, tp, pp)
-        assert out["greedy"] == greedy, (kind, tp, pp)
+        assert (out["logits"][..., :VOCAB] - reference).abs().max() <= 1e-4, (kind, tp, pp, ep)
+        assert out["greedy"] == greedy, (kind, tp, pp, ep)
 
     run_python(["-m", "megalign.cli.convert", "--from", "megalign", "--to", "hf",
                 "--input", tmp_path / "ml", "--output", tmp_path / "back"])
-    original, exported = model.state_dict(), load_file(tmp_path / "back" / "model.safetensors")
+    original = split_experts(model.state_dict())
+    exported = load_file(tmp_path / "back" / "model.safetensors")
     if model.config.tie_word_embeddings:
         original.pop("lm_head.weight")
     assert sorted(exported) == sorted(original)
@@ -154,12 +174,28 @@ def test_family_converts_exactly(tmp_path, kind):
     assert (logits[..., :VOCAB] - reference).abs().max() <= 1e-4
 
 
+def test_mistral_without_a_window_converts_as_llama(tmp_path):
+    """Mistral v0.3 and later (no sliding window) is the Llama network: converted in-process, its
+    recorded model is the Llama family's (its logits are those of the Llama path tested above)."""
+    import yaml
+
+    from fuzz import targets
+
+    family_model("mistral").save_pretrained(tmp_path / "hf")
+    assert targets.convert_hf(tmp_path, tmp_path / "hf").code == 0
+    model = yaml.safe_load((tmp_path / "converted" / "model" / "megalign.yaml").read_text())["model"]
+    assert model["arch"] == "llama" and not model["qk_norm"] and model["head_dim"] is None
+
+
 @pytest.mark.parametrize("kind, changes, refusal", [
     ("mistral", {"sliding_window": 16}, "sliding_window=16"),
     ("qwen3", {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 0},
      "sliding_window=16"),
     ("qwen3", {"attention_bias": True}, "attention_bias=True"),
     ("llama3", {"mlp_bias": True}, "mlp_bias=True"),
+    ("qwen3_moe", {"mlp_only_layers": [1]}, "mlp_only_layers=[1]"),
+    ("qwen3_moe", {"decoder_sparse_step": 2}, "decoder_sparse_step=2"),
+    ("mixtral", {"sliding_window": 16}, "sliding_window=16"),
     ("llama3", {"hidden_act": "gelu"}, "hidden_act=gelu"),
     ("llama3", {"rope_scaling": {**LLAMA3_ROPE, "high_freq_factor": 2.0}}, "high_freq_factor=2.0"),
     ("llama3", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0,
@@ -205,6 +241,29 @@ def test_checkpoints_reshard_tp2pp2_to_tp1pp1_to_tp1pp2(tmp_path, data_overrides
                                  extra=[f"model.init_checkpoint={source}"])
         # the mask row was initialised at training start: compare the real vocabulary
         assert (logits[..., :VOCAB] - reference).abs().max() <= 1e-4, name
+
+
+@pytest.mark.slow
+def test_expert_parallel_checkpoints_reshard(tmp_path, data_overrides):
+    """A Qwen3-MoE model trained under TP1 x PP2 x EP2 (one step at learning rate 0) saves
+    weights that load into TP1PP1 with its experts where they were: transformers' logits."""
+    model = family_model("qwen3_moe")
+    model.save_pretrained(tmp_path / "hf")
+    tokens = torch.randint(0, VOCAB, (2, 48))
+    torch.save(tokens, tmp_path / "tokens.pt")
+    reference = hf_logits(model, tokens)
+    run_python(["-m", "megalign.cli.convert", "--from", "hf", "--to", "megalign",
+                "--input", tmp_path / "hf", "--output", tmp_path / "ml"])
+    converted = tmp_path / "ml" / "megalign.yaml"
+    torchrun(4, "-m", ["megalign.cli.train", "--config", TINY_CONFIG, "--config", converted,
+                       *data_overrides, "parallel.tensor_model_parallel_size=1",
+                       "parallel.pipeline_model_parallel_size=2",
+                       "parallel.expert_model_parallel_size=2", "schedule.train_iters=2",
+                       "schedule.warmup_iters=1", "checkpoint.save_interval=1", "align.weight=10",
+                       f"logging.run_dir={tmp_path}/run", f"checkpoint.save={tmp_path}/ckpt"])
+    logits = megalign_logits(tmp_path, converted, extra=[
+        f"model.init_checkpoint={tmp_path / 'ckpt' / 'iter_0000001'}"])
+    assert (logits[..., :VOCAB] - reference).abs().max() <= 1e-4
 
 
 def test_unsupported_architecture_and_bad_layout_are_clear(tmp_path):

@@ -24,7 +24,7 @@ OPTION_SETS = [
 GEN_LENGTH = 16
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3", "gpt2"])
+@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3_moe", "gpt2"])
 def exported(request, tmp_path_factory, data_overrides):
     """A tiny HF model converted, trained 2 steps with REPR-ALIGN by megalign, and exported."""
     kind, tmp = request.param, tmp_path_factory.mktemp(f"export_{request.param}")

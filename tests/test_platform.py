@@ -17,6 +17,15 @@ def test_patched_sites_exist_in_the_pinned_megatron_core():
         assert hasattr(importlib.import_module(module), attr), site
 
 
+def test_globals_defined_only_with_transformer_engine_are_still_read():
+    """Each global the adapter defines is read by its module (when a new megatron-core release
+    stops reading it, the line in cpu.py goes)."""
+    for site in cpu.UNDEFINED_WITHOUT_TE:
+        module, _, name = site.rpartition(".")
+        source = Path(importlib.import_module(module).__file__).read_text()
+        assert re.search(rf"\b{name}\b", source), site
+
+
 def test_no_other_module_patches_torch_or_megatron():
     assignment = re.compile(r"^\s*(torch|mcore_\w+|clip_grads|optimizer)\.[\w.]+\s*=[^=]", re.M)
     offenders = [str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")

@@ -248,7 +248,7 @@ def megalign_to_hf(source: str, output: str) -> str:
         start_step0_student(chunks, cfg, meta, vocab)
     model = {k: getattr(m, k) for k in ("arch", "num_layers", "num_attention_heads",
                                          "num_query_groups", "qkv_bias", "qk_norm",
-                                         "tie_embeddings")}
+                                         "num_experts", "tie_embeddings")}
     hf_state = megatron_to_hf(full_tensors(chunks, "param"), model, m.padded_vocab_size)
     write_export_atomically(output, lambda directory: export_diffusion_model(cfg, meta, hf_state,
                                                                              directory))
@@ -294,6 +294,9 @@ def export_diffusion_model(cfg: Config, meta: dict, hf_state: dict, output: str)
         num_attention_heads=m.num_attention_heads,
         num_key_value_heads=m.num_query_groups or m.num_attention_heads,
         head_dim=head_dim(m), qk_norm=m.qk_norm, rope_scaling_factor=m.rope_scaling_factor,
+        num_experts=m.num_experts, moe_topk=m.moe_topk,
+        moe_intermediate_size=m.moe_ffn_hidden_size or ffn_hidden_size(cfg),
+        moe_router_pre_softmax=m.moe_router_pre_softmax,
         max_position_embeddings=m.max_position_embeddings or m.seq_length,
         norm_epsilon=m.norm_epsilon, rope_theta=float(m.rotary_base), qkv_bias=m.qkv_bias,
         tie_word_embeddings=m.tie_embeddings, mask_token_id=cfg.diffusion.mask_token_id,

@@ -5,7 +5,9 @@ and export both read it. Names on the Megatron side are megalign's global names 
 PP-independent): a single process converts, and ``dist_checkpointing`` reshards the result into any TP/PP layout when it is loaded.
 
 * Llama family (Llama incl. 3.x RoPE scaling, SmolLM2, Mistral, Qwen2 with QKV bias, Qwen3 with
-  RMSNorm on queries and keys and its own head size; tied or untied embeddings; GQA): Megatron's
+  RMSNorm on queries and keys and its own head size; Qwen3-MoE and Mixtral, whose router and
+  experts map to Megatron-Core's ``router`` and ``SequentialMLP``; tied or untied embeddings;
+  GQA): Megatron's
   fused ``linear_qkv`` holds, per KV group, that group's query heads then its key and value head;
   ``linear_fc1`` holds [gate; up]. Both use the rotate-half RoPE convention, like HF.
 * GPT-2: HF's ``Conv1D`` weights are transposed; ``c_attn`` is [q; k; v] over all heads, Megatron
@@ -23,7 +25,7 @@ from megalign.errors import ConfigError, ConversionError
 
 # HF model_type -> megalign arch
 SUPPORTED = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama",
-             "gpt2": "gpt2"}
+             "qwen3_moe": "llama", "mixtral": "llama", "gpt2": "gpt2"}
 # Llama 3.x RoPE scaling as Megatron-Core implements it (only the factor is a parameter there)
 LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}
@@ -75,7 +77,7 @@ def model_config_from_hf(hf_config) -> dict:
                                       f"supported (Llama 3.x's {value:g})")
     default_head_dim = hf_config.hidden_size // hf_config.num_attention_heads
     head_dim = getattr(hf_config, "head_dim", None) or default_head_dim
-    return {
+    return {**experts_from_hf(hf_config),
         "arch": "llama",
         "num_layers": hf_config.num_hidden_layers,
         "hidden_size": hf_config.hidden_size,
@@ -83,7 +85,7 @@ def model_config_from_hf(hf_config) -> dict:
         "num_attention_heads": hf_config.num_attention_heads,
         "num_query_groups": hf_config.num_key_value_heads,
         "head_dim": None if head_dim == default_head_dim else head_dim,
-        "qk_norm": model_type == "qwen3",
+        "qk_norm": model_type in ("qwen3", "qwen3_moe"),
         "max_position_embeddings": hf_config.max_position_embeddings,
         "qkv_bias": model_type == "qwen2",
         "tie_embeddings": bool(hf_config.tie_word_embeddings),
@@ -91,6 +93,52 @@ def model_config_from_hf(hf_config) -> dict:
         "rope_scaling_factor": float(rope["factor"]) if scaling == "llama3" else None,
         "norm_epsilon": hf_config.rms_norm_eps,
     }
+
+
+def experts_from_hf(hf_config) -> dict:
+    """The mixture-of-experts part of the ``model`` section (empty for a dense model): Qwen3-MoE
+    (softmax over all experts, top k renormalised only with ``norm_topk_prob``) or Mixtral (top k
+    renormalised); every layer must be sparse and no expert shared."""
+    if hf_config.model_type == "mixtral":
+        experts, size, normalised = (hf_config.num_local_experts, hf_config.intermediate_size,
+                                     True)
+    elif hf_config.model_type == "qwen3_moe":
+        experts, size = hf_config.num_experts, hf_config.moe_intermediate_size
+        normalised = bool(hf_config.norm_topk_prob)
+        dense = list(getattr(hf_config, "mlp_only_layers", None) or [])
+        if dense or getattr(hf_config, "decoder_sparse_step", 1) != 1:
+            raise ConversionError(
+                f"config.json mlp_only_layers={dense} / decoder_sparse_step="
+                f"{hf_config.decoder_sparse_step}: dense layers between expert layers are not "
+                "supported (every layer must be a mixture of experts)")
+    else:
+        return {}
+    if getattr(hf_config, "shared_expert_intermediate_size", None):
+        raise ConversionError("config.json shared_expert_intermediate_size: shared experts are "
+                              "not supported")
+    return {"num_experts": experts, "moe_topk": hf_config.num_experts_per_tok,
+            "moe_ffn_hidden_size": size, "moe_router_pre_softmax": not normalised,
+            "moe_aux_loss_coeff": float(getattr(hf_config, "router_aux_loss_coef", 0.0) or 0.0)}
+
+
+def split_experts(state: dict) -> dict:
+    """transformers 5's fused expert tensors (``experts.gate_up_proj`` [E, 2I, H],
+    ``experts.down_proj`` [E, H, I]) as one Linear weight per expert, the layout of the
+    published checkpoints (``experts.{e}.gate_proj/up_proj/down_proj.weight``)."""
+    out = {}
+    for name, tensor in state.items():
+        prefix, _, kind = name.rpartition("experts.")
+        if kind == "gate_up_proj":
+            for e, fused in enumerate(tensor):
+                gate, up = fused.chunk(2, dim=0)
+                out[f"{prefix}experts.{e}.gate_proj.weight"] = gate
+                out[f"{prefix}experts.{e}.up_proj.weight"] = up
+        elif kind == "down_proj":
+            for e, down in enumerate(tensor):
+                out[f"{prefix}experts.{e}.down_proj.weight"] = down
+        else:
+            out[name] = tensor
+    return out
 
 
 def check_full_attention(hf_config) -> None:
@@ -196,11 +244,17 @@ def name_table(model: dict, padded_vocab: int, vocab: int) -> list[Mapping]:
         if model.get("qk_norm"):  # Qwen3: RMSNorm over each head's queries and keys
             table += [_same(h + "self_attn.q_norm.weight", m + "self_attention.q_layernorm.weight"),
                       _same(h + "self_attn.k_norm.weight", m + "self_attention.k_layernorm.weight")]
-        table += [
-            _same(h + "self_attn.o_proj.weight", m + "self_attention.linear_proj.weight"),
-            _gated(h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight", m + "mlp.linear_fc1.weight"),
-            _same(h + "mlp.down_proj.weight", m + "mlp.linear_fc2.weight"),
-        ]
+        table.append(_same(h + "self_attn.o_proj.weight", m + "self_attention.linear_proj.weight"))
+        if model.get("num_experts"):  # the router, then each expert's SwiGLU
+            table.append(_same(h + "mlp.gate.weight", m + "mlp.router.weight"))
+            for e in range(model["num_experts"]):
+                x, y = f"{h}mlp.experts.{e}.", f"{m}mlp.experts.local_experts.{e}."
+                table += [_gated(x + "gate_proj.weight", x + "up_proj.weight", y + "linear_fc1.weight"),
+                          _same(x + "down_proj.weight", y + "linear_fc2.weight")]
+        else:
+            table += [_gated(h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight",
+                             m + "mlp.linear_fc1.weight"),
+                      _same(h + "mlp.down_proj.weight", m + "mlp.linear_fc2.weight")]
     table.append(_same("model.norm.weight", "decoder.final_layernorm.weight"))
     if not model["tie_embeddings"]:
         table.append(_vocabulary("lm_head.weight", "output_layer.weight", padded_vocab, vocab))
@@ -235,7 +289,8 @@ def _qkv_from_megatron(qkv, heads: int, groups: int):
 
 def hf_to_megatron(hf_state: dict, model: dict, padded_vocab: int) -> dict:
     """HF state dict -> megalign global-name tensors (fp32)."""
-    s = {k: v.float() for k, v in hf_state.items() if not k.endswith("rotary_emb.inv_freq")}
+    s = {k: v.float() for k, v in split_experts(hf_state).items()
+         if not k.endswith("rotary_emb.inv_freq")}
     if model["arch"] == "gpt2" or model["tie_embeddings"]:
         s.pop("lm_head.weight", None)  # the word embedding, tied
     out = {}

@@ -9,7 +9,8 @@ directory loads with transformers alone::
 
 It needs only torch and transformers and never imports megalign. The network is the AR model's
 (Llama family: RMSNorm, SwiGLU, RoPE with optional Llama 3 scaling, grouped-query attention,
-optional QKV bias, optional RMSNorm on queries and keys (Qwen3); or GPT-2:
+optional QKV bias, optional RMSNorm on queries and keys (Qwen3), dense or mixture-of-experts
+MLPs (Qwen3-MoE, Mixtral); or GPT-2:
 LayerNorm, tanh GeLU, learned positions) with bidirectional attention; position ``i``'s logits
 predict token ``i+1`` when ``config.shift`` (the AR shift kept in training). ``diffusion_generate``
 follows megalign's sampler (megalign/diffusion/sampler.py) rule for rule, so the same options and
@@ -38,7 +39,9 @@ class MegalignDiffusionConfig(PretrainedConfig):
                  intermediate_size: int = 128, num_hidden_layers: int = 2,
                  num_attention_heads: int = 4, num_key_value_heads: Optional[int] = None,
                  head_dim: Optional[int] = None, qk_norm: bool = False,
-                 rope_scaling_factor: Optional[float] = None, max_position_embeddings: int = 128, norm_epsilon: float = 1e-5,
+                 rope_scaling_factor: Optional[float] = None, num_experts: Optional[int] = None,
+                 moe_topk: int = 2, moe_intermediate_size: Optional[int] = None,
+                 moe_router_pre_softmax: bool = False, max_position_embeddings: int = 128, norm_epsilon: float = 1e-5,
                  rope_theta: float = 10000.0, qkv_bias: bool = False,
                  tie_word_embeddings: bool = True, mask_token_id: Optional[int] = None,
                  shift: bool = True, sample_vocab_size: Optional[int] = None,
@@ -53,6 +56,12 @@ class MegalignDiffusionConfig(PretrainedConfig):
         self.head_dim = head_dim or hidden_size // num_attention_heads
         self.qk_norm = qk_norm  # RMSNorm over each head's queries and keys before RoPE (Qwen3)
         self.rope_scaling_factor = rope_scaling_factor  # Llama 3.x RoPE scaling; None = off
+        # mixture of experts: num_experts SwiGLU experts per layer, moe_topk per token; None = dense
+        self.num_experts = num_experts
+        self.moe_topk = moe_topk
+        self.moe_intermediate_size = moe_intermediate_size or intermediate_size
+        # softmax over all experts, top k kept as they are; else the top k renormalised
+        self.moe_router_pre_softmax = moe_router_pre_softmax
         self.max_position_embeddings = max_position_embeddings
         self.norm_epsilon = norm_epsilon
         self.rope_theta = rope_theta
@@ -117,6 +126,44 @@ def _attend(q, k, v, blocked):
     return (probs @ v).transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
 
 
+class SwiGLU(nn.Module):
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MixtureOfExperts(nn.Module):
+    """A softmax router (``gate``) sending each token to ``moe_topk`` SwiGLU experts, whose
+    outputs are summed weighted by the router's probabilities (Qwen3-MoE, Mixtral)."""
+
+    def __init__(self, config: MegalignDiffusionConfig):
+        super().__init__()
+        self.topk, self.pre_softmax = config.moe_topk, config.moe_router_pre_softmax
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.experts = nn.ModuleList(SwiGLU(config.hidden_size, config.moe_intermediate_size)
+                                     for _ in range(config.num_experts))
+
+    def forward(self, x):
+        tokens = x.reshape(-1, x.shape[-1])
+        logits = self.gate(tokens).float()
+        if self.pre_softmax:
+            weights, chosen = logits.softmax(-1).topk(self.topk, dim=-1)
+        else:
+            top, chosen = logits.topk(self.topk, dim=-1)
+            weights = top.softmax(-1)
+        out = torch.zeros_like(tokens)
+        for index, expert in enumerate(self.experts):
+            rows, slot = (chosen == index).nonzero(as_tuple=True)
+            if rows.numel():
+                out.index_add_(0, rows, expert(tokens[rows]) * weights[rows, slot, None].to(x.dtype))
+        return out.view_as(x)
+
+
 class LlamaBlock(nn.Module):
     def __init__(self, config: MegalignDiffusionConfig):
         super().__init__()
@@ -133,10 +180,8 @@ class LlamaBlock(nn.Module):
         self.self_attn.k_proj = nn.Linear(h, self.groups * d, bias=config.qkv_bias)
         self.self_attn.v_proj = nn.Linear(h, self.groups * d, bias=config.qkv_bias)
         self.self_attn.o_proj = nn.Linear(self.heads * d, h, bias=False)
-        self.mlp = nn.Module()
-        self.mlp.gate_proj = nn.Linear(h, config.intermediate_size, bias=False)
-        self.mlp.up_proj = nn.Linear(h, config.intermediate_size, bias=False)
-        self.mlp.down_proj = nn.Linear(config.intermediate_size, h, bias=False)
+        self.mlp = (MixtureOfExperts(config) if config.num_experts
+                    else SwiGLU(h, config.intermediate_size))
 
     def forward(self, x, blocked, cos, sin):
         b, s, _ = x.shape
@@ -151,7 +196,7 @@ class LlamaBlock(nn.Module):
         q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
         x = x + a.o_proj(_attend(q, k, v, blocked))
         y = self.post_attention_layernorm(x)
-        return x + self.mlp.down_proj(F.silu(self.mlp.gate_proj(y)) * self.mlp.up_proj(y))
+        return x + self.mlp(y)
 
 
 class GPT2Block(nn.Module):

@@ -2,10 +2,14 @@
 
 Used to compare gradients and weights across parallel layouts. Tensor-parallel parameters carry
 Megatron's ``tensor_model_parallel``/``partition_dim`` attributes. The gated MLP's ``linear_fc1``
-holds [gate; up] per TP shard, so its shards are gathered half by half.
+holds [gate; up] per TP shard, so its shards are gathered half by half. Experts are gathered over
+their expert-tensor-parallel group, then over the expert-parallel group, whose rank r holds the
+experts r * E/EP .. (r + 1) * E/EP - 1 under local indices 0 .. E/EP - 1.
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 from megatron.core import parallel_state
@@ -14,19 +18,38 @@ from megalign.model.gpt import global_parameter_name
 from megalign.platform import collectives
 
 
-def _all_gather(tensor: torch.Tensor, dim: int) -> torch.Tensor:
-    return torch.cat(collectives.all_gather(
-        tensor, group=parallel_state.get_tensor_model_parallel_group()), dim=dim)
+_EXPERT = re.compile(r"(\.local_experts\.)(\d+)\.")
+
+
+def _all_gather(tensor: torch.Tensor, dim: int, group) -> torch.Tensor:
+    return torch.cat(collectives.all_gather(tensor, group=group), dim=dim)
 
 
 def full_tensor(name: str, param: torch.nn.Parameter, local: torch.Tensor, gated: bool) -> torch.Tensor:
-    if not getattr(param, "tensor_model_parallel", False) or parallel_state.get_tensor_model_parallel_world_size() == 1:
+    expert = _EXPERT.search(name) is not None
+    group = (parallel_state.get_expert_tensor_parallel_group() if expert
+             else parallel_state.get_tensor_model_parallel_group())
+    if not getattr(param, "tensor_model_parallel", False) or dist_size(group) == 1:
         return local.detach().clone()
     dim = param.partition_dim
     if gated and "linear_fc1." in name:
         gate, up = torch.chunk(local, 2, dim=dim)
-        return torch.cat([_all_gather(gate, dim), _all_gather(up, dim)], dim=dim)
-    return _all_gather(local, dim)
+        return torch.cat([_all_gather(gate, dim, group), _all_gather(up, dim, group)], dim=dim)
+    return _all_gather(local, dim, group)
+
+
+def dist_size(group) -> int:
+    return torch.distributed.get_world_size(group)
+
+
+def _experts_over_ranks(name: str, full: torch.Tensor, local_experts: int) -> dict:
+    """An expert's tensor on every expert-parallel rank, under its global expert index."""
+    group = parallel_state.get_expert_model_parallel_group()
+    match = _EXPERT.search(name)
+    local = int(match.group(2))
+    parts = collectives.all_gather(full, group=group) if dist_size(group) > 1 else [full]
+    return {name[: match.start(2)] + str(rank * local_experts + local) + name[match.end(2):]: part
+            for rank, part in enumerate(parts)}
 
 
 def full_tensors(chunks: list, kind: str) -> dict[str, torch.Tensor]:
@@ -40,5 +63,11 @@ def full_tensors(chunks: list, kind: str) -> dict[str, torch.Tensor]:
             if local is None:
                 continue
             full = full_tensor(name, param, local, gated).float()
-            tensors[global_parameter_name(name, chunk)] = full
+            name = global_parameter_name(name, chunk)
+            if _EXPERT.search(name):
+                local_experts = chunk.config.num_moe_experts // dist_size(
+                    parallel_state.get_expert_model_parallel_group())
+                tensors.update(_experts_over_ranks(name, full, local_experts))
+            else:
+                tensors[name] = full
     return tensors

@@ -128,6 +128,7 @@ def transformer_config(cfg: Config, params_dtype: torch.dtype, fp8: bool = False
         apply_rope_fusion=fused and llama,
         gradient_accumulation_fusion=fused,  # wgrad straight into Megatron DDP's main_grad
         persist_layer_norm=False,  # apex-only; TE norms are used with TE
+        **moe_config(cfg),
         fp8=cfg.fp8.format if fp8 else None,
         fp8_recipe=cfg.fp8.recipe,
         fp8_margin=cfg.fp8.margin,
@@ -135,6 +136,21 @@ def transformer_config(cfg: Config, params_dtype: torch.dtype, fp8: bool = False
         fp8_amax_compute_algo=cfg.fp8.amax_compute_algo,
         fp8_wgrad=cfg.fp8.wgrad,
     )
+
+
+def moe_config(cfg: Config) -> dict:
+    """Megatron-Core's MoE settings: a softmax router, dropless, the all-gather token dispatcher
+    (the one that runs on CPU/gloo), one ``SequentialMLP`` of SwiGLU experts per layer."""
+    m = cfg.model
+    if m.num_experts is None:
+        return {}
+    return dict(num_moe_experts=m.num_experts, moe_router_topk=m.moe_topk,
+                moe_ffn_hidden_size=m.moe_ffn_hidden_size or ffn_hidden_size(cfg),
+                moe_router_pre_softmax=m.moe_router_pre_softmax,
+                moe_router_score_function="softmax", moe_router_load_balancing_type="aux_loss",
+                moe_aux_loss_coeff=m.moe_aux_loss_coeff, moe_token_dispatcher_type="allgather",
+                moe_grouped_gemm=False,
+                expert_model_parallel_size=cfg.parallel.expert_model_parallel_size)
 
 
 def layer_spec(cfg: Config, attn_mask_type: AttnMaskType):
@@ -145,9 +161,12 @@ def layer_spec(cfg: Config, attn_mask_type: AttnMaskType):
             get_gpt_layer_with_transformer_engine_spec,
         )
 
-        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=cfg.model.qk_norm)
+        spec = get_gpt_layer_with_transformer_engine_spec(
+            num_experts=cfg.model.num_experts, moe_grouped_gemm=False,
+            qk_layernorm=cfg.model.qk_norm)
     else:
-        spec = get_gpt_layer_local_spec(qk_layernorm=cfg.model.qk_norm)
+        spec = get_gpt_layer_local_spec(num_experts=cfg.model.num_experts,
+                                        moe_grouped_gemm=False, qk_layernorm=cfg.model.qk_norm)
         spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = TorchNorm
         if cfg.model.qk_norm:
             attention = spec.submodules.self_attention.submodules

@@ -10,7 +10,10 @@ redirects exactly those to the CPU:
 * a process-wide ``TorchFunctionMode`` rewrites ``device="cuda*"`` arguments to the CPU and makes
   ``Tensor.cuda()`` return the tensor itself;
 * Megatron's RNG tracker is replaced by one that forks the CPU generator;
-* ``clip_grad_by_total_norm_fp32`` is replaced by a CPU implementation with the same arithmetic.
+* ``clip_grad_by_total_norm_fp32`` is replaced by a CPU implementation with the same arithmetic;
+* ``moe_utils.te_general_gemm``, which the MoE router's gating GEMM reads but Megatron-Core
+  (0.16.x) defines only when Transformer Engine imports, is defined as ``None`` (the value that
+  selects the plain ``torch`` GEMM), so mixture-of-experts layers run.
 
 It is the only place in megalign that patches anything, and ``apply()`` is called once at start-up
 only when ``torch.cuda.is_available()`` is false. ``PATCHED_SITES`` lists every replaced
@@ -20,6 +23,7 @@ attribute so a test can check each still exists when the megatron-core pin moves
 from __future__ import annotations
 
 import contextlib
+import importlib
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -32,6 +36,9 @@ PATCHED_SITES = (
     "megatron.core.optimizer.clip_grads.clip_grad_by_total_norm_fp32",
     "megatron.core.optimizer.optimizer.clip_grad_by_total_norm_fp32",
 )
+
+# module globals Megatron-Core reads but defines only with Transformer Engine: set to None
+UNDEFINED_WITHOUT_TE = ("megatron.core.transformer.moe.moe_utils.te_general_gemm",)
 
 _applied = False
 _mode: TorchFunctionMode | None = None
@@ -146,6 +153,11 @@ def apply() -> None:
     mcore_random.model_parallel_cuda_manual_seed = _cpu_model_parallel_manual_seed
     clip_grads.clip_grad_by_total_norm_fp32 = _cpu_clip_grad_by_total_norm_fp32
     optimizer.clip_grad_by_total_norm_fp32 = _cpu_clip_grad_by_total_norm_fp32
+    for site in UNDEFINED_WITHOUT_TE:
+        module, _, name = site.rpartition(".")
+        module = importlib.import_module(module)
+        if not hasattr(module, name):
+            setattr(module, name, None)
     _mode = _CudaToCpu()
     _mode.__enter__()
     _applied = True

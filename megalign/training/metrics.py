@@ -105,9 +105,13 @@ def console_line(record: dict, train_iters: int) -> str:
         *([f"attention open: {record['attention_open']:.3f}"] if "attention_open" in record else []),
         f"grad norm: {_fmt(record['grad_norm'])}",
     ]
+    if "moe_aux_loss" in record:
+        parts.insert(-1, f"load-balancing loss: {record['moe_aux_loss']:.6E}")
     cos = record.get("align_cos")
     if cos:
         parts.append("align cos: [" + " ".join(f"{c:.3f}" for c in cos) + "]")
+    if record.get("expert_load"):  # per layer: the busiest expert's tokens over the mean
+        parts.append("expert load: [" + " ".join(f"{x:.2f}" for x in record["expert_load"]) + "]")
     return " | ".join(parts) + " |"
 
 

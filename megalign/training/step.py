@@ -32,6 +32,7 @@ from megalign.distributed import device
 from megalign.diffusion.objective import DiffusionBatch, causal_lm_batch, loss_terms, make_batch
 from megalign.model.hidden_states import HiddenStateRecorder
 from megalign.platform import collectives
+from megalign.telemetry.experts import aux_loss_per_layer
 
 
 @dataclass
@@ -56,6 +57,13 @@ class StepResult:
     align_loss: float
     align_cos: list  # per aligned layer (None for layers not aligned)
     teacher_loss: Optional[float] = None  # with align.log_teacher_loss
+    # mixture of experts: each layer's load-balancing loss as added to the loss (coefficient in)
+    moe_aux_loss: Optional[list] = None
+
+    @property
+    def loss(self) -> float:
+        """What the step minimised: diffusion (or next-token) + alignment + load balancing."""
+        return self.diffusion_loss + self.align_loss + sum(self.moe_aux_loss or ())
 
 
 class DiffusionStep:
@@ -206,8 +214,10 @@ class DiffusionStep:
         if self.teacher is not None:
             align_loss = alignment_loss(distances, self.layer_weights, self.cfg.align.weight)
         logs_teacher = self.teacher is not None and self.cfg.align.log_teacher_loss
+        aux = (aux_loss_per_layer(self.num_microbatches, self.cfg.model.moe_aux_loss_coeff)
+               if self.cfg.model.num_experts else None)
         return StepResult(float(values[0]), float(align_loss), align_cos,
-                          float(values[1]) if logs_teacher else None)
+                          float(values[1]) if logs_teacher else None, aux)
 
     def first_microbatch_dump(self) -> Optional[dict]:
         """The first micro-batch's inputs and loss terms, with scalars gathered from all stages."""

@@ -26,6 +26,7 @@ from megalign.diffusion.masking import anneal_fraction
 from megalign.diffusion.objective import streams
 from megalign.errors import TrainingError
 from megalign.platform import collectives
+from megalign.telemetry.experts import ExpertLoad
 from megalign.training.checkpointer import Checkpointer
 from megalign.training.metrics import MetricsLogger
 from megalign.training.step import DiffusionStep, StepResult
@@ -180,6 +181,9 @@ class Trainer:
         self.num_microbatches = num_microbatches
         self.validator = validator
         self.iteration = 0  # optimizer steps taken (restored on resume)
+        m = cfg.model
+        self.expert_load = (ExpertLoad(students, m.num_layers, m.num_experts)
+                            if m.num_experts else None)
 
     @property
     def consumed_samples(self) -> int:
@@ -239,7 +243,7 @@ class Trainer:
         dump_to = cfg.debug.dump_first_batch if iteration == 1 else None
         start = time.perf_counter()
         result = self.forward_backward(data_iterator, record_first=dump_to is not None)
-        loss = result.diffusion_loss + result.align_loss
+        loss = result.loss
         if not math.isfinite(loss):
             raise TrainingError(
                 f"iteration {iteration}: loss is {loss} (diffusion {result.diffusion_loss}, "
@@ -271,6 +275,10 @@ class Trainer:
             record["align_cos"] = result.align_cos
         if result.teacher_loss is not None:
             record["teacher_loss"] = result.teacher_loss
+        if result.moe_aux_loss is not None:
+            record["moe_aux_loss"] = sum(result.moe_aux_loss)
+        if self.expert_load is not None:
+            record["expert_load"] = self.expert_load.imbalance()
         return record
 
     def validate(self, logger: MetricsLogger) -> None:
@@ -321,12 +329,15 @@ def setup(cfg: Config, tokenizer, log=print, store=None, ar_checkpoint: Optional
         cfg.parallel.virtual_pipeline_model_parallel_size,
         timeout_minutes=cfg.resilience.collective_timeout_minutes,
         store=store,
+        expert_parallel=cfg.parallel.expert_model_parallel_size,
     )
     dp_size = parallel_state.get_data_parallel_world_size()
     vocab = Vocabulary.of(cfg, tokenizer)
     log(
         f"> megalign: world {dist.get_world_size()} = TP {cfg.parallel.tensor_model_parallel_size}"
-        f" x PP {cfg.parallel.pipeline_model_parallel_size} x DP {dp_size}; padded vocab "
+        f" x PP {cfg.parallel.pipeline_model_parallel_size} x DP {dp_size}"
+        + (f" (experts over EP {cfg.parallel.expert_model_parallel_size})"
+           if cfg.model.num_experts else "") + "; padded vocab "
         f"{vocab.padded}, mask token {vocab.mask}, align weight {cfg.align.weight}"
     )
     students, teacher, scorer, layer_weights = build_models(

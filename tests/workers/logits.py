@@ -14,7 +14,8 @@ from megalign.model.inference import ar_decode, forward_logits
 args = arguments("tokens", greedy=0)
 cfg, _ = config_and_tokenizer(args, extra=["model.document_attention=false"], tokenizer=False)
 distributed.initialize(distributed.launch_env(), cfg.parallel.tensor_model_parallel_size,
-                       cfg.parallel.pipeline_model_parallel_size, cfg.seed)
+                       cfg.parallel.pipeline_model_parallel_size, cfg.seed,
+                       expert_parallel=cfg.parallel.expert_model_parallel_size)
 chunks = build_chunks(cfg, cfg.model.padded_vocab_size, causal=True, params_dtype=torch.float32)
 load_checkpoint(cfg.model.init_checkpoint, chunks)
 tokens = torch.load(args.tokens)

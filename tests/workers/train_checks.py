@@ -22,7 +22,8 @@ from megalign.training.step import DiffusionStep
 
 def result_dict(result):
     return {"diffusion_loss": result.diffusion_loss, "align_loss": result.align_loss,
-            "align_cos": result.align_cos, "teacher_loss": result.teacher_loss}
+            "align_cos": result.align_cos, "teacher_loss": result.teacher_loss,
+            "moe_aux_loss": result.moe_aux_loss}
 
 
 def main():
