@@ -77,6 +77,18 @@ def family_model(kind, **changes):
     return model.eval()
 
 
+def convert_hf_model(tmp_path, model, *convert_args):
+    """``model`` saved as an HF directory and converted by megalign-convert into tmp_path/ml;
+    returns random tokens (saved for the logits worker) and transformers' logits on them."""
+    model.save_pretrained(tmp_path / "hf")
+    tokens = torch.randint(0, VOCAB, (2, 48))
+    torch.save(tokens, tmp_path / "tokens.pt")
+    reference = hf_logits(model, tokens)
+    run_python(["-m", "megalign.cli.convert", "--from", "hf", "--to", "megalign",
+                "--input", tmp_path / "hf", "--output", tmp_path / "ml", *convert_args])
+    return tokens, reference
+
+
 def hf_logits(model, tokens):
     model.eval()
     with torch.no_grad():
@@ -99,14 +111,7 @@ def megalign_logits(tmp_path, config, tp=1, pp=1, name="logits", extra=(), ep=1)
 def test_hf_round_trip_keeps_logits(tmp_path, kind):
     from transformers import AutoModel
 
-    model = tiny_hf_model(kind)
-    model.save_pretrained(tmp_path / "hf")
-    tokens = torch.randint(0, VOCAB, (2, 48))
-    torch.save(tokens, tmp_path / "tokens.pt")
-    reference = hf_logits(model, tokens)
-
-    run_python(["-m", "megalign.cli.convert", "--from", "hf", "--to", "megalign",
-                "--input", tmp_path / "hf", "--output", tmp_path / "ml"])
+    tokens, reference = convert_hf_model(tmp_path, tiny_hf_model(kind))
     layouts = [(1, 1), (2, 2)] if kind == "llama" else [(1, 1)]
     for tp, pp in layouts:
         logits = megalign_logits(tmp_path, tmp_path / "ml" / "megalign.yaml", tp, pp)
@@ -143,14 +148,9 @@ def test_family_converts_exactly(tmp_path, kind):
     from megalign.convert.hf import split_experts
 
     model = family_model(kind)
-    model.save_pretrained(tmp_path / "hf")
-    tokens = torch.randint(0, VOCAB, (2, 48))
-    torch.save(tokens, tmp_path / "tokens.pt")
-    reference = hf_logits(model, tokens)
+    tokens, reference = convert_hf_model(tmp_path, model)
     greedy = model.generate(tokens[:1, :8], max_new_tokens=12, do_sample=False,
                             pad_token_id=0)[0, 8:].tolist()
-    run_python(["-m", "megalign.cli.convert", "--from", "hf", "--to", "megalign",
-                "--input", tmp_path / "hf", "--output", tmp_path / "ml"])
     for tp, pp, ep in LAYOUTS.get(kind, [(1, 1, 1)]):
         out = megalign_logits(tmp_path, tmp_path / "ml" / "megalign.yaml", tp, pp, ep=ep,
                               extra=["--greedy", "12"])
@@ -216,13 +216,7 @@ def test_what_a_family_has_and_megalign_cannot_reproduce_is_refused(tmp_path, ki
 @pytest.mark.slow
 def test_checkpoints_reshard_tp2pp2_to_tp1pp1_to_tp1pp2(tmp_path, data_overrides):
     """Weights saved by a TP2xPP2 run load into TP1PP1, whose save loads into TP1PP2."""
-    model = tiny_hf_model("llama")
-    model.save_pretrained(tmp_path / "hf")
-    tokens = torch.randint(0, VOCAB, (2, 48))
-    torch.save(tokens, tmp_path / "tokens.pt")
-    reference = hf_logits(model, tokens)
-    run_python(["-m", "megalign.cli.convert", "--from", "hf", "--to", "megalign",
-                "--input", tmp_path / "hf", "--output", tmp_path / "ml", "--tp", "2", "--pp", "2"])
+    _, reference = convert_hf_model(tmp_path, tiny_hf_model("llama"), "--tp", "2", "--pp", "2")
     converted = tmp_path / "ml" / "megalign.yaml"
     # one iteration at learning rate 0 (warm-up start): weights are saved as loaded
     source = tmp_path / "ml"
@@ -247,13 +241,7 @@ def test_checkpoints_reshard_tp2pp2_to_tp1pp1_to_tp1pp2(tmp_path, data_overrides
 def test_expert_parallel_checkpoints_reshard(tmp_path, data_overrides):
     """A Qwen3-MoE model trained under TP1 x PP2 x EP2 (one step at learning rate 0) saves
     weights that load into TP1PP1 with its experts where they were: transformers' logits."""
-    model = family_model("qwen3_moe")
-    model.save_pretrained(tmp_path / "hf")
-    tokens = torch.randint(0, VOCAB, (2, 48))
-    torch.save(tokens, tmp_path / "tokens.pt")
-    reference = hf_logits(model, tokens)
-    run_python(["-m", "megalign.cli.convert", "--from", "hf", "--to", "megalign",
-                "--input", tmp_path / "hf", "--output", tmp_path / "ml"])
+    _, reference = convert_hf_model(tmp_path, family_model("qwen3_moe"))
     converted = tmp_path / "ml" / "megalign.yaml"
     torchrun(4, "-m", ["megalign.cli.train", "--config", TINY_CONFIG, "--config", converted,
                        *data_overrides, "parallel.tensor_model_parallel_size=1",
@@ -264,6 +252,11 @@ def test_expert_parallel_checkpoints_reshard(tmp_path, data_overrides):
     logits = megalign_logits(tmp_path, converted, extra=[
         f"model.init_checkpoint={tmp_path / 'ckpt' / 'iter_0000001'}"])
     assert (logits[..., :VOCAB] - reference).abs().max() <= 1e-4
+    # what a MoE run logs: the load-balancing loss (in the loss) and each layer's expert load
+    for record in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()):
+        assert record["moe_aux_loss"] > 0 and record["loss"] == pytest.approx(
+            record["diffusion_loss"] + record["align_loss"] + record["moe_aux_loss"])
+        assert len(record["expert_load"]) == 4 and all(1 <= x <= 4 for x in record["expert_load"])
 
 
 def test_unsupported_architecture_and_bad_layout_are_clear(tmp_path):

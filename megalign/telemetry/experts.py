@@ -44,20 +44,26 @@ class ExpertLoad:
     """Tokens routed to each expert of each layer by the student's routers (training only)."""
 
     def __init__(self, chunks: list, num_layers: int, num_experts: int):
-        self.counts = torch.zeros(num_layers, num_experts, dtype=torch.float64)
+        self.shape = (num_layers, num_experts)
+        self.counts: Optional[torch.Tensor] = None  # on the routers' device: no sync per layer
         self._hooks = [module.register_forward_hook(self._count) for chunk in chunks
                        for module in chunk.modules() if isinstance(module, TopKRouter)]
 
     def _count(self, router: TopKRouter, _inputs, output) -> None:
         if router.training and torch.is_grad_enabled():
             _probs, routing_map = output
-            self.counts[router.layer_number - 1] += routing_map.sum(0).double().cpu()
+            if self.counts is None:
+                self.counts = torch.zeros(self.shape, dtype=torch.float64,
+                                          device=routing_map.device)
+            self.counts[router.layer_number - 1] += routing_map.sum(0).double()
 
     def imbalance(self) -> list[float]:
         """Per layer, the busiest expert's tokens over the mean (1 = perfectly even), over every
         rank since the last call. Every rank must call this."""
-        counts = collectives.all_reduce(self.counts.clone())
-        self.counts.zero_()
+        counts = torch.zeros(self.shape, dtype=torch.float64) if self.counts is None else \
+            self.counts
+        counts = collectives.all_reduce(counts.clone()).cpu()
+        self.counts = None
         mean = counts.mean(-1).clamp(min=1e-12)
         return (counts.max(-1).values / mean).tolist()
 
