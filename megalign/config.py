@@ -683,7 +683,10 @@ def validate_model(
     else:
         if m.arch != "llama":
             raise ConfigError("model.num_experts needs model.arch=llama")
-        if m.num_experts < 1 or not 1 <= m.moe_topk <= m.num_experts:
+        if m.num_experts < 1:
+            raise ConfigError(f"model.num_experts={m.num_experts} must be at least 1 (or null: "
+                              "a dense model)")
+        if not 1 <= m.moe_topk <= m.num_experts:
             raise ConfigError(f"model.moe_topk={m.moe_topk} must be between 1 and "
                               f"model.num_experts={m.num_experts}")
         if m.num_experts % ep:

@@ -284,7 +284,7 @@ def export_diffusion_model(cfg: Config, meta: dict, hf_state: dict, output: str)
 
     from megalign.convert import modeling_megalign
     from megalign.diffusion.sampler import SamplerConfig
-    from megalign.model.gpt import ffn_hidden_size
+    from megalign.model.gpt import ffn_hidden_size, moe_ffn_hidden_size
 
     m = cfg.model
     tokenizer = build_tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer else None
@@ -295,7 +295,7 @@ def export_diffusion_model(cfg: Config, meta: dict, hf_state: dict, output: str)
         num_key_value_heads=m.num_query_groups or m.num_attention_heads,
         head_dim=head_dim(m), qk_norm=m.qk_norm, rope_scaling_factor=m.rope_scaling_factor,
         num_experts=m.num_experts, moe_topk=m.moe_topk,
-        moe_intermediate_size=m.moe_ffn_hidden_size or ffn_hidden_size(cfg),
+        moe_intermediate_size=moe_ffn_hidden_size(cfg),
         moe_router_pre_softmax=m.moe_router_pre_softmax,
         max_position_embeddings=m.max_position_embeddings or m.seq_length,
         norm_epsilon=m.norm_epsilon, rope_theta=float(m.rotary_base), qkv_bias=m.qkv_bias,

@@ -25,11 +25,11 @@ def _all_gather(tensor: torch.Tensor, dim: int, group) -> torch.Tensor:
     return torch.cat(collectives.all_gather(tensor, group=group), dim=dim)
 
 
-def full_tensor(name: str, param: torch.nn.Parameter, local: torch.Tensor, gated: bool) -> torch.Tensor:
-    expert = _EXPERT.search(name) is not None
+def full_tensor(name: str, param: torch.nn.Parameter, local: torch.Tensor, gated: bool,
+                expert: bool = False) -> torch.Tensor:
     group = (parallel_state.get_expert_tensor_parallel_group() if expert
              else parallel_state.get_tensor_model_parallel_group())
-    if not getattr(param, "tensor_model_parallel", False) or dist_size(group) == 1:
+    if not getattr(param, "tensor_model_parallel", False) or _size(group) == 1:
         return local.detach().clone()
     dim = param.partition_dim
     if gated and "linear_fc1." in name:
@@ -38,17 +38,17 @@ def full_tensor(name: str, param: torch.nn.Parameter, local: torch.Tensor, gated
     return _all_gather(local, dim, group)
 
 
-def dist_size(group) -> int:
+def _size(group) -> int:
     return torch.distributed.get_world_size(group)
 
 
-def _experts_over_ranks(name: str, full: torch.Tensor, local_experts: int) -> dict:
-    """An expert's tensor on every expert-parallel rank, under its global expert index."""
+def _experts_over_ranks(name: str, match: re.Match, full: torch.Tensor, experts: int) -> dict:
+    """An expert's tensor (``match``: its local index in ``name``) on every expert-parallel
+    rank, under its global expert index."""
     group = parallel_state.get_expert_model_parallel_group()
-    match = _EXPERT.search(name)
-    local = int(match.group(2))
-    parts = collectives.all_gather(full, group=group) if dist_size(group) > 1 else [full]
-    return {name[: match.start(2)] + str(rank * local_experts + local) + name[match.end(2):]: part
+    local, per_rank = int(match.group(2)), experts // _size(group)
+    parts = collectives.all_gather(full, group=group) if _size(group) > 1 else [full]
+    return {name[: match.start(2)] + str(rank * per_rank + local) + name[match.end(2):]: part
             for rank, part in enumerate(parts)}
 
 
@@ -62,12 +62,12 @@ def full_tensors(chunks: list, kind: str) -> dict[str, torch.Tensor]:
             local = param.detach() if kind == "param" else getattr(param, "main_grad", None)
             if local is None:
                 continue
-            full = full_tensor(name, param, local, gated).float()
             name = global_parameter_name(name, chunk)
-            if _EXPERT.search(name):
-                local_experts = chunk.config.num_moe_experts // dist_size(
-                    parallel_state.get_expert_model_parallel_group())
-                tensors.update(_experts_over_ranks(name, full, local_experts))
+            expert = _EXPERT.search(name)
+            full = full_tensor(name, param, local, gated, expert is not None).float()
+            if expert:
+                tensors.update(_experts_over_ranks(name, expert, full,
+                                                   chunk.config.num_moe_experts))
             else:
                 tensors[name] = full
     return tensors

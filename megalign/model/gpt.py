@@ -88,6 +88,11 @@ def ffn_hidden_size(cfg: Config) -> int:
     return -(-int(8 * m.hidden_size / 3) // 64) * 64  # SwiGLU: 8/3 h rounded up to 64
 
 
+def moe_ffn_hidden_size(cfg: Config) -> int:
+    """Each expert's SwiGLU width: ``model.moe_ffn_hidden_size``, else the dense MLP's."""
+    return cfg.model.moe_ffn_hidden_size or ffn_hidden_size(cfg)
+
+
 def transformer_config(cfg: Config, params_dtype: torch.dtype, fp8: bool = False) -> TransformerConfig:
     """Megatron-Core's config; ``fp8`` puts the GEMMs under TE's FP8 autocast (``cfg.fp8`` recipe).
 
@@ -145,7 +150,7 @@ def moe_config(cfg: Config) -> dict:
     if m.num_experts is None:
         return {}
     return dict(num_moe_experts=m.num_experts, moe_router_topk=m.moe_topk,
-                moe_ffn_hidden_size=m.moe_ffn_hidden_size or ffn_hidden_size(cfg),
+                moe_ffn_hidden_size=moe_ffn_hidden_size(cfg),
                 moe_router_pre_softmax=m.moe_router_pre_softmax,
                 moe_router_score_function="softmax", moe_router_load_balancing_type="aux_loss",
                 moe_aux_loss_coeff=m.moe_aux_loss_coeff, moe_token_dispatcher_type="allgather",

@@ -46,8 +46,10 @@ class ExpertLoad:
     def __init__(self, chunks: list, num_layers: int, num_experts: int):
         self.shape = (num_layers, num_experts)
         self.counts: Optional[torch.Tensor] = None  # on the routers' device: no sync per layer
-        self._hooks = [module.register_forward_hook(self._count) for chunk in chunks
-                       for module in chunk.modules() if isinstance(module, TopKRouter)]
+        for chunk in chunks:
+            for module in chunk.modules():
+                if isinstance(module, TopKRouter):
+                    module.register_forward_hook(self._count)
 
     def _count(self, router: TopKRouter, _inputs, output) -> None:
         if router.training and torch.is_grad_enabled():
@@ -66,7 +68,3 @@ class ExpertLoad:
         self.counts = None
         mean = counts.mean(-1).clamp(min=1e-12)
         return (counts.max(-1).values / mean).tolist()
-
-    def remove(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
