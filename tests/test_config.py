@@ -53,6 +53,22 @@ def test_bad_keys_and_types_name_the_key(override, message):
      "resilience.inprocess_max_restarts=0"),
     (["resilience.inprocess_restart=true", "resilience.collective_timeout_minutes=1"], 4,
      "must exceed 2 x resilience.failure_timeout_s"),
+    # model families: head size, QK-norm, RoPE scaling, experts and expert parallelism
+    (["model.head_dim=15"], 4, "model.head_dim=15 must be even"),
+    (["model.hidden_size=66"], 4, "set model.head_dim"),
+    (["model.arch=gpt2", "model.qk_norm=true"], 4, "need model.arch=llama"),
+    (["model.rope_scaling_factor=0.5"], 4, "model.rope_scaling_factor=0.5"),
+    (["parallel.expert_model_parallel_size=2"], 4, "needs experts"),
+    (["model.num_experts=0"], 4, "model.num_experts=0 must be at least 1"),
+    (["model.num_experts=4", "model.moe_topk=5"], 4, "model.moe_topk=5"),
+    (["model.num_experts=3", "parallel.expert_model_parallel_size=2",
+      "parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=1"], 4,
+     "does not divide model.num_experts=3"),
+    (["model.num_experts=4", "parallel.sequence_parallel=false"], 4,
+     "needs parallel.sequence_parallel=true"),
+    (["model.num_experts=4", "parallel.expert_model_parallel_size=4",
+      "parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=1"], 2,
+     "does not divide the data-parallel size 2"),
 ])
 def test_impossible_combinations(overrides, world, key):
     cfg = load_config(str(TINY_CONFIG), overrides)
