@@ -1,16 +1,20 @@
 """REPR-ALIGN overhead vs plain masked-diffusion training, measured side by side in one run.
 
     python bench/align_overhead.py [--iters 20] [--config FILE ...] [key.sub=value ...]
+    python bench/align_overhead.py --precisions fp32 bf16 [...]   # one launch each, then ratios
 
 Starts 4 processes (TP=2 x PP=2 on CPU by default), builds one student (and its frozen teacher),
 then alternates plain diffusion steps (no teacher) and REPR-ALIGN steps on the same model, so both
 see the same machine state. Prints median step times, their ratio, and the p2p bytes per
-micro-batch of each (counted on every rank, summed).
+micro-batch of each (counted on every rank, summed). With ``--precisions`` it does so once per
+precision, one launch after the other, and prints each precision's step time over the first's
+(written to bench/results/precision_cpu.json).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -70,6 +74,8 @@ def worker(args) -> None:
             print(f"{name:>6}: median step {median[name] * 1000:8.1f} ms | "
                   f"p2p bytes per micro-batch {bytes_per_mb[name]:12.0f}")
         print(f"step-time ratio (REPR-ALIGN / plain): {median['align'] / median['plain']:.3f}")
+        if args.result:
+            Path(args.result).write_text(json.dumps({"median_step_s": median}))
         if bytes_per_mb["plain"]:
             ratio = bytes_per_mb["align"] / bytes_per_mb["plain"]
             print(f"p2p bytes ratio (REPR-ALIGN / plain): {ratio:.3f}")
@@ -106,7 +112,10 @@ def main() -> int:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--nproc", type=int, default=4)
+    parser.add_argument("--precisions", nargs="+", choices=("fp32", "bf16"),
+                        help="measure each precision in turn and compare with the first")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     args.config = args.config or [str(REPO / "examples/configs/tiny.yaml")]
@@ -117,12 +126,37 @@ def main() -> int:
     if missing:
         print(f"bench/align_overhead.py: {missing}", file=sys.stderr)
         return 2
+    if not args.precisions:
+        return launch(args, args.overrides)
+    medians = {}
+    for precision in args.precisions:
+        result = REPO / "runs" / f"bench_align_{precision}.json"
+        print(f"--- precision={precision}", flush=True)
+        code = launch(args, [*args.overrides, f"precision={precision}"], result)
+        if code:
+            return code
+        medians[precision] = json.loads(result.read_text())["median_step_s"]
+    first = args.precisions[0]
+    ratios = {p: {kind: medians[p][kind] / medians[first][kind] for kind in medians[p]}
+              for p in args.precisions}
+    for precision in args.precisions[1:]:
+        print(f"step-time ratio ({precision} / {first}): plain {ratios[precision]['plain']:.3f}, "
+              f"REPR-ALIGN {ratios[precision]['align']:.3f}")
+    out = REPO / "bench" / "results" / "precision_cpu.json"
+    out.write_text(json.dumps({"overrides": args.overrides, "nproc": args.nproc,
+                               "iters": args.iters, "median_step_s": medians,
+                               f"ratio_to_{first}": ratios}, indent=1) + "\n")
+    return 0
+
+
+def launch(args, overrides: list[str], result: Path | None = None) -> int:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={args.nproc}", __file__, "--worker",
            *[arg for path in args.config for arg in ("--config", path)],
-           "--iters", str(args.iters), "--warmup", str(args.warmup), *args.overrides]
+           "--iters", str(args.iters), "--warmup", str(args.warmup),
+           *(["--result", str(result)] if result else []), *overrides]
     return subprocess.call(cmd, cwd=REPO, env=env)
 
 

@@ -35,6 +35,9 @@ from megalign.platform import collectives
 from megalign.platform.process import own_checkpoint_writer_queue, sigusr1_blocked_in_helpers
 
 LATEST = "latest"
+# the distributed optimizer's states in the canonical per-parameter layout (gathered over DP when
+# saving), so that its checkpoints too load into any TP/PP/DP layout and into the plain optimizer
+OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
 _ITERATION_DIR = re.compile(r"^iter_(\d{7})$")
 
 
@@ -283,7 +286,7 @@ def save_checkpoint(
         "scheduler": scheduler.state_dict(),
         "rng_state": _rng_state(),
     }
-    state["optimizer"] = optimizer.sharded_state_dict(state["model"])
+    state["optimizer"] = optimizer.sharded_state_dict(state["model"], metadata=OPTIMIZER_FORMAT)
     _write_atomic(path, state)
     error = None
     if dist.get_rank() == 0:
@@ -344,7 +347,9 @@ def load_checkpoint(path: str, chunks: list, optimizer=None, scheduler=None) -> 
             "start a run from it with model.init_checkpoint instead of checkpoint.load"
         )
     if resume:
-        template["optimizer"] = optimizer.sharded_state_dict(template["model"], is_loading=True)
+        _check_optimizer_kind(path, meta, optimizer)
+        template["optimizer"] = optimizer.sharded_state_dict(template["model"], is_loading=True,
+                                                             metadata=OPTIMIZER_FORMAT)
         if meta.get("layout") == layout():
             template["rng_state"] = _rng_state()
     try:
@@ -363,6 +368,21 @@ def load_checkpoint(path: str, chunks: list, optimizer=None, scheduler=None) -> 
     if scheduler is not None and "scheduler" in state:
         scheduler.load_state_dict(state["scheduler"])
     return meta
+
+
+def _check_optimizer_kind(path: str, meta: dict, optimizer) -> None:
+    """The distributed optimizer's states and the plain one's are stored differently."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    saved = bool(meta.get("config", {}).get("optimizer", {}).get("distributed", False))
+    here = any(isinstance(inner, DistributedOptimizer)
+               for inner in getattr(optimizer, "chained_optimizers", [optimizer]))
+    if saved != here:
+        raise CheckpointError(
+            f"'{path}' holds {'distributed' if saved else 'plain'} optimizer states; resume it "
+            f"with optimizer.distributed={str(saved).lower()} (at any data-parallel size), or "
+            "start from its weights with model.student_checkpoint"
+        )
 
 
 def _restore_rng(state: dict) -> None:

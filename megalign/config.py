@@ -121,7 +121,7 @@ class AlignConfig(Section):
     weight: float = 0.0  # lambda; 0 = plain diffusion training (no teacher is built)
     layers: Optional[list[int]] = None  # aligned state indices 0..L (0 = embedding, L = final norm)
     layer_weights: Optional[list[float]] = None  # same length as layers; normalised to sum 1
-    teacher_dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    teacher_dtype: str = "auto"  # auto (bf16 on GPU or unless precision=fp32) | fp32 | bf16
     log_teacher_loss: bool = False  # also run the teacher's LM head: log its AR loss on V
     # consecutive micro-batches the teacher runs as one batch: fewer, larger forwards and TP
     # collectives, for holding their teacher states and a longer pipeline fill (docs/repr-align.md)
@@ -154,6 +154,20 @@ class OptimizerConfig(Section):
     eps: float = 1e-8
     clip_grad: float = 1.0
     freeze: list[str] = field(default_factory=list)  # regexes over parameter names (re.search)
+    # Megatron-Core's distributed optimizer (ZeRO-1): fp32 main weights and Adam states sharded
+    # over the data-parallel ranks, gradients reduce-scattered, weights all-gathered after a step
+    distributed: bool = False
+
+
+@dataclass
+class RecomputeConfig(Section):
+    """Activation recomputation for the student (Megatron-Core's ``recompute_*`` fields); the
+    teacher keeps no activations in any case (it runs under no_grad)."""
+
+    granularity: Optional[str] = None  # null (off) | full (whole layers) | selective (modules)
+    method: str = "uniform"  # full: uniform (every num_layers layers as one unit) | block
+    num_layers: int = 1  # full: layers per unit (uniform) or layers recomputed per stage (block)
+    modules: list[str] = field(default_factory=lambda: ["core_attn"])  # selective: core_attn, mlp, ...
 
 
 @dataclass
@@ -252,6 +266,7 @@ class Config(Section):
     align: AlignConfig = field(default_factory=AlignConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -267,6 +282,8 @@ CHOICES = {
     "diffusion.loss_weighting": ("none", "inv_t"),
     "align.teacher_dtype": ("auto", "fp32", "bf16"),
     "optimizer.name": ("adam", "adamw"),
+    "recompute.granularity": (None, "full", "selective"),
+    "recompute.method": ("uniform", "block"),
     "schedule.lr_decay_style": ("cosine", "linear", "constant"),
     "precision": ("fp32", "bf16", "fp8"),
     "fp8.format": ("hybrid", "e4m3"),
@@ -772,6 +789,35 @@ def validate_inference(
                           "(0: no annealing)")
 
 
+RECOMPUTE_MODULES = ("core_attn", "mlp", "moe", "layernorm")  # Megatron-Core's, for our layers
+
+
+def _validate_recompute(cfg: Config) -> None:
+    r, m = cfg.recompute, cfg.model
+    if r.granularity is None:
+        return
+    if r.granularity == "selective":
+        unknown = [name for name in r.modules if name not in RECOMPUTE_MODULES]
+        if unknown or not r.modules:
+            raise ConfigError(f"recompute.modules={r.modules}: give some of "
+                              f"{list(RECOMPUTE_MODULES)}")
+        if "moe" in r.modules and not m.num_experts:
+            raise ConfigError("recompute.modules: 'moe' recomputes expert layers; this model has "
+                              "none (model.num_experts is null): use 'mlp'")
+        return
+    p = cfg.parallel
+    per_chunk = m.num_layers // (p.pipeline_model_parallel_size
+                                 * (p.virtual_pipeline_model_parallel_size or 1))
+    if not 1 <= r.num_layers <= per_chunk:
+        raise ConfigError(f"recompute.num_layers={r.num_layers} must lie in 1..{per_chunk} "
+                          "(the layers of one pipeline stage, or virtual stage)")
+    if r.method == "uniform" and r.num_layers > 1 and cfg.align.weight > 0:
+        raise ConfigError(
+            f"recompute.num_layers={r.num_layers} with recompute.method=uniform recomputes "
+            "several layers as one unit, and the aligned hidden states inside a unit get no "
+            "gradient: use recompute.num_layers=1 or recompute.method=block")
+
+
 def validate(
     cfg: Config,
     world_size: int,
@@ -848,6 +894,7 @@ def validate(
         )
     if cfg.align.weight < 0:
         raise ConfigError(f"align.weight={cfg.align.weight} must be >= 0")
+    _validate_recompute(cfg)
     if cfg.align.teacher_microbatches < 1:
         raise ConfigError(f"align.teacher_microbatches={cfg.align.teacher_microbatches} must be "
                           ">= 1 (1 = one teacher forward per micro-batch)")

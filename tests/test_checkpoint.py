@@ -68,6 +68,35 @@ def test_resume_into_another_layout(tmp_path, data_overrides, uninterrupted, tp,
 
 
 @pytest.mark.slow
+def test_distributed_optimizer_resumes_exactly_also_at_another_dp_size(tmp_path, data_overrides):
+    """Megatron's distributed optimizer at DP2 (its states sharded over the two DP ranks): resumed
+    at DP2 the losses are bit-identical, at DP1 equal to float rounding; resuming its checkpoint
+    with the plain optimizer is refused in one line."""
+    common = [*TRAIN, *data_overrides, "optimizer.distributed=true", "schedule.train_iters=6",
+              "checkpoint.save_interval=3"]
+    full, ckpt = tmp_path / "full", tmp_path / "full" / "ckpt"
+    torchrun(4, "-m", [*common[1:], f"logging.run_dir={full}", f"checkpoint.save={ckpt}"])
+    resumed = {}
+    for nproc in (4, 2):
+        run = tmp_path / f"resumed{nproc}"
+        torchrun(nproc, "-m", [*common[1:], f"logging.run_dir={run}",
+                               f"checkpoint.load={ckpt}/iter_0000003"])
+        resumed[nproc] = metrics(run)
+    reference = metrics(full)
+    assert sorted(resumed[4]) == sorted(resumed[2]) == [4, 5, 6]
+    for iteration in (4, 5, 6):
+        assert resumed[4][iteration]["loss"] == reference[iteration]["loss"], iteration
+        assert resumed[2][iteration]["loss"] == pytest.approx(reference[iteration]["loss"],
+                                                              rel=1e-5)
+    code, out, err = finish(launch(2, [*common, "optimizer.distributed=false",
+                                       f"logging.run_dir={tmp_path}/plain",
+                                       f"checkpoint.load={ckpt}/iter_0000003"]))
+    assert code != 0
+    assert "holds distributed optimizer states; resume it with optimizer.distributed=true" in err
+    assert "]: Traceback" not in err
+
+
+@pytest.mark.slow
 def test_kill_during_save_keeps_previous_checkpoint(tmp_path, data_overrides):
     run = tmp_path / "saving"
     root = run / "ckpt"

@@ -69,6 +69,16 @@ def test_bad_keys_and_types_name_the_key(override, message):
     (["model.num_experts=4", "parallel.expert_model_parallel_size=4",
       "parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=1"], 2,
      "does not divide the data-parallel size 2"),
+    # activation recomputation (tiny: 4 layers, PP 2)
+    (["recompute.granularity=partial"], 4, r"recompute.granularity='partial' is not one of"),
+    (["recompute.granularity=full", "recompute.method=every"], 4, "recompute.method='every'"),
+    (["recompute.granularity=full", "recompute.num_layers=3"], 4,
+     r"recompute.num_layers=3 must lie in 1..2"),
+    (["recompute.granularity=full", "recompute.num_layers=2"], 4,
+     "the aligned hidden states inside a unit get no gradient"),
+    (["recompute.granularity=selective", "recompute.modules=[attention]"], 4,
+     r"recompute.modules=\['attention'\]: give some of"),
+    (["recompute.granularity=selective", "recompute.modules=[moe]"], 4, "this model has none"),
 ])
 def test_impossible_combinations(overrides, world, key):
     cfg = load_config(str(TINY_CONFIG), overrides)

@@ -11,10 +11,36 @@ from megalign.platform import cpu
 PACKAGE = Path(cpu.__file__).resolve().parents[1]
 
 
+def resolve(site: str):
+    """The object a dotted path names (a module attribute, or a class's)."""
+    parts = site.split(".")
+    for split in range(len(parts) - 1, 0, -1):
+        try:
+            node = importlib.import_module(".".join(parts[:split]))
+        except ImportError:
+            continue
+        for name in parts[split:]:
+            node = getattr(node, name)
+        return node
+    raise ImportError(site)
+
+
 def test_patched_sites_exist_in_the_pinned_megatron_core():
     for site in cpu.PATCHED_SITES:
-        module, _, attr = site.rpartition(".")
-        assert hasattr(importlib.import_module(module), attr), site
+        assert resolve(site) is not None, site
+
+
+def test_cuda_type_names_and_rng_state_on_the_cpu():
+    """Megatron's optimizers sort parameters by ``Tensor.type()``'s CUDA names; a conversion
+    with an argument is left alone. Recomputation's saved "CUDA" RNG state is the CPU one."""
+    with cpu._CudaToCpu():
+        assert torch.zeros(1, dtype=torch.bfloat16).type() == "torch.cuda.BFloat16Tensor"
+        assert torch.zeros(1).type() == "torch.cuda.FloatTensor"
+        assert torch.zeros(1).type(torch.float64).dtype == torch.float64
+    state = cpu._cpu_get_rng_state()
+    first = torch.rand(3)
+    cpu._cpu_set_rng_state(state)
+    assert torch.equal(torch.rand(3), first)
 
 
 def test_globals_defined_only_with_transformer_engine_are_still_read():

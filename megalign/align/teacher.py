@@ -40,8 +40,9 @@ from megalign.model.hidden_states import HiddenStateRecorder
 
 
 def teacher_dtype(cfg: Config) -> torch.dtype:
-    if cfg.align.teacher_dtype == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    if cfg.align.teacher_dtype == "auto":  # bf16 wherever the student is, and on every GPU
+        bf16 = cfg.precision != "fp32" or torch.cuda.is_available()
+        return torch.bfloat16 if bf16 else torch.float32
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.align.teacher_dtype]
 
 

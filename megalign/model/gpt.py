@@ -50,8 +50,10 @@ def check_platform(cfg: Config) -> None:
     """Configuration choices this machine's kernels cannot run (raises ``ConfigError``)."""
     if cfg.precision == "fp8":
         check_fp8(cfg)
-    if cfg.precision == "bf16" and not torch.cuda.is_available():
-        raise ConfigError("precision=bf16 needs a GPU; use precision=fp32 on CPU")
+    r = cfg.recompute
+    if r.granularity == "selective" and "layernorm" in r.modules and not transformer_engine_available():
+        raise ConfigError("recompute.modules 'layernorm' needs Transformer Engine on a GPU; "
+                          "drop it here (core_attn and mlp recompute everywhere)")
 
 
 def check_fp8(cfg: Config) -> None:
@@ -64,7 +66,7 @@ def check_fp8(cfg: Config) -> None:
         raise ConfigError(
             f"precision=fp8 needs a GPU and Transformer Engine; here {' and '.join(missing)}. "
             "Install TE (pip install 'megalign[gpu]') or use the NGC image (docker/Dockerfile), "
-            "or set precision=bf16 (GPU) or precision=fp32 (CPU)"
+            "or set precision=bf16 or precision=fp32"
         )
     capability = torch.cuda.get_device_capability()
     if capability < (8, 9):
@@ -134,6 +136,7 @@ def transformer_config(cfg: Config, params_dtype: torch.dtype, fp8: bool = False
         gradient_accumulation_fusion=fused,  # wgrad straight into Megatron DDP's main_grad
         persist_layer_norm=False,  # apex-only; TE norms are used with TE
         **moe_config(cfg),
+        **recompute_config(cfg),
         fp8=cfg.fp8.format if fp8 else None,
         fp8_recipe=cfg.fp8.recipe,
         fp8_margin=cfg.fp8.margin,
@@ -141,6 +144,18 @@ def transformer_config(cfg: Config, params_dtype: torch.dtype, fp8: bool = False
         fp8_amax_compute_algo=cfg.fp8.amax_compute_algo,
         fp8_wgrad=cfg.fp8.wgrad,
     )
+
+
+def recompute_config(cfg: Config) -> dict:
+    """Megatron-Core's activation recomputation. It acts only in training mode, so the teacher
+    and the causal scorer (eval mode, no_grad) never recompute."""
+    r = cfg.recompute
+    if r.granularity is None:
+        return {}
+    if r.granularity == "selective":
+        return dict(recompute_granularity="selective", recompute_modules=list(r.modules))
+    return dict(recompute_granularity="full", recompute_method=r.method,
+                recompute_num_layers=r.num_layers)
 
 
 def moe_config(cfg: Config) -> dict:

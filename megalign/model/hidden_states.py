@@ -3,7 +3,9 @@
 Aligned state ``0`` is the embedding output, ``i`` (1 <= i < L) the residual stream after block
 ``i``, and ``L`` the final-norm output (block L's raw output is not aligned, as in the reference).
 States are kept as produced ([s, b, h], sequence-sharded under sequence parallelism), so the
-student's stay in its autograd graph.
+student's stay in its autograd graph. A recorder records from the start of its model's forward
+until ``pop``: layers that activation recomputation runs again during the backward pass must not
+replace the states (they would hold the recomputed activations alive).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ class HiddenStateRecorder:
         self.states: dict[int, torch.Tensor] = {}
         num_layers = model.config.num_layers
         self.indices: list[int] = []
+        self._recording = False
+        model.register_forward_pre_hook(self._start)
         if model.pre_process and 0 in wanted:
             self._hook(model.embedding, 0)
         for layer in model.decoder.layers:
@@ -28,11 +32,17 @@ class HiddenStateRecorder:
 
     def _hook(self, module: torch.nn.Module, index: int) -> None:
         def record(_module, _inputs, output):
-            self.states[index] = output[0] if isinstance(output, tuple) else output
+            if self._recording:
+                self.states[index] = output[0] if isinstance(output, tuple) else output
 
         module.register_forward_hook(record)
         self.indices.append(index)
 
+    def _start(self, _module, _inputs) -> None:
+        self._recording = True
+
     def pop(self) -> dict[int, torch.Tensor]:
+        """This forward's states; records nothing more until the model's next forward."""
+        self._recording = False
         states, self.states = self.states, {}
         return states

@@ -7,10 +7,21 @@ grad-clipping assert on ``torch.cuda.FloatTensor``). No configuration flag avoid
 redirects exactly those to the CPU:
 
 * ``torch.cuda.current_device`` returns ``"cpu"`` and ``torch.cuda.synchronize`` is a no-op;
-* a process-wide ``TorchFunctionMode`` rewrites ``device="cuda*"`` arguments to the CPU and makes
-  ``Tensor.cuda()`` return the tensor itself;
-* Megatron's RNG tracker is replaced by one that forks the CPU generator;
+* a process-wide ``TorchFunctionMode`` rewrites ``device="cuda*"`` arguments to the CPU, makes
+  ``Tensor.cuda()`` return the tensor itself, and has ``Tensor.type()`` (no argument) name a CPU
+  tensor by its CUDA type: the mixed-precision and distributed optimizers sort parameters into
+  fp32 / bf16 groups by comparing that string with ``"torch.cuda.BFloat16Tensor"`` and friends;
+* Megatron's RNG tracker is replaced by one that forks the CPU generator, and the "CUDA" RNG
+  state that activation recomputation saves and restores around a recomputed forward is the CPU
+  generator's state;
 * ``clip_grad_by_total_norm_fp32`` is replaced by a CPU implementation with the same arithmetic;
+* the distributed optimizer's checkpoints with torch's Adam (Megatron-Core uses Apex's or TE's
+  fused Adam wherever they import, which keep the step count in the parameter groups): a fresh
+  optimizer gets zero Adam states before its loading template is built (Megatron reads the step
+  count from them), and loading the per-parameter states keeps the step count that loading the
+  common state has already set, one tensor per parameter (Megatron copies every destination key,
+  ``step`` included, from sources that never carry it, after giving all states one shared step
+  tensor that torch's Adam would advance once per parameter);
 * ``moe_utils.te_general_gemm``, which the MoE router's gating GEMM reads but Megatron-Core
   (0.16.x) defines only when Transformer Engine imports, is defined as ``None`` (the value that
   selects the plain ``torch`` GEMM), so mixture-of-experts layers run.
@@ -33,8 +44,12 @@ PATCHED_SITES = (
     "torch.cuda.synchronize",
     "megatron.core.tensor_parallel.random.CudaRNGStatesTracker",
     "megatron.core.tensor_parallel.random.model_parallel_cuda_manual_seed",
+    "megatron.core.tensor_parallel.random._get_cuda_rng_state",
+    "megatron.core.tensor_parallel.random._set_cuda_rng_state",
     "megatron.core.optimizer.clip_grads.clip_grad_by_total_norm_fp32",
     "megatron.core.optimizer.optimizer.clip_grad_by_total_norm_fp32",
+    "megatron.core.optimizer.distrib_optimizer.DistributedOptimizer.sharded_state_dict",
+    "megatron.core.optimizer.distrib_optimizer.DistributedOptimizer._set_main_param_and_optimizer_states",
 )
 
 # module globals Megatron-Core reads but defines only with Transformer Engine: set to None
@@ -59,6 +74,9 @@ class _CudaToCpu(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is torch.Tensor.cuda:
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name if name.startswith("torch.cuda.") else "torch.cuda." + name[len("torch."):]
         if "device" in kwargs and _is_cuda(kwargs["device"]):
             kwargs["device"] = "cpu"
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
@@ -125,6 +143,14 @@ def _cpu_model_parallel_manual_seed(seed: int, *args, **kwargs):
     )
 
 
+def _cpu_get_rng_state(device=None, clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
+    return torch.get_rng_state()  # a copy already
+
+
+def _cpu_set_rng_state(new_state: torch.Tensor, device=None, graph_safe: bool = False) -> None:
+    torch.set_rng_state(new_state)
+
+
 def _cpu_clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
     """Scale gradients in place by ``max_norm / total_norm`` when that is below one."""
     if isinstance(parameters, torch.Tensor):
@@ -137,6 +163,35 @@ def _cpu_clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_deco
             grad.detach().mul_(clip_coeff)
 
 
+def _torch_adam_checkpoints(distributed_optimizer_class) -> None:
+    sharded_state_dict = distributed_optimizer_class.sharded_state_dict
+    set_states = distributed_optimizer_class._set_main_param_and_optimizer_states
+
+    def sharded_state_dict_primed(self, model_sharded_state_dict=None, is_loading=False, **kwargs):
+        if is_loading:
+            inner = self.optimizer
+            for group in inner.param_groups:
+                for param in group["params"]:
+                    if not inner.state[param]:
+                        inner.state[param] = {"step": torch.zeros(()),
+                                              "exp_avg": torch.zeros_like(param),
+                                              "exp_avg_sq": torch.zeros_like(param)}
+        return sharded_state_dict(self, model_sharded_state_dict or {}, is_loading, **kwargs)
+
+    def set_states_keeping_step(self, model_param, tensors):
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        state = self.optimizer.state[self.optimizer.param_groups[group_index]["params"][group_order]]
+        if "step" in state and "step" not in tensors:
+            # its own copy: Megatron hands every state one shared tensor, which torch's Adam
+            # would then advance once per parameter at every step
+            state["step"] = state["step"].clone()
+            tensors = {**tensors, "step": state["step"]}
+        set_states(self, model_param, tensors)
+
+    distributed_optimizer_class.sharded_state_dict = sharded_state_dict_primed
+    distributed_optimizer_class._set_main_param_and_optimizer_states = set_states_keeping_step
+
+
 def apply() -> None:
     """Install the CPU redirections (idempotent). Call before building any Megatron object."""
     global _applied, _mode
@@ -144,15 +199,18 @@ def apply() -> None:
         return
     if torch.cuda.is_available():
         raise RuntimeError("megalign.platform.cpu.apply() must not be used when CUDA is available")
-    from megatron.core.optimizer import clip_grads, optimizer
+    from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
     from megatron.core.tensor_parallel import random as mcore_random
 
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.synchronize = lambda *args, **kwargs: None
     mcore_random.CudaRNGStatesTracker = _cpu_rng_tracker_class()
     mcore_random.model_parallel_cuda_manual_seed = _cpu_model_parallel_manual_seed
+    mcore_random._get_cuda_rng_state = _cpu_get_rng_state
+    mcore_random._set_cuda_rng_state = _cpu_set_rng_state
     clip_grads.clip_grad_by_total_norm_fp32 = _cpu_clip_grad_by_total_norm_fp32
     optimizer.clip_grad_by_total_norm_fp32 = _cpu_clip_grad_by_total_norm_fp32
+    _torch_adam_checkpoints(distrib_optimizer.DistributedOptimizer)
     for site in UNDEFINED_WITHOUT_TE:
         module, _, name = site.rpartition(".")
         module = importlib.import_module(module)

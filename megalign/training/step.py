@@ -22,6 +22,7 @@ from typing import Optional
 
 import torch
 from megatron.core import parallel_state
+from megatron.core.utils import unwrap_model
 
 from megalign.align.injection import attach_loss
 from megalign.align.loss import alignment_loss, mirror_streams, stage_alignment
@@ -129,8 +130,9 @@ class DiffusionStep:
                           response=raw.get("response"))
 
     def __call__(self, data_iterator, model):
-        """Megatron's forward_step_func; ``model`` is one (DDP-wrapped) student chunk."""
-        chunk = self._chunk_of[id(getattr(model, "module", model))]
+        """Megatron's forward_step_func; ``model`` is one student chunk in Megatron DDP
+        (and ``Float16Module`` in bf16)."""
+        chunk = self._chunk_of[id(unwrap_model(model))]
         last_stage = self._computes_loss[chunk]
         batch, teacher = self._next_microbatch(data_iterator, chunk)
         first = self._is_first_microbatch(batch)

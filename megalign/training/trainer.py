@@ -113,14 +113,21 @@ def wrap_and_optimize(cfg: Config, students: list):
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     config = students[0].config
+    if config.bf16:  # as Megatron-LM: fp32 outputs from the last stage, bf16 inputs to the first
+        from megatron.core.transformer.module import Float16Module
+
+        wrapped = [Float16Module(config, chunk) for chunk in students]
+    else:
+        wrapped = students
     models = [
         DistributedDataParallel(
             config=config,
-            ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True),
+            ddp_config=DistributedDataParallelConfig(
+                grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.optimizer.distributed),
             module=chunk,
             disable_bucketing=index > 0,  # as Megatron-LM: only the first chunk overlaps
         )
-        for index, chunk in enumerate(students)
+        for index, chunk in enumerate(wrapped)
     ]
     o = cfg.optimizer
     optimizer = get_megatron_optimizer(
@@ -136,6 +143,7 @@ def wrap_and_optimize(cfg: Config, students: list):
             clip_grad=o.clip_grad,
             bf16=cfg.precision != "fp32",
             params_dtype=config.params_dtype,
+            use_distributed_optimizer=o.distributed,
         ),
         models,
     )

@@ -42,6 +42,7 @@ def main():
     first = step.stats.first_microbatch
     align_grads = full_tensors(students, "grad")
 
+    recorders_empty = all(not recorder.states for recorder in step.recorders)
     teacher_before = [p.detach().clone() for p in teacher.parameters()]
     student_before = full_tensors(students, "param")
     iterator = trainer.data_iterator()
@@ -78,6 +79,13 @@ def main():
         "pp_rank": pp_rank,
         "is_last_stage": parallel_state.is_pipeline_last_stage(),
         "teacher_stream_bytes": teacher.stream.bytes_sent if teacher.stream else 0,
+        # nothing recorded during the backward pass (activation recomputation runs layers again)
+        "recorders_empty_after_step": recorders_empty,
+        "wrappers": [type(model.module).__name__ for model in trainer.models],
+        "student_dtypes": sorted({str(p.dtype) for c in students for p in c.parameters()}),
+        "main_param_dtypes": sorted({str(p.dtype) for group in trainer.optimizer.param_groups
+                                     for p in group["params"]}),
+        "teacher_dtypes": sorted({str(p.dtype) for p in teacher.parameters()}),
     }
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as handle:
