@@ -131,6 +131,7 @@ def main() -> int:
     medians = {}
     for precision in args.precisions:
         result = REPO / "runs" / f"bench_align_{precision}.json"
+        result.parent.mkdir(parents=True, exist_ok=True)
         print(f"--- precision={precision}", flush=True)
         code = launch(args, [*args.overrides, f"precision={precision}"], result)
         if code:

@@ -35,8 +35,8 @@ from megalign.platform import collectives
 from megalign.platform.process import own_checkpoint_writer_queue, sigusr1_blocked_in_helpers
 
 LATEST = "latest"
-# the distributed optimizer's states in the canonical per-parameter layout (gathered over DP when
-# saving), so that its checkpoints too load into any TP/PP/DP layout and into the plain optimizer
+# the distributed optimizer's states in Megatron's canonical per-parameter layout (gathered over DP
+# when saving), the format that reshards (tested: to another data-parallel size)
 OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
 _ITERATION_DIR = re.compile(r"^iter_(\d{7})$")
 

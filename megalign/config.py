@@ -121,7 +121,7 @@ class AlignConfig(Section):
     weight: float = 0.0  # lambda; 0 = plain diffusion training (no teacher is built)
     layers: Optional[list[int]] = None  # aligned state indices 0..L (0 = embedding, L = final norm)
     layer_weights: Optional[list[float]] = None  # same length as layers; normalised to sum 1
-    teacher_dtype: str = "auto"  # auto (bf16 on GPU or unless precision=fp32) | fp32 | bf16
+    teacher_dtype: str = "auto"  # auto (fp32 for precision=fp32 on CPU, else bf16) | fp32 | bf16
     log_teacher_loss: bool = False  # also run the teacher's LM head: log its AR loss on V
     # consecutive micro-batches the teacher runs as one batch: fewer, larger forwards and TP
     # collectives, for holding their teacher states and a longer pipeline fill (docs/repr-align.md)
@@ -167,7 +167,8 @@ class RecomputeConfig(Section):
     granularity: Optional[str] = None  # null (off) | full (whole layers) | selective (modules)
     method: str = "uniform"  # full: uniform (every num_layers layers as one unit) | block
     num_layers: int = 1  # full: layers per unit (uniform) or layers recomputed per stage (block)
-    modules: list[str] = field(default_factory=lambda: ["core_attn"])  # selective: core_attn, mlp, ...
+    # selective: what to recompute (core_attn, mlp, moe; layernorm with Transformer Engine)
+    modules: list[str] = field(default_factory=lambda: ["core_attn"])
 
 
 @dataclass

@@ -51,7 +51,8 @@ def check_platform(cfg: Config) -> None:
     if cfg.precision == "fp8":
         check_fp8(cfg)
     r = cfg.recompute
-    if r.granularity == "selective" and "layernorm" in r.modules and not transformer_engine_available():
+    layernorm = r.granularity == "selective" and "layernorm" in r.modules
+    if layernorm and not transformer_engine_available():
         raise ConfigError("recompute.modules 'layernorm' needs Transformer Engine on a GPU; "
                           "drop it here (core_attn and mlp recompute everywhere)")
 

@@ -180,7 +180,8 @@ def _torch_adam_checkpoints(distributed_optimizer_class) -> None:
 
     def set_states_keeping_step(self, model_param, tensors):
         group_index, group_order = self.model_param_group_index_map[model_param]
-        state = self.optimizer.state[self.optimizer.param_groups[group_index]["params"][group_order]]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        state = self.optimizer.state[main_param]
         if "step" in state and "step" not in tensors:
             # its own copy: Megatron hands every state one shared tensor, which torch's Adam
             # would then advance once per parameter at every step
