@@ -126,6 +126,9 @@ class AlignConfig(Section):
     # consecutive micro-batches the teacher runs as one batch: fewer, larger forwards and TP
     # collectives, for holding their teacher states and a longer pipeline fill (docs/repr-align.md)
     teacher_microbatches: int = 1
+    # the teacher holds the student's frozen tensors (optimizer.freeze) instead of copies of
+    # them, where the dtypes agree; False: copies (the same numbers, more memory)
+    share_frozen: bool = True
 
 
 @dataclass

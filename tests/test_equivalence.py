@@ -91,7 +91,8 @@ def gpt2_runs(tmp_path_factory, data_overrides):
     """GPT-2-style model (LayerNorm, GeLU, learned positions, biases) with frozen parameters."""
     out = tmp_path_factory.mktemp("gpt2")
     checkpoint = make_ar_checkpoint(out / "ar", data_overrides, GPT2)
-    layouts = {"tp1pp1": (1, 1, 1, []), "tp2pp2": (2, 2, 4, [])}
+    layouts = {"tp1pp1": (1, 1, 1, []), "tp2pp2": (2, 2, 4, []),
+               "tp1pp1copies": (1, 1, 1, ["align.share_frozen=false"])}
     return run_layouts(out, layouts, data_overrides, checkpoint, [*GPT2, *FREEZE])
 
 
@@ -182,6 +183,22 @@ def test_gpt2_layouts_match_with_frozen_parameters(gpt2_runs):
             assert "output_layer.weight" in frozen
         assert all(rank["frozen_unchanged"] and rank["trainable_changed"] for rank in run["ranks"])
         assert "embedding.word_embeddings.weight" not in run["grads"]["align"]  # no grad buffer
+        # the teacher holds the frozen tensors themselves, and still never changes
+        shared = {name for rank in run["ranks"] for name in rank["teacher_shared"]}
+        if run is gpt2_runs["tp1pp1copies"]:
+            assert not shared
+        else:
+            assert {"embedding.word_embeddings.weight", "decoder.layers.0.mlp.linear_fc1.weight",
+                    "decoder.layers.0.mlp.linear_fc1.bias"} <= shared, shared
+            assert not any("self_attention" in name or "layers.1" in name for name in shared)
+        assert all(rank["teacher_unchanged"] for rank in run["ranks"])
+    # holding them once changes no number: the same losses and gradients as with copies
+    copies = gpt2_runs["tp1pp1copies"]
+    assert copies["summary"]["losses"] == ref["summary"]["losses"]
+    for kind in ("plain", "align"):
+        assert copies["summary"][kind] == ref["summary"][kind]
+        for name, grad in ref["grads"][kind].items():
+            assert torch.equal(copies["grads"][kind][name], grad), (kind, name)
 
 
 # what a GPU run at scale changes, each against its fp32 / plain counterpart in CORE or LAYOUTS

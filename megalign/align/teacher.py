@@ -76,6 +76,30 @@ class Teacher:
         self._sequence_divisor = cfg.parallel.tensor_model_parallel_size if sp else 1
         self._hidden = cfg.model.hidden_size
 
+    def share_frozen(self, students: list) -> tuple[list[str], list[str]]:
+        """Make every teacher parameter whose student counterpart is frozen (``optimizer.freeze``)
+        that very tensor, so it is held once: the published recipe freezes the word embedding
+        (and its tied output copy), for Qwen3-0.6B a quarter of the parameters. Returns (names
+        shared, names frozen but kept apart because the dtypes differ, e.g. an fp32 student with a
+        bf16 teacher). Called once the student is wrapped (its tensors final). A frozen tensor is
+        the AR weight except the word embedding's mask row, which the student initialised: the
+        teacher reads clean tokens only, so it never looks that row up (unless the corpus itself
+        encodes to the mask id)."""
+        shared, apart = [], []
+        for teacher_chunk, student_chunk in zip(self.chunks, students):
+            theirs = dict(student_chunk.named_parameters())
+            for name, param in list(teacher_chunk.named_parameters()):
+                student_param = theirs.get(name)
+                if student_param is None or student_param.requires_grad:
+                    continue
+                if student_param.dtype != param.dtype or student_param.shape != param.shape:
+                    apart.append(name)
+                    continue
+                module_name, _, attribute = name.rpartition(".")
+                teacher_chunk.get_submodule(module_name)._parameters[attribute] = student_param
+                shared.append(name)
+        return shared, apart
+
     def parameters(self):
         for chunk in self.chunks:
             yield from chunk.parameters()

@@ -354,6 +354,11 @@ def setup(cfg: Config, tokenizer, log=print, store=None, ar_checkpoint: Optional
     models, optimizer, scheduler = wrap_and_optimize(cfg, students)
     trainable = sum(p.numel() for c in students for p in c.parameters() if p.requires_grad)
     log(f"> rank 0 stage parameters: {trainable} trainable, {frozen} frozen")
+    if teacher is not None and frozen and cfg.align.share_frozen:
+        shared, apart = teacher.share_frozen(students)
+        log(f"> rank 0 teacher holds {len(shared)} frozen student tensors instead of copies"
+            + (f"; {len(apart)} kept apart (teacher {teacher.dtype}, student "
+               f"{cfg.precision}): {', '.join(apart)}" if apart else ""))
 
     gbs = cfg.data.global_batch_size
     cache_dir = cfg.data.cache_dir or os.path.join(cfg.logging.run_dir, "data_cache")

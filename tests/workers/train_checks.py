@@ -3,7 +3,8 @@
 On one layout it computes, from the same AR weights (``model.init_checkpoint``) and global batch:
 the plain diffusion step (no teacher) and the REPR-ALIGN step, each with its loss terms and the
 full-shape gradient of every student parameter; the p2p bytes of each; the teacher's state before
-and after three optimizer steps; and the losses of those steps. Rank results go to --out.
+and after three optimizer steps, and which of its tensors are the student's; and the losses of
+those steps. Rank results go to --out.
 """
 
 import json
@@ -57,6 +58,12 @@ def main():
     trainable = set(full_tensors(students, "grad"))
     frozen = [name for name in student_after if name not in trainable]
 
+    # teacher parameters that are the student's own tensors (align.share_frozen)
+    shared = [name for teacher_chunk, chunk in zip(teacher.chunks, students)
+              for name, param in teacher_chunk.named_parameters()
+              if name in dict(chunk.named_parameters())
+              and dict(chunk.named_parameters())[name].data_ptr() == param.data_ptr()]
+
     rank = dist.get_rank()
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     dp_rank = parallel_state.get_data_parallel_rank()
@@ -68,6 +75,7 @@ def main():
         "teacher_in_optimizer": any(id(p) in optimizer_params for p in teacher.parameters()),
         "teacher_output_layer": any(c.output_layer is not None for c in teacher.chunks),
         "frozen": frozen,
+        "teacher_shared": shared,
         "frozen_unchanged": all(torch.equal(student_before[k], student_after[k]) for k in frozen),
         "trainable_changed": all(not torch.equal(student_before[k], student_after[k])
                                  for k in trainable),
