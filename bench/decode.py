@@ -11,8 +11,12 @@ and the dual cache with the student's weights in bfloat16, on one process, and p
 tokens per second (and the speed-up over the plain sampler in float32 and in the same precision),
 model forward passes and positions computed per generated token, generative perplexity of the
 continuations under the AR model the run started from (float32, with the share of distinct
-tokens), and agreement with the plain sampler's tokens. The checkpoint defaults to the main job's
-(``bash examples/quickstart.sh`` makes it). Writes ``bench/results/decode/results.json``.
+tokens), and agreement with the plain sampler's tokens. Then the transformers export of the same
+checkpoint (``--export``, default the main job's ``hf`` directory; exported to a temporary
+directory when absent) decodes the same prompts with ``diffusion_generate`` in five of the modes,
+side by side with megalign-generate's: its speed relative to megalign's same mode and the share of
+its tokens equal to megalign's. The checkpoint defaults to the main job's (``bash
+examples/quickstart.sh`` makes it). Writes ``bench/results/decode/results.json``.
 """
 
 from __future__ import annotations
@@ -43,23 +47,68 @@ def parse_args(argv=None):
     parser.add_argument("--threshold", type=float, default=0.9)
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--export", help="the checkpoint's transformers export (default: the "
+                                         "directory 'hf' beside the checkpoints)")
     parser.add_argument("--out", default="bench/results/decode")
     return parser.parse_args(argv)
 
 
 class Counted:
-    """A logits function that counts its calls and the positions it computes."""
+    """A logits source that counts its calls and the positions it computes."""
 
-    def __init__(self, logits_fn, cached: bool):
-        self.logits_fn, self.cached, self.calls, self.positions = logits_fn, cached, 0, 0
+    def __init__(self, source):
+        self.source, self.calls, self.positions = source, 0, 0
 
-    def __call__(self, tokens, mask, first=0, refresh=True, stop=None):
-        shard = (self.logits_fn(tokens, mask, first, refresh, stop) if self.cached
-                 else self.logits_fn(tokens, mask))
+    def __call__(self, tokens, mask, window):
+        shard = self.source(tokens, mask, window)
         self.calls += 1
-        computed = shard.logits.shape[1] if self.cached and not refresh else tokens.shape[1]
+        computed = tokens.shape[1] if window.refresh else shard.logits.shape[1]
         self.positions += tokens.shape[0] * computed
         return shard
+
+
+EXPORT_MODES = ("plain", "dual cache", "dual cache+threshold", "plain, bf16", "dual cache, bf16")
+
+
+def export_modes(args, modes: dict, prompts: list, results: dict, outputs_of: dict) -> dict:
+    """``EXPORT_MODES`` decoded by the transformers export, one prompt at a time."""
+    import tempfile
+
+    import torch
+    from transformers import AutoModel
+
+    from megalign.convert.checkpoints import megalign_to_hf
+
+    path = args.export or os.path.join(os.path.dirname(os.path.normpath(args.checkpoint)), "hf")
+    temporary = None
+    if not os.path.isfile(os.path.join(path, "modeling_megalign.py")):
+        temporary = tempfile.TemporaryDirectory()
+        path = megalign_to_hf(args.checkpoint, os.path.join(temporary.name, "hf"))
+    models = {precision: AutoModel.from_pretrained(path, trust_remote_code=True,
+                                                   dtype=dtype).eval()
+              for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    exported = {}
+    for name in EXPORT_MODES:
+        precision, options = modes[name]
+        keywords = {key: options[key] for key in ("cache", "dual_cache", "threshold", "suffix")
+                    if key in options}
+        outputs, seconds = [], 0.0
+        for prompt in prompts:
+            start = time.perf_counter()
+            ids = models[precision].diffusion_generate(
+                torch.tensor([prompt]), max_new_tokens=args.gen_length, eos_token_id=None,
+                **keywords)
+            seconds += time.perf_counter() - start
+            outputs.append(ids[0, len(prompt):].tolist())
+        generated = len(prompts) * args.gen_length
+        same = sum(a == b for x, y in zip(outputs, outputs_of[name]) for a, b in zip(x, y))
+        rate = generated / seconds
+        exported[name] = {"precision": precision, "tokens_per_s": rate, "seconds": seconds,
+                          "speed_vs_megalign": rate / results[name]["tokens_per_s"],
+                          "agreement_with_megalign": same / generated}
+    if temporary is not None:
+        temporary.cleanup()
+    return exported
 
 
 def main(argv=None) -> int:
@@ -71,7 +120,8 @@ def main(argv=None) -> int:
     import torch
 
     from megalign import distributed
-    from megalign.diffusion.sampler import SamplerConfig, sample, until_eos
+    from megalign.diffusion.decoding import SamplerConfig, until_eos
+    from megalign.diffusion.sampler import sample
     from megalign.evaluation.generation import continuation_nll, text_statistics
     from megalign.evaluation.heldout import full_logits_fn
     from megalign.loading import load_ar_model, load_student, open_checkpoint
@@ -91,13 +141,12 @@ def main(argv=None) -> int:
              "cache, no suffix": ("fp32", {"cache": True, "suffix": False}),
              "plain, bf16": ("bf16", {}), "dual cache, bf16": ("bf16", dual),
              "dual cache+threshold, bf16": ("bf16", {**dual, "threshold": args.threshold})}
-    results, reference = {}, None
+    results, reference, outputs_of = {}, None, {}
     for name, (precision, options) in modes.items():
         cfg = SamplerConfig(gen_length=args.gen_length, eos_id=None, **options)
         outputs, calls, positions, seconds = [], 0, 0, 0.0
         for prompt in prompts:  # batch 1: the latency a user sees
-            logits_fn = Counted(sampler_logits(students[precision], cfg.cache, cfg.dual_cache),
-                                cfg.cache)
+            logits_fn = Counted(sampler_logits(students[precision], cfg.cache, cfg.dual_cache))
             start = time.perf_counter()
             outputs += sample(logits_fn, [prompt], vocab, opened.cfg.diffusion.shift, cfg)
             seconds += time.perf_counter() - start
@@ -106,6 +155,7 @@ def main(argv=None) -> int:
         continuations = [until_eos(ids, vocab.eod) for ids in outputs]
         scored = continuation_nll(ar, prompts, continuations)
         reference = reference or outputs
+        outputs_of[name] = outputs
         same = sum(a == b for x, y in zip(outputs, reference) for a, b in zip(x, y))
         results[name] = {
             "precision": precision, "tokens_per_s": generated / seconds, "seconds": seconds,
@@ -115,6 +165,7 @@ def main(argv=None) -> int:
             "agreement_with_plain": same / generated,
             "sample": tokenizer.decode(continuations[0]),
         }
+    exported = export_modes(args, modes, prompts, results, outputs_of)
     plain = results["plain"]
     plains = {"fp32": plain, "bf16": results["plain, bf16"]}
     for result in results.values():
@@ -134,12 +185,20 @@ def main(argv=None) -> int:
               f"{r['speedup_same_precision']:.2f}x | "
               f"{r['forwards_per_token']:.2f} | {r['positions_per_token']:.1f} | {ppl} | "
               f"{r['gen_distinct']:.2f} | {r['agreement_with_plain']:.2f} |")
+    print("\nthe transformers export (diffusion_generate), same prompts and options:")
+    print("| decoding | tokens/s | speed vs megalign-generate "
+          "| tokens equal to megalign-generate's |")
+    print("|---|---|---|---|")
+    for name, r in exported.items():
+        print(f"| {name} | {r['tokens_per_s']:.2f} | {r['speed_vs_megalign']:.2f}x | "
+              f"{r['agreement_with_megalign']:.2f} |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(
         {"command": "python bench/decode.py " + " ".join(argv if argv is not None else sys.argv[1:]),
          "checkpoint": opened.path, "gen_length": args.gen_length, "threshold": args.threshold,
-         "prompts": PROMPTS[: args.prompts], "threads": args.threads, "modes": results},
+         "prompts": PROMPTS[: args.prompts], "threads": args.threads, "modes": results,
+         "export": exported},
         indent=1) + "\n", encoding="utf-8")
     distributed.shutdown()
     return 0

@@ -38,7 +38,8 @@ import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
-from megalign.diffusion.sampler import SamplerConfig, for_model, sample, until_eos
+from megalign.diffusion.decoding import SamplerConfig, until_eos
+from megalign.diffusion.sampler import for_model, sample
 from megalign.loading import load_student, open_checkpoint
 from megalign.model.inference import forward_logits, sampler_logits
 

@@ -8,7 +8,7 @@ import torch
 
 from conftest import REPO
 
-from megalign.diffusion.sampler import SamplerConfig
+from megalign.diffusion.decoding import SamplerConfig
 from megalign.evaluation.generation import (
     continuation_nll,
     generation_quality,

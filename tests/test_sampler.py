@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from megalign.data.vocabulary import Vocabulary
-from megalign.diffusion.sampler import SamplerConfig, prepare, sample
+from megalign.diffusion.decoding import SamplerConfig, prepare
+from megalign.diffusion.sampler import sample
 
 VOCAB, MASK, PAD, EOS = 50, 60, 0, 1
 VOCABULARY = Vocabulary(size=VOCAB, padded=64, mask=MASK, eod=EOS, pad=PAD)
@@ -14,7 +15,7 @@ def scripted(seed=0):
     """Random but fixed logits per call: a stand-in model that changes its mind every step."""
     generator = torch.Generator().manual_seed(seed)
 
-    def logits_fn(tokens, _mask):
+    def logits_fn(tokens, _mask, _window):
         return torch.randn(*tokens.shape, 64, generator=generator) * 3
 
     return logits_fn
@@ -76,7 +77,7 @@ def test_blocks_unmask_left_to_right():
 
 
 def test_shift_reads_the_previous_position():
-    def logits_fn(tokens, _mask):
+    def logits_fn(tokens, _mask, _window):
         logits = torch.zeros(*tokens.shape, 64)
         positions = torch.arange(tokens.shape[1])
         logits[:, positions, (positions + 10) % VOCAB] = 10.0  # position i votes for i + 10
@@ -90,7 +91,7 @@ def test_shift_reads_the_previous_position():
 
 
 def test_eos_stops_and_fills():
-    def logits_fn(tokens, _mask):
+    def logits_fn(tokens, _mask, _window):
         logits = torch.zeros(*tokens.shape, 64)
         logits[:, :, 20] = 1.0
         logits[:, 4, EOS] = 5.0  # (shifted) generated position 5 is EOS, very confidently
@@ -160,14 +161,14 @@ def test_vocab_parallel_shards_sample_like_the_full_vocabulary(tmp_path):
 def test_threshold_commits_the_confident_positions_and_at_least_one():
     """Every masked position of the block at or above the threshold, the most confident when
     none is; the prompt is never touched; EOS still stops a sample."""
-    from megalign.diffusion.sampler import _commit_confident
+    from megalign.diffusion.decoding import commit_confident
 
     current = torch.tensor([MASK, 7, MASK, MASK])
     masked = current == MASK
     predicted = torch.tensor([20, 21, 22, 23])
     confidence = torch.tensor([0.95, 0.99, 0.5, 0.91])
-    assert _commit_confident(current, masked, predicted, confidence, 0.9).tolist() == [20, 7, MASK, 23]
-    assert _commit_confident(current, masked, predicted, confidence, 0.99).tolist() == [20, 7, MASK, MASK]
+    assert commit_confident(current, masked, predicted, confidence, 0.9).tolist() == [20, 7, MASK, 23]
+    assert commit_confident(current, masked, predicted, confidence, 0.99).tolist() == [20, 7, MASK, MASK]
 
     prompts = ([5, 6, 7], [9])
     out, trace = run(SamplerConfig(gen_length=8, threshold=0.99), prompts)
@@ -179,7 +180,7 @@ def test_threshold_commits_the_confident_positions_and_at_least_one():
     everything, trace = run(SamplerConfig(gen_length=8, threshold=0.0), prompts)
     assert len(trace) == 1  # all of the block at once
 
-    def eos_first(tokens, _mask):
+    def eos_first(tokens, _mask, _window):
         logits = torch.zeros(*tokens.shape, 64)
         logits[..., EOS] = 9.0
         return logits
@@ -239,3 +240,30 @@ def test_cached_and_threshold_decoding_across_layouts(tmp_path, ar_checkpoint):
         assert all(rank["bf16_weights"] for rank in ranks), name
         assert all(rank["bf16_max_diff"] <= 0.05 * rank["logits_max"] for rank in last), name
     assert reports["tp2pp2"][0]["tokens"] == reports["one"][0]["tokens"]
+
+
+def test_the_export_ships_the_library_decoding_rules(tmp_path):
+    """An export decodes by megalign's rules: its decoding.py is the library module's bytes, which
+    import nothing but torch and the standard library, and the modeling file imports it as its
+    only sibling (transformers copies relative imports of remote code)."""
+    import ast
+    import sys
+    from pathlib import Path
+
+    from megalign.convert.checkpoints import write_modeling_files
+    from megalign.diffusion import decoding
+
+    write_modeling_files(str(tmp_path))
+    assert (tmp_path / "decoding.py").read_bytes() == Path(decoding.__file__).read_bytes()
+    tree = ast.parse((tmp_path / "decoding.py").read_text())
+    imported = {(node.module if isinstance(node, ast.ImportFrom) else alias.name).split(".")[0]
+                for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
+                for alias in node.names}
+    assert imported <= {"torch"} | set(sys.stdlib_module_names), imported
+    modeling = ast.parse((tmp_path / "modeling_megalign.py").read_text())
+    relative = {node.module for node in ast.walk(modeling)
+                if isinstance(node, ast.ImportFrom) and node.level}
+    absolute = {(node.module if isinstance(node, ast.ImportFrom) else alias.name).split(".")[0]
+                for node in ast.walk(modeling) if isinstance(node, (ast.Import, ast.ImportFrom))
+                and not getattr(node, "level", 0) for alias in node.names}
+    assert relative == {"decoding"} and "megalign" not in absolute

@@ -9,7 +9,8 @@ from megalign.config import Config, DataConfig, DiffusionConfig, ModelConfig, va
 from megalign.data.vocabulary import Vocabulary
 from megalign.diffusion.masking import anneal_fraction, open_future
 from megalign.diffusion.objective import loss_terms, make_batch
-from megalign.diffusion.sampler import SamplerConfig, denoise, for_model, prepare
+from megalign.diffusion.decoding import SamplerConfig, prepare
+from megalign.diffusion.sampler import denoise, for_model
 from megalign.errors import ConfigError
 from megalign.model.attention import attention_mask, document_ids
 
@@ -126,14 +127,14 @@ def test_decoding_without_the_suffix_refuses_infilling():
     tokens = torch.full((1, 12), 9)
     tokens[:, 4:8] = MASK
     with pytest.raises(ValueError, match="cannot fill a span with text after it"):
-        denoise(lambda x, m: torch.zeros(1, x.shape[1], 64), tokens, None, 4, 4, VOCAB, True,
+        denoise(lambda x, m, _window: torch.zeros(1, x.shape[1], 64), tokens, None, 4, VOCAB, True,
                 SamplerConfig(gen_length=4, suffix=False))
 
 
 def test_decoding_without_the_suffix_shows_the_model_only_the_blocks_so_far():
     seen = []
 
-    def logits_fn(tokens, mask):
+    def logits_fn(tokens, mask, _window):
         seen.append(tokens.shape[1])
         return torch.zeros(tokens.shape[0], tokens.shape[1], 64)
 

@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def evaluate(args) -> None:
     from megalign import distributed
-    from megalign.diffusion.sampler import SamplerConfig, for_model
+    from megalign.diffusion.decoding import SamplerConfig
+    from megalign.diffusion.sampler import for_model
     from megalign.evaluation.generation import student_generation_quality
     from megalign.evaluation.heldout import (
         ar_nll,

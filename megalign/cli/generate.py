@@ -46,7 +46,7 @@ def read_prompts(args) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from megalign.diffusion.sampler import CONFIDENCES, DEFAULT_BLOCK_LENGTH, RULES, SamplerConfig
+    from megalign.diffusion.decoding import CONFIDENCES, DEFAULT_BLOCK_LENGTH, RULES, SamplerConfig
 
     parser = ArgumentParser(prog="megalign-generate", description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def sampler_config(args, eos_id):
     """The sampler settings of parsed arguments (unset ones take the sampler's defaults)."""
-    from megalign.diffusion.sampler import SamplerConfig
+    from megalign.diffusion.decoding import SamplerConfig
 
     return SamplerConfig(
         gen_length=args.gen_length, steps=args.steps, block_length=args.block_length,
@@ -104,7 +104,8 @@ def generate(args) -> None:
     import torch
 
     from megalign import distributed
-    from megalign.diffusion.sampler import for_model, sample, until_eos
+    from megalign.diffusion.decoding import until_eos
+    from megalign.diffusion.sampler import for_model, sample
     from megalign.errors import ConfigError
     from megalign.loading import load_ar_model, load_student, open_checkpoint
     from megalign.model.inference import ar_decode, sampler_logits

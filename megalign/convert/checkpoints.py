@@ -274,6 +274,16 @@ def write_export_atomically(output: str, write) -> None:
         shutil.rmtree(temp, ignore_errors=True)
 
 
+def write_modeling_files(output: str) -> None:
+    """The export's code: megalign's modeling file and, as its sibling ``decoding.py``, the
+    library's decoding rules themselves (a torch-only module), so both decode alike."""
+    from megalign.convert import modeling_megalign
+    from megalign.diffusion import decoding
+
+    shutil.copy(modeling_megalign.__file__, os.path.join(output, "modeling_megalign.py"))
+    shutil.copy(decoding.__file__, os.path.join(output, "decoding.py"))
+
+
 def export_diffusion_model(cfg: Config, meta: dict, hf_state: dict, output: str) -> None:
     """Weights (safetensors), config, megalign's modeling file with ``diffusion_generate``,
     generation defaults, tokenizer and a model card: loads with transformers alone
@@ -283,7 +293,8 @@ def export_diffusion_model(cfg: Config, meta: dict, hf_state: dict, output: str)
     from transformers.utils import logging as hf_logging
 
     from megalign.convert import modeling_megalign
-    from megalign.diffusion.sampler import SamplerConfig
+    from megalign.diffusion import decoding
+    from megalign.diffusion.objective import streams
     from megalign.model.gpt import ffn_hidden_size, moe_ffn_hidden_size
 
     m = cfg.model
@@ -301,6 +312,7 @@ def export_diffusion_model(cfg: Config, meta: dict, hf_state: dict, output: str)
         norm_epsilon=m.norm_epsilon, rope_theta=float(m.rotary_base), qkv_bias=m.qkv_bias,
         tie_word_embeddings=m.tie_embeddings, mask_token_id=cfg.diffusion.mask_token_id,
         shift=cfg.diffusion.shift, document_attention=m.document_attention,
+        diffusion_block_length=cfg.diffusion.block_length if streams(cfg) == 2 else None,
         sample_vocab_size=tokenizer.vocab_size if tokenizer else m.padded_vocab_size,
         eos_token_id=tokenizer.eod if tokenizer else None,
         pad_token_id=tokenizer.pad if tokenizer else None)
@@ -316,15 +328,21 @@ def export_diffusion_model(cfg: Config, meta: dict, hf_state: dict, output: str)
     os.makedirs(output, exist_ok=True)
     hf_logging.disable_progress_bar()  # megalign-convert says what it wrote, in one line
     hf_model.save_pretrained(output, safe_serialization=True)
-    shutil.copy(modeling_megalign.__file__, os.path.join(output, "modeling_megalign.py"))
-    defaults = SamplerConfig()
+    write_modeling_files(output)
+    defaults = decoding.SamplerConfig()
+    if config.diffusion_block_length:
+        defaults = decoding.for_block_diffusion(defaults, config.diffusion_block_length)
     with open(os.path.join(output, "generation_config.json"), "w", encoding="utf-8") as handle:
         json.dump({"mask_token_id": config.mask_token_id, "eos_token_id": config.eos_token_id,
                    "pad_token_id": config.pad_token_id, "max_new_tokens": defaults.gen_length,
                    "diffusion": {"steps": "max_new_tokens", "block_length": defaults.block_length,
                                  "temperature": defaults.temperature, "top_k": defaults.top_k,
                                  "top_p": defaults.top_p, "confidence": defaults.confidence,
-                                 "unmasking": defaults.unmasking, "seed": defaults.seed}},
+                                 "unmasking": defaults.unmasking, "seed": defaults.seed,
+                                 "threshold": defaults.threshold, "cache": defaults.cache,
+                                 "dual_cache": defaults.dual_cache,
+                                 "cache_refresh": defaults.cache_refresh,
+                                 "suffix": defaults.suffix}},
                   handle, indent=1)
     source = cfg.data.tokenizer
     if source and os.path.isdir(source):
@@ -346,9 +364,9 @@ def training_mode_lines(cfg: Config) -> list[str]:
     """The model card's lines on how training departed from full-sequence masked diffusion."""
     d, lines = cfg.diffusion, []
     if d.block_length:
-        lines.append(f"- block diffusion, blocks of {d.block_length}: decode block by block with "
-                     "block-causal attention (megalign-generate does; `diffusion_generate` "
-                     "below attends bidirectionally, which this model was not trained for)")
+        lines.append(f"- block diffusion, blocks of {d.block_length}: decoded block by block with "
+                     "block-causal attention (megalign-generate and `diffusion_generate` below "
+                     "both do; the key/value cache is then exact)")
     if d.anneal_iters:
         lines.append(f"- attention annealed from causal to bidirectional over the first "
                      f"{d.anneal_iters} steps")
@@ -408,7 +426,11 @@ def model_card(cfg: Config, meta: dict, has_tokenizer: bool) -> str:
          "ids = model.diffusion_generate(prompt_ids, max_new_tokens=32)"),
         "```", "",
         "`diffusion_generate` takes megalign-generate's options (`steps`, `block_length`, "
-        "`temperature`, `top_k`, `top_p`, `confidence`, `unmasking`, `seed`) with its defaults: "
-        "blocks of 8 tokens, one token per step, greedy, stop at the end-of-document token.", "",
+        "`temperature`, `top_k`, `top_p`, `confidence`, `unmasking`, `seed`, `threshold`, "
+        "`cache`, `dual_cache`, `cache_refresh`, `suffix`) with its defaults: blocks of 8 "
+        "tokens, one token per step, greedy, no cache, stop at the end-of-document token. "
+        "`dual_cache=True, threshold=0.9` is the fast setting; loaded with "
+        "`dtype=torch.bfloat16` the model decodes in bfloat16 as `megalign-generate --bf16` does.",
+        "",
     ]
     return "\n".join(lines)

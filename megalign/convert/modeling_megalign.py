@@ -13,12 +13,15 @@ optional QKV bias, optional RMSNorm on queries and keys (Qwen3), dense or mixtur
 MLPs (Qwen3-MoE, Mixtral); or GPT-2:
 LayerNorm, tanh GeLU, learned positions) with bidirectional attention; position ``i``'s logits
 predict token ``i+1`` when ``config.shift`` (the AR shift kept in training). ``diffusion_generate``
-follows megalign's sampler (megalign/diffusion/sampler.py) rule for rule, so the same options and
-seed give the same tokens as ``megalign-generate`` for an unpadded prompt.
+decodes with megalign's own decoding rules (``decoding.py`` beside this file, a copy of
+megalign/diffusion/decoding.py), its options and defaults, its key/value caches and block-causal
+decoding for block-diffusion students, so the same options and seed give megalign-generate's
+tokens.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -28,8 +31,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import MaskedLMOutput
 
-CONFIDENCES = ("prob", "margin", "entropy")
-RULES = ("confidence", "origin", "p2")
+from .decoding import Logits, SamplerConfig, Window, for_block_diffusion, prepare, sample
 
 
 class MegalignDiffusionConfig(PretrainedConfig):
@@ -46,7 +48,8 @@ class MegalignDiffusionConfig(PretrainedConfig):
                  rope_theta: float = 10000.0, qkv_bias: bool = False,
                  tie_word_embeddings: bool = True, mask_token_id: Optional[int] = None,
                  shift: bool = True, sample_vocab_size: Optional[int] = None,
-                 document_attention: bool = True, **kwargs):
+                 document_attention: bool = True, diffusion_block_length: Optional[int] = None,
+                 **kwargs):
         self.arch = arch
         self.vocab_size = vocab_size  # rows of the embedding (padded; the mask token included)
         self.hidden_size = hidden_size
@@ -71,21 +74,21 @@ class MegalignDiffusionConfig(PretrainedConfig):
         self.shift = shift
         self.sample_vocab_size = sample_vocab_size or vocab_size  # the tokenizer's real tokens
         self.document_attention = document_attention
+        # trained by block diffusion with blocks of this size: decoded block-causally; None = off
+        self.diffusion_block_length = diffusion_block_length
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
 
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
-
-
 class RMSNorm(nn.Module):
+    """torch's RMSNorm, as megalign's local spec normalises (the same rounding in bfloat16)."""
+
     def __init__(self, size: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
     def forward(self, x):
-        return _rms_norm(x, self.weight, self.eps)
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 class Conv1D(nn.Module):
@@ -97,8 +100,7 @@ class Conv1D(nn.Module):
         self.bias = nn.Parameter(torch.zeros(outputs))
 
     def forward(self, x):
-        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).reshape(
-            *x.shape[:-1], -1)
+        return x @ self.weight + self.bias  # (rounded, then biased: as Megatron-Core's linears)
 
 
 def _llama3_frequencies(inverse: torch.Tensor, factor: float) -> torch.Tensor:
@@ -113,18 +115,31 @@ def _llama3_frequencies(inverse: torch.Tensor, factor: float) -> torch.Tensor:
     return torch.where(medium, blended, scaled)
 
 
+def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` with the bias added after the product is rounded, as Megatron-Core's linear
+    layers add it (``nn.Linear`` fuses the two, which rounds differently in bfloat16)."""
+    out = F.linear(x, layer.weight)
+    return out if layer.bias is None else out + layer.bias
+
+
 def _rotate_half(x):
     first, second = x.chunk(2, dim=-1)
     return torch.cat((-second, first), dim=-1)
 
 
 def _attend(q, k, v, blocked):
-    """q [b, H, s, d], k/v [b, G, s, d] (G groups of H/G heads), blocked [b, 1, s, s] True = no."""
-    repeat = q.shape[1] // k.shape[1]
+    """q [b, H, sq, d], k/v [b, G, sk, d] (G groups of H/G heads), blocked [b, 1, sq, sk] True =
+    not attended. Scaled in the product and normalised in float32, as Megatron-Core's attention
+    is, so bfloat16 rounds where megalign's model does."""
+    b, heads, sq, d = q.shape
+    repeat = heads // k.shape[1]
     k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    q, k, v = (t.reshape(b * heads, t.shape[2], d) for t in (q, k, v))
+    scores = torch.baddbmm(q.new_empty(b * heads, sq, k.shape[1]), q, k.transpose(1, 2),
+                           beta=0.0, alpha=1.0 / math.sqrt(d)).view(b, heads, sq, -1)
     probs = scores.float().masked_fill(blocked, float("-inf")).softmax(-1).to(v.dtype)
-    return (probs @ v).transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+    context = torch.bmm(probs.view(b * heads, sq, -1), v).view(b, heads, sq, d)
+    return context.transpose(1, 2).reshape(b, sq, heads * d)
 
 
 class SwiGLU(nn.Module):
@@ -134,8 +149,11 @@ class SwiGLU(nn.Module):
         self.up_proj = nn.Linear(hidden, intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x, scale: Optional[torch.Tensor] = None):
+        """``scale`` [tokens]: a router's weights, applied before the down projection (where
+        Megatron-Core's experts apply them, so bfloat16 rounds alike)."""
+        hidden = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(hidden if scale is None else hidden * scale.unsqueeze(-1))
 
 
 class MixtureOfExperts(nn.Module):
@@ -151,17 +169,18 @@ class MixtureOfExperts(nn.Module):
 
     def forward(self, x):
         tokens = x.reshape(-1, x.shape[-1])
-        logits = self.gate(tokens).float()
+        logits = self.gate(tokens)  # in the model's dtype; softmax in float32, as Megatron-Core
         if self.pre_softmax:
-            weights, chosen = logits.softmax(-1).topk(self.topk, dim=-1)
+            weights, chosen = logits.softmax(-1, dtype=torch.float32).type_as(logits).topk(
+                self.topk, dim=-1)
         else:
             top, chosen = logits.topk(self.topk, dim=-1)
-            weights = top.softmax(-1)
+            weights = top.softmax(-1, dtype=torch.float32).type_as(logits)
         out = torch.zeros_like(tokens)
         for index, expert in enumerate(self.experts):
             rows, slot = (chosen == index).nonzero(as_tuple=True)
             if rows.numel():
-                out.index_add_(0, rows, expert(tokens[rows]) * weights[rows, slot, None].to(x.dtype))
+                out.index_add_(0, rows, expert(tokens[rows], weights[rows, slot]))
         return out.view_as(x)
 
 
@@ -184,17 +203,19 @@ class LlamaBlock(nn.Module):
         self.mlp = (MixtureOfExperts(config) if config.num_experts
                     else SwiGLU(h, config.intermediate_size))
 
-    def forward(self, x, blocked, cos, sin):
+    def forward(self, x, blocked, cos, sin, kept=None):
         b, s, _ = x.shape
         a = self.self_attn
         y = self.input_layernorm(x)
-        q = a.q_proj(y).view(b, s, self.heads, self.head_dim)
-        k = a.k_proj(y).view(b, s, self.groups, self.head_dim)
+        q = _linear(a.q_proj, y).view(b, s, self.heads, self.head_dim)
+        k = _linear(a.k_proj, y).view(b, s, self.groups, self.head_dim)
         if hasattr(a, "q_norm"):
             q, k = a.q_norm(q), a.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
-        v = a.v_proj(y).view(b, s, self.groups, self.head_dim).transpose(1, 2)
+        v = _linear(a.v_proj, y).view(b, s, self.groups, self.head_dim).transpose(1, 2)
         q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        if kept is not None:
+            k, v = kept(k, v)
         x = x + a.o_proj(_attend(q, k, v, blocked))
         y = self.post_attention_layernorm(x)
         return x + self.mlp(y)
@@ -214,10 +235,12 @@ class GPT2Block(nn.Module):
         self.mlp.c_fc = Conv1D(h, config.intermediate_size)
         self.mlp.c_proj = Conv1D(config.intermediate_size, h)
 
-    def forward(self, x, blocked, cos=None, sin=None):
+    def forward(self, x, blocked, cos=None, sin=None, kept=None):
         b, s, h = x.shape
         q, k, v = (t.view(b, s, self.heads, -1).transpose(1, 2)
                    for t in self.attn.c_attn(self.ln_1(x)).split(h, dim=-1))
+        if kept is not None:
+            k, v = kept(k, v)
         x = x + self.attn.c_proj(_attend(q, k, v, blocked))
         return x + self.mlp.c_proj(F.gelu(self.mlp.c_fc(self.ln_2(x)), approximate="tanh"))
 
@@ -257,18 +280,23 @@ class MegalignForDiffusionLM(PreTrainedModel):
         return self._embedding()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                position_ids: Optional[torch.Tensor] = None, **_unused) -> MaskedLMOutput:
+                position_ids: Optional[torch.Tensor] = None,
+                cache: Optional["KeyValueCache"] = None, **_unused) -> MaskedLMOutput:
         """``attention_mask`` [b, s] (1 = token, 0 = padding; padding is never attended) or a
         [b, 1, s, s] boolean mask (True = blocked, e.g. per-document); positions default to the
-        token's index among the real tokens."""
+        token's index among the real tokens. ``cache``: keys and values kept by a refresh; when
+        it has a window, ``input_ids`` are the window's tokens and the mask is [b, 1, window, s]."""
         blocked, valid = _blocked(input_ids, attention_mask)
         if position_ids is None:
             position_ids = (valid.long().cumsum(-1) - 1).clamp(min=0)
+        layers = self.transformer.h if self.config.arch == "gpt2" else self.model.layers
+        hooks = [functools.partial(cache.attend, index) if cache is not None else None
+                 for index in range(len(layers))]
         if self.config.arch == "gpt2":
             t = self.transformer
             x = t.wte(input_ids) + t.wpe(position_ids)
-            for block in t.h:
-                x = block(x, blocked)
+            for block, kept in zip(t.h, hooks):
+                x = block(x, blocked, kept=kept)
             x = t.ln_f(x)
         else:
             m, d = self.model, self.config.head_dim
@@ -278,10 +306,10 @@ class MegalignForDiffusionLM(PreTrainedModel):
                 inverse = _llama3_frequencies(inverse, self.config.rope_scaling_factor)
             angles = position_ids.float().unsqueeze(-1) * inverse
             angles = torch.cat((angles, angles), dim=-1).unsqueeze(1)  # [b, 1, s, d]
-            cos, sin = angles.cos(), angles.sin()
             x = m.embed_tokens(input_ids)
-            for block in m.layers:
-                x = block(x, blocked, cos, sin)
+            cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+            for block, kept in zip(m.layers, hooks):
+                x = block(x, blocked, cos, sin, kept)
             x = m.norm(x)
         weight = self.lm_head.weight if not self.config.tie_word_embeddings else self._embedding().weight
         return MaskedLMOutput(logits=F.linear(x, weight))
@@ -292,42 +320,98 @@ class MegalignForDiffusionLM(PreTrainedModel):
                            block_length: Optional[int] = None, temperature: float = 0.0,
                            top_k: int = 0, top_p: float = 1.0, confidence: str = "prob",
                            unmasking: str = "confidence", seed: int = 0,
-                           eos_token_id: Optional[int] = -1,
-                           threshold: Optional[float] = None) -> torch.Tensor:
+                           eos_token_id: Optional[int] = -1, threshold: Optional[float] = None,
+                           cache: bool = False, dual_cache: bool = False, cache_refresh: int = 0,
+                           suffix: bool = True) -> torch.Tensor:
         """Prompts (rows of ``input_ids``, padding marked 0 in ``attention_mask``) followed by
         ``max_new_tokens`` denoised tokens: [b, longest prompt + max_new_tokens], prompts
         left-padded with the pad token. Options and defaults are megalign-generate's: blocks of 8
         when they tile the answer, one token per step, greedy; ``eos_token_id`` (default: the
         config's; None: no stop) ends a sample once it is decoded with nothing masked before it.
         ``threshold``: commit every masked position of the block whose confidence reaches it, at
-        least one per step (parallel decoding; ``steps`` is then unused)."""
-        options = _Options(max_new_tokens, steps, block_length, temperature, top_k, top_p,
-                           confidence, unmasking, seed, threshold)
+        least one per step (parallel decoding; ``steps`` is then unused). ``cache``: keep the keys
+        and values of the positions before the block (recomputed when a block starts and every
+        ``cache_refresh`` steps); ``dual_cache``: those after it too; ``suffix=False``: the input
+        ends with the current block. A block-diffusion student always decodes its training
+        blocks block-causally, without the suffix (its cache is then exact)."""
         eos = self.config.eos_token_id if eos_token_id == -1 else eos_token_id
         if isinstance(eos, (list, tuple)):
             eos = eos[0] if eos else None
+        options = SamplerConfig(
+            gen_length=max_new_tokens, steps=steps, block_length=block_length,
+            temperature=temperature, top_k=top_k, top_p=top_p, confidence=confidence,
+            unmasking=unmasking, eos_id=eos, seed=seed, threshold=threshold,
+            cache=cache or dual_cache, cache_refresh=cache_refresh, suffix=suffix,
+            dual_cache=dual_cache)
+        if self.config.diffusion_block_length:
+            options = for_block_diffusion(options, self.config.diffusion_block_length)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         prompts = [row[keep.bool()].tolist() for row, keep in zip(input_ids, attention_mask)]
-        if self.config.shift and min(len(p) for p in prompts) == 0:
-            raise ValueError("with the AR shift every prompt needs at least one token")
+        mask_id = self.config.mask_token_id
         pad = self.config.pad_token_id if self.config.pad_token_id is not None else 0
-        tokens, valid = _left_padded(prompts, max_new_tokens, self.config.mask_token_id, pad)
+        generated = sample(self._logits_source(options), prompts, options, mask_id=mask_id,
+                           pad_id=pad, vocab_size=self.config.sample_vocab_size,
+                           shift=self.config.shift)
+        tokens = prepare(prompts, options, mask_id, pad)[0]
+        tokens[:, tokens.shape[1] - max_new_tokens:] = torch.tensor(generated, dtype=torch.long)
+        return tokens
+
+    def _logits_source(self, options: SamplerConfig):
+        """The decoding rules' logits source: the whole sequence each step, or with
+        ``options.cache`` the window of positions the step needs against a ``KeyValueCache``."""
         device = self._embedding().weight.device
-        tokens, valid = tokens.to(device), valid.to(device)
-        blocked = ~valid.unsqueeze(1) | ~valid.unsqueeze(2)
-        blocked &= ~torch.eye(tokens.shape[1], dtype=torch.bool, device=device)
-        blocked = blocked.unsqueeze(1)
-        positions = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
-        positions = positions - (~valid).sum(-1, keepdim=True)  # 0 at each prompt's first token
-        positions = positions.clamp(min=0)
-        start = tokens.shape[1] - max_new_tokens
+        held = {}
 
-        def logits_fn(current):
-            return self(current, blocked, positions).logits
+        def source(tokens: torch.Tensor, blocked: torch.Tensor, window: Window):
+            tokens, blocked = tokens.to(device), blocked.to(device)
+            positions = _positions(tokens, blocked, learned=self.config.arch == "gpt2")
+            if not options.cache:
+                return self(tokens, blocked, positions).logits
+            if window.refresh or "cache" not in held:
+                held["cache"] = KeyValueCache()
+                return self(tokens, blocked, positions, cache=held["cache"]).logits
+            first = window.first
+            stop = window.stop if options.dual_cache else tokens.shape[1]
+            held["cache"].window = (first, stop)
+            window_logits = self(tokens[:, first:stop], blocked[:, :, first:stop],
+                                 positions[:, first:stop], cache=held["cache"]).logits
+            return Logits(window_logits, first_position=first)
 
-        _denoise(logits_fn, tokens, start, self.config, options, eos)
-        return tokens.cpu()
+        return source
+
+
+class KeyValueCache:
+    """Each layer's keys and values of the whole sequence at the last refresh.
+
+    Refreshing (``window`` None) keeps them; with a ``window`` (first, stop) the model runs the
+    window's positions only, attending their fresh keys and values and the kept ones of every
+    other position, which are not recomputed: an approximation for a bidirectional model (they
+    were computed when the window held other tokens), exact for a block-causal one whose window
+    ends the sequence. megalign-generate's ``--cache`` (window to the end) and ``--dual-cache``
+    (the positions after the window kept too)."""
+
+    def __init__(self):
+        self.layers: list = []
+        self.window: Optional[tuple[int, int]] = None
+
+    def attend(self, layer: int, keys: torch.Tensor, values: torch.Tensor):
+        if self.window is None:
+            self.layers.append((keys, values))
+            return keys, values
+        first, stop = self.window
+        kept_keys, kept_values = self.layers[layer]
+        return (torch.cat([kept_keys[:, :, :first], keys, kept_keys[:, :, stop:]], dim=2),
+                torch.cat([kept_values[:, :, :first], values, kept_values[:, :, stop:]], dim=2))
+
+
+def _positions(tokens: torch.Tensor, blocked: torch.Tensor, learned: bool) -> torch.Tensor:
+    """The positions megalign's model gives a left-padded batch: learned positions count each
+    row's real tokens from 0; rotary ones count slots, which changes no angle between two tokens
+    (RoPE is relative) and keeps the rounding of megalign's bfloat16 model."""
+    if not learned:
+        return torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+    return ((~blocked[:, 0, -1, :]).long().cumsum(-1) - 1).clamp(min=0)
 
 
 def x_device(module: nn.Module) -> torch.device:
@@ -343,181 +427,3 @@ def _blocked(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]):
     blocked = ~valid.unsqueeze(1) | ~valid.unsqueeze(2)
     blocked &= ~torch.eye(s, dtype=torch.bool, device=input_ids.device)
     return blocked.unsqueeze(1), valid
-
-
-class _Options:
-    """megalign's SamplerConfig: defaults and checks."""
-
-    def __init__(self, gen_length, steps, block_length, temperature, top_k, top_p, confidence,
-                 unmasking, seed, threshold=None):
-        self.gen_length = gen_length
-        self.steps = gen_length if steps is None else steps
-        self.block_length = block_length or (8 if gen_length % 8 == 0 else gen_length)
-        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
-        self.confidence, self.unmasking, self.seed = confidence, unmasking, seed
-        self.threshold = threshold
-        if threshold is not None and unmasking != "confidence":
-            raise ValueError(f"a confidence threshold does not combine with '{unmasking}'")
-        if confidence not in CONFIDENCES:
-            raise ValueError(f"confidence '{confidence}' is not one of {CONFIDENCES}")
-        if unmasking not in RULES:
-            raise ValueError(f"unmasking rule '{unmasking}' is not one of {RULES}")
-        if gen_length < 1 or gen_length % self.block_length:
-            raise ValueError(f"block length {self.block_length} must divide {gen_length} new tokens")
-        blocks = gen_length // self.block_length
-        if self.steps < blocks or self.steps % blocks:
-            raise ValueError(f"steps ({self.steps}) must be a multiple of the {blocks} blocks")
-
-
-def _left_padded(prompts, gen_length, mask_id, pad):
-    longest = max(len(p) for p in prompts)
-    tokens = torch.full((len(prompts), longest + gen_length), pad, dtype=torch.long)
-    valid = torch.zeros(tokens.shape, dtype=torch.bool)
-    for row, prompt in enumerate(prompts):
-        tokens[row, longest - len(prompt) : longest] = torch.tensor(prompt, dtype=torch.long)
-        valid[row, longest - len(prompt) :] = True
-    tokens[:, longest:] = mask_id
-    return tokens, valid
-
-
-def _filtered(x, options):
-    x = x / options.temperature if options.temperature > 0 else x
-    if not options.top_k and options.top_p >= 1.0:
-        return x
-    width = x.shape[-1]
-    ids = torch.arange(width, device=x.device)
-    values, local = x.topk(min(options.top_k, width) if options.top_k else width, dim=-1)
-    candidates = ids[local]
-    if options.top_k:
-        kth = values.topk(min(options.top_k, values.shape[-1]), dim=-1).values[..., -1:]
-        x = x.masked_fill(x < kth, float("-inf"))
-        values = values.masked_fill(values < kth, float("-inf"))
-    if options.top_p < 1.0:
-        by_id = candidates.argsort(-1)
-        values, candidates = values.gather(-1, by_id), candidates.gather(-1, by_id)
-        order = values.argsort(dim=-1, descending=True, stable=True)
-        probs = values.gather(-1, order).softmax(-1)
-        keep = probs.cumsum(-1) - probs <= options.top_p
-        kept = candidates.gather(-1, order)
-        kept = torch.where(keep, kept, torch.full_like(kept, width))
-        mask = torch.zeros(x.shape[0], width + 1, dtype=torch.bool, device=x.device)
-        x = x.masked_fill(~mask.scatter_(-1, kept, True)[:, :width], float("-inf"))
-    return x
-
-
-def _predict(logits, current, options, generator, vocab):
-    """Per position: the predicted token, its confidence and the current token's (for p2)."""
-    n = current.numel()
-    noise = (torch.empty(n, vocab).exponential_(1, generator=generator)
-             if options.temperature > 0 else None)
-    x = logits.float().reshape(n, -1)
-    width = x.shape[-1]
-    ids = torch.arange(width, device=x.device)
-    x = _filtered(x.masked_fill(ids >= vocab, float("-inf")), options)
-    weights = (x - x.max(-1).values.unsqueeze(-1)).exp()
-    probs = weights / weights.sum(-1).unsqueeze(-1)
-    if noise is not None:
-        draws = torch.ones(n, width)
-        draws[:, : min(width, vocab)] = noise[:, :width]
-        tokens = (probs / draws.to(x.device)).argmax(-1)
-    else:
-        tokens = probs.argmax(-1)
-    if options.confidence == "prob":
-        confidence = kept = probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-        if options.unmasking == "p2":
-            held = current.reshape(-1).to(x.device).clamp(max=vocab - 1)
-            kept = probs.gather(-1, held.unsqueeze(-1)).squeeze(-1)
-    elif options.confidence == "margin":
-        top2 = probs.topk(min(2, width), dim=-1).values.topk(2, dim=-1).values
-        confidence = kept = top2[:, 0] - top2[:, 1]
-    else:
-        confidence = kept = (probs * probs.clamp_min(1e-12).log()).sum(-1)
-    shape = current.shape
-    return (tokens.cpu().view(shape), confidence.float().cpu().view(shape),
-            kept.float().cpu().view(shape))
-
-
-def _denoise(logits_fn, tokens, start, config, options, eos):
-    generator = torch.Generator().manual_seed(options.seed)
-    block, length = options.block_length, options.gen_length
-    steps_per_block = options.steps // (length // block)
-    mask_id, vocab = config.mask_token_id, config.sample_vocab_size
-    done = torch.zeros(tokens.shape[0], dtype=torch.bool)
-    for block_start in range(start, start + length, block):
-        region = slice(block_start, block_start + block)
-        step = 0
-        while not done.all():
-            if options.threshold is None and step == steps_per_block:
-                break
-            if options.threshold is not None and not (tokens[~done.to(tokens.device)][:, region]
-                                                      == mask_id).any():
-                break
-            logits = logits_fn(tokens)
-            rows = slice(block_start - 1, block_start + block - 1) if config.shift else region
-            current = tokens[:, region].cpu()
-            predicted, confidence, kept = _predict(logits[:, rows], current, options, generator,
-                                                   vocab)
-            masked = current == mask_id
-            for row in range(tokens.shape[0]):
-                if done[row]:
-                    continue
-                if options.threshold is not None:
-                    current[row] = _commit_confident(current[row], masked[row], predicted[row],
-                                                     confidence[row], options.threshold)
-                else:
-                    current[row] = _update(current[row], masked[row], predicted[row],
-                                           confidence[row], kept[row], step, steps_per_block,
-                                           options, mask_id, generator)
-            step += 1
-            tokens[:, region] = current.to(tokens.device)
-            if eos is not None:
-                done |= _finish_at_eos(tokens, start, mask_id, eos)
-
-
-def _update(current, masked, predicted, confidence, kept, step, steps, options, mask_id,
-            generator):
-    left = steps - step
-    if options.unmasking == "p2":
-        candidate = torch.where(masked, predicted, current)
-        score = torch.where(masked, confidence, kept)
-        keep = -(-len(current) * (step + 1) // steps)
-        order = score.argsort(descending=True)
-        result = torch.full_like(current, mask_id)
-        result[order[:keep]] = candidate[order[:keep]]
-        return result
-    positions = masked.nonzero().flatten()
-    if positions.numel() == 0:
-        return current
-    if options.unmasking == "origin":
-        chosen = positions[torch.rand(positions.numel(), generator=generator) < 1.0 / left]
-        if left == 1:
-            chosen = positions
-    else:
-        count = -(-positions.numel() // left)
-        chosen = positions[confidence[positions].topk(count).indices]
-    result = current.clone()
-    result[chosen] = predicted[chosen]
-    return result
-
-
-def _commit_confident(current, masked, predicted, confidence, threshold):
-    positions = masked.nonzero().flatten()
-    if positions.numel() == 0:
-        return current
-    chosen = positions[confidence[positions] >= threshold]
-    if chosen.numel() == 0:
-        chosen = positions[confidence[positions].argmax()].reshape(1)
-    result = current.clone()
-    result[chosen] = predicted[chosen]
-    return result
-
-
-def _finish_at_eos(tokens, start, mask_id, eos):
-    finished = torch.zeros(tokens.shape[0], dtype=torch.bool)
-    for row in range(tokens.shape[0]):
-        generated = tokens[row, start:]
-        found = (generated == eos).nonzero().flatten()
-        if found.numel() and not (generated[: found[0]] == mask_id).any():
-            generated[found[0]:] = eos
-            finished[row] = True
-    return finished

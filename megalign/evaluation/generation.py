@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from megalign.diffusion.sampler import until_eos
+from megalign.diffusion.decoding import until_eos
 from megalign.evaluation.statistics import Estimate, estimate
 from megalign.model.attention import attention_mask
 

@@ -105,7 +105,8 @@ def causal_nll(logits_fn, batches, vocab, document_attention: bool) -> Estimate:
 def infilling(logits_fn, batches, cfg, vocab, span: int, steps: int) -> tuple[Estimate, Estimate]:
     """(exact-match rate, token accuracy) over samples: the middle ``span`` tokens of each sample
     are masked and recovered by the sampler from the prefix and suffix around them."""
-    from megalign.diffusion.sampler import SamplerConfig, denoise
+    from megalign.diffusion.decoding import SamplerConfig
+    from megalign.diffusion.sampler import denoise
     from megalign.model.attention import attention_mask, document_ids
 
     exact, correct = [], []
@@ -117,7 +118,7 @@ def infilling(logits_fn, batches, cfg, vocab, span: int, steps: int) -> tuple[Es
         blocked = (attention_mask(document_ids(clean, vocab.eod), causal=False)
                    if cfg.model.document_attention else None)
         positions = raw["position_ids"]
-        denoise(lambda x, m: logits_fn(x, positions, m), tokens, blocked, start, span, vocab,
+        denoise(lambda x, m, _window: logits_fn(x, positions, m), tokens, blocked, start, vocab,
                 cfg.diffusion.shift, SamplerConfig(gen_length=span, steps=steps))
         hit = tokens[:, start : start + span] == clean[:, start : start + span]
         exact += hit.all(dim=1).tolist()

@@ -102,12 +102,13 @@ def _shard(logits: Optional[torch.Tensor], device, first_position: int = 0,
 
 
 def sampler_logits(chunks: list, cache: bool = False, dual: bool = False):
-    """``logits_fn(tokens, attention_mask)`` for the sampler: this rank's ``VocabShard``; with
-    ``cache``, a ``CachedLogits`` (``SamplerConfig.cache`` and ``dual_cache``)."""
+    """The sampler's ``LogitsSource`` (``megalign.diffusion.decoding``): this rank's
+    ``VocabShard`` of the whole sequence; with ``cache``, a ``CachedLogits``
+    (``SamplerConfig.cache`` and ``dual_cache``)."""
     if cache:
         return CachedLogits(chunks, dual)
 
-    def logits_fn(tokens, attention_mask) -> VocabShard:
+    def logits_fn(tokens, attention_mask, _window=None) -> VocabShard:
         positions = _positions(tokens, attention_mask)
         return _shard(forward_vocab_shard(chunks, tokens, positions, attention_mask),
                       tokens.device)
@@ -151,9 +152,10 @@ def _rotary_in_slot_order(chunk: torch.nn.Module, layout: torch.Tensor):
 class CachedLogits:
     """The sampler's logits with a key/value cache of the positions outside a window.
 
-    ``refresh=True`` runs the whole sequence and keeps every layer's keys and values (Megatron-
-    Core's static inference context, on each rank for its layers and heads); ``refresh=False``
-    runs only the window against the kept keys and values of the other positions, which are not
+    Called as the decoding rules' ``LogitsSource`` (``megalign.diffusion.decoding.Window``): a
+    refreshing window runs the whole sequence and keeps every layer's keys and values (Megatron-
+    Core's static inference context, on each rank for its layers and heads); otherwise it runs
+    only the window against the kept keys and values of the other positions, which are not
     recomputed: an approximation for a bidirectional model (they were computed when the window
     held other tokens), exact when refreshed at every step. The window is ``start..`` to the end
     of the sequence, or with ``dual`` (Fast-dLLM's dual cache) ``start..stop``: the positions
@@ -170,14 +172,16 @@ class CachedLogits:
         self.context = None
         self.layout = None
 
-    def __call__(self, tokens, attention_mask, start: int = 0, refresh: bool = True,
-                 stop: Optional[int] = None) -> VocabShard:
+    def __call__(self, tokens, attention_mask, window) -> VocabShard:
+        """The logits of ``window.first..`` (``..window.stop`` with ``dual``); the whole sequence,
+        kept in the cache, when ``window.refresh``."""
         from megatron.core.inference.contexts import StaticInferenceContext
 
         batch, length = tokens.shape
-        stop = stop if self.dual and stop is not None else length
+        start = window.first
+        stop = window.stop if self.dual else length
         layout = cache_layout(start, stop, length).to(tokens.device)
-        if refresh or self.context is None:
+        if window.refresh or self.context is None:
             self.context = StaticInferenceContext(batch, length)
             self.context.materialize_only_last_token_logits = False
             self.layout = layout

@@ -17,7 +17,8 @@ from functools import partial
 from typing import Optional
 
 from megalign.config import Config
-from megalign.diffusion.sampler import SamplerConfig, for_model
+from megalign.diffusion.decoding import SamplerConfig
+from megalign.diffusion.sampler import for_model
 from megalign.evaluation.generation import student_generation_quality
 from megalign.evaluation.heldout import (
     causal_nll,

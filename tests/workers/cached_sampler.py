@@ -8,7 +8,8 @@ import torch
 import torch.distributed as dist
 
 from megalign import distributed
-from megalign.diffusion.sampler import SamplerConfig, prepare, sample
+from megalign.diffusion.decoding import SamplerConfig, Window, prepare
+from megalign.diffusion.sampler import sample
 from megalign.loading import load_student, open_checkpoint
 from megalign.model.inference import CachedLogits, cache_layout, sampler_logits
 
@@ -50,10 +51,10 @@ for name, options in MODES.items():
 # its logits equal the full run's; and the cached keys and values equal a fresh full run's
 tokens, start, mask = prepare(PROMPTS, SamplerConfig(gen_length=16), vocab.mask, vocab.pad)
 cached = CachedLogits(chunks)
-full = cached(tokens, mask, 0, True).logits
-window = cached(tokens, mask, start - 1, False).logits
+full = cached(tokens, mask, Window(0, tokens.shape[1], True)).logits
+window = cached(tokens, mask, Window(start - 1, tokens.shape[1], False)).logits
 fresh = CachedLogits(chunks)
-fresh(tokens, mask, 0, True)
+fresh(tokens, mask, Window(0, tokens.shape[1], True))
 if full is not None:
     report["window_max_diff"] = float((window - full[:, start - 1:]).abs().max())
 report["kv_equal"] = all(
@@ -66,8 +67,8 @@ report["kv_equal"] = all(
 # each slot's keys and values equal a full run's at the position it holds (up to summation order)
 first, stop = start - 1, start + 8
 dual = CachedLogits(chunks, dual=True)
-refreshed = dual(tokens, mask, first, True, stop)
-rerun = dual(tokens, mask, first, False, stop)
+refreshed = dual(tokens, mask, Window(first, stop, True))
+rerun = dual(tokens, mask, Window(first, stop, False))
 if full is not None:
     report["dual_first_position"] = [refreshed.first_position, rerun.first_position]
     report["dual_max_diff"] = max(float((shard.logits - full[:, first:stop]).abs().max())
@@ -81,7 +82,7 @@ report["dual_kv_max_diff"] = max(
 # the student in bfloat16 (``megalign-generate --bf16``): its logits follow float32's
 half = load_student(opened, torch.bfloat16)
 report["bf16_weights"] = all(p.dtype == torch.bfloat16 for p in half[0].parameters())
-half_logits = CachedLogits(half)(tokens, mask, 0, True).logits
+half_logits = CachedLogits(half)(tokens, mask, Window(0, tokens.shape[1], True)).logits
 if full is not None:
     report["bf16_max_diff"] = float((half_logits - full).abs().max())
     report["logits_max"] = float(full.abs().max())

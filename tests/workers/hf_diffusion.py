@@ -1,8 +1,9 @@
 """An exported diffusion model used with transformers alone: megalign cannot be imported here.
 
-Reads a JSON job (--job): the export directory, optionally tokens to score, prompts and decoding
-option sets; writes the logits (.pt) and, per option set, the tokens diffusion_generate returns for each
-prompt alone and for all prompts as one left-padded batch."""
+Reads a JSON job (--job): the export directory, the dtype to load it in (default float32),
+optionally tokens to score, prompts and decoding option sets; writes the logits (.pt) and, per
+option set, the tokens diffusion_generate returns for each prompt alone and for all prompts as
+one left-padded batch."""
 
 import argparse
 import json
@@ -19,10 +20,12 @@ parser.add_argument("--out", required=True)
 args = parser.parse_args()
 with open(args.job, encoding="utf-8") as handle:
     job = json.load(handle)
-model = AutoModel.from_pretrained(job["model"], trust_remote_code=True).eval()
+dtype = getattr(torch, job.get("dtype", "float32"))
+model = AutoModel.from_pretrained(job["model"], trust_remote_code=True, dtype=dtype).eval()
+assert all(p.dtype == dtype for p in model.parameters())
 if job.get("tokens"):
     with torch.no_grad():
-        logits = model(torch.load(job["tokens"])).logits
+        logits = model(torch.load(job["tokens"])).logits.float()
     torch.save(logits, args.out + ".logits.pt")
 report = {"module": type(model).__module__, "alone": [], "batched": []}
 pad = model.config.pad_token_id

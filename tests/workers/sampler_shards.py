@@ -9,7 +9,8 @@ import torch
 import torch.distributed as dist
 
 from megalign.data.vocabulary import Vocabulary
-from megalign.diffusion.sampler import SamplerConfig, sample
+from megalign.diffusion.decoding import SamplerConfig
+from megalign.diffusion.sampler import sample
 from megalign.model.vocab_shard import VocabShard
 
 WIDTH, VOCAB, MASK, PAD = 64, 50, 60, 0
@@ -27,7 +28,7 @@ def scripted(layout):
     """Fixed random logits per call, as one model would give them, cut as ``layout`` holds them."""
     generator = torch.Generator().manual_seed(1)
 
-    def logits_fn(tokens, _mask):
+    def logits_fn(tokens, _mask, _window):
         full = torch.randn(*tokens.shape, WIDTH, generator=generator) * 3
         full[..., 40] = full[..., 7]  # an exact tie across the two halves of the vocabulary
         if layout == "full":
