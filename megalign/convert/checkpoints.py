@@ -430,7 +430,7 @@ def model_card(cfg: Config, meta: dict, has_tokenizer: bool) -> str:
         "`cache`, `dual_cache`, `cache_refresh`, `suffix`) with its defaults: blocks of 8 "
         "tokens, one token per step, greedy, no cache, stop at the end-of-document token. "
         "`dual_cache=True, threshold=0.9` is the fast setting; loaded with "
-        "`dtype=torch.bfloat16` the model decodes in bfloat16 as `megalign-generate --bf16` does.",
+        "`dtype=torch.bfloat16` the model decodes in bfloat16, as `megalign-generate --bf16` does.",
         "",
     ]
     return "\n".join(lines)
