@@ -59,10 +59,11 @@ def main():
     frozen = [name for name in student_after if name not in trainable]
 
     # teacher parameters that are the student's own tensors (align.share_frozen)
-    shared = [name for teacher_chunk, chunk in zip(teacher.chunks, students)
-              for name, param in teacher_chunk.named_parameters()
-              if name in dict(chunk.named_parameters())
-              and dict(chunk.named_parameters())[name].data_ptr() == param.data_ptr()]
+    shared = []
+    for teacher_chunk, chunk in zip(teacher.chunks, students):
+        theirs = {name: param.data_ptr() for name, param in chunk.named_parameters()}
+        shared += [name for name, param in teacher_chunk.named_parameters()
+                   if theirs.get(name) == param.data_ptr()]
 
     rank = dist.get_rank()
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
