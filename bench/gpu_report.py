@@ -19,7 +19,7 @@ import os
 import statistics
 import sys
 
-from megalign.config import load_config, num_query_groups, padded_vocab_size
+from megalign.config import load_config, padded_vocab_size
 from megalign.data.tokenizer import build_tokenizer
 from megalign.model.gpt import ffn_hidden_size
 
@@ -32,8 +32,8 @@ def flops_per_token(cfg) -> float:
     d = h // m.num_attention_heads
     matrices = 3 if m.arch == "llama" else 2
     tokenizer = build_tokenizer(cfg.data.tokenizer)
-    vocab = padded_vocab_size(cfg, tokenizer.vocab_size, tokenizer.mask)
-    layer = (2 * h * (h + 2 * num_query_groups(m) * d) + 2 * h * h + 4 * s * h
+    vocab = padded_vocab_size(cfg.model, tokenizer.vocab_size, tokenizer.mask)
+    layer = (2 * h * (h + 2 * m.query_groups * d) + 2 * h * h + 4 * s * h
              + 2 * matrices * h * ffn_hidden_size(cfg))
     student = 3 * (L * layer + 2 * h * vocab)
     return student + (L * layer if cfg.align.weight > 0 else 0)
@@ -48,7 +48,8 @@ def peak_tflops(given) -> float:
     for key, value in DENSE_BF16_TFLOPS.items():
         if key in name:
             return value
-    sys.exit(f"gpu_report.py: dense bf16 peak of '{name}' unknown; pass --peak-tflops (or PEAK_TFLOPS)")
+    sys.exit(f"gpu_report.py: dense bf16 peak of '{name}' unknown; "
+             "pass --peak-tflops (or PEAK_TFLOPS)")
 
 
 def summarize(run: str, warmup: int) -> dict:
@@ -56,7 +57,8 @@ def summarize(run: str, warmup: int) -> dict:
     with open(os.path.join(run, "metrics.jsonl"), encoding="utf-8") as handle:
         records = [json.loads(line) for line in handle][warmup:]
     if not records:
-        sys.exit(f"gpu_report.py: {run}/metrics.jsonl has no iteration after the {warmup} warm-up ones")
+        sys.exit(f"gpu_report.py: {run}/metrics.jsonl has no iteration after the {warmup} "
+                 "warm-up ones")
     step = statistics.median(r["step_time_s"] for r in records)
     tokens = statistics.median(r["tokens_per_s"] for r in records)
     name = f"{cfg.precision} {'align' if cfg.align.weight > 0 else 'plain'}"
@@ -65,26 +67,30 @@ def summarize(run: str, warmup: int) -> dict:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("runs", nargs="+")
     parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--peak-tflops", type=float, default=float(os.environ.get("PEAK_TFLOPS", 0)))
+    parser.add_argument("--peak-tflops", type=float,
+                        default=float(os.environ.get("PEAK_TFLOPS", 0)))
     args = parser.parse_args(argv)
     peak = peak_tflops(args.peak_tflops)
     rows = [summarize(run, args.warmup) for run in args.runs]
     print(f"{'run':<12} {'step (ms)':>10} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6}  iterations")
     for r in rows:
-        print(f"{r['name']:<12} {r['step_ms']:>10.1f} {r['tokens_per_s']:>10.0f} {r['tflops']:>8.1f} "
-              f"{r['tflops'] / peak:>6.1%}  {r['iters']}")
+        print(f"{r['name']:<12} {r['step_ms']:>10.1f} {r['tokens_per_s']:>10.0f} "
+              f"{r['tflops']:>8.1f} {r['tflops'] / peak:>6.1%}  {r['iters']}")
     by_name = {r["name"]: r for r in rows}
     for objective in ("plain", "align"):
         fast, base = by_name.get(f"fp8 {objective}"), by_name.get(f"bf16 {objective}")
         if fast and base:
-            print(f"fp8 / bf16 tokens/s, {objective}: {fast['tokens_per_s'] / base['tokens_per_s']:.2f}")
+            print(f"fp8 / bf16 tokens/s, {objective}: "
+                  f"{fast['tokens_per_s'] / base['tokens_per_s']:.2f}")
     for precision in ("fp32", "bf16", "fp8"):
         plain, align = by_name.get(f"{precision} plain"), by_name.get(f"{precision} align")
         if plain and align:
-            print(f"align / plain step time, {precision}: {align['step_ms'] / plain['step_ms']:.2f}")
+            print(f"align / plain step time, {precision}: "
+                  f"{align['step_ms'] / plain['step_ms']:.2f}")
     print(f"(MFU against a dense bf16 peak of {peak:.0f} TFLOP/s)")
 
 

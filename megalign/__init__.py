@@ -1,4 +1,5 @@
-"""megalign: convert autoregressive LMs into masked diffusion LMs on Megatron-Core, with REPR-ALIGN."""
+"""megalign: convert autoregressive LMs into masked diffusion LMs on Megatron-Core, with
+REPR-ALIGN."""
 
 __version__ = "0.1.0"
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-import pickle
 import os
+import pickle
 import re
 import shutil
 from typing import Optional
@@ -85,7 +85,8 @@ class _MetadataUnpickler(pickle.Unpickler):
                     "torch.distributed.checkpoint.filesystem")
 
     def find_class(self, module: str, name: str):
-        obj = getattr(importlib.import_module(module), name, None) if module.startswith("torch") else None
+        obj = (getattr(importlib.import_module(module), name, None) if module.startswith("torch")
+               else None)
         allowed = (
             (module in self._DCP_MODULES and isinstance(obj, type))
             or (module == "torch" and (name == "Size" or isinstance(obj, torch.dtype)))

@@ -36,8 +36,8 @@ def launch_env() -> LaunchEnv:
         env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
         if "MASTER_ADDR" not in env:
             raise RuntimeError(
-                "running under Slurm without torchrun: set MASTER_ADDR to the first node's host name "
-                "(examples/slurm shows how)"
+                "running under Slurm without torchrun: set MASTER_ADDR to the first node's host "
+                "name (examples/slurm shows how)"
             )
         return launch
     env.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -107,7 +107,8 @@ def initialize(
 
 
 def device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
+            else torch.device("cpu"))
 
 
 def shutdown() -> None:

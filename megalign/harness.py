@@ -3,10 +3,10 @@
     megalign-harness --checkpoint RUN/checkpoints --tasks my_task --include_path my_tasks/ \\
         [--model_args mc_samples=16,steps=32] [--limit N] [--num_fewshot K] [--output results.json]
 
-(``python -m megalign.cli.harness`` is the same command.) Importing this module registers the model, so
-``lm_eval.simple_evaluate(model="megalign", model_args={"checkpoint": ...})`` works too; the plain
-``lm_eval`` command does not import it. The checkpoint is loaded like ``megalign-generate`` does
-in one process: resharded to TP=1, PP=1.
+(``python -m megalign.cli.harness`` is the same command.) Importing this module registers the
+model, so ``lm_eval.simple_evaluate(model="megalign", model_args={"checkpoint": ...})`` works
+too; the plain ``lm_eval`` command does not import it. The checkpoint is loaded like
+``megalign-generate`` does in one process: resharded to TP=1, PP=1.
 
 * ``loglikelihood(context, continuation)``: minus the Monte-Carlo negative ELBO of the
   continuation given the context. Only continuation tokens are masked, at the noise levels
@@ -87,10 +87,12 @@ class MegalignLM(TemplateLM):
     def logits(self, tokens: torch.Tensor, attention_mask) -> torch.Tensor:
         """[b, s, tokenizer vocabulary] logits of the student (positions 0..s-1)."""
         positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
-        return forward_logits(self.chunks, tokens, positions, attention_mask)[..., :self.tokenizer.vocab_size]
+        return forward_logits(self.chunks, tokens, positions,
+                              attention_mask)[..., :self.tokenizer.vocab_size]
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):
-        if self.cfg.diffusion.shift and any(context == "" for context, _ in (r.args for r in requests)):
+        if self.cfg.diffusion.shift and any(context == ""
+                                            for context, _ in (r.args for r in requests)):
             raise ValueError(
                 "megalign: an empty context cannot be scored with diffusion.shift=true (the first "
                 "continuation token has no position predicting it); give every request a context"
@@ -149,16 +151,19 @@ class MegalignLM(TemplateLM):
         if length >= self.cfg.model.seq_length:
             raise ValueError(f"megalign: max_gen_toks {length} leaves no room for a prompt in the "
                              f"model's context of {self.cfg.model.seq_length} tokens")
-        sampled = gen_kwargs.get("do_sample", True)  # do_sample=false: greedy whatever the temperature
+        # do_sample=false: greedy whatever the temperature
+        sampled = gen_kwargs.get("do_sample", True)
         temperature = float(gen_kwargs.get("temperature") or 0.0) if sampled else 0.0
-        cfg = for_model(self.cfg, SamplerConfig(gen_length=length, steps=self.steps, block_length=self.block_length,
-                            temperature=temperature,
-                            top_k=int(gen_kwargs.get("top_k") or 0),
-                            top_p=float(gen_kwargs.get("top_p") or 1.0),
-                            confidence=self.confidence, unmasking=self.unmasking,
-                            eos_id=self.tokenizer.eod, seed=self.seed,
-                            threshold=self.threshold, cache=self.cache,
-                            dual_cache=self.dual_cache))
+        cfg = for_model(self.cfg, SamplerConfig(gen_length=length, steps=self.steps,
+                                                block_length=self.block_length,
+                                                temperature=temperature,
+                                                top_k=int(gen_kwargs.get("top_k") or 0),
+                                                top_p=float(gen_kwargs.get("top_p") or 1.0),
+                                                confidence=self.confidence,
+                                                unmasking=self.unmasking,
+                                                eos_id=self.tokenizer.eod, seed=self.seed,
+                                                threshold=self.threshold, cache=self.cache,
+                                                dual_cache=self.dual_cache))
         cfg.check()
         return cfg, until
 

@@ -37,8 +37,13 @@ def load_config_from_checkpoint(path: str, overrides: list[str]):
     """The recorded config for inference in one process (or the layout ``overrides`` give)."""
     from dataclasses import replace
 
-    from megalign.config import (ParallelConfig, config_from_dict, parse_override, set_dotted,
-                                 to_dict)
+    from megalign.config import (
+        ParallelConfig,
+        config_from_dict,
+        parse_override,
+        set_dotted,
+        to_dict,
+    )
 
     recorded, meta = recorded_config(path)
     tree = to_dict(replace(recorded, parallel=ParallelConfig(),
@@ -62,7 +67,7 @@ class Opened:
 def open_checkpoint(checkpoint: str, overrides: list[str]) -> Opened:
     """Resolve ``checkpoint`` and read what inference needs; fails early without a mask token."""
     from megalign.checkpoint import resolve
-    from megalign.config import validate_inference
+    from megalign.config import check_vocabulary
     from megalign.data.tokenizer import build_tokenizer
     from megalign.errors import ConfigError, one_line
 
@@ -77,7 +82,7 @@ def open_checkpoint(checkpoint: str, overrides: list[str]) -> Opened:
         raise ConfigError(f"data.tokenizer={cfg.data.tokenizer} (of checkpoint '{path}', or "
                           f"overridden): {one_line(err)}") from None
     try:
-        validate_inference(cfg, tokenizer.vocab_size, tokenizer.mask)
+        check_vocabulary(cfg, tokenizer.vocab_size, tokenizer.mask)
     except ConfigError as err:
         raise ConfigError(f"checkpoint '{path}' (with the overrides given): {err}") from None
     return Opened(path, cfg, meta, tokenizer, Vocabulary.of(cfg, tokenizer))
@@ -130,7 +135,6 @@ def load_ar_model(cfg, meta: dict, path: str, padded_vocab: int) -> list:
     from dataclasses import replace
 
     from megalign.checkpoint import load_checkpoint
-
     from megalign.errors import CheckpointError
     from megalign.model.gpt import build_chunks
 

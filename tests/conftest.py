@@ -105,6 +105,21 @@ def chat_tokenizer(out: Path, chat_template=None) -> tuple[Path, Path]:
     return out / "tokenizer.json", out / "hf_dir"
 
 
+class StartsNoProcess:
+    """subprocess.Popen inside a unit test: refused, so the marker cannot drift."""
+
+    def __init__(self, args, *rest, **kwargs):
+        raise AssertionError(f"a unit test starts no process (it ran {args!r}): mark it "
+                             "otherwise, or make it call the library in-process")
+
+
+@pytest.fixture(autouse=True)
+def unit_tests_start_no_process(request, monkeypatch):
+    """The unit tier (``-m unit``) runs in this process alone: no torchrun, no subprocess."""
+    if request.node.get_closest_marker("unit"):
+        monkeypatch.setattr(subprocess, "Popen", StartsNoProcess)
+
+
 @pytest.fixture(scope="session")
 def corpus_prefix(tmp_path_factory) -> str:
     from megalign.data.preprocess import preprocess

@@ -12,6 +12,8 @@ from megalign.evaluation.acceleration import (
 )
 from megalign.model.flops import step_flops
 
+pytestmark = pytest.mark.unit
+
 BASELINE = [[0, 8.0], [100, 6.0], [200, 5.0], [300, 4.6], [400, 4.4]]
 # reaches 6.0 between 0 and 100, 5.0 at 100, 4.6 halfway from 200 (4.8) to 300 (4.4), 4.4 at 300
 ALIGNED = [[0, 8.0], [100, 5.0], [200, 4.8], [300, 4.4], [400, 4.3]]
@@ -43,7 +45,8 @@ def test_acceleration_curve_by_hand():
 def test_spread_over_seeds():
     spread = spread_over_seeds([0.4, 0.5, 0.6])
     assert spread["median"] == 0.5 and spread["all_defined"] and spread["max"] == 0.6
-    assert spread["ci95"] == pytest.approx([0.5 - 4.303 * 0.1 / 3 ** 0.5, 0.5 + 4.303 * 0.1 / 3 ** 0.5])
+    assert spread["ci95"] == pytest.approx([0.5 - 4.303 * 0.1 / 3 ** 0.5,
+                                            0.5 + 4.303 * 0.1 / 3 ** 0.5])
     partial = spread_over_seeds([0.4, None])
     assert not partial["all_defined"] and partial["median"] == 0.4 and partial["ci95"] is None
 

@@ -22,7 +22,8 @@ TRAIN = ["-m", "megalign.cli.train", "--config", str(TINY_CONFIG), f"schedule.tr
 def uninterrupted(tmp_path_factory, data_overrides):
     run = tmp_path_factory.mktemp("full")
     code, out, err = finish(launch(2, [*TRAIN, *data_overrides, f"logging.run_dir={run}",
-                                       f"checkpoint.save={run}/ckpt", "checkpoint.save_interval=3"]))
+                                       f"checkpoint.save={run}/ckpt",
+                                       "checkpoint.save_interval=3"]))
     assert code == 0, err[-3000:]
     return run
 
@@ -152,7 +153,8 @@ def test_nan_is_never_checkpointed(tmp_path, data_overrides, ar_checkpoint):
                                        "optimizer.clip_grad=0", "schedule.warmup_iters=0"]))
     assert code != 0
     assert "loss is nan" in err or "loss is inf" in err or "NaN/inf parameters" in err, err[-2000:]
-    failed_at = int(re.search(r"iteration (\d+): loss is", err).group(1)) if "loss is" in err else None
+    failed_at = (int(re.search(r"iteration (\d+): loss is", err).group(1)) if "loss is" in err
+                 else None)
     saved = sorted(p for p in os.listdir(run / "ckpt") if re.fullmatch(r"iter_\d{7}", p))
     assert all((run / "ckpt" / p / "metadata.json").is_file() for p in saved)
     if failed_at is not None:  # nothing at or after the iteration whose loss was not finite

@@ -2,19 +2,24 @@
 
 import pytest
 
-from conftest import TINY_CONFIG, run_python
-from megalign.config import load_config, validate
+from megalign.config import check_vocabulary, load_config, validate
 from megalign.errors import ConfigError
 
+from conftest import REPO, TINY_CONFIG, run_python
+
+
+@pytest.mark.unit
 def test_yaml_and_overrides_are_typed():
-    cfg = load_config(str(TINY_CONFIG), ["align.weight=3", "model.num_layers=2", "optimizer.lr=3e-4",
-                                         "optimizer.freeze=[embedding]", "diffusion.shift=false"])
+    cfg = load_config(str(TINY_CONFIG), ["align.weight=3", "model.num_layers=2",
+                                         "optimizer.lr=3e-4", "optimizer.freeze=[embedding]",
+                                         "diffusion.shift=false"])
     assert cfg.align.weight == 3.0 and isinstance(cfg.align.weight, float)
     assert cfg.model.num_layers == 2 and cfg.diffusion.shift is False
     assert cfg.optimizer.freeze == ["embedding"]
     assert cfg.optimizer.lr == 3e-4  # YAML 1.1 reads 3e-4 as a string; float fields accept it
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("override, message", [
     ("model.num_layer=3", "did you mean 'model.num_layers'"),
     ("modle.num_layers=3", "did you mean 'model'"),
@@ -27,6 +32,7 @@ def test_bad_keys_and_types_name_the_key(override, message):
         load_config(str(TINY_CONFIG), [override])
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("overrides, world, key", [
     (["parallel.tensor_model_parallel_size=3"], 6, "num_attention_heads"),
     (["model.num_attention_heads=8", "model.num_query_groups=2",
@@ -40,7 +46,8 @@ def test_bad_keys_and_types_name_the_key(override, message):
     (["diffusion.loss_weighting=elbo"], 4, "diffusion.loss_weighting"),
     (["align.layers=[0, 9]"], 4, "align.layers"),
     (["align.teacher_microbatches=0"], 4, "align.teacher_microbatches=0"),
-    (["parallel.virtual_pipeline_model_parallel_size=4"], 4, "virtual_pipeline_model_parallel_size=4"),
+    (["parallel.virtual_pipeline_model_parallel_size=4"], 4,
+     "virtual_pipeline_model_parallel_size=4"),
     (["parallel.virtual_pipeline_model_parallel_size=2", "data.global_batch_size=3",
       "data.micro_batch_size=1"], 4, "interleaved schedule needs"),
     (["resilience.failure_timeout_s=2", "resilience.heartbeat_interval_s=1"], 4,
@@ -81,11 +88,11 @@ def test_bad_keys_and_types_name_the_key(override, message):
     (["recompute.granularity=selective", "recompute.modules=[moe]"], 4, "this model has none"),
 ])
 def test_impossible_combinations(overrides, world, key):
-    cfg = load_config(str(TINY_CONFIG), overrides)
     with pytest.raises(ConfigError, match=key):
-        validate(cfg, world)
+        validate(load_config(str(TINY_CONFIG), overrides), world)
 
 
+@pytest.mark.unit
 def test_inprocess_restart_without_the_package_says_how_to_install_it(monkeypatch):
     import importlib.util
 
@@ -97,6 +104,7 @@ def test_inprocess_restart_without_the_package_says_how_to_install_it(monkeypatc
         validate(cfg, 4)
 
 
+@pytest.mark.unit
 def test_vocabulary_must_be_padded_for_tp():
     cfg = load_config(str(TINY_CONFIG), ["model.make_vocab_size_divisible_by=1"])
     with pytest.raises(ConfigError, match="make_vocab_size_divisible_by.*not divisible"):
@@ -104,6 +112,8 @@ def test_vocabulary_must_be_padded_for_tp():
     cfg = load_config(str(TINY_CONFIG), ["model.padded_vocab_size=4000"])
     with pytest.raises(ConfigError, match="padded_vocab_size=4000 is smaller"):
         validate(cfg, 4, tokenizer_vocab=4000, tokenizer_mask=None)
+    with pytest.raises(ConfigError, match="padded_vocab_size=4000 is smaller"):
+        check_vocabulary(cfg, tokenizer_vocab=4000, tokenizer_mask=None)  # what inference checks
 
 
 SINGLE = ["parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=1"]
@@ -126,6 +136,7 @@ def test_cli_fails_before_launch(tmp_path, overrides, key):
     assert not run_dir.exists()  # nothing was started or written
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("override, key", [
     ("align.weight=10", "align.weight"),
     ("diffusion.block_length=32", "diffusion.block_length"),
@@ -142,6 +153,7 @@ def test_causal_lm_objective_refuses_diffusion_settings(override, key):
         validate(load_config(str(TINY_CONFIG), ["objective=causal"]), 4)
 
 
+@pytest.mark.unit
 def test_an_end_of_document_token_belongs_to_its_tokenizer(tmp_path):
     """megalign.yaml records a converted model's tokenizer with its end-of-document token; a
     different tokenizer given later without one brings its own rule (data.eod_token unset)."""
@@ -158,3 +170,29 @@ def test_an_end_of_document_token_belongs_to_its_tokenizer(tmp_path):
     assert load_config([recorded], ["data.tokenizer=b.model",
                                     "data.eod_token=</s>"]).data.eod_token == "</s>"
     assert load_config([other, recorded]).data.eod_token == "<|endoftext|>"
+
+
+@pytest.mark.unit
+def test_the_configuration_reference_is_current():
+    """docs/configuration.md is generated from the sections (python tools/config_reference.py)."""
+    from megalign.config.reference import reference_markdown
+
+    written = (REPO / "docs" / "configuration.md").read_text(encoding="utf-8")
+    assert written == reference_markdown(), "run: python tools/config_reference.py"
+
+
+@pytest.mark.unit
+def test_a_section_is_checked_and_read_only_however_it_is_built():
+    from dataclasses import replace
+
+    from megalign.config import ModelConfig, choices
+
+    model = load_config(str(TINY_CONFIG)).model
+    with pytest.raises(AttributeError, match="read-only"):
+        model.num_layers = 2
+    assert replace(model, num_layers=2).num_layers == 2  # a copy, checked like any other
+    with pytest.raises(ConfigError, match="model.num_layers=0 must be at least 1"):
+        replace(model, num_layers=0)
+    with pytest.raises(ConfigError, match=r"model.arch='gpt3' is not one of \['llama', 'gpt2'\]"):
+        ModelConfig(arch="gpt3")
+    assert choices(ModelConfig, "arch") == ("llama", "gpt2")

@@ -7,12 +7,11 @@ import sys
 
 import pytest
 
-from conftest import REPO, TINY_CONFIG, run_env, run_python, torchrun
-
 from megalign.config import load_config, validate
-
-from megalign.errors import ConfigError
 from megalign.data.dataset import check_split
+from megalign.errors import ConfigError
+
+from conftest import REPO, TINY_CONFIG, run_env, run_python, torchrun
 
 ONE_PROCESS = ["parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=1"]
 EVAL = ["evaluation.interval=2", "evaluation.samples=4", "evaluation.t_grid=2",
@@ -23,6 +22,7 @@ def read_jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.unit
 def test_evaluation_config_errors():
     def check(*overrides):
         validate(load_config([str(TINY_CONFIG)], list(overrides)), 4)
@@ -37,9 +37,11 @@ def test_evaluation_config_errors():
         check("evaluation.t_grid=0")
 
 
+@pytest.mark.unit
 def test_empty_split_is_refused_not_a_hang():
     # Megatron's GPTDataset loops forever on a split with weight but no document
-    with pytest.raises(ConfigError, match="validation split of data/x .8 documents. holds no document"):
+    with pytest.raises(ConfigError,
+                       match="validation split of data/x .8 documents. holds no document"):
         check_split("data/x", 8, "98,2,0")
     check_split("data/x", 8, "100,0,0")
     check_split("data/x", 50, "98,2,0")
@@ -57,11 +59,13 @@ def test_validation_is_megalign_eval_and_leaves_training_unchanged(tmp_path, dat
     result = run_python(["-m", "megalign.cli.evaluate", "--checkpoint", tmp_path / "a" / "ckpt",
                          "--samples", 4, "--batch-size", 2, "--t-grid", 2])
     scored = json.loads(result.stdout.strip().splitlines()[-1])
-    assert scored["diffusion_nelbo_per_token"] == pytest.approx(validation[-1]["val_nelbo"], rel=1e-6)
+    assert scored["diffusion_nelbo_per_token"] == pytest.approx(validation[-1]["val_nelbo"],
+                                                                rel=1e-6)
     # evaluating does not change training (no RNG consumed, train mode restored)
     run_python(["-m", "megalign.cli.train", "--config", TINY_CONFIG, *common, *ONE_PROCESS,
                 "evaluation.interval=0", f"logging.run_dir={tmp_path}/b"])
-    a, b = read_jsonl(tmp_path / "a" / "metrics.jsonl"), read_jsonl(tmp_path / "b" / "metrics.jsonl")
+    a, b = (read_jsonl(tmp_path / "a" / "metrics.jsonl"),
+            read_jsonl(tmp_path / "b" / "metrics.jsonl"))
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
     # the same under TP1 x PP2, from the same initial weights
     init = f"model.init_checkpoint={tmp_path}/a/ckpt/ar_init"

@@ -12,21 +12,23 @@ import pytest
 import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from conftest import CORPUS, REPO, TOKENIZER, chat_tokenizer, run_env
+from megalign.cli.preprocess import main as preprocess_main
+from megalign.cli.train_tokenizer import main as train_tokenizer_main
 from megalign.config import parse_blend
 from megalign.data.dataset import PretrainingSampler, build_datasets
 from megalign.data.indexed import check_indexed_dataset, write_indexed_dataset
-from megalign.errors import DataError
-from megalign.cli.preprocess import main as preprocess_main
 from megalign.data.preprocess import preprocess, read_jsonl
 from megalign.data.tokenizer import build_tokenizer
-from megalign.cli.train_tokenizer import main as train_tokenizer_main
+from megalign.errors import DataError
+
+from conftest import CORPUS, REPO, TOKENIZER, chat_tokenizer, run_env
 
 
 def files_of(prefix):
     return [open(prefix + ext, "rb").read() for ext in (".bin", ".idx")]
 
 
+@pytest.mark.unit
 def test_round_trip_equals_direct_tokenisation(corpus_prefix):
     tok = build_tokenizer(str(TOKENIZER))
     dataset = IndexedDataset(corpus_prefix)
@@ -37,15 +39,18 @@ def test_round_trip_equals_direct_tokenisation(corpus_prefix):
     assert dataset[0].dtype == np.uint16  # chosen from the 4000-token vocabulary
 
 
+@pytest.mark.unit
 def test_output_is_identical_for_any_workers_and_partitions(tmp_path, corpus_prefix):
     reference = files_of(corpus_prefix)
     for workers, partitions in ((2, 1), (2, 3)):
-        prefix = preprocess([str(CORPUS)], str(TOKENIZER), str(tmp_path / f"w{workers}p{partitions}"),
+        prefix = preprocess([str(CORPUS)], str(TOKENIZER),
+                            str(tmp_path / f"w{workers}p{partitions}"),
                             "text", True, workers=workers, partitions=partitions)
         assert files_of(prefix) == reference, (workers, partitions)
     assert not [p for p in os.listdir(tmp_path) if ".part" in p or ".tmp-" in p]
 
 
+@pytest.mark.unit
 def test_merge_step(tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     write_indexed_dataset([[5, 6], [7]], a, 4000)
@@ -55,6 +60,7 @@ def test_merge_step(tmp_path):
     assert [merged[i].tolist() for i in range(len(merged))] == [[5, 6], [7], [8, 9, 10]]
 
 
+@pytest.mark.unit
 def test_text_input_and_globs(tmp_path):
     for name, lines in (("a.txt", ["first document", "", "second one"]), ("b.txt", ["third"])):
         (tmp_path / name).write_text("\n".join(lines) + "\n")
@@ -66,6 +72,7 @@ def test_text_input_and_globs(tmp_path):
         tok.encode(t) for t in ("first document", "second one", "third")]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("content, message", [
     (b'{"text": "fine"}\n{"text": broken\n', ":2: malformed JSON"),
     (b'{"body": "x"}\n', ":1: no key 'text'"),
@@ -109,6 +116,7 @@ def test_killed_run_leaves_nothing_that_looks_valid(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["big_text_document.bin", "big_text_document.idx"]
 
 
+@pytest.mark.unit
 def test_corrupt_and_truncated_files_are_named(tmp_path):
     prefix = str(tmp_path / "ok")
     write_indexed_dataset(([i, i + 1, i + 2] for i in range(100)), prefix, 4000)
@@ -123,6 +131,7 @@ def test_corrupt_and_truncated_files_are_named(tmp_path):
         check_indexed_dataset(prefix)
 
 
+@pytest.mark.unit
 def test_hf_tokenizer_file_and_directory_end_documents_alike(tmp_path, capsys):
     """SmolLM2's layout, whose directory names the chat end-of-turn <|im_end|> as eos_token: both
     forms end documents with <|endoftext|> (0)."""
@@ -145,6 +154,7 @@ def test_hf_tokenizer_file_and_directory_end_documents_alike(tmp_path, capsys):
         assert dataset[3].tolist() == tok.encode(text) + [2]
 
 
+@pytest.mark.unit
 def test_sentencepiece_end_of_document_rule_and_choice(tmp_path, capsys):
     tok = build_tokenizer(str(TOKENIZER))
     assert (tok.eod_token, tok.eod) == ("</s>", 2)  # no <|endoftext|>: </s>, also its eos piece
@@ -159,6 +169,7 @@ def test_sentencepiece_end_of_document_rule_and_choice(tmp_path, capsys):
     assert dataset[0].tolist() == tok.encode(next(read_jsonl(str(CORPUS)))) + [3]
 
 
+@pytest.mark.unit
 def test_blank_lines_are_skipped_and_counted(tmp_path, capsys):
     with gzip.open(CORPUS, "rb") as handle:
         lines = handle.read().splitlines(keepends=True)[:200]
@@ -178,6 +189,7 @@ def test_blank_lines_are_skipped_and_counted(tmp_path, capsys):
         assert files_of(out + "_text_document") == files_of(reference)
 
 
+@pytest.mark.unit
 def test_train_tokenizer_reserves_special_ids(tmp_path):
     """Called from a process that ran torch's OpenMP threads (where a forked SentencePiece
     trainer hung or crashed; it now runs in a fresh interpreter)."""
@@ -192,6 +204,7 @@ def test_train_tokenizer_reserves_special_ids(tmp_path):
     assert (tok.pad, tok.eod, tok.mask, tok.vocab_size) == (0, 2, 3, 600)
 
 
+@pytest.mark.unit
 def test_blended_sampling_proportions_and_resumable_order(tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     write_indexed_dataset(([10 + i % 7] * 40 for i in range(300)), a, 4000)
@@ -216,6 +229,7 @@ def test_blended_sampling_proportions_and_resumable_order(tmp_path):
     assert full[0] == [2, 3] and full[1] == [6, 7]  # DP rank 1's slice of each global chunk
 
 
+@pytest.mark.unit
 def test_blend_parsing():
     assert parse_blend(["a", "b"]) == (["a", "b"], None)
     assert parse_blend([0.3, "a", 0.7, "b"]) == (["a", "b"], [0.3, 0.7])

@@ -109,7 +109,10 @@ def test_preprocess_truncated_gzip_names_where_it_ends(tmp_path):
 def test_preprocess_environment_errors_exit_1(tmp_path):
     big = tmp_path / "big.jsonl.gz"
     write_gz_prefix(big, 2_000_000)
-    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))  # "disk full"
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))  # "disk full"
+
     assert_one_line_error(preprocess(big, tmp_path / "out" / "x", preexec_fn=limit), 1,
                           ".bin': File too large")
     assert leftovers(tmp_path / "out") == []
@@ -159,8 +162,11 @@ def start_preprocessing(tmp_path, *extra) -> subprocess.Popen:
     process = start([*PREPROCESS, "--input", *[str(CORPUS)] * 30, "--tokenizer", str(TOKENIZER),
                      "--output-prefix", str(tmp_path / "out" / "big"), "--append-eod",
                      "--no-progress", *extra])
-    working = lambda: any(".tmp-" in path and os.path.getsize(path) > 100_000
-                          for path in leftovers(tmp_path / "out"))
+
+    def working():
+        return any(".tmp-" in path and os.path.getsize(path) > 100_000
+                   for path in leftovers(tmp_path / "out"))
+
     wait_until(working, process)
     return process
 

@@ -8,6 +8,8 @@ from megalign.data.vocabulary import Vocabulary
 from megalign.diffusion.masking import sample_noise
 from megalign.diffusion.objective import loss_terms, make_batch
 
+pytestmark = pytest.mark.unit
+
 EOD, PAD, MASK = 2, 0, 3
 VOCAB = Vocabulary(size=40, padded=64, mask=MASK, eod=EOD, pad=PAD)
 
@@ -47,7 +49,8 @@ def test_shifted_targets_are_next_tokens_whose_mask_is_set():
     assert torch.equal(b.input_tokens == MASK, masks[:, :32])
     expected = masks[:, 1:] & (tokens[:, :32] != EOD)
     assert torch.equal(b.supervised, expected)
-    assert not b.supervised[:, 10].any()  # the EOD position would predict the next document's first token
+    # the EOD position would predict the next document's first token
+    assert not b.supervised[:, 10].any()
 
 
 def test_unshifted_targets_are_the_masked_tokens_themselves():

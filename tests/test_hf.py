@@ -12,8 +12,14 @@ VOCAB = 4000  # the bundled tokenizer's, so converted models can train on the bu
 
 
 def tiny_hf_model(kind):
-    from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
-                              Qwen2Config, Qwen2ForCausalLM)
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     if kind in ("qwen3", "qwen3_moe", "mixtral", "llama3", "mistral"):
         return family_model(kind)
@@ -42,9 +48,18 @@ def family_model(kind, **changes):
     """Tiny random models of the families megalign converts besides Llama/Qwen2/GPT-2, with
     norm weights away from 1 (so a misplaced norm shows) and weights large enough that RoPE
     scaling changes the logits by about 0.3."""
-    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
-                              MixtralConfig, MixtralForCausalLM, Qwen3Config, Qwen3ForCausalLM,
-                              Qwen3MoeConfig, Qwen3MoeForCausalLM)
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        MixtralConfig,
+        MixtralForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+        Qwen3MoeConfig,
+        Qwen3MoeForCausalLM,
+    )
 
     torch.manual_seed(0)
     shared = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
@@ -174,6 +189,7 @@ def test_family_converts_exactly(tmp_path, kind):
     assert (logits[..., :VOCAB] - reference).abs().max() <= 1e-4
 
 
+@pytest.mark.unit
 def test_mistral_without_a_window_converts_as_llama(tmp_path):
     """Mistral v0.3 and later (no sliding window) is the Llama network: converted in-process, its
     recorded model is the Llama family's (its logits are those of the Llama path tested above)."""
@@ -183,10 +199,12 @@ def test_mistral_without_a_window_converts_as_llama(tmp_path):
 
     family_model("mistral").save_pretrained(tmp_path / "hf")
     assert targets.convert_hf(tmp_path, tmp_path / "hf").code == 0
-    model = yaml.safe_load((tmp_path / "converted" / "model" / "megalign.yaml").read_text())["model"]
+    model = yaml.safe_load(
+        (tmp_path / "converted" / "model" / "megalign.yaml").read_text())["model"]
     assert model["arch"] == "llama" and not model["qk_norm"] and model["head_dim"] is None
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("kind, changes, refusal", [
     ("mistral", {"sliding_window": 16}, "sliding_window=16"),
     ("qwen3", {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 0},
@@ -221,7 +239,8 @@ def test_checkpoints_reshard_tp2pp2_to_tp1pp1_to_tp1pp2(tmp_path, data_overrides
     # one iteration at learning rate 0 (warm-up start): weights are saved as loaded
     source = tmp_path / "ml"
     for name, tp, pp in (("a", 2, 2), ("b", 1, 1)):
-        torchrun(tp * pp, "-m", ["megalign.cli.train", "--config", TINY_CONFIG, "--config", converted,
+        torchrun(tp * pp, "-m", ["megalign.cli.train", "--config", TINY_CONFIG,
+                                 "--config", converted,
                                  *data_overrides, f"model.init_checkpoint={source}",
                                  f"parallel.tensor_model_parallel_size={tp}",
                                  f"parallel.pipeline_model_parallel_size={pp}",

@@ -5,9 +5,9 @@ import json
 
 import pytest
 import torch
+from test_hf import VOCAB, tiny_hf_model
 
 from conftest import CORPUS, TINY_CONFIG, TOKENIZER, WORKERS, run_python
-from test_hf import VOCAB, tiny_hf_model
 
 pytestmark = pytest.mark.slow  # each model is converted, trained and exported
 
@@ -18,7 +18,8 @@ OPTION_SETS = [
     ({"--block-length": 16, "--steps": 8}, {"block_length": 16, "steps": 8}),
     ({"--confidence": "margin", "--unmasking": "p2", "--block-length": 16, "--steps": 16},
      {"confidence": "margin", "unmasking": "p2", "block_length": 16, "steps": 16}),
-    ({"--temperature": 0.8, "--top-k": 20, "--seed": 3}, {"temperature": 0.8, "top_k": 20, "seed": 3}),
+    ({"--temperature": 0.8, "--top-k": 20, "--seed": 3},
+     {"temperature": 0.8, "top_k": 20, "seed": 3}),
     ({"--threshold": 0.05}, {"threshold": 0.05}),  # parallel decoding
     ({"--cache": True}, {"cache": True}),  # the prefix cache
     ({"--dual-cache": True, "--threshold": 0.05}, {"dual_cache": True, "threshold": 0.05}),
@@ -40,7 +41,8 @@ def exported(request, tmp_path_factory, data_overrides):
     tiny_hf_model(kind.removesuffix("_block")).save_pretrained(tmp / "hf")
     run_python(["-m", "megalign.cli.convert", "--from", "hf", "--to", "megalign", "--input",
                 tmp / "hf", "--output", tmp / "ml"])
-    run_python(["-m", "megalign.cli.train", "--config", TINY_CONFIG, "--config", tmp / "ml" / "megalign.yaml",
+    run_python(["-m", "megalign.cli.train", "--config", TINY_CONFIG,
+                "--config", tmp / "ml" / "megalign.yaml",
                 *data_overrides, "parallel.tensor_model_parallel_size=1",
                 "parallel.pipeline_model_parallel_size=1", "schedule.train_iters=2",
                 "schedule.warmup_iters=1", "optimizer.lr=1e-2", "align.weight=10",
@@ -54,7 +56,8 @@ def exported(request, tmp_path_factory, data_overrides):
 def megalign_generate(checkpoint, options: dict, out) -> list[list[int]]:
     args = [arg for key, value in options.items()
             for arg in ((key,) if value is True else (key, value))]
-    run_python(["-m", "megalign.cli.generate", "--checkpoint", checkpoint, "--gen-length", GEN_LENGTH,
+    run_python(["-m", "megalign.cli.generate", "--checkpoint", checkpoint,
+                "--gen-length", GEN_LENGTH,
                 *[a for p in PROMPTS for a in ("--prompt", p)], *args, "--output", out])
     return [json.loads(line)["completion_ids"] for line in out.read_text().splitlines()]
 
@@ -130,7 +133,8 @@ def test_transformers_alone_matches_megalign(exported, tmp_path):
                 for i, (cli, _) in enumerate(option_sets)]
     report = transformers_alone(tmp / "export", tmp_path / "tokens.pt", option_sets,
                                 tmp_path / "hf.json")
-    assert report["module"].endswith("modeling_megalign")  # the written file, loaded by transformers
+    # the written file, loaded by transformers
+    assert report["module"].endswith("modeling_megalign")
     run_python([WORKERS / "student_logits.py", "--checkpoint", tmp / "ckpt", "--tokens",
                 tmp_path / "tokens.pt", "--out", tmp_path / "megalign_logits.pt"])
     reference = torch.load(tmp_path / "megalign_logits.pt")
@@ -210,9 +214,9 @@ def test_a_converted_model_moves_and_samples_as_the_step_0_student(tmp_path):
             handle.write(json.dumps({"text": " ".join(words[i] for i in ids)}) + "\n")
     data = preprocess([str(tmp_path / "words.jsonl")], str(tmp_path / "moved" / "tokenizer"),
                       str(tmp_path / "words"), "text", True)
-    scored = run_python(["-m", "megalign.cli.evaluate", "--checkpoint", tmp_path / "moved", "--data",
-                         data, "--samples", "4", "--t-grid", "1", "--ar", "--generate", "2",
-                         "--gen-length", "8"])
+    scored = run_python(["-m", "megalign.cli.evaluate", "--checkpoint", tmp_path / "moved",
+                         "--data", data, "--samples", "4", "--t-grid", "1", "--ar",
+                         "--generate", "2", "--gen-length", "8"])
     result = json.loads(scored.stdout.strip().splitlines()[-1])
     assert result["diffusion_nelbo_per_token"] > 0 and result["ar_nll_per_token"] > 0
     assert result["gen_tokens"] > 0 and result["gen_ppl"] > 1

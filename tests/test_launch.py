@@ -1,8 +1,22 @@
 """Rank discovery from torchrun's and Slurm's variables."""
 
+import os
+
 import pytest
 
 from megalign.distributed import launch_env
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(autouse=True)
+def restored_environment():
+    """launch_env sets torchrun's variables itself (not through monkeypatch): each test leaves
+    os.environ as it found it, so no later in-process command sees a world of 8."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def test_torchrun_variables(monkeypatch):
@@ -23,8 +37,6 @@ def test_slurm_one_task_per_process(monkeypatch):
     monkeypatch.setenv("MASTER_ADDR", "node001")
     launch = launch_env()
     assert (launch.rank, launch.world_size, launch.local_rank) == (5, 8, 1)
-    import os
-
     assert os.environ["RANK"] == "5" and os.environ["WORLD_SIZE"] == "8"
     assert os.environ["MASTER_PORT"] == str(20000 + 4242)
 

@@ -5,6 +5,8 @@ process group needs: NCCL takes CUDA tensors only, which no CPU test would other
 import ast
 import textwrap
 
+import pytest
+
 from conftest import REPO, run_python
 
 COLLECTIVES = {
@@ -40,14 +42,17 @@ def offending_calls(source: str) -> list[str]:
     return found
 
 
+@pytest.mark.unit
 def test_the_checker_sees_every_import_form():
     assert offending_calls("import torch.distributed as dist\ndist.all_reduce(x)")
     assert offending_calls("import torch\ntorch.distributed.broadcast(x, 0)")
     assert offending_calls("from torch.distributed import barrier\nbarrier()")
     assert offending_calls("from torch import distributed as d\nd.isend(x, 1)")
-    assert not offending_calls("from megalign.platform import collectives\ncollectives.all_reduce(x)")
+    assert not offending_calls("from megalign.platform import collectives\n"
+                               "collectives.all_reduce(x)")
 
 
+@pytest.mark.unit
 def test_megalign_calls_collectives_only_through_the_helpers():
     found = {str(path.relative_to(REPO)): calls
              for path in sorted((REPO / "megalign").rglob("*.py")) if path != HELPERS
@@ -73,6 +78,7 @@ def test_helpers_keep_the_callers_tensor_and_device():
     assert run_python(["-c", script]).stdout.strip() == "ok"
 
 
+@pytest.mark.unit
 def test_import_layers_hold():
     from importlinter.cli import lint_imports
 

@@ -10,7 +10,8 @@ from conftest import TINY_CONFIG, WORKERS, torchrun
 @pytest.fixture(scope="module")
 def report(tmp_path_factory, data_overrides):
     out = tmp_path_factory.mktemp("model") / "report.json"
-    torchrun(1, WORKERS / "model_checks.py", ["--config", TINY_CONFIG, "--out", out, *data_overrides])
+    torchrun(1, WORKERS / "model_checks.py",
+             ["--config", TINY_CONFIG, "--out", out, *data_overrides])
     return json.loads(out.read_text())
 
 

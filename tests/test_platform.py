@@ -4,9 +4,12 @@ import importlib
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
 from megalign.platform import cpu
+
+pytestmark = pytest.mark.unit
 
 PACKAGE = Path(cpu.__file__).resolve().parents[1]
 

@@ -44,20 +44,24 @@ def test_main_command_smollm2(tmp_path):
     assert "TP 1 x PP 2 x DP 1" in result.stdout
     check_metrics(run_dir, 2, layers=30)
     # the published recipe: embedding and tied output layer frozen; evaluated at 0 and the end
-    validation = [json.loads(line) for line in (run_dir / "validation.jsonl").read_text().splitlines()]
+    validation = [json.loads(line)
+                  for line in (run_dir / "validation.jsonl").read_text().splitlines()]
     assert [v["iteration"] for v in validation] == [0, 2]
     assert all(math.isfinite(v[key]) for v in validation
                for key in ("val_nelbo", "val_ood_nelbo", "gen_ppl", "gen_distinct"))
-    assert "frozen parameters: embedding, output_layer" in (run_dir / "hf" / "README.md").read_text()
+    assert ("frozen parameters: embedding, output_layer"
+            in (run_dir / "hf" / "README.md").read_text())
     assert (run_dir / "checkpoints" / "iter_0000002" / "metadata.json").is_file()
-    samples = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{"prompt"')]
+    samples = [json.loads(line) for line in result.stdout.splitlines()
+               if line.startswith('{"prompt"')]
     assert [s["prompt"] for s in samples] == ["And God said", "The LORD is my shepherd"]
     assert all(s["completion"].strip() and s["ar_completion"].strip() for s in samples)
     # the exported student samples the same tokens with transformers alone
     from megalign.data.tokenizer import build_tokenizer
 
     tokenizer = build_tokenizer(str(run_dir / "ar" / "tokenizer"))
-    job = {"model": str(run_dir / "hf"), "prompts": [tokenizer.encode(s["prompt"]) for s in samples],
+    job = {"model": str(run_dir / "hf"),
+           "prompts": [tokenizer.encode(s["prompt"]) for s in samples],
            "options": [{"max_new_tokens": 8}]}
     (tmp_path / "job.json").write_text(json.dumps(job))
     run_python([WORKERS / "hf_diffusion.py", "--job", tmp_path / "job.json", "--out",
@@ -70,15 +74,17 @@ def test_main_command_smollm2(tmp_path):
     result = run_script("examples/sft.sh",
                         {"MEGALIGN_RUN_DIR": str(run_dir), "MEGALIGN_SFT_DIR": str(sft_dir),
                          "GEN_LENGTH": "8"},
-                        ["schedule.train_iters=2", "schedule.warmup_iters=1", "evaluation.interval=2",
-                         "logging.log_interval=1", "evaluation.samples=4",
+                        ["schedule.train_iters=2", "schedule.warmup_iters=1",
+                         "evaluation.interval=2", "logging.log_interval=1", "evaluation.samples=4",
                          "evaluation.generation_samples=2"])
     check_metrics(sft_dir, 2, layers=30)
     config = (sft_dir / "config.yaml").read_text()
     assert "sft: true" in config and f"student_checkpoint: {run_dir}/checkpoints" in config
-    validation = [json.loads(line) for line in (sft_dir / "validation.jsonl").read_text().splitlines()]
+    validation = [json.loads(line)
+                  for line in (sft_dir / "validation.jsonl").read_text().splitlines()]
     assert [v["iteration"] for v in validation] == [0, 2]
-    answers = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{"prompt"')]
+    answers = [json.loads(line) for line in result.stdout.splitlines()
+               if line.startswith('{"prompt"')]
     assert len(answers) == 2 and all("<|im_start|>assistant" in a["prompt"] for a in answers)
 
 
@@ -127,18 +133,22 @@ def test_tiny_demo_and_generation_errors(tmp_path):
                                     "--infill-span", "4"]).stdout.splitlines()[-1])
     assert 0 <= single["infill_exact_match"] <= single["infill_token_accuracy"] <= 1
     assert math.isfinite(single["diffusion_nelbo_per_token"]) and single["positions"] == 8 * 128
-    assert single["perplexity_upper_bound"] == pytest.approx(math.exp(single["diffusion_nelbo_per_token"]))
+    assert single["perplexity_upper_bound"] == pytest.approx(
+        math.exp(single["diffusion_nelbo_per_token"]))
     assert math.isfinite(single["ar_perplexity"])
-    split = torchrun(4, "-m", ["megalign.cli.evaluate", *evaluate, "parallel.tensor_model_parallel_size=2",
+    split = torchrun(4, "-m", ["megalign.cli.evaluate", *evaluate,
+                               "parallel.tensor_model_parallel_size=2",
                                "parallel.pipeline_model_parallel_size=2"])
     resharded = json.loads(split.stdout.splitlines()[-1])
-    assert resharded["diffusion_nelbo_per_token"] == pytest.approx(single["diffusion_nelbo_per_token"], rel=1e-5)
+    assert resharded["diffusion_nelbo_per_token"] == pytest.approx(
+        single["diffusion_nelbo_per_token"], rel=1e-5)
     too_long = run_python(["-m", "megalign.cli.generate", "--checkpoint", checkpoints, "--prompt",
                            "word " * 200], check=False)
     assert too_long.returncode == 2 and "exceeds the model's context" in too_long.stderr
-    no_mask = run_python(["-m", "megalign.cli.generate", "--checkpoint", checkpoints, "--prompt", "x",
-                          "diffusion.mask_token_id=5000"], check=False)
-    assert no_mask.returncode == 2 and "mask_token_id=5000 lies outside the padded vocabulary" in no_mask.stderr
+    no_mask = run_python(["-m", "megalign.cli.generate", "--checkpoint", checkpoints,
+                          "--prompt", "x", "diffusion.mask_token_id=5000"], check=False)
+    assert (no_mask.returncode == 2
+            and "mask_token_id=5000 lies outside the padded vocabulary" in no_mask.stderr)
     missing = run_python(["-m", "megalign.cli.generate", "--checkpoint", tmp_path / "nope",
                           "--prompt", "x"], check=False)
     assert missing.returncode == 2 and "not a complete megalign checkpoint" in missing.stderr

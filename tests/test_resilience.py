@@ -14,9 +14,9 @@ import time
 import psutil
 import pytest
 
-from conftest import REPO, TINY_CONFIG, finish, launch, metrics, run_env, run_python
-
 from megalign.distributed import free_port
+
+from conftest import REPO, TINY_CONFIG, finish, launch, metrics, run_env, run_python
 
 pytestmark = pytest.mark.slow
 
@@ -81,8 +81,9 @@ def seconds_until_exit(processes, limit: float) -> float:
 def test_a_dead_or_stalled_rank_ends_every_rank_within_the_bound(tmp_path, tagged_env,
                                                                  data_overrides, victim, fault):
     run = tmp_path / "run"
-    processes = start_ranks(tmp_path, tagged_env, 2, [*TRAIN, *data_overrides, f"logging.run_dir={run}",
-                                          "schedule.train_iters=100000"])
+    processes = start_ranks(tmp_path, tagged_env, 2, [*TRAIN, *data_overrides,
+                                                      f"logging.run_dir={run}",
+                                                      "schedule.train_iters=100000"])
     try:
         wait_for_iteration(run, 3, processes)
         processes[victim].send_signal(fault)

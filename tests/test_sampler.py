@@ -28,6 +28,7 @@ def run(cfg, prompts=([5, 6, 7],), shift=True, logits_fn=None):
     return out, trace
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("rule", ["confidence", "origin", "p2"])
 def test_prompt_untouched_and_everything_decoded(rule):
     cfg = SamplerConfig(gen_length=12, steps=6, unmasking=rule, temperature=1.0, seed=3)
@@ -38,6 +39,7 @@ def test_prompt_untouched_and_everything_decoded(rule):
     assert MASK not in out[0] and all(0 <= t < VOCAB for t in out[0])
 
 
+@pytest.mark.unit
 def test_confidence_rule_commits_a_linear_schedule_and_never_revises():
     cfg = SamplerConfig(gen_length=12, steps=4)
     _, trace = run(cfg)
@@ -48,6 +50,7 @@ def test_confidence_rule_commits_a_linear_schedule_and_never_revises():
         assert torch.equal(before[0, 3:][decoded], after[0, 3:][decoded])
 
 
+@pytest.mark.unit
 def test_p2_keeps_the_schedule_and_may_revise_decoded_tokens():
     cfg = SamplerConfig(gen_length=12, steps=4, unmasking="p2")
     _, trace = run(cfg)
@@ -59,6 +62,7 @@ def test_p2_keeps_the_schedule_and_may_revise_decoded_tokens():
     assert revised
 
 
+@pytest.mark.unit
 def test_origin_rule_finishes_on_the_last_step():
     cfg = SamplerConfig(gen_length=16, steps=5, block_length=16, unmasking="origin", seed=1)
     _, trace = run(cfg)
@@ -66,6 +70,7 @@ def test_origin_rule_finishes_on_the_last_step():
     assert counts == sorted(counts, reverse=True) and counts[-1] == 0
 
 
+@pytest.mark.unit
 def test_blocks_unmask_left_to_right():
     cfg = SamplerConfig(gen_length=12, steps=6, block_length=4)
     _, trace = run(cfg)
@@ -76,6 +81,7 @@ def test_blocks_unmask_left_to_right():
         assert (generated[4 * (block + 1):] == MASK).all()
 
 
+@pytest.mark.unit
 def test_shift_reads_the_previous_position():
     def logits_fn(tokens, _mask, _window):
         logits = torch.zeros(*tokens.shape, 64)
@@ -90,6 +96,7 @@ def test_shift_reads_the_previous_position():
     assert unshifted[0] == [13, 14, 15, 16]
 
 
+@pytest.mark.unit
 def test_eos_stops_and_fills():
     def logits_fn(tokens, _mask, _window):
         logits = torch.zeros(*tokens.shape, 64)
@@ -103,6 +110,7 @@ def test_eos_stops_and_fills():
     assert len(trace) < 8  # stopped early
 
 
+@pytest.mark.unit
 def test_batches_of_different_lengths_are_deterministic_and_pad_is_isolated():
     tokens, start, mask = prepare([[5], [5, 6, 7]], SamplerConfig(gen_length=4), MASK, PAD)
     assert start == 3 and tokens[0].tolist() == [PAD, PAD, 5, MASK, MASK, MASK, MASK]
@@ -114,6 +122,7 @@ def test_batches_of_different_lengths_are_deterministic_and_pad_is_isolated():
     assert first == second
 
 
+@pytest.mark.unit
 def test_bad_settings_are_rejected():
     with pytest.raises(ValueError, match="must divide"):
         run(SamplerConfig(gen_length=10, block_length=4))
@@ -121,6 +130,7 @@ def test_bad_settings_are_rejected():
         run(SamplerConfig(gen_length=12, block_length=4, steps=4))
 
 
+@pytest.mark.unit
 def test_infilling_restores_a_span_with_an_oracle_and_keeps_the_context():
     from megalign.config import Config, ModelConfig
     from megalign.evaluation.heldout import infilling
@@ -158,6 +168,7 @@ def test_vocab_parallel_shards_sample_like_the_full_vocabulary(tmp_path):
     assert report["cases"] == 108 and report["mismatches"] == []
 
 
+@pytest.mark.unit
 def test_threshold_commits_the_confident_positions_and_at_least_one():
     """Every masked position of the block at or above the threshold, the most confident when
     none is; the prompt is never touched; EOS still stops a sample."""
@@ -167,8 +178,10 @@ def test_threshold_commits_the_confident_positions_and_at_least_one():
     masked = current == MASK
     predicted = torch.tensor([20, 21, 22, 23])
     confidence = torch.tensor([0.95, 0.99, 0.5, 0.91])
-    assert commit_confident(current, masked, predicted, confidence, 0.9).tolist() == [20, 7, MASK, 23]
-    assert commit_confident(current, masked, predicted, confidence, 0.99).tolist() == [20, 7, MASK, MASK]
+    assert (commit_confident(current, masked, predicted, confidence, 0.9).tolist()
+            == [20, 7, MASK, 23])
+    assert (commit_confident(current, masked, predicted, confidence, 0.99).tolist()
+            == [20, 7, MASK, MASK])
 
     prompts = ([5, 6, 7], [9])
     out, trace = run(SamplerConfig(gen_length=8, threshold=0.99), prompts)
@@ -190,6 +203,7 @@ def test_threshold_commits_the_confident_positions_and_at_least_one():
     assert stopped == [[EOS] * 16] and len(trace) == 1
 
 
+@pytest.mark.unit
 def test_dual_cache_needs_the_cache_and_the_suffix():
     for options in ({"dual_cache": True}, {"dual_cache": True, "cache": True, "suffix": False}):
         with pytest.raises(ValueError, match="the dual cache keeps the positions after the block"):
@@ -197,6 +211,7 @@ def test_dual_cache_needs_the_cache_and_the_suffix():
     SamplerConfig(dual_cache=True, cache=True).check()
 
 
+@pytest.mark.unit
 def test_threshold_needs_the_confidence_rule():
     with pytest.raises(ValueError, match="does not combine with the 'p2' unmasking rule"):
         SamplerConfig(threshold=0.9, unmasking="p2").check()
@@ -218,7 +233,8 @@ def test_cached_and_threshold_decoding_across_layouts(tmp_path, ar_checkpoint):
         out = tmp_path / f"{name}.json"
         torchrun(tp * pp, WORKERS / "cached_sampler.py", [
             "--checkpoint", ar_checkpoint, "--out", out,
-            f"parallel.tensor_model_parallel_size={tp}", f"parallel.pipeline_model_parallel_size={pp}"])
+            f"parallel.tensor_model_parallel_size={tp}",
+            f"parallel.pipeline_model_parallel_size={pp}"])
         reports[name] = json.loads(out.read_text())
     for name, ranks in reports.items():
         tokens = ranks[0]["tokens"]
@@ -242,6 +258,7 @@ def test_cached_and_threshold_decoding_across_layouts(tmp_path, ar_checkpoint):
     assert reports["tp2pp2"][0]["tokens"] == reports["one"][0]["tokens"]
 
 
+@pytest.mark.unit
 def test_the_export_ships_the_library_decoding_rules(tmp_path):
     """An export decodes by megalign's rules: its decoding.py is the library module's bytes, which
     import nothing but torch and the standard library, and the modeling file imports it as its

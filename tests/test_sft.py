@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, TOKENIZER, chat_tokenizer, run_env
 from tokenizers import Tokenizer, decoders
 
 from megalign.config import Config, DiffusionConfig
@@ -19,6 +18,8 @@ from megalign.data.vocabulary import Vocabulary
 from megalign.diffusion.objective import make_batch
 from megalign.errors import ConfigError, DataError
 
+from conftest import REPO, TOKENIZER, chat_tokenizer, run_env
+
 # SmolLM2's layout with spaces for newlines (the tiny tokenizer has no newline)
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }} {{ m.content }}<|im_end|> "
                  "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant {% endif %}")
@@ -28,7 +29,8 @@ def _read(prefix):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     tokens, masks = IndexedDataset(prefix), IndexedDataset(loss_mask_prefix(prefix))
-    return [tokens[i].tolist() for i in range(len(tokens))], [masks[i].tolist() for i in range(len(masks))]
+    return ([tokens[i].tolist() for i in range(len(tokens))],
+            [masks[i].tolist() for i in range(len(masks))])
 
 
 def _write(path, records):
@@ -36,6 +38,7 @@ def _write(path, records):
     return str(path)
 
 
+@pytest.mark.unit
 def test_prompt_response_pairs(tmp_path):
     tok = build_tokenizer(str(TOKENIZER))
     records = [{"q": "Who created the heaven?", "a": "God created the heaven and the earth."},
@@ -50,6 +53,7 @@ def test_prompt_response_pairs(tmp_path):
         assert mask == [0] * len(prompt) + [1] * (len(response) + 1)
 
 
+@pytest.mark.unit
 def test_chat_messages_supervise_every_assistant_turn(tmp_path):
     _, directory = chat_tokenizer(tmp_path, CHAT_TEMPLATE)
     tok = build_tokenizer(str(directory))
@@ -74,6 +78,7 @@ def test_chat_messages_supervise_every_assistant_turn(tmp_path):
     assert ids[-1] == tok.eod and mask[-1] == 0  # the separator between conversations
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("records, options, message", [
     ([{"q": "x"}], "q:a", "in.jsonl:1: key 'a' is missing, empty or not a string"),
     ([{"messages": "hi"}], "messages", "in.jsonl:1: key 'messages' is not a list of messages"),
@@ -101,6 +106,7 @@ def test_the_command_refuses_partitions_in_one_line(tmp_path):
         "megalign-preprocess: error: --sft writes one pass: use --workers instead of --partitions"]
 
 
+@pytest.mark.unit
 def test_training_samples_carry_their_documents_loss_mask(sft_prefix, corpus_prefix, tmp_path):
     from megalign.data.dataset import build_datasets, micro_batches
 
@@ -118,6 +124,7 @@ def test_training_samples_carry_their_documents_loss_mask(sft_prefix, corpus_pre
                        loss_mask=True)
 
 
+@pytest.mark.unit
 def test_prompt_tokens_are_never_noised_and_masked_responses_always_supervised():
     vocab = Vocabulary(size=40, padded=64, mask=3, eod=2, pad=0)
     cfg = Config(seed=5, diffusion=DiffusionConfig(eps=0.4))  # t >= 0.4: many tokens masked

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, TINY_CONFIG, TOKENIZER, CORPUS, run_env
+from conftest import CORPUS, REPO, TINY_CONFIG, TOKENIZER, run_env
 
 SLURM_LOCAL = REPO / "tools" / "slurm_local.sh"
 CONVERT = REPO / "examples" / "slurm" / "convert.sbatch"
@@ -72,7 +72,8 @@ def wait_until(env, job_id: str, done, log: Path, timeout: float = 240) -> dict:
             for name in ("slurmctld.log", "slurmd.log"):  # the daemons' view of the job
                 if (daemons / name).exists():
                     text += f"\n--- {name}\n" + (daemons / name).read_text()[-3000:]
-            pytest.fail(f"job {job_id} is {info['JobState']} ({info.get('Reason')}):\n{text[-12000:]}")
+            pytest.fail(f"job {job_id} is {info['JobState']} ({info.get('Reason')}):\n"
+                        f"{text[-12000:]}")
         time.sleep(0.5)
 
 
@@ -84,7 +85,8 @@ def train_args(data_prefix, tmp_path, iters: int) -> list:
     return ["--config", TINY_CONFIG, f"data.paths=[{data_prefix}]", f"data.tokenizer={TOKENIZER}",
             f"data.cache_dir={tmp_path}/cache", "parallel.tensor_model_parallel_size=1",
             f"schedule.train_iters={iters}", "schedule.warmup_iters=1",
-            f"logging.run_dir={tmp_path}/run", "logging.log_interval=1", "logging.tensorboard=false"]
+            f"logging.run_dir={tmp_path}/run", "logging.log_interval=1",
+            "logging.tensorboard=false"]
 
 
 def test_preprocess_then_convert_one_task_per_process(slurm, tmp_path):
@@ -115,8 +117,8 @@ def test_torchrun_per_node_preempted_requeued_resumed(slurm, corpus_prefix, tmp_
                   *train_args(corpus_prefix, tmp_path, 30), CHECKPOINT_DIR=str(ckpt),
                   NPROC_PER_NODE="2")
     log = tmp_path / f"megalign-convert-{conv}.log"
-    wait_until(slurm, conv, lambda _: metrics.exists() and len(metrics.read_text().splitlines()) >= 2,
-               log)
+    wait_until(slurm, conv,
+               lambda _: metrics.exists() and len(metrics.read_text().splitlines()) >= 2, log)
     subprocess.run(["scancel", "--batch", "--signal=USR1", conv], env=slurm, check=True, timeout=60)
     # a requeued job waits out the revoked credential of its last run (cred_expire: 10 s here);
     # starting it earlier makes slurmd refuse it ("Job credential revoked")

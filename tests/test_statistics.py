@@ -7,6 +7,8 @@ import pytest
 
 from megalign.evaluation.statistics import estimate, mean_interval, paired_difference, t_quantile_95
 
+pytestmark = pytest.mark.unit
+
 
 def test_standard_error_of_equal_sized_samples_is_that_of_their_means():
     values = [5.1, 4.7, 5.6, 4.9, 5.3]

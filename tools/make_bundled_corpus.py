@@ -223,7 +223,8 @@ def instructions(path: str = "data/corpus/kjv.jsonl.gz"):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--corpus", choices=("kjv", "devil", "pretrain", "instructions"), default="kjv")
+    parser.add_argument("--corpus", choices=("kjv", "devil", "pretrain", "instructions"),
+                        default="kjv")
     parser.add_argument("--output", help="default: data/corpus/<corpus>.jsonl.gz")
     args = parser.parse_args()
     if args.corpus == "instructions":

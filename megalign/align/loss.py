@@ -37,7 +37,8 @@ def supervised_positions(supervised: torch.Tensor, sequence_parallel: bool) -> t
     return positions
 
 
-def mirror_streams(states: dict[int, torch.Tensor], sequence_parallel: bool) -> dict[int, torch.Tensor]:
+def mirror_streams(states: dict[int, torch.Tensor],
+                   sequence_parallel: bool) -> dict[int, torch.Tensor]:
     """The teacher's states [s, b, h] laid out like a two-stream student's [2s, b, h] (block
     diffusion): each position's state at its noisy and at its clean place, so position ``i`` of
     the noisy stream meets the teacher's position ``i``. Under sequence parallelism a rank's slice

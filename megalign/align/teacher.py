@@ -114,13 +114,17 @@ class Teacher:
         if not model.pre_process:
             shape = (tokens.shape[1] // self._sequence_divisor, tokens.shape[0], self._hidden)
             model.set_input_tensor(self.stream.recv(shape, self.dtype, tokens.device))
-        mask = None if batches[0].teacher_mask is None else torch.cat([b.teacher_mask for b in batches])
-        labels = torch.cat([b.sequence_labels for b in batches]) if self.computes_loss[chunk] else None
-        output = model(tokens, torch.cat([b.sequence_positions for b in batches]), mask, labels=labels)
+        mask = (None if batches[0].teacher_mask is None
+                else torch.cat([b.teacher_mask for b in batches]))
+        labels = (torch.cat([b.sequence_labels for b in batches]) if self.computes_loss[chunk]
+                  else None)
+        with self.recorders[chunk].recording_scope() as recorded:
+            output = model(tokens, torch.cat([b.sequence_positions for b in batches]), mask,
+                           labels=labels)
         if self.sends_output[chunk]:
             self.stream.send(output)
         states = {index: state.split(sizes, dim=1)  # [s, b, h] per micro-batch
-                  for index, state in self.recorders[chunk].pop().items()}
+                  for index, state in recorded.items()}
         token_losses = output.split(sizes) if labels is not None else [None] * len(batches)
         return [TeacherOutput({index: parts[i] for index, parts in states.items()}, token_losses[i])
                 for i in range(len(batches))]

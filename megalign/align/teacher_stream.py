@@ -52,7 +52,8 @@ class TeacherStream:
         self._pending: list = []
         self.bytes_sent = 0
 
-    def recv(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    def recv(self, shape: tuple[int, ...], dtype: torch.dtype,
+             device: torch.device) -> torch.Tensor:
         return collectives.recv(shape, dtype, self.prev_rank, self.group, device)
 
     def send(self, tensor: torch.Tensor) -> None:

@@ -29,7 +29,8 @@ class ArgumentParser(argparse.ArgumentParser):
 def describe_os_error(err: OSError) -> str:
     if err.filename is None:
         return one_line(err)
-    return f"cannot use '{err.filename}': {err.strerror} (check its permissions and free disk space)"
+    return (f"cannot use '{err.filename}': {err.strerror} "
+            "(check its permissions and free disk space)")
 
 
 def run_command(prog: str, body: Callable[[], Optional[int]],

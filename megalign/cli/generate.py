@@ -1,19 +1,20 @@
 """megalign-generate: sample from a trained diffusion student (and, with --ar, its AR teacher).
 
     megalign-generate --checkpoint RUN/checkpoints --prompt "In the beginning" [--gen-length 32]
-    torchrun --nproc-per-node 2 -m megalign.cli.generate --checkpoint ... --prompt-file prompts.txt \\
-        parallel.pipeline_model_parallel_size=2
+    torchrun --nproc-per-node 2 -m megalign.cli.generate --checkpoint ... \\
+        --prompt-file prompts.txt parallel.pipeline_model_parallel_size=2
 
 Decoding defaults to what diffusion LMs are decoded with in practice: semi-autoregressive blocks
 of 8 tokens, one token committed per step (``--steps`` = ``--gen-length``), greedy. The
 checkpoint (a root with ``latest``, an ``iter_`` directory, or a model converted by
-megalign-convert: the step-0 student) records its config, tokenizer included; it is resharded into the layout this command is launched with (one process: TP=1,
-PP=1; under torchrun any TP/PP, via trailing ``parallel.*=N`` overrides). Prompts come from
-``--prompt`` (repeatable) or ``--prompt-file`` (one per line, or JSONL with a "prompt" key); all
-are decoded as one batch. Output: one JSON line per prompt on stdout, or ``--output FILE``.
-Each line holds the prompt, the completion (cut at EOS) and ``completion_ids``, the generated
-token ids as decoded (EOS-filled after a stop). ``--ar`` also decodes each prompt with the AR
-model the run started from (greedy, or sampled with ``--temperature``), side by side.
+megalign-convert: the step-0 student) records its config, tokenizer included; it is resharded
+into the layout this command is launched with (one process: TP=1, PP=1; under torchrun any
+TP/PP, via trailing ``parallel.*=N`` overrides). Prompts come from ``--prompt`` (repeatable) or
+``--prompt-file`` (one per line, or JSONL with a "prompt" key); all are decoded as one batch.
+Output: one JSON line per prompt on stdout, or ``--output FILE``. Each line holds the prompt,
+the completion (cut at EOS) and ``completion_ids``, the generated token ids as decoded
+(EOS-filled after a stop). ``--ar`` also decodes each prompt with the AR model the run started
+from (greedy, or sampled with ``--temperature``), side by side.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import json
 import sys
 
 from megalign.cli.common import ArgumentParser, run_command
-
 
 
 def read_prompts(args) -> list[str]:
@@ -38,7 +38,8 @@ def read_prompts(args) -> list[str]:
                     try:
                         line = json.loads(line)["prompt"]
                     except (json.JSONDecodeError, KeyError, TypeError):
-                        raise ValueError(f"{args.prompt_file}:{number}: expected {{\"prompt\": ...}}") from None
+                        raise ValueError(f"{args.prompt_file}:{number}: "
+                                         f"expected {{\"prompt\": ...}}") from None
                 prompts.append(line)
     if not prompts:
         raise ValueError("give --prompt TEXT or --prompt-file FILE")
@@ -63,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--confidence", choices=CONFIDENCES, default="prob")
-    parser.add_argument("--unmasking", choices=RULES, default="confidence")
+    parser.add_argument("--confidence", choices=CONFIDENCES, default=SamplerConfig.confidence)
+    parser.add_argument("--unmasking", choices=RULES, default=SamplerConfig.unmasking)
     parser.add_argument("--no-eos-stop", action="store_true", help="do not stop at the EOD token")
     parser.add_argument("--threshold", type=float,
                         help="commit every masked position of the block whose confidence reaches "
@@ -80,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="leave the masked positions after the current block out of the input "
                              "(as block-diffusion students decode; with --cache: the block alone)")
     parser.add_argument("--bf16", action="store_true",
-                        help="run the student in bfloat16 (each step reads half the weights' bytes)")
+                        help="run the student in bfloat16 "
+                             "(each step reads half the weights' bytes)")
     parser.add_argument("--ar", action="store_true", help="also decode with the AR teacher")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. parallel.*=N")

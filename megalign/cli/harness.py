@@ -38,7 +38,8 @@ def evaluate(args) -> None:
 
     importlib.import_module("megalign.harness")  # registers the "megalign" model with lm_eval
 
-    model_args = f"checkpoint={args.checkpoint}" + (f",{args.model_args}" if args.model_args else "")
+    model_args = (f"checkpoint={args.checkpoint}"
+                  + (f",{args.model_args}" if args.model_args else ""))
     results = lm_eval.simple_evaluate(
         model="megalign", model_args=model_args, tasks=args.tasks.split(","),
         num_fewshot=args.num_fewshot, limit=args.limit, bootstrap_iters=0, log_samples=False,

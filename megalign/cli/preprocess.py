@@ -39,7 +39,8 @@ def parse_args(argv=None):
     parser = ArgumentParser(prog="megalign-preprocess", description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", nargs="+", help="JSONL or .txt files (.gz and globs allowed)")
-    parser.add_argument("--tokenizer", help="SentencePiece .model, HF tokenizer.json or HF directory")
+    parser.add_argument("--tokenizer",
+                        help="SentencePiece .model, HF tokenizer.json or HF directory")
     parser.add_argument("--output-prefix", required=True)
     parser.add_argument("--json-keys", nargs="+", default=["text"])
     parser.add_argument("--sft", metavar="PROMPT_KEY:RESPONSE_KEY|MESSAGES_KEY",

@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 def load_and_validate(args, world_size: int):
     """Config (read-only from here on) and tokenizer, fully checked once; nothing distributed
     has started yet."""
-    from megalign.config import freeze, load_config, validate
+    from megalign.config import load_config, validate
     from megalign.data.tokenizer import build_tokenizer
     from megalign.model.gpt import check_platform
 
@@ -49,7 +49,7 @@ def load_and_validate(args, world_size: int):
     except (OSError, ValueError) as err:
         raise ConfigError(f"data.tokenizer={cfg.data.tokenizer}: {err}") from None
     validate(cfg, world_size, tokenizer.vocab_size, tokenizer.mask)
-    return freeze(cfg), tokenizer
+    return cfg, tokenizer
 
 
 def check_data_files(cfg) -> None:

@@ -27,8 +27,15 @@ from typing import Optional
 import torch
 import yaml
 
-from megalign.config import (CONFIG_DIR, Config, ParallelConfig, head_dim, to_dict,
-                             validate_inference)
+from megalign.config import (
+    CONFIG_DIR,
+    Config,
+    DiffusionConfig,
+    ModelConfig,
+    ParallelConfig,
+    check_vocabulary,
+    to_dict,
+)
 from megalign.convert.hf import (
     ConversionError,
     check_layout,
@@ -185,20 +192,17 @@ def hf_to_megalign(source: str, output: str, gguf_file: Optional[str] = None, tp
     multiple = make_vocab_size_divisible_by
     padded = -(-max(rows, mask_id + 1) // multiple) * multiple
 
-    cfg = Config()
-    for key, value in model.items():
-        setattr(cfg.model, key, value)
-    cfg.model.padded_vocab_size = padded
-    cfg.model.make_vocab_size_divisible_by = multiple
-    cfg.model.seq_length = min(cfg.model.seq_length, model["max_position_embeddings"])
-    cfg.diffusion.mask_token_id = mask_id
+    cfg = Config(
+        model=ModelConfig(**model, padded_vocab_size=padded, make_vocab_size_divisible_by=multiple,
+                          seq_length=min(ModelConfig.seq_length, model["max_position_embeddings"])),
+        diffusion=DiffusionConfig(mask_token_id=mask_id))
     tensors = hf_to_megatron(hf_model.state_dict(), model, padded)
     del hf_model
     chunks = _build_single_process_model(cfg)
     _load_exact(chunks[0], tensors)
     output = os.path.abspath(output)
     if tokenizer is not None:  # recorded relative to the checkpoint: the directory can move
-        cfg.data.tokenizer = os.path.join(CONFIG_DIR, "tokenizer")
+        cfg = replace(cfg, data=replace(cfg.data, tokenizer=os.path.join(CONFIG_DIR, "tokenizer")))
     save_weights(output, chunks, meta={"config": to_dict(cfg), "hf_vocab_size": rows,
                                        "source": os.path.basename(os.path.normpath(source))})
     sections = {
@@ -231,14 +235,13 @@ def megalign_to_hf(source: str, output: str) -> str:
     try:
         if cfg.data.tokenizer:  # the vocabulary sizes and mask row as training resolved them
             tokenizer = build_tokenizer(cfg.data.tokenizer, cfg.data.eod_token)
-            validate_inference(cfg, tokenizer.vocab_size, tokenizer.mask)
+            check_vocabulary(cfg, tokenizer.vocab_size, tokenizer.mask)
             vocab = Vocabulary.of(cfg, tokenizer)
             cfg = replace(cfg, model=replace(cfg.model, padded_vocab_size=vocab.padded),
                           diffusion=replace(cfg.diffusion, mask_token_id=vocab.mask))
         elif cfg.model.padded_vocab_size is None:
             raise ConversionError("it records neither a tokenizer nor a padded vocabulary size "
                                   "(model.padded_vocab_size)")
-        validate_inference(cfg)
     except (ConfigError, OSError, ValueError) as err:
         raise ConversionError(f"checkpoint '{path}': {one_line(err)}") from None
     m = cfg.model
@@ -303,8 +306,8 @@ def export_diffusion_model(cfg: Config, meta: dict, hf_state: dict, output: str)
         arch=m.arch, vocab_size=m.padded_vocab_size, hidden_size=m.hidden_size,
         intermediate_size=ffn_hidden_size(cfg), num_hidden_layers=m.num_layers,
         num_attention_heads=m.num_attention_heads,
-        num_key_value_heads=m.num_query_groups or m.num_attention_heads,
-        head_dim=head_dim(m), qk_norm=m.qk_norm, rope_scaling_factor=m.rope_scaling_factor,
+        num_key_value_heads=m.query_groups,
+        head_dim=m.kv_channels, qk_norm=m.qk_norm, rope_scaling_factor=m.rope_scaling_factor,
         num_experts=m.num_experts, moe_topk=m.moe_topk,
         moe_intermediate_size=moe_ffn_hidden_size(cfg),
         moe_router_pre_softmax=m.moe_router_pre_softmax,

@@ -5,7 +5,13 @@ An export ships ``megalign/diffusion/decoding.py`` itself under this name beside
 the same relative import resolves to the library module.
 """
 
-from megalign.diffusion.decoding import (Logits, SamplerConfig, Window, for_block_diffusion,
-                                         prepare, sample)
+from megalign.diffusion.decoding import (
+                                         Logits,
+                                         SamplerConfig,
+                                         Window,
+                                         for_block_diffusion,
+                                         prepare,
+                                         sample,
+)
 
 __all__ = ["Logits", "SamplerConfig", "Window", "for_block_diffusion", "prepare", "sample"]

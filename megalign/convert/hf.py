@@ -2,7 +2,8 @@
 
 One table (``name_table``) lists every tensor on both sides with the transform each way; import
 and export both read it. Names on the Megatron side are megalign's global names (TP=1,
-PP-independent): a single process converts, and ``dist_checkpointing`` reshards the result into any TP/PP layout when it is loaded.
+PP-independent): a single process converts, and ``dist_checkpointing`` reshards the result
+into any TP/PP layout when it is loaded.
 
 * Llama family (Llama incl. 3.x RoPE scaling, SmolLM2, Mistral, Qwen2 with QKV bias, Qwen3 with
   RMSNorm on queries and keys and its own head size; Qwen3-MoE and Mixtral, whose router and
@@ -185,7 +186,8 @@ def _qkv(names: tuple[str, ...], name_mg: str, heads: int, groups: int, fused_hf
          transpose=False) -> Mapping:
     """q, k, v (or GPT-2's fused [q; k; v]) <-> Megatron's per-group [q_g; k_g; v_g]."""
     def to_megatron(tensors):
-        q, k, v = (tensors[0].T if transpose else tensors[0]).chunk(3, dim=0) if fused_hf else tensors
+        q, k, v = ((tensors[0].T if transpose else tensors[0]).chunk(3, dim=0) if fused_hf
+                   else tensors)
         return _qkv_to_megatron(q, k, v, heads, groups)
 
     def to_hf(tensor):
@@ -249,7 +251,8 @@ def name_table(model: dict, padded_vocab: int, vocab: int) -> list[Mapping]:
             table.append(_same(h + "mlp.gate.weight", m + "mlp.router.weight"))
             for e in range(model["num_experts"]):
                 x, y = f"{h}mlp.experts.{e}.", f"{m}mlp.experts.local_experts.{e}."
-                table += [_gated(x + "gate_proj.weight", x + "up_proj.weight", y + "linear_fc1.weight"),
+                table += [_gated(x + "gate_proj.weight", x + "up_proj.weight",
+                                 y + "linear_fc1.weight"),
                           _same(x + "down_proj.weight", y + "linear_fc2.weight")]
         else:
             table += [_gated(h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight",
@@ -323,7 +326,8 @@ def megatron_to_hf(state: dict, model: dict, vocab_size: int) -> dict:
 
 def check_layout(model: dict, tp: int, pp: int) -> None:
     """The TP/PP sizes this model can be trained with (a clear error otherwise)."""
-    heads, groups = model["num_attention_heads"], model["num_query_groups"] or model["num_attention_heads"]
+    heads, groups = (model["num_attention_heads"],
+                     model["num_query_groups"] or model["num_attention_heads"])
     if heads % tp or groups % tp:
         raise ConfigError(
             f"--tp {tp} must divide the {heads} attention heads and {groups} KV groups "

@@ -301,7 +301,8 @@ class MegalignForDiffusionLM(PreTrainedModel):
         else:
             m, d = self.model, self.config.head_dim
             inverse = 1.0 / (self.config.rope_theta
-                             ** (torch.arange(0, d, 2, dtype=torch.float32, device=x_device(m)) / d))
+                             ** (torch.arange(0, d, 2, dtype=torch.float32, device=x_device(m))
+                                 / d))
             if self.config.rope_scaling_factor is not None:
                 inverse = _llama3_frequencies(inverse, self.config.rope_scaling_factor)
             angles = position_ids.float().unsqueeze(-1) * inverse
@@ -311,11 +312,13 @@ class MegalignForDiffusionLM(PreTrainedModel):
             for block, kept in zip(m.layers, hooks):
                 x = block(x, blocked, cos, sin, kept)
             x = m.norm(x)
-        weight = self.lm_head.weight if not self.config.tie_word_embeddings else self._embedding().weight
+        weight = (self.lm_head.weight if not self.config.tie_word_embeddings
+                  else self._embedding().weight)
         return MaskedLMOutput(logits=F.linear(x, weight))
 
     @torch.no_grad()
-    def diffusion_generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+    def diffusion_generate(self, input_ids: torch.Tensor,
+                           attention_mask: Optional[torch.Tensor] = None,
                            max_new_tokens: int = 32, steps: Optional[int] = None,
                            block_length: Optional[int] = None, temperature: float = 0.0,
                            top_k: int = 0, top_p: float = 1.0, confidence: str = "prob",

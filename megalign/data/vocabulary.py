@@ -23,6 +23,6 @@ class Vocabulary:
     @classmethod
     def of(cls, cfg: Config, tokenizer) -> "Vocabulary":
         return cls(size=tokenizer.vocab_size,
-                   padded=padded_vocab_size(cfg, tokenizer.vocab_size, tokenizer.mask),
+                   padded=padded_vocab_size(cfg.model, tokenizer.vocab_size, tokenizer.mask),
                    mask=mask_token_id(cfg, tokenizer.vocab_size, tokenizer.mask),
                    eod=tokenizer.eod, pad=tokenizer.pad)

@@ -49,13 +49,14 @@ whole. Only ``top_p`` without ``top_k`` needs each decoded row's whole distribut
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Optional, Protocol, Union
+from typing import Literal, Optional, Protocol, Union, get_args
 
 import torch
 
-CONFIDENCES = ("prob", "margin", "entropy")
-RULES = ("confidence", "origin", "p2")
-ATTENTIONS = ("bidirectional", "block_causal")
+Confidence = Literal["prob", "margin", "entropy"]
+Unmasking = Literal["confidence", "origin", "p2"]
+Attention = Literal["bidirectional", "block_causal"]
+CONFIDENCES, RULES, ATTENTIONS = get_args(Confidence), get_args(Unmasking), get_args(Attention)
 DEFAULT_BLOCK_LENGTH = 8
 
 
@@ -76,8 +77,8 @@ class SamplerConfig:
     temperature: float = 0.0  # 0: arg-max
     top_k: int = 0  # 0: off
     top_p: float = 1.0
-    confidence: str = "prob"
-    unmasking: str = "confidence"
+    confidence: Confidence = "prob"
+    unmasking: Unmasking = "confidence"
     eos_id: Optional[int] = None
     seed: int = 0
     # commit every masked position of the block whose confidence reaches this (at least one per
@@ -99,7 +100,7 @@ class SamplerConfig:
     # "block_causal": each position attends its own block and the earlier ones only (blocks of
     # ``block_length`` counted from the generation start), how a block-diffusion student is
     # trained (``for_block_diffusion``); the cache is then exact
-    attention: str = "bidirectional"
+    attention: Attention = "bidirectional"
 
     def __post_init__(self) -> None:
         if self.steps is None:

@@ -19,7 +19,8 @@ _MASK64 = (1 << 63) - 1
 
 
 def sample_seed(seed: int, sample_index: int) -> int:
-    """Mix (seed, index) into one generator seed (splitmix64 finaliser: nearby inputs decorrelate)."""
+    """Mix (seed, index) into one generator seed (splitmix64 finaliser: nearby inputs
+    decorrelate)."""
     z = (seed * 0x9E3779B97F4A7C15 + sample_index + 1) & ((1 << 64) - 1)
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & ((1 << 64) - 1)
@@ -39,8 +40,10 @@ def sample_noise(
     return torch.stack(ts), torch.stack(masks)
 
 
-def masks_at(sample_indices: torch.Tensor, length: int, seed: int, t: float, draw: int) -> torch.Tensor:
-    """Masks at a given noise level ``t`` (evaluation grids); ``draw`` picks an independent stream."""
+def masks_at(sample_indices: torch.Tensor, length: int, seed: int, t: float,
+             draw: int) -> torch.Tensor:
+    """Masks at a given noise level ``t`` (evaluation grids); ``draw`` picks an independent
+    stream."""
     masks = []
     for index in sample_indices.tolist():
         generator = torch.Generator().manual_seed(sample_seed(seed + 7919 * (draw + 1), int(index)))

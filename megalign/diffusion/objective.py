@@ -154,9 +154,11 @@ def causal_lm_batch(tokens: torch.Tensor, position_ids: torch.Tensor, sample_ind
     supervised = clean != vocab.eod
     if vocab.pad != vocab.eod:
         supervised &= labels != vocab.pad
-    mask = attention_mask(document_ids(clean, vocab.eod), causal=True) if document_attention else None
+    mask = (attention_mask(document_ids(clean, vocab.eod), causal=True) if document_attention
+            else None)
     return DiffusionBatch(clean_tokens=clean, input_tokens=clean, labels=labels,
-                          supervised=supervised, t=torch.ones(tokens.shape[0], device=tokens.device),
+                          supervised=supervised,
+                          t=torch.ones(tokens.shape[0], device=tokens.device),
                           position_ids=position_ids, student_mask=mask, teacher_mask=None,
                           sample_indices=sample_indices)
 

@@ -9,15 +9,15 @@ the machine, beside the step time measured on it.
 
 from __future__ import annotations
 
-from megalign.config import Config, head_dim, num_query_groups
+from megalign.config import Config
 from megalign.model.gpt import ffn_hidden_size
 
 
 def layer_matmul_parameters(cfg: Config) -> int:
     """Weights of one transformer layer's matrix products (QKV, output projection, MLP)."""
     m = cfg.model
-    attention = m.num_attention_heads * head_dim(m)  # = hidden_size unless head_dim is set
-    qkv = m.hidden_size * (attention + 2 * num_query_groups(m) * head_dim(m))
+    attention = m.num_attention_heads * m.kv_channels  # = hidden_size unless head_dim is set
+    qkv = m.hidden_size * (attention + 2 * m.query_groups * m.kv_channels)
     mlp = (3 if m.arch == "llama" else 2) * m.hidden_size * ffn_hidden_size(cfg)
     return qkv + attention * m.hidden_size + mlp
 
@@ -26,7 +26,7 @@ def forward_flops_per_token(cfg: Config, vocab_size: int, positions: int,
                             lm_head: bool = True) -> int:
     """Forward FLOPs per input position of the model on sequences of ``positions``."""
     m = cfg.model
-    attention = m.num_attention_heads * head_dim(m)
+    attention = m.num_attention_heads * m.kv_channels
     layers = m.num_layers * (2 * layer_matmul_parameters(cfg) + 4 * positions * attention)
     return layers + (2 * m.hidden_size * vocab_size if lm_head else 0)
 

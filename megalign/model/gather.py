@@ -17,7 +17,6 @@ from megatron.core import parallel_state
 from megalign.model.gpt import global_parameter_name
 from megalign.platform import collectives
 
-
 _EXPERT = re.compile(r"(\.local_experts\.)(\d+)\.")
 
 

@@ -21,8 +21,7 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megalign.config import Config, head_dim, num_query_groups
-
+from megalign.config import Config
 from megalign.errors import ConfigError
 from megalign.model.norm import TorchNorm
 from megalign.model.streams import use_stream_positions
@@ -58,7 +57,8 @@ def check_platform(cfg: Config) -> None:
 
 
 def check_fp8(cfg: Config) -> None:
-    """FP8 GEMMs are Transformer Engine kernels for Ada/Hopper (8.9+); MXFP8 needs Blackwell (10.0+)."""
+    """FP8 GEMMs are Transformer Engine kernels for Ada/Hopper (8.9+); MXFP8 needs Blackwell
+    (10.0+)."""
     missing = [reason for reason, absent in (
         ("no GPU is visible", not torch.cuda.is_available()),
         ("transformer_engine does not import", not transformer_engine_imports()),
@@ -96,7 +96,8 @@ def moe_ffn_hidden_size(cfg: Config) -> int:
     return cfg.model.moe_ffn_hidden_size or ffn_hidden_size(cfg)
 
 
-def transformer_config(cfg: Config, params_dtype: torch.dtype, fp8: bool = False) -> TransformerConfig:
+def transformer_config(cfg: Config, params_dtype: torch.dtype,
+                       fp8: bool = False) -> TransformerConfig:
     """Megatron-Core's config; ``fp8`` puts the GEMMs under TE's FP8 autocast (``cfg.fp8`` recipe).
 
     With Transformer Engine (GPU) the fused kernels are on; the local spec (CPU) has none.
@@ -110,8 +111,8 @@ def transformer_config(cfg: Config, params_dtype: torch.dtype, fp8: bool = False
         hidden_size=m.hidden_size,
         ffn_hidden_size=ffn_hidden_size(cfg),
         num_attention_heads=m.num_attention_heads,
-        num_query_groups=num_query_groups(m),
-        kv_channels=head_dim(m),
+        num_query_groups=m.query_groups,
+        kv_channels=m.kv_channels,
         qk_layernorm=m.qk_norm,
         tensor_model_parallel_size=cfg.parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=cfg.parallel.pipeline_model_parallel_size,

@@ -3,12 +3,22 @@
 Aligned state ``0`` is the embedding output, ``i`` (1 <= i < L) the residual stream after block
 ``i``, and ``L`` the final-norm output (block L's raw output is not aligned, as in the reference).
 States are kept as produced ([s, b, h], sequence-sharded under sequence parallelism), so the
-student's stay in its autograd graph. A recorder records from the start of its model's forward
-until ``pop``: layers that activation recomputation runs again during the backward pass must not
-replace the states (they would hold the recomputed activations alive).
+student's stay in its autograd graph.
+
+A recorder records only inside its scope, around the one forward whose states are wanted::
+
+    with recorder.recording_scope() as states:
+        output = model(...)
+
+so a forward outside it (held-out evaluation, sampling) leaves nothing behind, and the layers that
+activation recomputation runs again during the backward pass (after the scope closed) cannot
+replace the states or hold the recomputed activations alive.
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 import torch
 from megatron.core.models.gpt import GPTModel
@@ -16,11 +26,9 @@ from megatron.core.models.gpt import GPTModel
 
 class HiddenStateRecorder:
     def __init__(self, model: GPTModel, wanted: set[int]):
-        self.states: dict[int, torch.Tensor] = {}
         num_layers = model.config.num_layers
         self.indices: list[int] = []
-        self._recording = False
-        model.register_forward_pre_hook(self._start)
+        self._states: Optional[dict[int, torch.Tensor]] = None  # the open scope's, else None
         if model.pre_process and 0 in wanted:
             self._hook(model.embedding, 0)
         for layer in model.decoder.layers:
@@ -32,17 +40,21 @@ class HiddenStateRecorder:
 
     def _hook(self, module: torch.nn.Module, index: int) -> None:
         def record(_module, _inputs, output):
-            if self._recording:
-                self.states[index] = output[0] if isinstance(output, tuple) else output
+            if self._states is not None:
+                self._states[index] = output[0] if isinstance(output, tuple) else output
 
         module.register_forward_hook(record)
         self.indices.append(index)
 
-    def _start(self, _module, _inputs) -> None:
-        self._recording = True
+    @property
+    def recording(self) -> bool:
+        return self._states is not None
 
-    def pop(self) -> dict[int, torch.Tensor]:
-        """This forward's states; records nothing more until the model's next forward."""
-        self._recording = False
-        states, self.states = self.states, {}
-        return states
+    @contextmanager
+    def recording_scope(self) -> Iterator[dict[int, torch.Tensor]]:
+        """The states of the forward run inside, by aligned index (filled as the layers run)."""
+        self._states = states = {}
+        try:
+            yield states
+        finally:
+            self._states = None

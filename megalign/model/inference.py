@@ -196,7 +196,8 @@ class CachedLogits:
         mask = (attention_mask[:, :, slots][:, :, :, layout]
                 if attention_mask is not None else None)
         reordered = stop < length
-        with _rotary_in_slot_order(self.chunks[0], layout) if reordered else contextlib.nullcontext():
+        with (_rotary_in_slot_order(self.chunks[0], layout) if reordered
+              else contextlib.nullcontext()):
             logits = forward_vocab_shard(self.chunks, tokens[:, slots].contiguous(), positions,
                                          mask, inference_context=self.context)
         if logits is not None and reordered:
@@ -215,7 +216,8 @@ def ar_decode(chunks, prompt: list[int], length: int, vocab: int, temperature: f
         logits = forward_logits(chunks, x, torch.arange(len(tokens)).unsqueeze(0), None)
         row = logits[0, -1, :vocab].cpu()
         if temperature > 0:
-            tokens.append(int(torch.multinomial((row / temperature).softmax(-1), 1, generator=generator)))
+            tokens.append(int(torch.multinomial((row / temperature).softmax(-1), 1,
+                                                generator=generator)))
         else:
             tokens.append(int(row.argmax()))
     return tokens[len(prompt):]

@@ -55,7 +55,8 @@ def all_gather(tensor: torch.Tensor, group=None) -> list[torch.Tensor]:
 
 
 def all_gather_object(obj, group=None) -> list:
-    """Every rank's picklable ``obj``, in rank order (torch moves the bytes to the group's device)."""
+    """Every rank's picklable ``obj``, in rank order (torch moves the bytes to the group's
+    device)."""
     gathered: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(gathered, obj, group=group)
     return gathered

@@ -3,8 +3,8 @@
 Megatron-Core hard-codes CUDA in a handful of places on the training path (scalars created with
 ``device="cuda"`` in the schedules and optimizer, p2p receive buffers on
 ``torch.cuda.current_device()``, ``Tensor.cuda()`` for shared embeddings, a CUDA RNG tracker and a
-grad-clipping assert on ``torch.cuda.FloatTensor``). No configuration flag avoids them, so this module
-redirects exactly those to the CPU:
+grad-clipping assert on ``torch.cuda.FloatTensor``). No configuration flag avoids them, so this
+module redirects exactly those to the CPU:
 
 * ``torch.cuda.current_device`` returns ``"cpu"`` and ``torch.cuda.synchronize`` is a no-op;
 * a process-wide ``TorchFunctionMode`` rewrites ``device="cuda*"`` arguments to the CPU, makes
@@ -88,7 +88,8 @@ def _cpu_rng_tracker_class():
     from megatron.core.tensor_parallel import random as mcore_random
 
     class CpuRNGStatesTracker(mcore_random.CudaRNGStatesTracker):
-        """Megatron's named RNG streams (data-parallel, model-parallel, expert) on the CPU generator."""
+        """Megatron's named RNG streams (data-parallel, model-parallel, expert) on the CPU
+        generator."""
 
         def add(self, name, seed):
             if seed in self.seeds_:

@@ -62,8 +62,8 @@ class ExpertLoad:
     def imbalance(self) -> list[float]:
         """Per layer, the busiest expert's tokens over the mean (1 = perfectly even), over every
         rank since the last call. Every rank must call this."""
-        counts = torch.zeros(self.shape, dtype=torch.float64) if self.counts is None else \
-            self.counts
+        counts = (torch.zeros(self.shape, dtype=torch.float64) if self.counts is None
+                  else self.counts)
         counts = collectives.all_reduce(counts.clone()).cpu()
         self.counts = None
         mean = counts.mean(-1).clamp(min=1e-12)

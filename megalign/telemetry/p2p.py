@@ -41,7 +41,8 @@ def count_p2p():
         else:
             counts.backward_bytes += nbytes
             counts.backward_messages += 1
-        counts.sends.append((dst, tuple(tensor.shape), str(tensor.dtype), "fwd" if forward else "bwd"))
+        counts.sends.append((dst, tuple(tensor.shape), str(tensor.dtype),
+                             "fwd" if forward else "bwd"))
 
     def wrap(name):
         original = originals[name]

@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from megalign.config import Config
 
+
 class Unrecoverable(BaseException):
     """Raised inside an attempt for an error a restart cannot fix; a ``BaseException`` so the
     wrapper ends instead of restarting. ``error`` is the original exception."""

@@ -14,6 +14,7 @@ import os
 import sys
 from typing import Optional
 
+from megalign.config import LoggingConfig
 
 # the held-out metric of each objective (megalign/training/validator.py) and its console name
 VALIDATION_MAIN = {"val_nelbo": "diffusion NELBO per token", "val_nll": "next-token NLL"}
@@ -29,22 +30,30 @@ VALIDATION_EXTRAS = {
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: str, tensorboard: bool, enabled: bool):
+    """What a run reports, and when: every ``logging.log_interval`` iterations and the last one
+    (the loop hands it every iteration's record). Only the rank given ``enabled`` writes."""
+
+    def __init__(self, config: LoggingConfig, train_iters: int, enabled: bool):
         self.enabled = enabled
+        self.interval, self.train_iters = config.log_interval, train_iters
         self._writer = None
         self._jsonl = None
-        self._validation_path = os.path.join(run_dir, "validation.jsonl")
+        self._validation_path = os.path.join(config.run_dir, "validation.jsonl")
         if not enabled:
             return
-        os.makedirs(run_dir, exist_ok=True)
-        self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8")
-        if tensorboard:
+        os.makedirs(config.run_dir, exist_ok=True)
+        self._jsonl = open(os.path.join(config.run_dir, "metrics.jsonl"), "a", encoding="utf-8")
+        if config.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(log_dir=os.path.join(run_dir, "tensorboard"))
+            self._writer = SummaryWriter(log_dir=os.path.join(config.run_dir, "tensorboard"))
 
-    def log(self, record: dict, train_iters: int) -> None:
-        if not self.enabled:
+    def should_log(self, iteration: int) -> bool:
+        return iteration % self.interval == 0 or iteration == self.train_iters
+
+    def log(self, record: dict) -> None:
+        """A training iteration's record, if this iteration is one to report."""
+        if not self.enabled or not self.should_log(record["iteration"]):
             return
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
@@ -59,7 +68,7 @@ class MetricsLogger:
                 else:
                     self._writer.add_scalar(key, value, step)
             self._writer.flush()
-        print(console_line(record, train_iters), flush=True)
+        print(console_line(record, self.train_iters), flush=True)
 
     def log_validation(self, record: dict) -> None:
         """One held-out evaluation: a line in ``validation.jsonl``, TensorBoard, the console."""
@@ -102,7 +111,8 @@ def console_line(record: dict, train_iters: int) -> str:
         f"diffusion loss: {record['diffusion_loss']:.6E}",
         f"align loss: {record['align_loss']:.6E}",
         *([f"teacher loss: {record['teacher_loss']:.6E}"] if "teacher_loss" in record else []),
-        *([f"attention open: {record['attention_open']:.3f}"] if "attention_open" in record else []),
+        *([f"attention open: {record['attention_open']:.3f}"]
+          if "attention_open" in record else []),
         f"grad norm: {_fmt(record['grad_norm'])}",
     ]
     if "moe_aux_loss" in record:

@@ -16,6 +16,7 @@ then, so recording them costs no host sync.
 from __future__ import annotations
 
 from collections import deque
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Optional
@@ -29,11 +30,12 @@ from megalign.align.loss import alignment_loss, mirror_streams, stage_alignment
 from megalign.align.teacher import Teacher
 from megalign.config import Config
 from megalign.data.vocabulary import Vocabulary
-from megalign.distributed import device
 from megalign.diffusion.objective import DiffusionBatch, causal_lm_batch, loss_terms, make_batch
+from megalign.distributed import device
 from megalign.model.hidden_states import HiddenStateRecorder
 from megalign.platform import collectives
 from megalign.telemetry.experts import aux_loss_per_layer
+from megalign.training.first_batch import FirstMicrobatch
 
 
 @dataclass
@@ -44,7 +46,6 @@ class StepStats:
     diffusion: torch.Tensor = None  # [1] float64: the diffusion loss (last stage)
     teacher: torch.Tensor = None  # [1] float64: the teacher's AR loss (log_teacher_loss)
     layer_distance: torch.Tensor = None  # [L+1] float64: per aligned layer, sum of (1 - mean cos)
-    first_microbatch: Optional[dict] = None
 
     def __post_init__(self):
         self.diffusion = torch.zeros(1, dtype=torch.float64, device=device())
@@ -98,19 +99,11 @@ class DiffusionStep:
     def begin(self, num_microbatches: int, grad_scale_func, record_first: bool) -> None:
         self.num_microbatches = num_microbatches
         self.grad_scale_func = grad_scale_func
-        self.record_first = record_first
         self.stats = StepStats(self.cfg.model.num_layers)
+        self.first = FirstMicrobatch(self.cfg.model.num_layers) if record_first else None
         chunks = len(self._computes_loss)
         self._started = [0] * chunks  # micro-batches of this step read so far, per chunk
         self._ready = [deque() for _ in range(chunks)]  # (batch, teacher output) read ahead
-
-    def _is_first_microbatch(self, batch: DiffusionBatch) -> bool:
-        """The first micro-batch of a recorded step, on every model chunk that processes it."""
-        if not self.record_first:
-            return False
-        if self.stats.first_microbatch is None:
-            return True
-        return torch.equal(self.stats.first_microbatch["sample_indices"], batch.sample_indices.cpu())
 
     def _aux_scale(self) -> float:
         scale = 1.0 / self.num_microbatches
@@ -135,30 +128,23 @@ class DiffusionStep:
         chunk = self._chunk_of[id(unwrap_model(model))]
         last_stage = self._computes_loss[chunk]
         batch, teacher = self._next_microbatch(data_iterator, chunk)
-        first = self._is_first_microbatch(batch)
-        if first and self.stats.first_microbatch is None:
-            self.stats.first_microbatch = {
-                "clean_tokens": batch.clean_tokens.cpu(),
-                "input_tokens": batch.input_tokens.cpu(),
-                "t": batch.t.cpu(),
-                "supervised": batch.supervised.cpu(),
-                "sample_indices": batch.sample_indices.cpu(),
-                "layer_distance": torch.zeros_like(self.stats.layer_distance),
-                "diffusion_loss": torch.zeros_like(self.stats.diffusion),
-            }
+        first = self.first is not None and self.first.watches(batch)
         if teacher is not None and teacher.token_loss is not None:
             loss_sum, count = loss_terms(teacher.token_loss, replace(
                 batch, supervised=batch.supervised_targets, streams=1), "none")
             self.stats.teacher += (loss_sum / count.clamp(min=1)).double()
-        output = model(
-            batch.input_tokens,
-            batch.position_ids,
-            batch.student_mask,
-            labels=batch.labels if last_stage else None,
-        )
+        recording = (self.recorders[chunk].recording_scope() if self.teacher is not None
+                     else nullcontext({}))
+        with recording as student_states:
+            output = model(
+                batch.input_tokens,
+                batch.position_ids,
+                batch.student_mask,
+                labels=batch.labels if last_stage else None,
+            )
         if self.teacher is not None:
             alignment = stage_alignment(
-                self.recorders[chunk].pop(),
+                student_states,
                 teacher.states if batch.streams == 1 else
                 mirror_streams(teacher.states, self.cfg.parallel.sequence_parallel),
                 batch.aligned,
@@ -166,7 +152,8 @@ class DiffusionStep:
                 self.cfg.parallel.sequence_parallel,
             )
             if alignment.layers:
-                output = attach_loss(output, self.cfg.align.weight * alignment.loss, self._aux_scale())
+                output = attach_loss(output, self.cfg.align.weight * alignment.loss,
+                                     self._aux_scale())
             self._record_alignment(alignment, chunk, first)
         return output, partial(self._loss, batch, first)
 
@@ -191,14 +178,14 @@ class DiffusionStep:
         index = self._aligned_index[chunk]
         self.stats.layer_distance.index_add_(0, index, distances)
         if first:
-            self.stats.first_microbatch["layer_distance"].index_copy_(0, index, distances)
+            self.first.distances(index, distances)
 
     def _loss(self, batch: DiffusionBatch, first: bool, per_token_ce: torch.Tensor):
         loss_sum, count = loss_terms(per_token_ce, batch, self.cfg.diffusion.loss_weighting)
         value = (loss_sum.detach() / count.clamp(min=1)).double().reshape(1)
         self.stats.diffusion += value
         if first:
-            self.stats.first_microbatch["diffusion_loss"] = value
+            self.first.diffusion_loss(value)
         return loss_sum, count, {"diffusion_loss": value}
 
     def reduce(self) -> StepResult:
@@ -221,25 +208,10 @@ class DiffusionStep:
         return StepResult(float(values[0]), float(align_loss), align_cos,
                           float(values[1]) if logs_teacher else None, aux)
 
-    def first_microbatch_dump(self) -> Optional[dict]:
-        """The first micro-batch's inputs and loss terms, with scalars gathered from all stages."""
-        record = self.stats.first_microbatch
-        if record is None:
-            return None
-        distances = record["layer_distance"]
-        values = torch.cat([record["diffusion_loss"], distances])
-        group = parallel_state.get_pipeline_model_parallel_group()
-        collectives.all_reduce(values, group=group)
-        distances = values[1:].tolist()
-        dump = {k: v for k, v in record.items() if k not in ("layer_distance",)}
-        dump["diffusion_loss"] = float(values[0])
-        dump["align_cos"] = {i: 1.0 - distances[i] for i in self.layer_weights} if self.teacher else {}
-        dump["align_loss"] = (alignment_loss(distances, self.layer_weights, self.cfg.align.weight)
-                              if self.teacher else 0.0)
-        dump["align_weight"] = self.cfg.align.weight
-        dump["loss_weighting"] = self.cfg.diffusion.loss_weighting
-        dump["shift"] = self.cfg.diffusion.shift
-        return dump
+    def first_microbatch_dump(self) -> dict:
+        """The watched first micro-batch's inputs and loss terms (collective: every rank)."""
+        return self.first.dump(self.layer_weights, self.cfg.align.weight, self.teacher is not None,
+                               self.cfg.diffusion.loss_weighting, self.cfg.diffusion.shift)
 
 
 def _sum_over_pipeline_then_mean_over_dp(values: torch.Tensor) -> torch.Tensor:

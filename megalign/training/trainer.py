@@ -32,8 +32,6 @@ from megalign.training.metrics import MetricsLogger
 from megalign.training.step import DiffusionStep, StepResult
 from megalign.training.validator import Validator
 
-
-
 # ----------------------------------------------------------------------------- models
 
 
@@ -107,8 +105,11 @@ def freeze_parameters(chunks: list, patterns: list[str]) -> int:
 
 
 def wrap_and_optimize(cfg: Config, students: list):
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
@@ -290,7 +291,7 @@ class Trainer:
         return record
 
     def validate(self, logger: MetricsLogger) -> None:
-        metrics = self.validator.validate(self.students, self.step)
+        metrics = self.validator.validate(self.students, self.step.vocab)
         logger.log_validation({"iteration": self.iteration,
                                "consumed_samples": self.consumed_samples, **metrics})
 
@@ -307,8 +308,7 @@ class Trainer:
             record = self.train_step(data_iterator)
             records.append(record)
             iteration = self.iteration
-            if iteration % self.cfg.logging.log_interval == 0 or iteration == train_iters:
-                logger.log(record, train_iters)
+            logger.log(record)
             if self.validator.should_validate(iteration):
                 self.validate(logger)
             signalled = stop.requested()
@@ -321,7 +321,8 @@ class Trainer:
         return records
 
 
-def setup(cfg: Config, tokenizer, log=print, store=None, ar_checkpoint: Optional[str] = None) -> Trainer:
+def setup(cfg: Config, tokenizer, log=print, store=None,
+          ar_checkpoint: Optional[str] = None) -> Trainer:
     """Process groups (rendezvous on ``store`` if given), models from ``ar_checkpoint`` (default
     ``model.init_checkpoint``), optimizer, data and held-out evaluation for this rank."""
     from megatron.core import parallel_state
@@ -389,7 +390,7 @@ def run(cfg: Config, tokenizer, store=None) -> list[dict]:
     from megalign.training.signals import ExitOnSignal
 
     with contextlib.ExitStack() as cleanup:  # an in-process restart runs this again: close all
-        logger = MetricsLogger(cfg.logging.run_dir, cfg.logging.tensorboard,
+        logger = MetricsLogger(cfg.logging, cfg.schedule.train_iters,
                                enabled=int(os.environ.get("RANK", "0")) == 0)
         cleanup.callback(logger.close)
         stop = ExitOnSignal()

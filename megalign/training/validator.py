@@ -17,6 +17,7 @@ from functools import partial
 from typing import Optional
 
 from megalign.config import Config
+from megalign.data.vocabulary import Vocabulary
 from megalign.diffusion.decoding import SamplerConfig
 from megalign.diffusion.sampler import for_model
 from megalign.evaluation.generation import student_generation_quality
@@ -57,21 +58,18 @@ class Validator:
         return bool(interval) and (iteration % interval == 0
                                    or iteration == self.cfg.schedule.train_iters)
 
-    def validate(self, students: list, step) -> dict:
-        """The metrics of the current student (``step``: the run's DiffusionStep, for its special
-        tokens and its hidden-state recorders, emptied afterwards)."""
+    def validate(self, students: list, vocab: Vocabulary) -> dict:
+        """The metrics of the current student."""
         start = time.perf_counter()
         try:
-            result = self._metrics(students, step)
+            result = self._metrics(students, vocab)
         finally:
             for chunk in students:
                 chunk.train()
-            for recorder in step.recorders or []:
-                recorder.pop()  # drop the held-out forwards' states
         return {**result, "eval_time_s": time.perf_counter() - start}
 
-    def _metrics(self, students: list, step) -> dict:
-        cfg, e, tokenizer, vocab = self.cfg, self.cfg.evaluation, self.tokenizer, step.vocab
+    def _metrics(self, students: list, vocab: Vocabulary) -> dict:
+        cfg, e, tokenizer = self.cfg, self.cfg.evaluation, self.tokenizer
         student = full_logits_fn(students, vocab.size)
         if cfg.objective == "ar":
             score, name = partial(causal_nll, student, vocab=vocab,

@@ -10,11 +10,12 @@ import os
 
 import torch
 import torch.distributed as dist
-from common import arguments, config_and_tokenizer
 from megatron.core import parallel_state
 
 from megalign.model.gather import full_tensors
 from megalign.training.trainer import setup
+
+from common import arguments, config_and_tokenizer
 
 
 def main():

@@ -9,8 +9,8 @@ import torch
 from lm_eval.api.instance import Instance
 
 from megalign import distributed
-from megalign.diffusion.masking import masks_at
 from megalign.cli.harness import main as harness_main
+from megalign.diffusion.masking import masks_at
 from megalign.harness import MegalignLM
 from megalign.model.attention import attention_mask, document_ids
 
@@ -56,13 +56,16 @@ report["loglikelihood_second_in_list"] = lm.loglikelihood(
     [Instance("loglikelihood", {}, ("The LORD is my", " shepherd"), 0),
      Instance("loglikelihood", {}, (context, continuation), 1)])[1][0]
 report["formula"] = -nelbo
-report["masked_fraction"] = float(torch.cat([masks_at(index, len(cont_ids), 3, (k + 0.5) / samples, k)
+report["masked_fraction"] = float(torch.cat([masks_at(index, len(cont_ids), 3,
+                                                      (k + 0.5) / samples, k)
                                              for k in range(samples)]).float().mean())
 
 prompt = "In the beginning"
-free = lm.generate_until([Instance("generate_until", {}, (prompt, {"until": [], "max_gen_toks": 16}), 0)])[0]
+free = lm.generate_until([Instance("generate_until", {},
+                                   (prompt, {"until": [], "max_gen_toks": 16}), 0)])[0]
 stop = free[len(free) // 2 : len(free) // 2 + 2]
-stopped = lm.generate_until([Instance("generate_until", {}, (prompt, {"until": [stop], "max_gen_toks": 16}), 0)])[0]
+stopped = lm.generate_until([Instance("generate_until", {},
+                                      (prompt, {"until": [stop], "max_gen_toks": 16}), 0)])[0]
 report.update(free=free, stop=stop, stopped=stopped)
 # the adapter decodes with the sampler's defaults unless model_args set steps / block_length
 sampler, _ = lm._sampler({"max_gen_toks": 32})

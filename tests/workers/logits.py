@@ -4,12 +4,13 @@ decoding), saved as {"logits", "greedy"}."""
 
 
 import torch
-from common import arguments, config_and_tokenizer
 
 from megalign import distributed
 from megalign.checkpoint import load_checkpoint
 from megalign.model.gpt import build_chunks
 from megalign.model.inference import ar_decode, forward_logits
+
+from common import arguments, config_and_tokenizer
 
 args = arguments("tokens", greedy=0)
 cfg, _ = config_and_tokenizer(args, extra=["model.document_attention=false"], tokenizer=False)

@@ -2,11 +2,10 @@
 masking, and the step-0 alignment of the embedding states. Writes a JSON report to --out."""
 
 import json
-from dataclasses import fields
+from dataclasses import fields, replace
 
 import torch
 import torch.nn.functional as F
-from common import arguments, config_and_tokenizer, start_one_process
 
 from megalign import distributed
 from megalign.align.teacher import Teacher
@@ -16,6 +15,8 @@ from megalign.model.attention import attention_mask, document_ids
 from megalign.model.gpt import build_gpt
 from megalign.model.hidden_states import HiddenStateRecorder
 from megalign.training.trainer import freeze_parameters
+
+from common import arguments, config_and_tokenizer, start_one_process
 
 
 def logits_of(model, tokens, mask):
@@ -34,14 +35,14 @@ def main():
     tokens = torch.randint(4, tok.vocab_size, (1, 32))
     changed = tokens.clone()
     changed[0, -1] = (changed[0, -1] + 1) % tok.vocab_size
-    cfg.model.document_attention = False
+    cfg = replace(cfg, model=replace(cfg.model, document_attention=False))
     for name, causal in (("bidirectional", False), ("causal", True)):
         model = build_gpt(cfg, vocab, causal=causal, params_dtype=torch.float32).eval()
         delta = (logits_of(model, tokens, None) - logits_of(model, changed, None)).abs()
         report[f"{name}_first_position_change"] = float(delta[0, 0].max())
 
     # two packed documents: [0, 16) and [16, 32); change a token of the second one
-    cfg.model.document_attention = True
+    cfg = replace(cfg, model=replace(cfg.model, document_attention=True))
     docs_tokens = tokens.clone()
     docs_tokens[0, 15] = tok.eod
     changed = docs_tokens.clone()
@@ -56,7 +57,7 @@ def main():
                                                            else delta[0, 20:].max())
 
     # step 0: student initialised from the teacher's weights
-    cfg.align.weight = 10.0
+    cfg = replace(cfg, align=replace(cfg.align, weight=10.0))
     student = build_gpt(cfg, vocab, causal=False, params_dtype=torch.float32)
     teacher = Teacher(cfg, vocab, [student.state_dict()], {0, cfg.model.num_layers})
     recorder = HiddenStateRecorder(student, {0})
@@ -76,9 +77,9 @@ def main():
         for i in range(2) for k in teacher_states)
     report["teacher_group_shapes"] = [list(grouped[i].states[k].shape) for i in range(2)
                                       for k in sorted(teacher_states)]
-    with torch.no_grad():
+    with torch.no_grad(), recorder.recording_scope() as student_states:
         student(batch.input_tokens, batch.position_ids, batch.student_mask)
-    cos = F.cosine_similarity(recorder.pop()[0], teacher_states[0], dim=-1).T  # [b, s]
+    cos = F.cosine_similarity(student_states[0], teacher_states[0], dim=-1).T  # [b, s]
     visible = batch.supervised & (batch.input_tokens != vocabulary.mask)
     hidden = batch.supervised & (batch.input_tokens == vocabulary.mask)
     report["embedding_cos_visible_min"] = float(cos[visible].min())

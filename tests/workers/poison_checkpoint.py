@@ -3,12 +3,13 @@
 import json
 
 import torch
-from common import arguments, config_and_tokenizer, start_one_process
 
 from megalign import distributed
 from megalign.checkpoint import load_checkpoint, save_weights
 from megalign.errors import CheckpointError
 from megalign.model.gpt import build_chunks
+
+from common import arguments, config_and_tokenizer, start_one_process
 
 args = arguments("checkpoint")
 cfg, tok = config_and_tokenizer(args, one_process=True)

@@ -12,13 +12,14 @@ import os
 
 import torch
 import torch.distributed as dist
-from common import arguments, config_and_tokenizer
 from megatron.core import parallel_state
 
 from megalign.model.gather import full_tensors
 from megalign.telemetry.p2p import count_p2p
-from megalign.training.trainer import setup
 from megalign.training.step import DiffusionStep
+from megalign.training.trainer import setup
+
+from common import arguments, config_and_tokenizer
 
 
 def result_dict(result):
@@ -40,10 +41,10 @@ def main():
     plain_grads = full_tensors(students, "grad")
     with count_p2p() as align_p2p:
         align_result = trainer.forward_backward(trainer.data_iterator(), record_first=True)
-    first = step.stats.first_microbatch
+    first = step.first.record
     align_grads = full_tensors(students, "grad")
 
-    recorders_empty = all(not recorder.states for recorder in step.recorders)
+    recorders_empty = not any(recorder.recording for recorder in step.recorders)
     teacher_before = [p.detach().clone() for p in teacher.parameters()]
     student_before = full_tensors(students, "param")
     iterator = trainer.data_iterator()
