@@ -377,7 +377,8 @@ def step_costs(args, base: list, out: Path, data: str, heldout: str, ood: str) -
                  for weight in (plain, aligned)}
         cfg = arm_config(base, mode_overrides(args, mode))
         vocab = Vocabulary.of(cfg, build_tokenizer(cfg.data.tokenizer))
-        flops = {w: step_flops(cfg, vocab.padded, aligned=w > 0, streams=streams(cfg))
+        positions = streams(cfg.diffusion, cfg.model.seq_length)
+        flops = {w: step_flops(cfg, vocab.padded, aligned=w > 0, streams=positions)
                  for w in times}
         costs[mode] = {"step_time_s": {f"{w:g}": t for w, t in times.items()},
                        "flops_per_step": {f"{w:g}": f for w, f in flops.items()},

@@ -39,6 +39,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
 from megalign.diffusion.decoding import SamplerConfig, until_eos
+from megalign.diffusion.objective import MaskedDiffusion
 from megalign.diffusion.sampler import for_model, sample
 from megalign.loading import load_student, open_checkpoint
 from megalign.model.inference import forward_logits, sampler_logits
@@ -102,7 +103,8 @@ class MegalignLM(TemplateLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
         results = []
         for (text, context, continuation) in requests:
-            nelbo = continuation_nelbo(self._logits_fn, context, continuation, self.cfg,
+            nelbo = continuation_nelbo(self._logits_fn, context, continuation,
+                                       MaskedDiffusion.of(self.cfg),
                                        self.opened.vocab, self.mc_samples, self.seed)
             greedy = self._is_greedy(context, continuation)
             self.cache_hook.add_partial("loglikelihood", text, (-nelbo, greedy))
@@ -168,7 +170,7 @@ class MegalignLM(TemplateLM):
         return cfg, until
 
 
-def continuation_nelbo(logits_fn, context: list[int], continuation: list[int], cfg, vocab,
+def continuation_nelbo(logits_fn, context: list[int], continuation: list[int], objective, vocab,
                        samples: int, seed: int) -> float:
     """Monte-Carlo negative ELBO of ``continuation`` given ``context`` (see the module doc)."""
     from megalign.diffusion.masking import masks_at
@@ -184,7 +186,8 @@ def continuation_nelbo(logits_fn, context: list[int], continuation: list[int], c
     for k in range(samples):
         masked[k, len(context):length] = masks_at(index, len(continuation), seed, float(t[k]), k)[0]
     positions = torch.arange(length).unsqueeze(0).expand(samples, -1)
-    batch = make_batch(tokens, positions, index.expand(samples), cfg, vocab, noise=(t, masked))
+    batch = make_batch(tokens, positions, index.expand(samples), objective, vocab,
+                       noise=(t, masked))
     loss_sums, _ = sample_losses(logits_fn, batch, "inv_t")
     return float(loss_sums.sum()) / samples
 

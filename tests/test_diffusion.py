@@ -6,7 +6,7 @@ import torch
 from megalign.config import Config, DiffusionConfig, EvaluationConfig
 from megalign.data.vocabulary import Vocabulary
 from megalign.diffusion.masking import sample_noise
-from megalign.diffusion.objective import loss_terms, make_batch
+from megalign.diffusion.objective import MaskedDiffusion, loss_terms, make_batch
 
 pytestmark = pytest.mark.unit
 
@@ -38,8 +38,8 @@ def _batch(shift, tokens=None):
         tokens[:, 10] = EOD
     positions = torch.arange(32).unsqueeze(0).repeat(2, 1)
     cfg = Config(seed=1234, diffusion=DiffusionConfig(shift=shift))
-    return tokens, make_batch(tokens, positions, torch.tensor([0, 1]), cfg, VOCAB,
-                              with_teacher=True)
+    return tokens, make_batch(tokens, positions, torch.tensor([0, 1]), MaskedDiffusion.of(cfg),
+                              VOCAB, with_teacher=True)
 
 
 def test_shifted_targets_are_next_tokens_whose_mask_is_set():
@@ -92,7 +92,8 @@ def test_elbo_estimate_is_the_inv_t_training_loss_on_its_mask():
     raw = {"tokens": tokens, "position_ids": torch.arange(32).repeat(2, 1),
            "sample_index": torch.tensor([11, 12])}
     fixed = torch.randn(2, 32, 40, generator=torch.Generator().manual_seed(0))
-    nelbo = diffusion_nelbo(lambda x, p, m: fixed, [raw], cfg, VOCAB, grid=1)
+    nelbo = diffusion_nelbo(lambda x, p, m: fixed, [raw], MaskedDiffusion.of(cfg), VOCAB, grid=1,
+                            seed=cfg.evaluation.seed)
     masked = masks_at(raw["sample_index"], 33, 1234, 0.5, 0)  # t = 0.5: the one grid point
     supervised = masked[:, 1:] & (tokens[:, :32] != EOD)
     ce = torch.nn.functional.cross_entropy(fixed.transpose(1, 2), tokens[:, 1:], reduction="none")

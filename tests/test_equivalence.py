@@ -446,7 +446,7 @@ def plain_reference(run, data_overrides, extra=(), student_input=None) -> dict:
     from megalign.data.dataset import build_datasets, micro_batches
     from megalign.data.tokenizer import build_tokenizer
     from megalign.data.vocabulary import Vocabulary
-    from megalign.diffusion.objective import make_batch
+    from megalign.diffusion.objective import MaskedDiffusion, make_batch
 
     cfg = load_config(str(TINY_CONFIG), [*data_overrides, f"data.global_batch_size={GLOBAL_BATCH}",
                                          *extra])
@@ -465,8 +465,9 @@ def plain_reference(run, data_overrides, extra=(), student_input=None) -> dict:
     total, teacher_loss, cos_means, aux_means = 0.0, 0.0, torch.zeros(L + 1), torch.zeros(L)
     for _ in range(num_mb):
         raw = next(iterator)
-        batch = make_batch(raw["tokens"], raw["position_ids"], raw["sample_index"], cfg,
-                           Vocabulary.of(cfg, tok), with_teacher=True, annealed=True,
+        batch = make_batch(raw["tokens"], raw["position_ids"], raw["sample_index"],
+                           MaskedDiffusion.of(cfg), Vocabulary.of(cfg, tok), with_teacher=True,
+                           annealed=True,
                            response=raw.get("response"))
         if student_input is None:
             tokens, blocked, positions = batch.input_tokens, batch.student_mask, None
@@ -688,10 +689,11 @@ def anneal_student_input(raw, batch, cfg):
     from megalign.data.tokenizer import build_tokenizer
     from megalign.data.vocabulary import Vocabulary
     from megalign.diffusion.masking import ANNEAL_STREAM, sample_seed
-    from megalign.diffusion.objective import make_batch
+    from megalign.diffusion.objective import MaskedDiffusion, make_batch
 
     s = batch.clean_tokens.shape[1]
-    bidirectional = make_batch(raw["tokens"], raw["position_ids"], raw["sample_index"], cfg,
+    bidirectional = make_batch(raw["tokens"], raw["position_ids"], raw["sample_index"],
+                               MaskedDiffusion.of(cfg),
                                Vocabulary.of(cfg, build_tokenizer(cfg.data.tokenizer))).student_mask
     closed = []
     for index in raw["sample_index"].tolist():

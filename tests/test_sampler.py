@@ -133,6 +133,7 @@ def test_bad_settings_are_rejected():
 @pytest.mark.unit
 def test_infilling_restores_a_span_with_an_oracle_and_keeps_the_context():
     from megalign.config import Config, ModelConfig
+    from megalign.diffusion.objective import MaskedDiffusion
     from megalign.evaluation.heldout import infilling
 
     cfg = Config(model=ModelConfig(document_attention=False))
@@ -148,7 +149,8 @@ def test_infilling_restores_a_span_with_an_oracle_and_keeps_the_context():
         logits.scatter_(2, tokens[:, 1:].unsqueeze(-1), 9.0)
         return logits
 
-    exact, accuracy = infilling(oracle, [raw], cfg, VOCABULARY, span=4, steps=2)
+    exact, accuracy = infilling(oracle, [raw], MaskedDiffusion.of(cfg), VOCABULARY, span=4,
+                                steps=2)
     assert (exact.value, accuracy.value) == (1.0, 1.0)
     first = seen[0]
     assert (first[:, 6:10] == MASK).all()  # the middle span is masked...

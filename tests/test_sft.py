@@ -15,7 +15,7 @@ from megalign.data.preprocess import preprocess
 from megalign.data.sft import loss_mask_prefix
 from megalign.data.tokenizer import build_tokenizer
 from megalign.data.vocabulary import Vocabulary
-from megalign.diffusion.objective import make_batch
+from megalign.diffusion.objective import MaskedDiffusion, make_batch
 from megalign.errors import ConfigError, DataError
 
 from conftest import REPO, TOKENIZER, chat_tokenizer, run_env
@@ -132,7 +132,8 @@ def test_prompt_tokens_are_never_noised_and_masked_responses_always_supervised()
     tokens[:, 20] = 2
     response = torch.zeros(64, 33, dtype=torch.bool)
     response[:, 8:21] = response[:, 27:] = True
-    batch = make_batch(tokens, torch.arange(32).expand(64, 32), torch.arange(64), cfg, vocab,
+    batch = make_batch(tokens, torch.arange(32).expand(64, 32), torch.arange(64),
+                       MaskedDiffusion.of(cfg), vocab,
                        response=response)
     masked = batch.input_tokens == vocab.mask
     assert not masked[~response[:, :32]].any()

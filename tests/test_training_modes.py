@@ -9,7 +9,7 @@ from megalign.config import Config, DataConfig, DiffusionConfig, ModelConfig
 from megalign.data.vocabulary import Vocabulary
 from megalign.diffusion.decoding import SamplerConfig, prepare
 from megalign.diffusion.masking import anneal_fraction, open_future
-from megalign.diffusion.objective import loss_terms, make_batch
+from megalign.diffusion.objective import MaskedDiffusion, loss_terms, make_batch
 from megalign.diffusion.sampler import denoise, for_model
 from megalign.errors import ConfigError
 from megalign.model.attention import attention_mask, document_ids
@@ -27,6 +27,10 @@ def _config(**diffusion) -> Config:
                   diffusion=DiffusionConfig(**diffusion))
 
 
+def _objective(**diffusion) -> MaskedDiffusion:
+    return MaskedDiffusion.of(_config(**diffusion))
+
+
 def _sample(indices=(0, 1)):
     tokens = torch.arange(10, 10 + SEQ + 1).unsqueeze(0).repeat(len(indices), 1)
     tokens[:, 5] = EOD  # two documents: positions restart after it
@@ -36,19 +40,19 @@ def _sample(indices=(0, 1)):
 
 
 def test_annealing_starts_causal_and_ends_bidirectional():
-    cfg = _config(anneal_iters=3)
+    objective = MaskedDiffusion.of(_config(anneal_iters=3))
     tokens, positions, _ = _sample()
     docs = document_ids(tokens[:, :SEQ], EOD)
-    first = make_batch(tokens, positions, torch.tensor([0, 0]), cfg, VOCAB, annealed=True)
+    first = make_batch(tokens, positions, torch.tensor([0, 0]), objective, VOCAB, annealed=True)
     assert torch.equal(first.student_mask, attention_mask(docs, causal=True))
-    done = make_batch(tokens, positions, torch.tensor([12, 40]), cfg, VOCAB, annealed=True)
+    done = make_batch(tokens, positions, torch.tensor([12, 40]), objective, VOCAB, annealed=True)
     assert torch.equal(done.student_mask, attention_mask(docs, causal=False))  # 3 x 4 samples on
-    halfway = make_batch(tokens, positions, torch.tensor([6, 6]), cfg, VOCAB, annealed=True)
+    halfway = make_batch(tokens, positions, torch.tensor([6, 6]), objective, VOCAB, annealed=True)
     opened = (~halfway.student_mask & attention_mask(docs, causal=True)).sum()
     assert 0 < opened < (~attention_mask(docs, causal=False)
                          & attention_mask(docs, causal=True)).sum()
     # evaluation sees the final, bidirectional model
-    evaluated = make_batch(tokens, positions, torch.tensor([0, 0]), cfg, VOCAB)
+    evaluated = make_batch(tokens, positions, torch.tensor([0, 0]), objective, VOCAB)
     assert torch.equal(evaluated.student_mask, attention_mask(docs, causal=False))
 
 
@@ -66,8 +70,9 @@ def test_annealed_masks_open_monotonically_per_sample():
 def test_block_diffusion_batch():
     cfg = _config(block_length=4)
     tokens, positions, indices = _sample()
-    full = make_batch(tokens, positions, indices, _config(), VOCAB, with_teacher=True)
-    batch = make_batch(tokens, positions, indices, cfg, VOCAB, with_teacher=True)
+    full = make_batch(tokens, positions, indices, _objective(), VOCAB, with_teacher=True)
+    batch = make_batch(tokens, positions, indices, MaskedDiffusion.of(cfg), VOCAB,
+                       with_teacher=True)
     assert batch.streams == 2 and batch.input_tokens.shape == (2, 2 * SEQ)
     assert torch.equal(batch.input_tokens, torch.cat([full.input_tokens, full.clean_tokens], 1))
     assert torch.equal(batch.position_ids, torch.cat([positions, positions], 1))
@@ -96,8 +101,8 @@ def test_block_diffusion_batch():
 
 def test_one_block_is_the_plain_batch():
     tokens, positions, indices = _sample()
-    plain = make_batch(tokens, positions, indices, _config(), VOCAB, with_teacher=True)
-    one = make_batch(tokens, positions, indices, _config(block_length=SEQ), VOCAB,
+    plain = make_batch(tokens, positions, indices, _objective(), VOCAB, with_teacher=True)
+    one = make_batch(tokens, positions, indices, _objective(block_length=SEQ), VOCAB,
                      with_teacher=True)
     for name in ("input_tokens", "labels", "supervised", "position_ids", "student_mask"):
         assert torch.equal(getattr(one, name), getattr(plain, name)), name

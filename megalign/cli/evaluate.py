@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 def evaluate(args) -> None:
     from megalign import distributed
     from megalign.diffusion.decoding import SamplerConfig
+    from megalign.diffusion.objective import MaskedDiffusion
     from megalign.diffusion.sampler import for_model
     from megalign.evaluation.generation import student_generation_quality
     from megalign.evaluation.heldout import (
@@ -71,18 +72,21 @@ def evaluate(args) -> None:
     opened = open_checkpoint(args.checkpoint, args.overrides)
     path, cfg, tokenizer, vocab = opened.path, opened.cfg, opened.tokenizer, opened.vocab
     student = load_student(opened)
-    batches = heldout_batches(args.data or cfg.data.paths, cfg.data.split, tokenizer, cfg,
-                              args.samples, args.batch_size, f"{path}.eval_cache",
+    objective = MaskedDiffusion.of(cfg)
+    batches = heldout_batches(args.data or cfg.data.paths, cfg.data.split, tokenizer,
+                              cfg.model.seq_length, cfg.evaluation.seed, args.samples,
+                              args.batch_size, f"{path}.eval_cache", cfg.model.document_attention,
                               loss_mask=cfg.data.sft and not args.data)
     student_fn = full_logits_fn(student, vocab.size)
-    nelbo = diffusion_nelbo(student_fn, batches, cfg, vocab, args.t_grid)
+    nelbo = diffusion_nelbo(student_fn, batches, objective, vocab, args.t_grid,
+                            cfg.evaluation.seed)
     result = {"checkpoint": path, "samples": len(batches) * args.batch_size,
               "t_grid": args.t_grid, "diffusion_nelbo_per_token": nelbo.value,
               "diffusion_nelbo_se": nelbo.se,
               "perplexity_upper_bound": math.exp(min(nelbo.value, 700)),
               "positions": int(sum(nelbo.counts))}
     if args.infill_span:
-        exact, accuracy = infilling(student_fn, batches, cfg, vocab, args.infill_span,
+        exact, accuracy = infilling(student_fn, batches, objective, vocab, args.infill_span,
                                     args.infill_steps or args.infill_span)
         result.update(infill_span=args.infill_span, infill_exact_match=exact.value,
                       infill_token_accuracy=accuracy.value)

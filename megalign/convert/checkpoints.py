@@ -315,7 +315,8 @@ def export_diffusion_model(cfg: Config, meta: dict, hf_state: dict, output: str)
         norm_epsilon=m.norm_epsilon, rope_theta=float(m.rotary_base), qkv_bias=m.qkv_bias,
         tie_word_embeddings=m.tie_embeddings, mask_token_id=cfg.diffusion.mask_token_id,
         shift=cfg.diffusion.shift, document_attention=m.document_attention,
-        diffusion_block_length=cfg.diffusion.block_length if streams(cfg) == 2 else None,
+        diffusion_block_length=(cfg.diffusion.block_length
+                                if streams(cfg.diffusion, m.seq_length) == 2 else None),
         sample_vocab_size=tokenizer.vocab_size if tokenizer else m.padded_vocab_size,
         eos_token_id=tokenizer.eod if tokenizer else None,
         pad_token_id=tokenizer.pad if tokenizer else None)

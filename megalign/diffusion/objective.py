@@ -35,7 +35,7 @@ from typing import Optional
 
 import torch
 
-from megalign.config import Config
+from megalign.config import Config, DiffusionConfig
 from megalign.data.vocabulary import Vocabulary
 from megalign.diffusion.masking import anneal_fraction, open_future, sample_noise
 from megalign.model.attention import attention_mask, document_ids
@@ -78,17 +78,39 @@ class DiffusionBatch:
         return noisy | clean
 
 
-def streams(cfg: Config) -> int:
+@dataclass(frozen=True)
+class MaskedDiffusion:
+    """What making an example needs of the run config: the diffusion settings, the seed the
+    noise is drawn from, whether attention stays inside packed documents, the sequence length and
+    the samples per step (the annealing schedule counts samples)."""
+
+    diffusion: DiffusionConfig
+    seed: int
+    document_attention: bool
+    seq_length: int
+    samples_per_step: int
+
+    @classmethod
+    def of(cls, cfg: Config) -> "MaskedDiffusion":
+        return cls(cfg.diffusion, cfg.seed, cfg.model.document_attention, cfg.model.seq_length,
+                   cfg.data.global_batch_size)
+
+    @property
+    def streams(self) -> int:
+        return streams(self.diffusion, self.seq_length)
+
+
+def streams(diffusion: DiffusionConfig, seq_length: int) -> int:
     """Positions per sequence position in the student's input: 2 under block diffusion."""
-    block = cfg.diffusion.block_length
-    return 2 if block and block < cfg.model.seq_length else 1
+    block = diffusion.block_length
+    return 2 if block and block < seq_length else 1
 
 
 def make_batch(
     tokens: torch.Tensor,
     position_ids: torch.Tensor,
     sample_indices: torch.Tensor,
-    cfg: Config,
+    objective: MaskedDiffusion,
     vocab: Vocabulary,
     with_teacher: bool = False,
     noise: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
@@ -101,10 +123,10 @@ def make_batch(
     ``diffusion.anneal_iters`` (training); otherwise bidirectional (evaluation, the final model).
     ``response`` [b, s+1] (diffusion SFT): only these tokens are noised, so only they are
     supervised; the prompt stays clean."""
-    d, eod, pad = cfg.diffusion, vocab.eod, vocab.pad
+    d, eod, pad = objective.diffusion, vocab.eod, vocab.pad
     seq = tokens.shape[1] - 1
     t, masked = (noise if noise is not None
-                 else sample_noise(sample_indices, seq + 1, cfg.seed, d.eps))
+                 else sample_noise(sample_indices, seq + 1, objective.seed, d.eps))
     t, masked = t.to(tokens.device), masked.to(tokens.device)
     if response is not None:
         masked = masked & response.to(tokens.device)
@@ -119,19 +141,19 @@ def make_batch(
     if pad != eod:
         supervised &= labels != pad
     student_mask = teacher_mask = None
-    if cfg.model.document_attention:
+    if objective.document_attention:
         docs = document_ids(clean, eod)
         student_mask = attention_mask(docs, causal=False)
         teacher_mask = attention_mask(docs, causal=True) if with_teacher else None
     if annealed and d.anneal_iters:
-        fractions = anneal_fraction(sample_indices, d.anneal_iters, cfg.data.global_batch_size)
+        fractions = anneal_fraction(sample_indices, d.anneal_iters, objective.samples_per_step)
         later = torch.ones(seq, seq, dtype=torch.bool).triu(1)
-        closed = (later & ~open_future(sample_indices, fractions, seq, cfg.seed)).unsqueeze(1)
+        closed = (later & ~open_future(sample_indices, fractions, seq, objective.seed)).unsqueeze(1)
         closed = closed.to(tokens.device)
         student_mask = closed if student_mask is None else student_mask | closed
-    if streams(cfg) == 2:
+    if objective.streams == 2:
         return _two_streams(clean, input_tokens, labels.contiguous(), supervised, t, position_ids,
-                            teacher_mask, sample_indices, cfg, eod)
+                            teacher_mask, sample_indices, objective, eod)
     return DiffusionBatch(
         clean_tokens=clean,
         input_tokens=input_tokens,
@@ -164,16 +186,16 @@ def causal_lm_batch(tokens: torch.Tensor, position_ids: torch.Tensor, sample_ind
 
 
 def _two_streams(clean, noisy, labels, supervised, t, position_ids, teacher_mask, sample_indices,
-                 cfg: Config, eod: int) -> DiffusionBatch:
+                 objective: MaskedDiffusion, eod: int) -> DiffusionBatch:
     """The block-diffusion example (see the module docstring)."""
-    block_length = cfg.diffusion.block_length
+    block_length = objective.diffusion.block_length
     blocks = position_ids // block_length
-    if cfg.diffusion.shift:
+    if objective.diffusion.shift:
         opens_block = (position_ids + 1) % block_length == 0  # the target starts the next block
         from_noisy, from_clean = supervised & ~opens_block, supervised & opens_block
     else:
         from_noisy, from_clean = supervised, torch.zeros_like(supervised)
-    if cfg.model.document_attention:
+    if objective.document_attention:
         docs = document_ids(clean, eod)
         same = docs.unsqueeze(2) == docs.unsqueeze(1)
     else:

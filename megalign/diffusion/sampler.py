@@ -34,7 +34,7 @@ from megalign.diffusion.objective import streams
 def for_model(cfg: Config, sampler: SamplerConfig) -> SamplerConfig:
     """``sampler`` as the model was trained: a block-diffusion student (``diffusion.block_length``)
     decodes its blocks left to right, block-causally, without the positions after the block."""
-    if streams(cfg) == 1:
+    if streams(cfg.diffusion, cfg.model.seq_length) == 1:
         return sampler
     return decoding.for_block_diffusion(sampler, cfg.diffusion.block_length)
 

@@ -18,17 +18,17 @@ import torch.nn.functional as F
 from megalign.evaluation.statistics import Estimate, estimate
 
 
-def heldout_batches(paths: list, split: str, tokenizer, cfg, samples: int, batch_size: int,
-                    cache_dir: str, device=None, loss_mask: bool = False) -> list:
+def heldout_batches(paths: list, split: str, tokenizer, seq_length: int, seed: int, samples: int,
+                    batch_size: int, cache_dir: str, document_attention: bool = True,
+                    device=None, loss_mask: bool = False) -> list:
     """The first ``samples`` samples (whole batches) of the validation split of ``paths`` under
     ``split``: disjoint from the training split of the same split string by construction (Megatron
-    splits by document ranges), and the same for every run of the same data and
-    ``evaluation.seed``, whatever the run's own seed."""
+    splits by document ranges), and the same for every run of the same data and ``seed``
+    (``evaluation.seed``), whatever the run's own seed."""
     from megalign.data.dataset import build_datasets, micro_batches
 
-    _, valid, _ = build_datasets(paths, tokenizer, cfg.model.seq_length, split, cfg.evaluation.seed,
-                                 [0, samples, 0], cache_dir, cfg.model.document_attention,
-                                 loss_mask)
+    _, valid, _ = build_datasets(paths, tokenizer, seq_length, split, seed, [0, samples, 0],
+                                 cache_dir, document_attention, loss_mask)
     if valid is None or len(valid) < batch_size:
         raise ValueError(f"the validation split ({split}) of {paths} holds "
                          f"{0 if valid is None else len(valid)} samples, fewer than one batch "
@@ -64,9 +64,10 @@ def sample_losses(logits_fn, batch, weighting: str) -> tuple[torch.Tensor, torch
     return sample_loss_terms(ce, batch, weighting)
 
 
-def diffusion_nelbo(logits_fn, batches, cfg, vocab, grid: int) -> Estimate:
+def diffusion_nelbo(logits_fn, batches, objective, vocab, grid: int, seed: int) -> Estimate:
     """NELBO per position over ``batches`` of raw dataset items (``Estimate.counts``: each
-    sample's positions)."""
+    sample's positions); ``objective``: the ``MaskedDiffusion`` that makes the examples, ``seed``
+    (``evaluation.seed``) the masks on the grid."""
     from megalign.diffusion.masking import masks_at
     from megalign.diffusion.objective import make_batch
 
@@ -75,10 +76,9 @@ def diffusion_nelbo(logits_fn, batches, cfg, vocab, grid: int) -> Estimate:
         total = torch.zeros(raw["tokens"].shape[0], dtype=torch.float64)
         for k in range(grid):
             t = (k + 0.5) / grid
-            masked = masks_at(raw["sample_index"], raw["tokens"].shape[1], cfg.evaluation.seed,
-                              t, k)
+            masked = masks_at(raw["sample_index"], raw["tokens"].shape[1], seed, t, k)
             noise = (torch.full((masked.shape[0],), t), masked)
-            batch = make_batch(raw["tokens"], raw["position_ids"], raw["sample_index"], cfg,
+            batch = make_batch(raw["tokens"], raw["position_ids"], raw["sample_index"], objective,
                                vocab, noise=noise, response=raw.get("response"))
             loss_sums, positions = sample_losses(logits_fn, batch, "inv_t")
             total += loss_sums.double().cpu() / grid
@@ -102,7 +102,8 @@ def causal_nll(logits_fn, batches, vocab, document_attention: bool) -> Estimate:
     return estimate(sums, counts)
 
 
-def infilling(logits_fn, batches, cfg, vocab, span: int, steps: int) -> tuple[Estimate, Estimate]:
+def infilling(logits_fn, batches, objective, vocab, span: int,
+              steps: int) -> tuple[Estimate, Estimate]:
     """(exact-match rate, token accuracy) over samples: the middle ``span`` tokens of each sample
     are masked and recovered by the sampler from the prefix and suffix around them."""
     from megalign.diffusion.decoding import SamplerConfig
@@ -116,10 +117,10 @@ def infilling(logits_fn, batches, cfg, vocab, span: int, steps: int) -> tuple[Es
         tokens = clean.clone()
         tokens[:, start : start + span] = vocab.mask
         blocked = (attention_mask(document_ids(clean, vocab.eod), causal=False)
-                   if cfg.model.document_attention else None)
+                   if objective.document_attention else None)
         positions = raw["position_ids"]
         denoise(lambda x, m, _window: logits_fn(x, positions, m), tokens, blocked, start, vocab,
-                cfg.diffusion.shift, SamplerConfig(gen_length=span, steps=steps))
+                objective.diffusion.shift, SamplerConfig(gen_length=span, steps=steps))
         hit = tokens[:, start : start + span] == clean[:, start : start + span]
         exact += hit.all(dim=1).tolist()
         correct += hit.sum(dim=1).tolist()

@@ -30,7 +30,13 @@ from megalign.align.loss import alignment_loss, mirror_streams, stage_alignment
 from megalign.align.teacher import Teacher
 from megalign.config import Config
 from megalign.data.vocabulary import Vocabulary
-from megalign.diffusion.objective import DiffusionBatch, causal_lm_batch, loss_terms, make_batch
+from megalign.diffusion.objective import (
+    DiffusionBatch,
+    MaskedDiffusion,
+    causal_lm_batch,
+    loss_terms,
+    make_batch,
+)
 from megalign.distributed import device
 from megalign.model.hidden_states import HiddenStateRecorder
 from megalign.platform import collectives
@@ -78,6 +84,7 @@ class DiffusionStep:
         vocab: Vocabulary,
     ):
         self.cfg = cfg
+        self.objective = MaskedDiffusion.of(cfg)
         self.teacher = teacher
         self.layer_weights = layer_weights
         self.vocab = vocab
@@ -118,7 +125,7 @@ class DiffusionStep:
                                    raw["sample_index"], self.vocab,
                                    self.cfg.model.document_attention)
         return make_batch(raw["tokens"].to(device()), raw["position_ids"].to(device()),
-                          raw["sample_index"], self.cfg, self.vocab,
+                          raw["sample_index"], self.objective, self.vocab,
                           with_teacher=self.teacher is not None, annealed=True,
                           response=raw.get("response"))
 

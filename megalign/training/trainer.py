@@ -23,7 +23,6 @@ from megalign.align.teacher import Teacher
 from megalign.config import Config
 from megalign.data.vocabulary import Vocabulary
 from megalign.diffusion.masking import anneal_fraction
-from megalign.diffusion.objective import streams
 from megalign.errors import TrainingError
 from megalign.platform import collectives
 from megalign.telemetry.experts import ExpertLoad
@@ -229,7 +228,7 @@ class Trainer:
             data_iterator=data_iterator,
             model=self.models,
             num_microbatches=self.num_microbatches,
-            seq_length=self.cfg.model.seq_length * streams(self.cfg),  # activations' length
+            seq_length=self.cfg.model.seq_length * step.objective.streams,  # activations' length
             micro_batch_size=self.cfg.data.micro_batch_size,
             forward_only=False,
         )

@@ -19,6 +19,7 @@ from typing import Optional
 from megalign.config import Config
 from megalign.data.vocabulary import Vocabulary
 from megalign.diffusion.decoding import SamplerConfig
+from megalign.diffusion.objective import MaskedDiffusion
 from megalign.diffusion.sampler import for_model
 from megalign.evaluation.generation import student_generation_quality
 from megalign.evaluation.heldout import (
@@ -42,15 +43,18 @@ class Validator:
         """``scorer``: the causal AR model's chunks (``evaluation.generation_samples``)."""
         e = cfg.evaluation
         self.cfg, self.tokenizer, self.scorer = cfg, tokenizer, scorer
+        self.objective = MaskedDiffusion.of(cfg)
         self.heldout, self.ood = [], []
         if e.interval:
             batch_size = e.batch_size or cfg.data.micro_batch_size
-            self.heldout = heldout_batches(e.paths or cfg.data.paths, e.split or cfg.data.split,
-                                           tokenizer, cfg, e.samples, batch_size, cache_dir, device,
-                                           loss_mask=cfg.data.sft and not e.paths)
+            read = partial(heldout_batches, tokenizer=tokenizer, seq_length=cfg.model.seq_length,
+                           seed=e.seed, samples=e.samples, batch_size=batch_size,
+                           cache_dir=cache_dir, document_attention=cfg.model.document_attention,
+                           device=device)
+            self.heldout = read(e.paths or cfg.data.paths, e.split or cfg.data.split,
+                                loss_mask=cfg.data.sft and not e.paths)
             if e.ood_paths:  # every document of the unseen corpus is held out
-                self.ood = heldout_batches(e.ood_paths, "0,100,0", tokenizer, cfg, e.samples,
-                                           batch_size, cache_dir, device)
+                self.ood = read(e.ood_paths, "0,100,0")
 
     def should_validate(self, iteration: int) -> bool:
         """At the start (the converted AR model), every ``evaluation.interval`` and at the end."""
@@ -75,16 +79,16 @@ class Validator:
             score, name = partial(causal_nll, student, vocab=vocab,
                                   document_attention=cfg.model.document_attention), "val_nll"
         else:
-            score, name = partial(diffusion_nelbo, student, cfg=cfg, vocab=vocab,
-                                  grid=e.t_grid), "val_nelbo"
+            score, name = partial(diffusion_nelbo, student, objective=self.objective,
+                                  vocab=vocab, grid=e.t_grid, seed=e.seed), "val_nelbo"
         heldout = score(self.heldout)
         result = {**reported(name, heldout), "val_positions": int(sum(heldout.counts)),
                   "val_ppl_upper_bound": math.exp(min(heldout.value, 700))}
         if self.ood:
             result.update(reported(name.replace("val_", "val_ood_"), score(self.ood)))
         if e.infill_span:
-            exact, accuracy = infilling(student, self.heldout, cfg, vocab, e.infill_span,
-                                        e.infill_span)
+            exact, accuracy = infilling(student, self.heldout, self.objective, vocab,
+                                        e.infill_span, e.infill_span)
             result.update(infill_exact_match=exact.value, infill_exact_match_se=exact.se,
                           infill_token_accuracy=accuracy.value,
                           infill_token_accuracy_se=accuracy.se)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from megalign import distributed
 from megalign.align.teacher import Teacher
 from megalign.data.vocabulary import Vocabulary
-from megalign.diffusion.objective import DiffusionBatch, make_batch
+from megalign.diffusion.objective import DiffusionBatch, MaskedDiffusion, make_batch
 from megalign.model.attention import attention_mask, document_ids
 from megalign.model.gpt import build_gpt
 from megalign.model.hidden_states import HiddenStateRecorder
@@ -64,7 +64,8 @@ def main():
     vocabulary = Vocabulary.of(cfg, tok)
     sample = torch.randint(4, tok.vocab_size, (2, cfg.model.seq_length + 1))
     positions = torch.arange(cfg.model.seq_length).unsqueeze(0).expand(2, -1)
-    batch = make_batch(sample, positions, torch.tensor([0, 1]), cfg, vocabulary, with_teacher=True)
+    batch = make_batch(sample, positions, torch.tensor([0, 1]), MaskedDiffusion.of(cfg), vocabulary,
+                       with_teacher=True)
     teacher_states = teacher.forward([batch])[0].states
     # align.teacher_microbatches: one forward over two micro-batches gives each its own states
     halves = [DiffusionBatch(**{f.name: getattr(batch, f.name)[i:i + 1]
