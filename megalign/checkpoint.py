@@ -7,7 +7,10 @@ checkpoint.
 
 Writes are atomic: everything goes into ``<root>/iter_NNNNNNN.tmp``, which rank 0 renames to
 ``iter_NNNNNNN`` once every rank has finished, and only then rewrites ``<root>/latest`` (also via a
-rename). A killed save therefore leaves the previous checkpoint and ``latest`` untouched.
+rename). A killed save therefore leaves the previous checkpoint and ``latest`` untouched. An
+asynchronous save (``async_queue``: Megatron-Core's ``AsyncCallsQueue``) writes the tensors from a
+forked helper while training goes on; the rename and ``latest`` follow when the queue is
+finalized, under the same rules.
 Parameters are checked to be finite before anything is written. Tensors are stored with global
 keys (global layer numbers, TP offsets), so a checkpoint loads into any TP/PP/VPP layout.
 """
@@ -21,18 +24,24 @@ import os
 import pickle
 import re
 import shutil
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedObject, is_main_replica
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+from megatron.core.tensor_parallel import random as mcore_random
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megalign.errors import CheckpointError, first_line
 from megalign.platform import collectives
-from megalign.platform.process import own_checkpoint_writer_queue, sigusr1_blocked_in_helpers
+from megalign.platform.process import (
+    die_with_parent,
+    own_checkpoint_writer_queue,
+    sigusr1_blocked_in_helpers,
+)
 
 LATEST = "latest"
 # the distributed optimizer's states in Megatron's canonical per-parameter layout (gathered over DP
@@ -138,8 +147,6 @@ def _model_state(chunks: list) -> dict:
 
 def _rng_state() -> ShardedObject:
     """This rank's RNG states, one shard per (PP, TP, DP) position."""
-    from megatron.core.tensor_parallel import random as mcore_random
-
     state = {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
@@ -230,10 +237,12 @@ def _preflight(temp: str, state: dict) -> Optional[BaseException]:
     return None
 
 
-def _write_atomic(path: str, state: dict) -> None:
-    """dist_checkpointing.save into ``path.tmp``, renamed to ``path`` once every rank is done.
-    Every step that can fail is agreed on by all ranks, so a failure never leaves some ranks
-    waiting in a collective, nor a partial directory behind."""
+def _write_atomic(path: str, state: dict, async_queue=None, then: Callable[[], None] = None):
+    """dist_checkpointing.save into ``path.tmp``, renamed to ``path`` once every rank is done,
+    then ``then()``. Every step that can fail is agreed on by all ranks, so a failure never leaves
+    some ranks waiting in a collective, nor a partial directory behind. With ``async_queue`` the
+    tensors are written by a helper forked now and the rest happens when the queue is finalized
+    (a failure is raised there)."""
     temp = path + ".tmp"
     error: Optional[BaseException] = None
     if dist.get_rank() == 0:
@@ -244,21 +253,60 @@ def _write_atomic(path: str, state: dict) -> None:
             error = err
     _agree(error, path, temp)
     _agree(_preflight(temp, state), path, temp)
+    request = None
     try:
         with sigusr1_blocked_in_helpers():
             own_checkpoint_writer_queue()
-            dist_checkpointing.save(state, temp)
+            request = dist_checkpointing.save(state, temp,
+                                              async_sharded_save=async_queue is not None)
     except (Exception, CheckpointException) as err:  # the latter is a BaseException
         error = err
     _agree(error, path, temp)
-    if dist.get_rank() == 0:
+
+    def finish(written: Callable[[], None] = lambda: None) -> None:
+        error: Optional[BaseException] = None
         try:
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            os.replace(temp, path)
-        except OSError as err:
+            written()
+        except (Exception, CheckpointException) as err:
             error = err
-    _agree(error, path, temp)
+        _agree(error, path, temp)
+        if dist.get_rank() == 0:
+            try:
+                if os.path.isdir(path):
+                    shutil.rmtree(path)
+                os.replace(temp, path)
+            except OSError as err:
+                error = err
+        _agree(error, path, temp)
+        if then is not None:
+            then()
+
+    if request is None:
+        finish()
+        return
+
+    megatron_finalization = list(request.finalize_fns)  # write results gathered, metadata.json
+
+    def written() -> None:
+        for finalize in megatron_finalization:
+            finalize()
+
+    # the helper dies with this rank (a killed rank leaves no writer behind) and, forked with
+    # SIGUSR1 blocked, keeps out of the stop signal a save may be answering
+    writer = request.async_fn
+    request = request._replace(
+        async_fn=None if writer is None else _dying_with_parent(writer),
+        finalize_fns=[lambda: finish(written)])
+    with sigusr1_blocked_in_helpers():
+        async_queue.schedule_async_request(request)
+
+
+def _dying_with_parent(function: Callable) -> Callable:
+    def helper(*args, **kwargs):
+        die_with_parent()
+        return function(*args, **kwargs)
+
+    return helper
 
 
 def save_weights(path: str, chunks: list, meta: Optional[dict] = None) -> str:
@@ -277,8 +325,11 @@ def save_checkpoint(
     scheduler,
     meta: Optional[dict] = None,
     keep_last_n: int = 0,
+    async_queue=None,
 ) -> str:
-    """Write ``<root>/iter_NNNNNNN`` atomically and point ``latest`` at it; returns the path."""
+    """Write ``<root>/iter_NNNNNNN`` atomically and point ``latest`` at it; returns the path.
+    With ``async_queue`` (Megatron-Core's ``AsyncCallsQueue``) the write goes on in the background
+    and is complete, ``latest`` included, once the queue has been finalized."""
     path = checkpoint_dir(root, iteration)
     _check_finite(chunks, path)
     state = {
@@ -288,15 +339,18 @@ def save_checkpoint(
         "rng_state": _rng_state(),
     }
     state["optimizer"] = optimizer.sharded_state_dict(state["model"], metadata=OPTIMIZER_FORMAT)
-    _write_atomic(path, state)
-    error = None
-    if dist.get_rank() == 0:
-        try:
-            _write_latest(root, os.path.basename(path))
-            _prune(root, keep_last_n)
-        except OSError as err:
-            error = err
-    _agree(error, os.path.join(root, LATEST))
+
+    def publish() -> None:
+        error = None
+        if dist.get_rank() == 0:
+            try:
+                _write_latest(root, os.path.basename(path))
+                _prune(root, keep_last_n)
+            except OSError as err:
+                error = err
+        _agree(error, os.path.join(root, LATEST))
+
+    _write_atomic(path, state, async_queue, then=publish)
     return path
 
 
@@ -373,8 +427,6 @@ def load_checkpoint(path: str, chunks: list, optimizer=None, scheduler=None) -> 
 
 def _check_optimizer_kind(path: str, meta: dict, optimizer) -> None:
     """The distributed optimizer's states and the plain one's are stored differently."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
     saved = bool(meta.get("config", {}).get("optimizer", {}).get("distributed", False))
     here = any(isinstance(inner, DistributedOptimizer)
                for inner in getattr(optimizer, "chained_optimizers", [optimizer]))
@@ -392,8 +444,6 @@ def _restore_rng(state: dict) -> None:
     Why: a checkpoint written on CPU holds CPU generator states in Megatron's "CUDA" RNG tracker
     (megalign/platform/cpu.py), which a CUDA tracker cannot take, and one written on GPUs holds
     CUDA states a CPU run cannot use; resuming across the two keeps the torch CPU state only."""
-    from megatron.core.tensor_parallel import random as mcore_random
-
     torch.set_rng_state(state["torch"])
     if (state["cuda"] is not None) != torch.cuda.is_available():
         return

@@ -1,5 +1,7 @@
 """Process start-up: rank discovery (torchrun or Slurm), process groups, Megatron parallel state."""
 
+# Imports inside functions are deliberate here: the CPU adapter is imported only without CUDA.
+
 from __future__ import annotations
 
 import datetime
@@ -10,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import random as mcore_random
 
 from megalign.platform import collectives
 
@@ -68,9 +72,6 @@ def initialize(
 
     ``store``: rendezvous on it instead of MASTER_ADDR:MASTER_PORT (in-process restarts give every
     attempt a fresh one)."""
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import random as mcore_random
-
     if torch.cuda.is_available():
         torch.cuda.set_device(launch.local_rank)
         backend = "nccl"
@@ -112,8 +113,6 @@ def device() -> torch.device:
 
 
 def shutdown() -> None:
-    from megatron.core import parallel_state
-
     parallel_state.destroy_model_parallel()  # also after the groups were aborted from outside
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -39,9 +39,12 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
 from megalign.diffusion.decoding import SamplerConfig, until_eos
-from megalign.diffusion.objective import MaskedDiffusion
+from megalign.diffusion.masking import masks_at
+from megalign.diffusion.objective import MaskedDiffusion, make_batch
 from megalign.diffusion.sampler import for_model, sample
+from megalign.evaluation.heldout import sample_losses
 from megalign.loading import load_student, open_checkpoint
+from megalign.model.attention import attention_mask, document_ids
 from megalign.model.inference import forward_logits, sampler_logits
 
 
@@ -116,8 +119,6 @@ class MegalignLM(TemplateLM):
 
     def _is_greedy(self, context: list[int], continuation: list[int]) -> bool:
         """One-step approximation: the arg-max with the whole continuation masked."""
-        from megalign.model.attention import attention_mask, document_ids
-
         tokens = torch.tensor([context + [self.opened.vocab.mask] * len(continuation)])
         blocked = attention_mask(document_ids(tokens, self.tokenizer.eod), causal=False)
         logits = self.logits(tokens, blocked)[0]
@@ -173,10 +174,6 @@ class MegalignLM(TemplateLM):
 def continuation_nelbo(logits_fn, context: list[int], continuation: list[int], objective, vocab,
                        samples: int, seed: int) -> float:
     """Monte-Carlo negative ELBO of ``continuation`` given ``context`` (see the module doc)."""
-    from megalign.diffusion.masking import masks_at
-    from megalign.diffusion.objective import make_batch
-    from megalign.evaluation.heldout import sample_losses
-
     length = len(context) + len(continuation)
     # one extra token, as a Megatron sample has, so that make_batch keeps all `length` as input
     tokens = torch.tensor([context + continuation + [vocab.pad]]).expand(samples, -1)

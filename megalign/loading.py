@@ -8,20 +8,31 @@ training initialises it) and is its own AR model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+from megatron.core import parallel_state
 
+from megalign import distributed
+from megalign.checkpoint import load_checkpoint, read_meta, resolve
+from megalign.config import (
+    ParallelConfig,
+    check_vocabulary,
+    config_from_dict,
+    parse_override,
+    set_dotted,
+    to_dict,
+)
+from megalign.data.tokenizer import build_tokenizer
 from megalign.data.vocabulary import Vocabulary
+from megalign.errors import CheckpointError, ConfigError, one_line
+from megalign.model.embedding import init_mask_token_embedding
+from megalign.model.gpt import build_chunks
 
 
 def recorded_config(path: str):
     """The config a checkpoint directory records (``${config_dir}`` resolved), and its meta;
     a missing or unreadable one is a CheckpointError naming the directory."""
-    from megalign.checkpoint import read_meta
-    from megalign.config import config_from_dict
-    from megalign.errors import CheckpointError, ConfigError
-
     meta = read_meta(path)
     tree = meta.get("config")
     if not isinstance(tree, dict):
@@ -35,16 +46,6 @@ def recorded_config(path: str):
 
 def load_config_from_checkpoint(path: str, overrides: list[str]):
     """The recorded config for inference in one process (or the layout ``overrides`` give)."""
-    from dataclasses import replace
-
-    from megalign.config import (
-        ParallelConfig,
-        config_from_dict,
-        parse_override,
-        set_dotted,
-        to_dict,
-    )
-
     recorded, meta = recorded_config(path)
     tree = to_dict(replace(recorded, parallel=ParallelConfig(),
                            model=replace(recorded.model, document_attention=True)))  # masks
@@ -66,11 +67,6 @@ class Opened:
 
 def open_checkpoint(checkpoint: str, overrides: list[str]) -> Opened:
     """Resolve ``checkpoint`` and read what inference needs; fails early without a mask token."""
-    from megalign.checkpoint import resolve
-    from megalign.config import check_vocabulary
-    from megalign.data.tokenizer import build_tokenizer
-    from megalign.errors import ConfigError, one_line
-
     path = resolve(checkpoint)
     cfg, meta = load_config_from_checkpoint(path, overrides)
     if not cfg.data.tokenizer:
@@ -92,12 +88,6 @@ def load_student(opened: Opened, dtype: torch.dtype = torch.float32) -> list:
     """The bidirectional student's chunks, resharded into the launch layout (``parallel.*`` of the
     config; one process: TP=1, PP=1); starts the process groups unless they exist. ``dtype``:
     the weights' type for inference (bfloat16 halves the bytes a decoding step reads)."""
-    from megatron.core import parallel_state
-
-    from megalign import distributed
-    from megalign.checkpoint import load_checkpoint
-    from megalign.model.gpt import build_chunks
-
     cfg = opened.cfg
     if not parallel_state.model_parallel_is_initialized():
         distributed.initialize(distributed.launch_env(), cfg.parallel.tensor_model_parallel_size,
@@ -118,8 +108,6 @@ def start_step0_student(chunks: list, cfg, meta: dict, vocab: Vocabulary) -> Non
     (megalign.training.trainer.build_models), so that the step-0 student sampled, evaluated or
     exported is the one training starts from; a trained checkpoint is left as it is."""
     if is_converted_ar_model(meta) and cfg.model.mask_token_init == "mean":
-        from megalign.model.embedding import init_mask_token_embedding
-
         for chunk in chunks:
             init_mask_token_embedding(chunk, vocab.mask, vocab.size)
 
@@ -132,12 +120,6 @@ def is_converted_ar_model(meta: dict) -> bool:
 def load_ar_model(cfg, meta: dict, path: str, padded_vocab: int) -> list:
     """The causal AR model a run started from (``meta['ar_checkpoint']``; a converted AR model is
     its own), for --ar and generative perplexity."""
-    from dataclasses import replace
-
-    from megalign.checkpoint import load_checkpoint
-    from megalign.errors import CheckpointError
-    from megalign.model.gpt import build_chunks
-
     teacher = meta.get("ar_checkpoint") or (path if is_converted_ar_model(meta) else None)
     if not teacher:
         raise CheckpointError(f"checkpoint '{path}' records no AR checkpoint for --ar")

@@ -8,6 +8,9 @@ unexpected exception keeps its traceback unless the command asks for one line (t
 whose failures come from child processes).
 """
 
+# Imports inside functions are deliberate here: the data tools never import torch: process groups
+# are shut down only where torch.distributed was loaded.
+
 from __future__ import annotations
 
 import argparse

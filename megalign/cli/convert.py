@@ -5,6 +5,9 @@
     megalign-convert --from megalign --to hf --input CKPT_DIR --output HF_DIR
 """
 
+# Imports inside functions are deliberate here: a command parses its arguments before importing
+# torch, Megatron-Core or transformers (fast --help and usage errors).
+
 from __future__ import annotations
 
 import argparse

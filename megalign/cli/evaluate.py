@@ -16,6 +16,9 @@ come from the validation split of ``--data`` (or of the checkpoint's ``data.path
 checkpoint's ``data.split``.
 """
 
+# Imports inside functions are deliberate here: a command parses its arguments before importing
+# torch and Megatron-Core (fast --help and usage errors).
+
 from __future__ import annotations
 
 import argparse

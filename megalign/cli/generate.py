@@ -17,6 +17,9 @@ the completion (cut at EOS) and ``completion_ids``, the generated token ids as d
 from (greedy, or sampled with ``--temperature``), side by side.
 """
 
+# Imports inside functions are deliberate here: a command parses its arguments before importing
+# torch and Megatron-Core (fast --help and usage errors).
+
 from __future__ import annotations
 
 import argparse

@@ -6,6 +6,9 @@
 The adapter, its estimators and its limits: megalign/harness.py.
 """
 
+# Imports inside functions are deliberate here: a command parses its arguments before importing
+# torch, Megatron-Core and lm_eval (fast --help and usage errors).
+
 from __future__ import annotations
 
 import argparse

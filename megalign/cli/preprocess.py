@@ -27,6 +27,9 @@ documents is an error. Exit codes: 2 bad input or arguments, 1 an environment er
 disk), 130 Ctrl-C, 143 SIGTERM; each failure is one line and leaves no output or temporary files.
 """
 
+# Imports inside functions are deliberate here: a command parses its arguments before importing its
+# library; the data tools never import torch.
+
 from __future__ import annotations
 
 import argparse

@@ -7,6 +7,9 @@ training is megalign/training/trainer.py. A failed run exits 1 with one line per
 error (and, when a rank died or stalled, which one); bugs keep their traceback.
 """
 
+# Imports inside functions are deliberate here: a command checks its configuration before importing
+# torch and Megatron-Core (fast --help, --check and usage errors).
+
 from __future__ import annotations
 
 import argparse

@@ -11,6 +11,9 @@ temporary names and renamed when complete. Exit codes: 2 bad input or arguments,
 error (permissions, disk), 130 Ctrl-C, 143 SIGTERM; each failure is one line.
 """
 
+# Imports inside functions are deliberate here: a command parses its arguments before importing its
+# library; the data tools never import torch.
+
 from __future__ import annotations
 
 import argparse

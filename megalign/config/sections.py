@@ -420,6 +420,10 @@ class CheckpointConfig(Section):
     auto_resume: bool = True  # resume from checkpoint.save's 'latest' when it has one (before load)
     # stop: a failed save ends the run (non-zero); continue: keep training and retry later
     on_save_failure: Literal["stop", "continue"] = "stop"
+    # interval saves written by a helper process while training goes on (Megatron-Core's
+    # asynchronous dist_checkpointing); the rename and 'latest' follow when it has finished, and
+    # the last save of a run is written before it ends
+    async_save: bool = False
 
     def check(self) -> None:
         self.at_least(0, "save_interval", "keep_last_n")

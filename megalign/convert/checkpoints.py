@@ -14,9 +14,13 @@ trust_remote_code=True)`` and needs only torch and transformers. Remote code is 
 ``trust_remote_code`` is asked for.
 """
 
+# Imports inside functions are deliberate here: transformers, safetensors and the export's modeling
+# file are optional (the hf extra) and imported only by the conversions that use them.
+
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 import shutil
@@ -27,6 +31,8 @@ from typing import Optional
 import torch
 import yaml
 
+from megalign import distributed
+from megalign.checkpoint import load_checkpoint, resolve, save_weights
 from megalign.config import (
     CONFIG_DIR,
     Config,
@@ -44,10 +50,14 @@ from megalign.convert.hf import (
     model_config_from_hf,
 )
 from megalign.convert.tokenizer import sentencepiece_as_transformers
-from megalign.data.tokenizer import build_tokenizer
+from megalign.data.tokenizer import MASK_CANDIDATES, build_tokenizer
 from megalign.data.vocabulary import Vocabulary
+from megalign.diffusion import decoding
+from megalign.diffusion.objective import streams
 from megalign.errors import ConfigError, first_line, one_line
 from megalign.loading import recorded_config, start_step0_student
+from megalign.model.gather import full_tensors
+from megalign.model.gpt import build_chunks, ffn_hidden_size, moe_ffn_hidden_size
 
 MEGALIGN_YAML = "megalign.yaml"
 # what a Hugging Face directory holds when it has a tokenizer of its own (without any,
@@ -57,15 +67,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 
 
 def _single_process_group(cfg: Config) -> None:
-    from megalign import distributed
-
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(distributed.free_port()))
     distributed.initialize(distributed.LaunchEnv(0, 1, 0), 1, 1, cfg.seed)
 
 
 def _build_single_process_model(cfg: Config):
-    from megalign.model.gpt import build_chunks
 
     _single_process_group(cfg)
     return build_chunks(cfg, cfg.model.padded_vocab_size, causal=True, params_dtype=torch.float32)
@@ -140,8 +147,6 @@ def hf_to_megalign(source: str, output: str, gguf_file: Optional[str] = None, tp
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from megalign.checkpoint import save_weights
-    from megalign.data.tokenizer import MASK_CANDIDATES
 
     hf_logging.disable_progress_bar()  # megalign-convert says what it wrote, in one line
     hf_logging.set_verbosity_error()  # its loading report: missing weights are refused below
@@ -225,9 +230,6 @@ def hf_to_megalign(source: str, output: str, gguf_file: Optional[str] = None, tp
 def megalign_to_hf(source: str, output: str) -> str:
     """The megalign checkpoint ``source`` as a self-contained transformers directory ``output``
     (see ``export_diffusion_model``); returns its path."""
-    from megalign.checkpoint import load_checkpoint, resolve
-    from megalign.model.gather import full_tensors
-
     path = resolve(source)
     cfg, meta = recorded_config(path)
     cfg = replace(cfg, parallel=ParallelConfig())
@@ -281,7 +283,6 @@ def write_modeling_files(output: str) -> None:
     """The export's code: megalign's modeling file and, as its sibling ``decoding.py``, the
     library's decoding rules themselves (a torch-only module), so both decode alike."""
     from megalign.convert import modeling_megalign
-    from megalign.diffusion import decoding
 
     shutil.copy(modeling_megalign.__file__, os.path.join(output, "modeling_megalign.py"))
     shutil.copy(decoding.__file__, os.path.join(output, "decoding.py"))
@@ -291,14 +292,9 @@ def export_diffusion_model(cfg: Config, meta: dict, hf_state: dict, output: str)
     """Weights (safetensors), config, megalign's modeling file with ``diffusion_generate``,
     generation defaults, tokenizer and a model card: loads with transformers alone
     (``AutoModel.from_pretrained(output, trust_remote_code=True)``)."""
-    import json
-
     from transformers.utils import logging as hf_logging
 
     from megalign.convert import modeling_megalign
-    from megalign.diffusion import decoding
-    from megalign.diffusion.objective import streams
-    from megalign.model.gpt import ffn_hidden_size, moe_ffn_hidden_size
 
     m = cfg.model
     tokenizer = build_tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer else None
@@ -384,8 +380,6 @@ def training_mode_lines(cfg: Config) -> list[str]:
 def model_card(cfg: Config, meta: dict, has_tokenizer: bool) -> str:
     """What the model is, how it was made (base model, recipe), its held-out metrics when the
     run's validation.jsonl is at hand, and how to sample it."""
-    import json
-
     a, o, d = cfg.align, cfg.optimizer, cfg.data
     iterations = meta.get("iteration", 0)
     base = meta.get("ar_checkpoint") or meta.get("source") or "an AR model"

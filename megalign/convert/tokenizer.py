@@ -7,6 +7,9 @@ dummy prefix, BPE merges ranked by piece score, user-defined pieces), and encode
 ``SentencePieceProcessor.encode`` does (tests/test_hf_export.py checks the bundled corpus).
 """
 
+# Imports inside functions are deliberate here: transformers is optional (the hf extra) and
+# imported only when a tokenizer is exported.
+
 from __future__ import annotations
 
 

@@ -20,8 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from megalign.diffusion.decoding import until_eos
+from megalign.diffusion.sampler import sample
 from megalign.evaluation.statistics import Estimate, estimate
 from megalign.model.attention import attention_mask
+from megalign.model.inference import sampler_logits
 
 
 def heldout_prompts(batches: list, count: int, length: int) -> list[list[int]]:
@@ -102,9 +104,6 @@ def student_generation_quality(students: list, ar_logits_fn: Callable, batches: 
                                tokenizer) -> dict:
     """``generation_quality`` of a diffusion student's model chunks on the first ``count``
     held-out samples' first ``prompt_length`` tokens, decoded with ``sampler``."""
-    from megalign.diffusion.sampler import sample
-    from megalign.model.inference import sampler_logits
-
     return generation_quality(
         lambda prompts: sample(sampler_logits(students, sampler.cache, sampler.dual_cache),
                                prompts, vocab, shift, sampler),

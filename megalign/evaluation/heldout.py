@@ -15,7 +15,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from megalign.data.dataset import build_datasets, micro_batches
+from megalign.diffusion.decoding import SamplerConfig
+from megalign.diffusion.masking import masks_at
+from megalign.diffusion.objective import causal_lm_batch, make_batch, sample_loss_terms
+from megalign.diffusion.sampler import denoise
 from megalign.evaluation.statistics import Estimate, estimate
+from megalign.model.attention import attention_mask, document_ids
+from megalign.model.inference import forward_logits
 
 
 def heldout_batches(paths: list, split: str, tokenizer, seq_length: int, seed: int, samples: int,
@@ -25,8 +32,6 @@ def heldout_batches(paths: list, split: str, tokenizer, seq_length: int, seed: i
     ``split``: disjoint from the training split of the same split string by construction (Megatron
     splits by document ranges), and the same for every run of the same data and ``seed``
     (``evaluation.seed``), whatever the run's own seed."""
-    from megalign.data.dataset import build_datasets, micro_batches
-
     _, valid, _ = build_datasets(paths, tokenizer, seq_length, split, seed, [0, samples, 0],
                                  cache_dir, document_attention, loss_mask)
     if valid is None or len(valid) < batch_size:
@@ -46,7 +51,6 @@ def heldout_batches(paths: list, split: str, tokenizer, seq_length: int, seed: i
 def full_logits_fn(chunks: list, vocab_size: int):
     """``logits_fn(tokens, positions, mask)`` -> [b, s, vocab] logits of the real vocabulary on
     every rank, whatever the TP/PP layout."""
-    from megalign.model.inference import forward_logits
 
     def logits_fn(tokens, positions, attention_mask):
         return forward_logits(chunks, tokens, positions, attention_mask)[..., :vocab_size]
@@ -57,8 +61,6 @@ def full_logits_fn(chunks: list, vocab_size: int):
 def sample_losses(logits_fn, batch, weighting: str) -> tuple[torch.Tensor, torch.Tensor]:
     """([b] loss sums, [b] normalisers) of one ``DiffusionBatch`` under the training loss with
     ``weighting`` (``inv_t``: the NELBO's terms), from full-vocabulary logits."""
-    from megalign.diffusion.objective import sample_loss_terms
-
     logits = logits_fn(batch.input_tokens, batch.position_ids, batch.student_mask)
     ce = F.cross_entropy(logits.float().transpose(1, 2), batch.labels, reduction="none")
     return sample_loss_terms(ce, batch, weighting)
@@ -68,9 +70,6 @@ def diffusion_nelbo(logits_fn, batches, objective, vocab, grid: int, seed: int) 
     """NELBO per position over ``batches`` of raw dataset items (``Estimate.counts``: each
     sample's positions); ``objective``: the ``MaskedDiffusion`` that makes the examples, ``seed``
     (``evaluation.seed``) the masks on the grid."""
-    from megalign.diffusion.masking import masks_at
-    from megalign.diffusion.objective import make_batch
-
     sums, counts = [], []
     for raw in batches:
         total = torch.zeros(raw["tokens"].shape[0], dtype=torch.float64)
@@ -90,8 +89,6 @@ def diffusion_nelbo(logits_fn, batches, objective, vocab, grid: int, seed: int) 
 def causal_nll(logits_fn, batches, vocab, document_attention: bool) -> Estimate:
     """Mean next-token negative log-likelihood of a causal model over the positions that
     ``objective: ar`` trains (``Estimate.counts``: each sample's supervised positions)."""
-    from megalign.diffusion.objective import causal_lm_batch
-
     sums, counts = [], []
     for raw in batches:
         batch = causal_lm_batch(raw["tokens"], raw["position_ids"], raw["sample_index"], vocab,
@@ -106,10 +103,6 @@ def infilling(logits_fn, batches, objective, vocab, span: int,
               steps: int) -> tuple[Estimate, Estimate]:
     """(exact-match rate, token accuracy) over samples: the middle ``span`` tokens of each sample
     are masked and recovered by the sampler from the prefix and suffix around them."""
-    from megalign.diffusion.decoding import SamplerConfig
-    from megalign.diffusion.sampler import denoise
-    from megalign.model.attention import attention_mask, document_ids
-
     exact, correct = [], []
     for raw in batches:
         clean = raw["tokens"][:, :-1]

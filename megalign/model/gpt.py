@@ -5,6 +5,9 @@ causal for the teacher. With document attention both receive an explicit block-d
 (``megalign.model.attention``), so the mask type only tells the attention kernel how to read it.
 """
 
+# Imports inside functions are deliberate here: Transformer Engine's layer spec is imported only
+# where TE and a GPU are present.
+
 from __future__ import annotations
 
 import re

@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 from megatron.core import parallel_state, tensor_parallel
+from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_attr_wrapped_model
 
@@ -175,8 +176,6 @@ class CachedLogits:
     def __call__(self, tokens, attention_mask, window) -> VocabShard:
         """The logits of ``window.first..`` (``..window.stop`` with ``dual``); the whole sequence,
         kept in the cache, when ``window.refresh``."""
-        from megatron.core.inference.contexts import StaticInferenceContext
-
         batch, length = tokens.shape
         start = window.first
         stop = window.stop if self.dual else length

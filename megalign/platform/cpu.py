@@ -31,6 +31,9 @@ only when ``torch.cuda.is_available()`` is false. ``PATCHED_SITES`` lists every 
 attribute so a test can check each still exists when the megatron-core pin moves.
 """
 
+# Imports inside functions are deliberate here: Megatron-Core's modules are imported only when the
+# CPU redirections are applied (without CUDA).
+
 from __future__ import annotations
 
 import contextlib

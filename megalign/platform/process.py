@@ -9,6 +9,9 @@ Here the manager is created by megalign, with an initializer that asks the kerne
 when its parent dies (Linux ``PR_SET_PDEATHSIG``), and its queue is handed to Megatron's cache.
 """
 
+# Imports inside functions are deliberate here: Megatron-Core's checkpoint writer is imported at
+# the first save only (the platform layer imports no Megatron module when it is loaded).
+
 from __future__ import annotations
 
 import contextlib

@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 from typing import Callable, Optional
 
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
 from megalign.checkpoint import (
     LATEST,
     describe,
@@ -30,6 +32,8 @@ from megalign.errors import CheckpointError, TrainingError
 class Checkpointer:
     def __init__(self, cfg: Config, log: Callable[[str], None]):
         self.cfg, self.log = cfg, log
+        self._queue = AsyncCallsQueue() if cfg.checkpoint.async_save else None
+        self._writing: Optional[str] = None  # the checkpoint a background save is writing
         self.resume_from = self._resume_choice()
         self.ar_checkpoint = cfg.model.init_checkpoint
         if self.resume_from and not self.ar_checkpoint:
@@ -67,29 +71,57 @@ class Checkpointer:
         self.log(f"> resumed from {self.resume_from}: {describe(meta)}")
         return int(meta["iteration"])
 
-    def should_save(self, iteration: int, signalled: bool) -> bool:
-        ckpt = self.cfg.checkpoint
-        return bool(ckpt.save) and (
-            iteration == self.cfg.schedule.train_iters or signalled
-            or (ckpt.save_interval > 0 and iteration % ckpt.save_interval == 0))
+    def save(self, iteration: int, students: list, optimizer, scheduler,
+             last: bool = False) -> None:
+        """Called after every iteration (``last``: the run stops after it, on a signal or at
+        ``schedule.train_iters``): writes ``iter_NNNNNNN`` every ``checkpoint.save_interval``
+        iterations and at the last one, and finalizes a background save that has finished.
 
-    def save(self, iteration: int, students: list, optimizer, scheduler) -> None:
-        """Write ``iter_NNNNNNN``; a failure stops the run unless ``checkpoint.on_save_failure``
-        is ``continue`` and this is not the final save."""
-        cfg = self.cfg
+        With ``checkpoint.async_save`` an interval's save goes on in the background while training
+        continues (one at a time: the next waits for it); the last save is written before the run
+        ends. A failure stops the run unless ``checkpoint.on_save_failure`` is ``continue`` and
+        the failed save is not the last."""
+        ckpt = self.cfg.checkpoint
+        last = last or iteration == self.cfg.schedule.train_iters
+        due = bool(ckpt.save) and (last or (ckpt.save_interval > 0
+                                            and iteration % ckpt.save_interval == 0))
+        self._finalize(blocking=due)
+        if not due:
+            return
+        background = self._queue is not None and not last
         meta = {
             "iteration": iteration,
-            "consumed_samples": iteration * cfg.data.global_batch_size,
-            "config": to_dict(cfg),
+            "consumed_samples": iteration * self.cfg.data.global_batch_size,
+            "config": to_dict(self.cfg),
             "ar_checkpoint": self.ar_checkpoint,
             "ar_checkpoint_fingerprint": fingerprint(self.ar_checkpoint),
         }
         try:
-            path = save_checkpoint(cfg.checkpoint.save, iteration, students, optimizer,
-                                   scheduler, meta, cfg.checkpoint.keep_last_n)
+            path = save_checkpoint(ckpt.save, iteration, students, optimizer, scheduler, meta,
+                                   ckpt.keep_last_n, self._queue if background else None)
         except CheckpointError as err:
-            if cfg.checkpoint.on_save_failure == "stop" or iteration == cfg.schedule.train_iters:
-                raise
-            self.log(f"> WARNING: {err}; training continues (checkpoint.on_save_failure=continue)")
+            self._failed(err, last)
             return
-        self.log(f"> saved checkpoint {path}")
+        if background:
+            self._writing = path
+            self.log(f"> saving checkpoint {path} in the background")
+        else:
+            self.log(f"> saved checkpoint {path}")
+
+    def _finalize(self, blocking: bool) -> None:
+        if self._queue is None or self._writing is None:
+            return
+        try:
+            done = self._queue.maybe_finalize_async_calls(blocking=blocking)
+        except CheckpointError as err:
+            self._writing = None
+            self._failed(err, last=False)
+            return
+        if done:
+            self.log(f"> saved checkpoint {self._writing}")
+            self._writing = None
+
+    def _failed(self, err: CheckpointError, last: bool) -> None:
+        if self.cfg.checkpoint.on_save_failure == "stop" or last:
+            raise err
+        self.log(f"> WARNING: {err}; training continues (checkpoint.on_save_failure=continue)")

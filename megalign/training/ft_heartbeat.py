@@ -11,6 +11,9 @@ configure, and without the launcher the package is not needed. A checkpoint save
 evaluation sends none, so the heartbeat timeout must exceed the longest of them.
 """
 
+# Imports inside functions are deliberate here: nvidia-resiliency-ext is optional (only under
+# ft_launcher).
+
 from __future__ import annotations
 
 import os

@@ -20,6 +20,9 @@ resumes the same way. Errors that a restart cannot fix (configuration, data, che
 non-finite loss) stop at once instead of being retried.
 """
 
+# Imports inside functions are deliberate here: nvidia-resiliency-ext is optional
+# (resilience.inprocess_restart).
+
 import datetime
 import gc
 import os

@@ -6,6 +6,9 @@ evaluations (``evaluation.interval``) go to ``validation.jsonl`` the same way, s
 ``metrics.jsonl`` keeps one schema.
 """
 
+# Imports inside functions are deliberate here: TensorBoard is imported only when
+# logging.tensorboard is on (a slow import).
+
 from __future__ import annotations
 
 import json

@@ -16,18 +16,36 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from megatron.core.optimizer import MegatronOptimizer
+from megatron.core import parallel_state
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.module import Float16Module
 
+from megalign import distributed
+from megalign.align.loss import normalised_layer_weights
 from megalign.align.teacher import Teacher
-from megalign.config import Config
+from megalign.checkpoint import load_checkpoint
+from megalign.config import Config, parse_blend
+from megalign.data.dataset import build_datasets, micro_batches
+from megalign.data.indexed import DataFileGuard
 from megalign.data.vocabulary import Vocabulary
 from megalign.diffusion.masking import anneal_fraction
 from megalign.errors import TrainingError
+from megalign.model.embedding import init_mask_token_embedding
+from megalign.model.gpt import build_chunks, global_parameter_name
 from megalign.platform import collectives
 from megalign.telemetry.experts import ExpertLoad
+from megalign.training import watchdog
 from megalign.training.checkpointer import Checkpointer
+from megalign.training.ft_heartbeat import LauncherHeartbeat
 from megalign.training.metrics import MetricsLogger
+from megalign.training.signals import ExitOnSignal
 from megalign.training.step import DiffusionStep, StepResult
 from megalign.training.validator import Validator
 
@@ -38,12 +56,6 @@ def build_models(cfg: Config, vocab: Vocabulary, ar_checkpoint: Optional[str]):
     """Student chunks (trainable) from the AR weights in ``ar_checkpoint`` (random when None) and,
     from the same weights, the frozen teacher (alignment on) and the causal scorer of generated
     samples (``evaluation.generation_samples``)."""
-    from megalign.align.loss import normalised_layer_weights
-    from megalign.align.teacher import Teacher
-    from megalign.checkpoint import load_checkpoint
-    from megalign.model.embedding import init_mask_token_embedding
-    from megalign.model.gpt import build_chunks
-
     dtype = torch.float32 if cfg.precision == "fp32" else torch.bfloat16  # fp8: bf16 + FP8 GEMMs
     causal_lm = cfg.objective == "ar"  # the trained model is itself the causal AR model
     students = build_chunks(cfg, vocab.padded, causal=causal_lm, params_dtype=dtype,
@@ -77,8 +89,6 @@ def freeze_parameters(chunks: list, patterns: list[str]) -> int:
     With tied embeddings the last pipeline stage holds a copy of the word embedding as its output
     layer; both names refer to one logical tensor, so a pattern matching either freezes both.
     """
-    from megalign.model.gpt import global_parameter_name
-
     tied = ("embedding.word_embeddings.weight", "output_layer.weight")
     matches = torch.zeros(len(patterns), dtype=torch.int64)
     frozen = 0
@@ -104,18 +114,8 @@ def freeze_parameters(chunks: list, patterns: list[str]) -> int:
 
 
 def wrap_and_optimize(cfg: Config, students: list):
-    from megatron.core.distributed import (
-        DistributedDataParallel,
-        DistributedDataParallelConfig,
-        finalize_model_grads,
-    )
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
     config = students[0].config
     if config.bf16:  # as Megatron-LM: fp32 outputs from the last stage, bf16 inputs to the first
-        from megatron.core.transformer.module import Float16Module
-
         wrapped = [Float16Module(config, chunk) for chunk in students]
     else:
         wrapped = students
@@ -199,10 +199,6 @@ class Trainer:
 
     def data_iterator(self, consumed_samples: int = 0) -> list:
         """One iterator per model chunk; each yields this DP rank's micro-batches in order."""
-        from megatron.core import parallel_state
-
-        from megalign.data.dataset import micro_batches
-
         return [
             micro_batches(
                 self.train_dataset,
@@ -216,8 +212,6 @@ class Trainer:
 
     def forward_backward(self, data_iterator, step=None, record_first: bool = False) -> StepResult:
         """Gradients of one global batch (in the DDP buffers); returns the reduced statistics."""
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
         step = step or self.step
         for model in self.models:
             model.zero_grad_buffer()
@@ -311,8 +305,8 @@ class Trainer:
             if self.validator.should_validate(iteration):
                 self.validate(logger)
             signalled = stop.requested()
-            if checkpointer.should_save(iteration, signalled):
-                checkpointer.save(iteration, self.students, self.optimizer, self.scheduler)
+            checkpointer.save(iteration, self.students, self.optimizer, self.scheduler,
+                              last=signalled)
             if signalled:
                 logger.info(f"> {stop.received or 'a signal on another rank'}: stopping after "
                             f"iteration {iteration}")
@@ -324,11 +318,6 @@ def setup(cfg: Config, tokenizer, log=print, store=None,
           ar_checkpoint: Optional[str] = None) -> Trainer:
     """Process groups (rendezvous on ``store`` if given), models from ``ar_checkpoint`` (default
     ``model.init_checkpoint``), optimizer, data and held-out evaluation for this rank."""
-    from megatron.core import parallel_state
-
-    from megalign import distributed
-    from megalign.data.dataset import build_datasets
-
     distributed.initialize(
         distributed.launch_env(),
         cfg.parallel.tensor_model_parallel_size,
@@ -382,12 +371,6 @@ def setup(cfg: Config, tokenizer, log=print, store=None,
 def run(cfg: Config, tokenizer, store=None) -> list[dict]:
     """Train to ``schedule.train_iters`` (or a stop signal), resuming from a checkpoint if there
     is one; ``store``: see ``setup``."""
-    from megalign.config import parse_blend
-    from megalign.data.indexed import DataFileGuard
-    from megalign.training import watchdog
-    from megalign.training.ft_heartbeat import LauncherHeartbeat
-    from megalign.training.signals import ExitOnSignal
-
     with contextlib.ExitStack() as cleanup:  # an in-process restart runs this again: close all
         logger = MetricsLogger(cfg.logging, cfg.schedule.train_iters,
                                enabled=int(os.environ.get("RANK", "0")) == 0)
