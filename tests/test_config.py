@@ -54,6 +54,8 @@ def test_bad_keys_and_types_name_the_key(override, message):
      "resilience.failure_timeout_s=2"),
     (["resilience.collective_timeout_minutes=0"], 4, "collective_timeout_minutes"),
     (["checkpoint.on_save_failure=retry"], 4, "checkpoint.on_save_failure"),
+    (["checkpoint.async_save=true", "resilience.inprocess_restart=true"], 4,
+     "checkpoint.async_save=true with resilience.inprocess_restart=true"),
     (["resilience.inprocess_restart=true", "resilience.failure_timeout_s=0"], 4,
      "resilience.failure_timeout_s: set it > 0"),
     (["resilience.inprocess_restart=true", "resilience.inprocess_max_restarts=0"], 4,

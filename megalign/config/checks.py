@@ -128,6 +128,10 @@ def _check_training_settings(cfg: Config) -> None:
         if len(a.layer_weights) != count or any(w < 0 for w in a.layer_weights):
             raise ConfigError(
                 f"align.layer_weights needs {count} non-negative numbers (one per aligned layer)")
+    if cfg.checkpoint.async_save and cfg.resilience.inprocess_restart:
+        raise ConfigError("checkpoint.async_save=true with resilience.inprocess_restart=true: a "
+                          "restart in the same processes would leave a background save writing "
+                          "into the checkpoint it starts again; turn one of them off")
     if cfg.fp8.teacher and cfg.precision != "fp8":
         raise ConfigError(f"fp8.teacher=true needs precision=fp8 (got precision={cfg.precision}); "
                           "set precision=fp8 or drop fp8.teacher")
