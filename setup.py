@@ -43,6 +43,7 @@ setup(
             "megalign-generate=megalign.cli.generate:main",
             "megalign-eval=megalign.cli.evaluate:main",
             "megalign-harness=megalign.cli.harness:main",
+            "megalign-plan=megalign.cli.plan:main",
         ]
     },
 )

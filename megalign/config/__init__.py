@@ -3,6 +3,7 @@ YAML with dotted ``key.sub=value`` overrides (``loader``), and checked against t
 the launch by the command that runs it (``checks``)."""
 
 from megalign.config.checks import (
+                                    check_batches,
                                     check_vocabulary,
                                     data_parallel_size,
                                     mask_token_id,
@@ -45,7 +46,8 @@ __all__ = [
     "AlignConfig", "CheckpointConfig", "Config", "DataConfig", "DebugConfig", "DiffusionConfig",
     "EvaluationConfig", "Fp8Config", "LoggingConfig", "ModelConfig", "OptimizerConfig",
     "ParallelConfig", "RecomputeConfig", "ResilienceConfig", "ScheduleConfig", "Section",
-    "CONFIG_DIR", "check_vocabulary", "choices", "config_from_dict", "data_parallel_size",
-    "expand_config_dir", "load_config", "mask_token_id", "padded_vocab_size", "parse_blend",
-    "parse_override", "parse_yaml", "required_vocab_size", "set_dotted", "to_dict", "validate",
+    "CONFIG_DIR", "check_batches", "check_vocabulary", "choices", "config_from_dict",
+    "data_parallel_size", "expand_config_dir", "load_config", "mask_token_id", "padded_vocab_size",
+    "parse_blend", "parse_override", "parse_yaml", "required_vocab_size", "set_dotted", "to_dict",
+    "validate",
 ]

@@ -70,7 +70,7 @@ def validate(cfg: Config, world_size: int, tokenizer_vocab: Optional[int] = None
     the tokenizer's vocabulary, and the settings that only training reads."""
     if tokenizer_vocab is not None:
         check_vocabulary(cfg, tokenizer_vocab, tokenizer_mask)
-    _check_batches(cfg, world_size)
+    check_batches(cfg, world_size)
     _check_training_settings(cfg)
     if cfg.objective == "ar":
         _check_causal_lm(cfg)
@@ -86,7 +86,8 @@ def validate(cfg: Config, world_size: int, tokenizer_vocab: Optional[int] = None
             "or set resilience.inprocess_restart=false")
 
 
-def _check_batches(cfg: Config, world_size: int) -> None:
+def check_batches(cfg: Config, world_size: int) -> None:
+    """The layout divides the world size and the batches divide over data parallelism."""
     p, d = cfg.parallel, cfg.data
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     if world_size % (tp * pp) != 0:

@@ -249,6 +249,10 @@ def build_gpt(
     )
     if not causal and cfg.diffusion.block_length and m.arch == "llama":
         use_stream_positions(model)  # block diffusion's two streams, each numbered from 0
+    if m.arch == "gpt2" and model.pre_process:
+        # Megatron-Core makes the learned position embedding in fp32 whatever params_dtype is;
+        # Float16Module converts a student's, nothing converts the teacher's or the scorer's
+        model.embedding.position_embeddings.to(params_dtype)
     if not torch.cuda.is_available():
         return model
     return model.cuda(torch.cuda.current_device())

@@ -8,6 +8,7 @@ launcher heartbeats; the loop asks them and steps.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import re
@@ -37,10 +38,12 @@ from megalign.data.indexed import DataFileGuard
 from megalign.data.vocabulary import Vocabulary
 from megalign.diffusion.masking import anneal_fraction
 from megalign.errors import TrainingError
+from megalign.model import memory
 from megalign.model.embedding import init_mask_token_embedding
 from megalign.model.gpt import build_chunks, global_parameter_name
 from megalign.platform import collectives
 from megalign.telemetry.experts import ExpertLoad
+from megalign.telemetry.peak_memory import MemoryProbe
 from megalign.training import watchdog
 from megalign.training.checkpointer import Checkpointer
 from megalign.training.ft_heartbeat import LauncherHeartbeat
@@ -178,7 +181,8 @@ class Trainer:
 
     def __init__(self, cfg: Config, tokenizer, students: list, teacher: Optional[Teacher],
                  models: list, optimizer: MegatronOptimizer, scheduler: OptimizerParamScheduler,
-                 step: DiffusionStep, train_dataset, num_microbatches: int, validator: Validator):
+                 step: DiffusionStep, train_dataset, num_microbatches: int, validator: Validator,
+                 planned: list[memory.StageMemory]):
         self.cfg, self.tokenizer = cfg, tokenizer
         self.students = students  # this rank's model chunks (several with virtual pipelining)
         self.teacher = teacher
@@ -188,6 +192,7 @@ class Trainer:
         self.train_dataset = train_dataset
         self.num_microbatches = num_microbatches
         self.validator = validator
+        self.planned = planned  # bytes per rank of each pipeline stage, before anything was built
         self.iteration = 0  # optimizer steps taken (restored on resume)
         m = cfg.model
         self.expert_load = (ExpertLoad(students, m.num_layers, m.num_experts)
@@ -337,6 +342,10 @@ def setup(cfg: Config, tokenizer, log=print, store=None,
            if cfg.model.num_experts else "") + "; padded vocab "
         f"{vocab.padded}, mask token {vocab.mask}, align weight {cfg.align.weight}"
     )
+    planned = memory.plan(cfg, vocab.padded, dist.get_world_size(), torch.cuda.is_available())
+    log("> planned memory per rank: " + ", ".join(
+        f"stage {stage.stage} {memory.mib(stage.total)}" for stage in planned)
+        + " (megalign-plan prints the items)")
     students, teacher, scorer, layer_weights = build_models(
         cfg, vocab, ar_checkpoint or cfg.model.init_checkpoint)
     frozen = freeze_parameters(students, cfg.optimizer.freeze) if cfg.optimizer.freeze else 0
@@ -365,7 +374,28 @@ def setup(cfg: Config, tokenizer, log=print, store=None,
     validator = Validator(cfg, tokenizer, cache_dir, distributed.device(), scorer)
     step = DiffusionStep(cfg, students, teacher, layer_weights, vocab)
     return Trainer(cfg, tokenizer, students, teacher, models, optimizer, scheduler, step, train_ds,
-                   gbs // (cfg.data.micro_batch_size * dp_size), validator)
+                   gbs // (cfg.data.micro_batch_size * dp_size), validator, planned)
+
+
+def report_memory(probe: MemoryProbe, planned: list, run_dir: str, log) -> None:
+    """Every rank's measured peak beside its stage's plan: logged and written to
+    ``<run_dir>/memory.json`` (collective)."""
+    stage = parallel_state.get_pipeline_model_parallel_rank()
+    measured = collectives.all_gather_object(
+        {"rank": dist.get_rank(), "stage": stage, "peak_bytes": probe.peak()})
+    if dist.get_rank() != 0:
+        return
+    totals = {s.stage: s.total for s in planned}
+    worst = max(measured, key=lambda m: abs(m["peak_bytes"] / totals[m["stage"]] - 1))
+    log(f"> peak memory: rank {worst['rank']} (stage {worst['stage']}) "
+        f"{memory.mib(worst['peak_bytes'])}, planned {memory.mib(totals[worst['stage']])} "
+        f"(the rank furthest from its plan; all in {run_dir}/memory.json)")
+    record = {"device": "cuda" if probe.gpu else "cpu",
+              "planned": [{"stage": s.stage, "total_bytes": s.total, "bytes": s.bytes}
+                          for s in planned],
+              "measured": measured}
+    with open(os.path.join(run_dir, "memory.json"), "w", encoding="utf-8") as out:
+        json.dump(record, out, indent=1)
 
 
 def run(cfg: Config, tokenizer, store=None) -> list[dict]:
@@ -376,6 +406,7 @@ def run(cfg: Config, tokenizer, store=None) -> list[dict]:
                                enabled=int(os.environ.get("RANK", "0")) == 0)
         cleanup.callback(logger.close)
         stop = ExitOnSignal()
+        probe = MemoryProbe()  # before any model is built
         data_files = DataFileGuard(parse_blend(cfg.data.paths)[0])
         checkpointer = Checkpointer(cfg, logger.info)
         trainer = setup(cfg, tokenizer, log=logger.info, store=store,
@@ -404,4 +435,6 @@ def run(cfg: Config, tokenizer, store=None) -> list[dict]:
             heartbeat.beat()
             data_files.verify()
 
-        return trainer.train(logger, checkpointer, stop, on_iteration)
+        records = trainer.train(logger, checkpointer, stop, on_iteration)
+        report_memory(probe, trainer.planned, cfg.logging.run_dir, logger.info)
+        return records
