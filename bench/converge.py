@@ -583,8 +583,9 @@ def write_outputs(results: dict, out: Path) -> str:
     results["settings"] = {setting: {"arms": [a for a in results["arms"]
                                               if a["setting"] == setting]}
                            for setting in settings}
+    # compact: the curves hold a value per step and evaluation point for every arm
     (out / "results.json").write_text(json.dumps({k: v for k, v in results.items() if k != "arms"},
-                                                 indent=1) + "\n", encoding="utf-8")
+                                                 separators=(",", ":")) + "\n", encoding="utf-8")
     markdown = table(results) + "\n" + curves_table(results)
     commands = " then ".join(f"`{c}`"
                              for c in [results["command"], *results.get("extended_by", [])])

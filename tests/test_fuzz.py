@@ -300,11 +300,11 @@ def test_config_bugs_found_by_fuzzing(workdir, base, config, fragment):
 
 def test_usage_errors_are_one_line_in_every_command(workdir):
     """argparse's usage errors were two lines (usage, then the error) in all but two commands."""
-    from megalign.cli import convert, evaluate, generate, harness, train
+    from megalign.cli import convert, evaluate, generate, harness, plan, train
 
     for module, prog in ((train, "megalign-train"), (convert, "megalign-convert"),
                          (evaluate, "megalign-eval"), (generate, "megalign-generate"),
-                         (harness, "megalign-harness")):
+                         (harness, "megalign-harness"), (plan, "megalign-plan")):
         outcome = targets.run_main(module.main, ["--frobnicate"])
         targets.check(outcome, prog)
         assert outcome.code == 2 and "(see --help)" in outcome.stderr, prog

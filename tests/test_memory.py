@@ -71,6 +71,16 @@ def test_optimizer_sharding_bf16_and_recomputation_change_what_they_should():
     assert plan("recompute.granularity=full").bytes["activations"] < \
         base.bytes["activations"] / 3  # 2 micro-batches keep layer inputs; one layer recomputed
     assert "teacher_parameters" not in plan("align.weight=0").bytes
+    # experts' states shard over the ranks that hold the same experts: DP 4 / EP 2
+    moe = load_config([TINY_CONFIG], [*HAND, "model.num_experts=4", "optimizer.freeze=[]",
+                                      "parallel.pipeline_model_parallel_size=1",
+                                      "parallel.expert_model_parallel_size=2",
+                                      "optimizer.distributed=true"])
+    table = memory.chunk_parameters(moe, 4224, 0, 0)
+    experts = sum(n for name, n in table if ".experts." in name)
+    assert experts == 4 * 2 * (2 * 192 * 64 + 64 * 192)  # 2 of 4 experts in each of 4 layers
+    assert memory.plan(moe, 4224, 4, False)[0].bytes["optimizer_states"] == \
+        (sum(n for _, n in table) - experts) * 8 // 4 + experts * 8 // 2
 
 
 @pytest.mark.unit

@@ -30,6 +30,7 @@ from typing import Optional
 
 import torch
 import yaml
+from megatron.core import parallel_state
 
 from megalign import distributed
 from megalign.checkpoint import load_checkpoint, resolve, save_weights
@@ -67,6 +68,14 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 
 
 def _single_process_group(cfg: Config) -> None:
+    """TP = PP = 1 process groups for building whole models; a process that already has them
+    (a script that sampled first, then exports) keeps its own."""
+    if parallel_state.model_parallel_is_initialized():
+        if (parallel_state.get_tensor_model_parallel_world_size() == 1
+                and parallel_state.get_pipeline_model_parallel_world_size() == 1):
+            return
+        raise ConversionError("conversions build whole models: run them in a process without "
+                              "tensor or pipeline parallel groups")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(distributed.free_port()))
     distributed.initialize(distributed.LaunchEnv(0, 1, 0), 1, 1, cfg.seed)

@@ -281,9 +281,13 @@ def plan(cfg: Config, vocab_size: int, world_size: int, gpu: bool) -> list[Stage
         total = sum(n for _, n in table)
         frozen = sum(n for name, n in table if is_frozen(name, cfg))
         trainable = total - frozen
-        optimizer = trainable * (FP32 * 3 if mixed else FP32 * 2)
-        if cfg.optimizer.distributed:
-            optimizer //= dp
+        per_parameter = FP32 * 3 if mixed else FP32 * 2
+        optimizer = trainable * per_parameter
+        if cfg.optimizer.distributed:  # experts' states shard over the ranks holding the same
+            experts = sum(n for name, n in table  # experts (data parallel / expert parallel)
+                          if ".experts." in name and not is_frozen(name, cfg))
+            optimizer = ((trainable - experts) * per_parameter // dp
+                         + experts * per_parameter // (dp // p.expert_model_parallel_size))
         bytes_ = {"student_parameters": total * weight_bytes, "gradients": trainable * FP32,
                   "optimizer_states": optimizer}
         notes = []
