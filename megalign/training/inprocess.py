@@ -6,9 +6,10 @@ the job for them costs new processes, imports, rendezvous and data-index loading
 nvidia-resiliency-ext's ``inprocess.Wrapper`` instead aborts the process groups on every rank,
 lets us tear down Megatron's parallel state, and calls the training function again in the same
 processes. Each attempt rebuilds its process groups in a fresh namespace (``attempt_<n>/``) of a
-TCP store that outlives the attempts (rank 0 hosts it on MASTER_PORT+1; the wrapper's own store
-is on MASTER_PORT+2) and resumes from the latest checkpoint like any restart
-(``checkpoint.auto_resume``).
+TCP store that outlives the attempts (the launcher's store on MASTER_PORT under torchrun and
+ft_launcher, else one rank 0 hosts there; the wrapper's own store is on a port rank 0 finds free
+and shares through it, never a guess such as MASTER_PORT+1 that another process may hold) and
+resumes from the latest checkpoint like any restart (``checkpoint.auto_resume``).
 
 Detection is the wrapper's, so megalign's own watchdog is off in this mode: a monitor process
 per rank declares a rank dead after ``resilience.failure_timeout_s`` without heartbeats, and a
@@ -78,9 +79,15 @@ def restartable(cfg: Config, attempt: Callable[[dist.Store], None]) -> Callable[
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     address, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     collective_timeout = datetime.timedelta(minutes=r.collective_timeout_minutes)
-    attempts_store = dist.TCPStore(address, port + 1, world, is_master=rank == 0,
-                                   timeout=collective_timeout, wait_for_workers=True,
-                                   multi_tenant=True)
+    launcher_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+    attempts_store = dist.TCPStore(address, port, world, is_master=rank == 0 and not launcher_store,
+                                   timeout=collective_timeout,
+                                   wait_for_workers=not launcher_store)
+    # one namespace per launch: a launcher's restart of the whole job reuses its store
+    namespace = f"megalign/inprocess/launch_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+    if rank == 0:
+        attempts_store.set(namespace + "wrapper_port", str(distributed.free_port()))
+    wrapper_port = int(attempts_store.get(namespace + "wrapper_port"))
     failures: list[str] = []
 
     class TearDown(inprocess.finalize.Finalize):
@@ -96,7 +103,7 @@ def restartable(cfg: Config, attempt: Callable[[dist.Store], None]) -> Callable[
              if gpu else inprocess.abort.AbortTorchDistributed())
     timeout = datetime.timedelta(seconds=r.failure_timeout_s)
     wrapper = inprocess.Wrapper(
-        store_kwargs={"host_name": address, "port": port + 2, "timeout": collective_timeout},
+        store_kwargs={"host_name": address, "port": wrapper_port, "timeout": collective_timeout},
         initialize=inprocess.initialize.RetryController(
             max_iterations=r.inprocess_max_restarts + 1, min_world_size=world,
             min_active_world_size=world),
@@ -120,7 +127,7 @@ def restartable(cfg: Config, attempt: Callable[[dist.Store], None]) -> Callable[
                   f"{failures[-1] if failures else 'a fault on another rank'}",
                   file=sys.stderr, flush=True)
         try:
-            attempt(dist.PrefixStore(f"megalign/attempt_{call.iteration}/", attempts_store))
+            attempt(dist.PrefixStore(f"{namespace}attempt_{call.iteration}/", attempts_store))
         except (Exception, Unrecoverable) as err:
             failures.append(first_line(err))
             if not gpu:
