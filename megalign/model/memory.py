@@ -22,8 +22,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from megatron.core.transformer.enums import AttnMaskType
+
 from megalign.config import Config
-from megalign.model.gpt import ffn_hidden_size, moe_ffn_hidden_size
+from megalign.model.gpt import attention_mask_type, ffn_hidden_size, moe_ffn_hidden_size
 
 FP32, BF16 = 4, 2
 ITEMS = {  # key: what a reader sees
@@ -217,9 +219,7 @@ def layer_activation_bytes(cfg: Config, positions: int, batch: int, element: int
 def attention_mask_bytes(cfg: Config, positions: int, batch: int) -> int:
     """The explicit boolean attention mask (document attention, block diffusion, annealing),
     kept once per chunk and micro-batch by the first layer that uses it."""
-    d = cfg.diffusion
-    explicit = cfg.model.document_attention or (
-        cfg.objective == "diffusion" and bool(d.anneal_iters or d.block_length))
+    explicit = attention_mask_type(cfg, causal=cfg.objective == "ar") == AttnMaskType.arbitrary
     return batch * positions * positions if explicit else 0
 
 
@@ -315,9 +315,9 @@ def plan(cfg: Config, vocab_size: int, world_size: int, gpu: bool) -> list[Stage
             per_state = positions * batch * m.hidden_size // sp
             states = sum(1 for c in range(vpp) for i in aligned_layers
                          if i in stage_states(cfg, stage, c)) / vpp
-            kept = per_state * teacher_bytes + (2 * per_state * FP32 if mixed else 0)
+            state_bytes = per_state * teacher_bytes + (2 * per_state * FP32 if mixed else 0)
             microbatches_held = held + group - 1
-            bytes_["teacher_states"] = int(states * microbatches_held * kept)
+            bytes_["teacher_states"] = int(states * microbatches_held * state_bytes)
         if stage == p.pipeline_model_parallel_size - 1:
             logits = positions * batch * vocab_size // p.tensor_model_parallel_size
             # the fp32 logits' softmax and its gradient (and the bf16 logits they came from)
