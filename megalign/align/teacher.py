@@ -35,15 +35,8 @@ from megatron.core import parallel_state
 from megalign.align.teacher_stream import TeacherStream
 from megalign.config import Config
 from megalign.diffusion.objective import DiffusionBatch
-from megalign.model.gpt import build_chunks
+from megalign.model.gpt import build_chunks, teacher_dtype
 from megalign.model.hidden_states import HiddenStateRecorder
-
-
-def teacher_dtype(cfg: Config) -> torch.dtype:
-    if cfg.align.teacher_dtype == "auto":  # bf16 wherever the student is, and on every GPU
-        bf16 = cfg.precision != "fp32" or torch.cuda.is_available()
-        return torch.bfloat16 if bf16 else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.align.teacher_dtype]
 
 
 @dataclass
@@ -56,7 +49,7 @@ class Teacher:
     """The teacher's model chunks on this rank (one per virtual pipeline stage)."""
 
     def __init__(self, cfg: Config, vocab_size: int, ar_state_dicts: list[dict], aligned: set[int]):
-        self.dtype = teacher_dtype(cfg)
+        self.dtype = teacher_dtype(cfg, gpu=torch.cuda.is_available())
         self.chunks = build_chunks(cfg, vocab_size, causal=True, params_dtype=self.dtype,
                                    fp8=cfg.precision == "fp8" and cfg.fp8.teacher)
         self.sends_output = [not chunk.post_process for chunk in self.chunks]

@@ -99,6 +99,14 @@ def moe_ffn_hidden_size(cfg: Config) -> int:
     return cfg.model.moe_ffn_hidden_size or ffn_hidden_size(cfg)
 
 
+def teacher_dtype(cfg: Config, gpu: bool) -> torch.dtype:
+    """The frozen teacher's dtype: ``align.teacher_dtype``, whose "auto" is bf16 wherever the
+    student is and on every GPU (``gpu``)."""
+    if cfg.align.teacher_dtype == "auto":
+        return torch.bfloat16 if cfg.precision != "fp32" or gpu else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.align.teacher_dtype]
+
+
 def transformer_config(cfg: Config, params_dtype: torch.dtype,
                        fp8: bool = False) -> TransformerConfig:
     """Megatron-Core's config; ``fp8`` puts the GEMMs under TE's FP8 autocast (``cfg.fp8`` recipe).

@@ -22,10 +22,16 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+import torch
 from megatron.core.transformer.enums import AttnMaskType
 
 from megalign.config import Config
-from megalign.model.gpt import attention_mask_type, ffn_hidden_size, moe_ffn_hidden_size
+from megalign.model.gpt import (
+    attention_mask_type,
+    ffn_hidden_size,
+    moe_ffn_hidden_size,
+    teacher_dtype,
+)
 
 FP32, BF16 = 4, 2
 ITEMS = {  # key: what a reader sees
@@ -259,14 +265,13 @@ def in_flight(cfg: Config, stage: int, microbatches: int) -> int:
 
 def plan(cfg: Config, vocab_size: int, world_size: int, gpu: bool) -> list[StageMemory]:
     """Bytes per rank for each pipeline stage of ``cfg`` on ``world_size`` ranks (``gpu``:
-    the teacher's "auto" dtype is bf16 there, as ``megalign.align.teacher`` chooses)."""
+    Transformer Engine's attention, and the teacher's "auto" dtype is bf16)."""
     p, m = cfg.parallel, cfg.model
     dp = world_size // p.model_parallel_size
     microbatches = cfg.data.global_batch_size // (cfg.data.micro_batch_size * dp)
     mixed = cfg.precision != "fp32"
     weight_bytes = BF16 if mixed else FP32
-    teacher_bytes = {"fp32": FP32, "bf16": BF16}.get(
-        cfg.align.teacher_dtype, BF16 if mixed or gpu else FP32)
+    teacher_bytes = FP32 if teacher_dtype(cfg, gpu) == torch.float32 else BF16
     aligned = cfg.align.weight > 0
     streams = 2 if cfg.objective == "diffusion" and cfg.diffusion.block_length else 1
     positions, batch = streams * m.seq_length, cfg.data.micro_batch_size
