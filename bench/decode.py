@@ -143,12 +143,13 @@ def main(argv=None) -> int:
              "dual cache+threshold, bf16": ("bf16", {**dual, "threshold": args.threshold})}
     results, reference, outputs_of = {}, None, {}
     for name, (precision, options) in modes.items():
-        cfg = SamplerConfig(gen_length=args.gen_length, eos_id=None, **options)
+        cfg = SamplerConfig(gen_length=args.gen_length, eos_id=None,
+                            shift=opened.cfg.diffusion.shift, **options)
         outputs, calls, positions, seconds = [], 0, 0, 0.0
         for prompt in prompts:  # batch 1: the latency a user sees
             logits_fn = Counted(sampler_logits(students[precision], cfg.cache, cfg.dual_cache))
             start = time.perf_counter()
-            outputs += sample(logits_fn, [prompt], vocab, opened.cfg.diffusion.shift, cfg)
+            outputs += sample(logits_fn, [prompt], vocab, cfg)
             seconds += time.perf_counter() - start
             calls, positions = calls + logits_fn.calls, positions + logits_fn.positions
         generated = len(prompts) * args.gen_length

@@ -34,7 +34,7 @@ def flops_per_token(cfg) -> float:
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     vocab = padded_vocab_size(cfg.model, tokenizer.vocab_size, tokenizer.mask)
     layer = (2 * h * (h + 2 * m.query_groups * d) + 2 * h * h + 4 * s * h
-             + 2 * matrices * h * ffn_hidden_size(cfg))
+             + 2 * matrices * h * ffn_hidden_size(cfg.model))
     student = 3 * (L * layer + 2 * h * vocab)
     return student + (L * layer if cfg.align.weight > 0 else 0)
 

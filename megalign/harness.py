@@ -140,8 +140,7 @@ class MegalignLM(TemplateLM):
             sampler, until = self._sampler(gen_kwargs)
             prompt = self.tok_encode(context)[-(self.cfg.model.seq_length - sampler.gen_length):]
             logits_fn = sampler_logits(self.chunks, sampler.cache, sampler.dual_cache)
-            ids = sample(logits_fn, [prompt], self.opened.vocab, self.cfg.diffusion.shift,
-                         sampler)[0]
+            ids = sample(logits_fn, [prompt], self.opened.vocab, sampler)[0]
             text = cut_at_stop(self.tok_decode(until_eos(ids, self.tokenizer.eod)), until)
             self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
             outputs.append(text)

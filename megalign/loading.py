@@ -27,7 +27,7 @@ from megalign.data.tokenizer import build_tokenizer
 from megalign.data.vocabulary import Vocabulary
 from megalign.errors import CheckpointError, ConfigError, one_line
 from megalign.model.embedding import init_mask_token_embedding
-from megalign.model.gpt import build_chunks
+from megalign.model.gpt import ModelBuild, build_chunks
 
 
 def recorded_config(path: str):
@@ -93,7 +93,8 @@ def load_student(opened: Opened, dtype: torch.dtype = torch.float32) -> list:
         distributed.initialize(distributed.launch_env(), cfg.parallel.tensor_model_parallel_size,
                                cfg.parallel.pipeline_model_parallel_size, cfg.seed,
                                expert_parallel=cfg.parallel.expert_model_parallel_size)
-    chunks = build_chunks(cfg, opened.vocab.padded, causal=False, params_dtype=torch.float32)
+    chunks = build_chunks(ModelBuild.of(cfg, causal=False, params_dtype=torch.float32),
+                          opened.vocab.padded)
     load_checkpoint(opened.path, chunks)
     start_step0_student(chunks, cfg, opened.meta, opened.vocab)
     if dtype != torch.float32:
@@ -123,7 +124,7 @@ def load_ar_model(cfg, meta: dict, path: str, padded_vocab: int) -> list:
     teacher = meta.get("ar_checkpoint") or (path if is_converted_ar_model(meta) else None)
     if not teacher:
         raise CheckpointError(f"checkpoint '{path}' records no AR checkpoint for --ar")
-    causal_cfg = replace(cfg, model=replace(cfg.model, document_attention=False))
-    causal = build_chunks(causal_cfg, padded_vocab, causal=True, params_dtype=torch.float32)
+    # plain causal attention over whole rows, whatever the run's document attention
+    causal = build_chunks(ModelBuild(cfg.model, cfg.parallel), padded_vocab)
     load_checkpoint(teacher, causal)
     return causal

@@ -7,7 +7,7 @@ import torch
 from megalign.config import load_config, validate
 from megalign.errors import ConfigError
 from megalign.model.gpt import (
-    attention_mask_type,
+    ModelBuild,
     layer_spec,
     transformer_config,
     transformer_engine_available,
@@ -25,12 +25,14 @@ def test_fp8_settings_reach_megatron_core():
                                          "fp8.margin=1", "fp8.amax_history_len=16",
                                          "fp8.amax_compute_algo=most_recent", "fp8.wgrad=false"])
     validate(cfg, 4)
-    student = transformer_config(cfg, torch.bfloat16, fp8=True)
+    student = transformer_config(ModelBuild.of(cfg, causal=False, params_dtype=torch.bfloat16,
+                                               fp8=True))
     assert (student.fp8, student.fp8_recipe, student.fp8_margin, student.fp8_amax_history_len,
             student.fp8_amax_compute_algo, student.fp8_wgrad) == ("e4m3", "tensorwise", 1, 16,
                                                                   "most_recent", False)
     assert student.bf16 and student.params_dtype == torch.bfloat16
-    assert transformer_config(cfg, torch.bfloat16).fp8 is None  # e.g. the teacher by default
+    teacher = ModelBuild.of(cfg, causal=True, params_dtype=torch.bfloat16)
+    assert transformer_config(teacher).fp8 is None  # e.g. the teacher by default
 
 
 @pytest.mark.unit
@@ -64,9 +66,10 @@ def test_fp8_without_gpu_or_te_fails_before_launch(tmp_path):
 @pytest.mark.skipif(transformer_engine_available(), reason="Transformer Engine runs here")
 def test_local_spec_and_no_fused_kernels_without_te():
     cfg = load_config(str(TINY_CONFIG))
-    layer = layer_spec(cfg, attention_mask_type(cfg, causal=False)).submodules
+    build = ModelBuild.of(cfg, causal=False, params_dtype=torch.float32)
+    layer = layer_spec(build.model, build.attention).submodules
     assert "transformer_engine" not in layer.self_attention.submodules.linear_qkv.__module__
     assert layer.input_layernorm is layer.pre_mlp_layernorm is TorchNorm  # SP-capable norms
-    config = transformer_config(cfg, torch.float32)
+    config = transformer_config(build)
     assert not (config.gradient_accumulation_fusion or config.apply_rope_fusion
                 or config.bias_activation_fusion or config.masked_softmax_fusion)

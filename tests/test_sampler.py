@@ -1,5 +1,7 @@
 """The diffusion sampler's unmasking rules, blocks, EOS and batching, on scripted logits."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -23,8 +25,8 @@ def scripted(seed=0):
 
 def run(cfg, prompts=([5, 6, 7],), shift=True, logits_fn=None):
     trace = []
-    out = sample(logits_fn or scripted(), [list(p) for p in prompts], VOCABULARY, shift, cfg,
-                 trace)
+    out = sample(logits_fn or scripted(), [list(p) for p in prompts], VOCABULARY,
+                 replace(cfg, shift=shift), trace)
     return out, trace
 
 

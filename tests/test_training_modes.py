@@ -123,6 +123,7 @@ def test_block_causal_decoding_mask():
     cfg = for_model(_config(block_length=4), SamplerConfig(gen_length=8))
     assert (cfg.block_length, cfg.suffix, cfg.attention) == (4, False, "block_causal")
     assert for_model(_config(), SamplerConfig(gen_length=8)) == SamplerConfig(gen_length=8)
+    assert not for_model(_config(shift=False), SamplerConfig(gen_length=8)).shift  # the model's
     _, start, blocked = prepare([[5, 6, 7, 8, 9], [5, 6]], cfg, MASK, PAD)
     allowed = ~blocked[0, 0]
     assert start == 5
@@ -137,7 +138,7 @@ def test_decoding_without_the_suffix_refuses_infilling():
     tokens = torch.full((1, 12), 9)
     tokens[:, 4:8] = MASK
     with pytest.raises(ValueError, match="cannot fill a span with text after it"):
-        denoise(lambda x, m, _window: torch.zeros(1, x.shape[1], 64), tokens, None, 4, VOCAB, True,
+        denoise(lambda x, m, _window: torch.zeros(1, x.shape[1], 64), tokens, None, 4, VOCAB,
                 SamplerConfig(gen_length=4, suffix=False))
 
 
@@ -150,11 +151,10 @@ def test_decoding_without_the_suffix_shows_the_model_only_the_blocks_so_far():
 
     prompt = [[5, 6, 7]]
     from megalign.diffusion.sampler import sample
-    sample(logits_fn, prompt, VOCAB, True,
-           SamplerConfig(gen_length=8, block_length=4, suffix=False))
+    sample(logits_fn, prompt, VOCAB, SamplerConfig(gen_length=8, block_length=4, suffix=False))
     assert seen == [7] * 4 + [11] * 4
     seen.clear()
-    sample(logits_fn, prompt, VOCAB, True, SamplerConfig(gen_length=8, block_length=4))
+    sample(logits_fn, prompt, VOCAB, SamplerConfig(gen_length=8, block_length=4))
     assert seen == [11] * 8
 
 

@@ -35,7 +35,7 @@ from megatron.core import parallel_state
 from megalign.align.teacher_stream import TeacherStream
 from megalign.config import Config
 from megalign.diffusion.objective import DiffusionBatch
-from megalign.model.gpt import build_chunks, teacher_dtype
+from megalign.model.gpt import ModelBuild, build_chunks, teacher_dtype
 from megalign.model.hidden_states import HiddenStateRecorder
 
 
@@ -45,16 +45,25 @@ class TeacherOutput:
     token_loss: Optional[torch.Tensor]  # [b, s] AR cross-entropy (log_teacher_loss, last stage)
 
 
-class Teacher:
-    """The teacher's model chunks on this rank (one per virtual pipeline stage)."""
+def teacher_build(cfg: Config) -> ModelBuild:
+    """The run's teacher: its AR model with causal attention, in ``align.teacher_dtype``, with FP8
+    GEMMs only under ``fp8.teacher``."""
+    return ModelBuild.of(cfg, causal=True,
+                         params_dtype=teacher_dtype(cfg.align, cfg.precision,
+                                                    gpu=torch.cuda.is_available()),
+                         fp8=cfg.precision == "fp8" and cfg.fp8.teacher)
 
-    def __init__(self, cfg: Config, vocab_size: int, ar_state_dicts: list[dict], aligned: set[int]):
-        self.dtype = teacher_dtype(cfg, gpu=torch.cuda.is_available())
-        self.chunks = build_chunks(cfg, vocab_size, causal=True, params_dtype=self.dtype,
-                                   fp8=cfg.precision == "fp8" and cfg.fp8.teacher)
+
+class Teacher:
+    """The teacher's model chunks on this rank (one per virtual pipeline stage), built as
+    ``build`` says (``teacher_build``); ``log_loss``: keep the LM head for the AR loss."""
+
+    def __init__(self, build: ModelBuild, vocab_size: int, ar_state_dicts: list[dict],
+                 aligned: set[int], log_loss: bool = False):
+        self.dtype = build.params_dtype
+        self.chunks = build_chunks(build, vocab_size)
         self.sends_output = [not chunk.post_process for chunk in self.chunks]
-        self.computes_loss = [chunk.post_process and cfg.align.log_teacher_loss
-                              for chunk in self.chunks]
+        self.computes_loss = [chunk.post_process and log_loss for chunk in self.chunks]
         for chunk, state, keeps_head in zip(self.chunks, ar_state_dicts, self.computes_loss):
             chunk.load_state_dict(state, strict=True)
             if not keeps_head:  # hidden states only: no output layer, no logits
@@ -65,9 +74,10 @@ class Teacher:
         self.recorders = [HiddenStateRecorder(chunk, aligned) for chunk in self.chunks]
         pipeline = parallel_state.get_pipeline_model_parallel_world_size() > 1
         self.stream = TeacherStream() if pipeline else None
-        sp = cfg.parallel.sequence_parallel
-        self._sequence_divisor = cfg.parallel.tensor_model_parallel_size if sp else 1
-        self._hidden = cfg.model.hidden_size
+        parallel = build.parallel
+        sp = parallel.sequence_parallel
+        self._sequence_divisor = parallel.tensor_model_parallel_size if sp else 1
+        self._hidden = build.model.hidden_size
 
     def share_frozen(self, students: list) -> tuple[list[str], list[str]]:
         """Make every teacher parameter whose student counterpart is frozen (``optimizer.freeze``)

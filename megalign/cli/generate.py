@@ -129,7 +129,7 @@ def generate(args) -> None:
     sampler.check()
     chunks = load_student(opened, torch.bfloat16 if args.bf16 else torch.float32)
     logits_fn = sampler_logits(chunks, sampler.cache, sampler.dual_cache)
-    outputs = sample(logits_fn, encoded, opened.vocab, cfg.diffusion.shift, sampler)
+    outputs = sample(logits_fn, encoded, opened.vocab, sampler)
     records = [{"prompt": p, "completion": tokenizer.decode(until_eos(o, sampler.eos_id)),
                 "completion_ids": o} for p, o in zip(prompts, outputs)]
     if args.ar:

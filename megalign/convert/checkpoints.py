@@ -58,7 +58,7 @@ from megalign.diffusion.objective import streams
 from megalign.errors import ConfigError, first_line, one_line
 from megalign.loading import recorded_config, start_step0_student
 from megalign.model.gather import full_tensors
-from megalign.model.gpt import build_chunks, ffn_hidden_size, moe_ffn_hidden_size
+from megalign.model.gpt import ModelBuild, build_chunks, ffn_hidden_size, moe_ffn_hidden_size
 
 MEGALIGN_YAML = "megalign.yaml"
 # what a Hugging Face directory holds when it has a tokenizer of its own (without any,
@@ -84,7 +84,8 @@ def _single_process_group(cfg: Config) -> None:
 def _build_single_process_model(cfg: Config):
 
     _single_process_group(cfg)
-    return build_chunks(cfg, cfg.model.padded_vocab_size, causal=True, params_dtype=torch.float32)
+    return build_chunks(ModelBuild.of(cfg, causal=True, params_dtype=torch.float32),
+                        cfg.model.padded_vocab_size)
 
 
 def _load_exact(chunk, tensors: dict) -> None:
@@ -309,12 +310,12 @@ def export_diffusion_model(cfg: Config, meta: dict, hf_state: dict, output: str)
     tokenizer = build_tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer else None
     config = modeling_megalign.MegalignDiffusionConfig(
         arch=m.arch, vocab_size=m.padded_vocab_size, hidden_size=m.hidden_size,
-        intermediate_size=ffn_hidden_size(cfg), num_hidden_layers=m.num_layers,
+        intermediate_size=ffn_hidden_size(m), num_hidden_layers=m.num_layers,
         num_attention_heads=m.num_attention_heads,
         num_key_value_heads=m.query_groups,
         head_dim=m.kv_channels, qk_norm=m.qk_norm, rope_scaling_factor=m.rope_scaling_factor,
         num_experts=m.num_experts, moe_topk=m.moe_topk,
-        moe_intermediate_size=moe_ffn_hidden_size(cfg),
+        moe_intermediate_size=moe_ffn_hidden_size(m),
         moe_router_pre_softmax=m.moe_router_pre_softmax,
         max_position_embeddings=m.max_position_embeddings or m.seq_length,
         norm_epsilon=m.norm_epsilon, rope_theta=float(m.rotary_base), qkv_bias=m.qkv_bias,

@@ -345,7 +345,7 @@ class MegalignForDiffusionLM(PreTrainedModel):
             temperature=temperature, top_k=top_k, top_p=top_p, confidence=confidence,
             unmasking=unmasking, eos_id=eos, seed=seed, threshold=threshold,
             cache=cache or dual_cache, cache_refresh=cache_refresh, suffix=suffix,
-            dual_cache=dual_cache)
+            dual_cache=dual_cache, shift=self.config.shift)
         if self.config.diffusion_block_length:
             options = for_block_diffusion(options, self.config.diffusion_block_length)
         if attention_mask is None:
@@ -354,8 +354,7 @@ class MegalignForDiffusionLM(PreTrainedModel):
         mask_id = self.config.mask_token_id
         pad = self.config.pad_token_id if self.config.pad_token_id is not None else 0
         generated = sample(self._logits_source(options), prompts, options, mask_id=mask_id,
-                           pad_id=pad, vocab_size=self.config.sample_vocab_size,
-                           shift=self.config.shift)
+                           pad_id=pad, vocab_size=self.config.sample_vocab_size)
         tokens = prepare(prompts, options, mask_id, pad)[0]
         tokens[:, tokens.shape[1] - max_new_tokens:] = torch.tensor(generated, dtype=torch.long)
         return tokens

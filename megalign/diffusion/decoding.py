@@ -101,6 +101,9 @@ class SamplerConfig:
     # ``block_length`` counted from the generation start), how a block-diffusion student is
     # trained (``for_block_diffusion``); the cache is then exact
     attention: Attention = "bidirectional"
+    # the model's AR shift (``diffusion.shift``): position i predicts token i + 1, so a generated
+    # position reads the logits of the one before it; a property of the trained model
+    shift: bool = True
 
     def __post_init__(self) -> None:
         if self.steps is None:
@@ -287,21 +290,19 @@ def prepare(prompts: list[list[int]], cfg: SamplerConfig, mask_id: int, pad_id: 
 
 @torch.no_grad()
 def sample(source: LogitsSource, prompts: list[list[int]], cfg: SamplerConfig, *, mask_id: int,
-           pad_id: int, vocab_size: int, shift: bool, trace: Optional[list] = None
-           ) -> list[list[int]]:
+           pad_id: int, vocab_size: int, trace: Optional[list] = None) -> list[list[int]]:
     """Generated ids per prompt (``vocab_size``: the tokens that may be sampled)."""
     cfg.check()
-    if shift and min(len(p) for p in prompts) == 0:
+    if cfg.shift and min(len(p) for p in prompts) == 0:
         raise ValueError("with the AR shift every prompt needs at least one token")
     tokens, start, mask = prepare(prompts, cfg, mask_id, pad_id)
-    denoise(source, tokens, mask, start, cfg, mask_id=mask_id, vocab_size=vocab_size, shift=shift,
-            trace=trace)
+    denoise(source, tokens, mask, start, cfg, mask_id=mask_id, vocab_size=vocab_size, trace=trace)
     return [tokens[row, start:].tolist() for row in range(len(prompts))]
 
 
 @torch.no_grad()
 def denoise(source: LogitsSource, tokens: torch.Tensor, attention_mask, start: int,
-            cfg: SamplerConfig, *, mask_id: int, vocab_size: int, shift: bool,
+            cfg: SamplerConfig, *, mask_id: int, vocab_size: int,
             trace: Optional[list] = None) -> torch.Tensor:
     """Fill the masked span ``tokens[:, start:start + cfg.gen_length]`` (CPU) in place, blocks
     left to right; the tokens around it (prompt, or prefix and suffix for infilling) are never
@@ -316,7 +317,7 @@ def denoise(source: LogitsSource, tokens: torch.Tensor, attention_mask, start: i
     done = torch.zeros(tokens.shape[0], dtype=torch.bool)
     for block_start in range(start, start + length, block):
         region = slice(block_start, block_start + block)
-        rows = slice(block_start - 1, block_start + block - 1) if shift else region
+        rows = slice(block_start - 1, block_start + block - 1) if cfg.shift else region
         end = tokens.shape[1] if cfg.suffix else region.stop
         seen = tokens[:, :end]
         seen_mask = attention_mask[:, :, :end, :end] if attention_mask is not None else None

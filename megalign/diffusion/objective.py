@@ -39,6 +39,7 @@ from megalign.config import Config, DiffusionConfig
 from megalign.data.vocabulary import Vocabulary
 from megalign.diffusion.masking import anneal_fraction, open_future, sample_noise
 from megalign.model.attention import attention_mask, document_ids
+from megalign.model.streams import stream_count
 
 
 @dataclass
@@ -102,8 +103,7 @@ class MaskedDiffusion:
 
 def streams(diffusion: DiffusionConfig, seq_length: int) -> int:
     """Positions per sequence position in the student's input: 2 under block diffusion."""
-    block = diffusion.block_length
-    return 2 if block and block < seq_length else 1
+    return stream_count(diffusion.block_length, seq_length)
 
 
 def make_batch(

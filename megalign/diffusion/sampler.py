@@ -20,6 +20,7 @@ entropies all sit near log(vocab).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -32,22 +33,24 @@ from megalign.diffusion.objective import streams
 
 
 def for_model(cfg: Config, sampler: SamplerConfig) -> SamplerConfig:
-    """``sampler`` as the model was trained: a block-diffusion student (``diffusion.block_length``)
-    decodes its blocks left to right, block-causally, without the positions after the block."""
+    """``sampler`` as the model was trained: with its AR shift (``diffusion.shift``), and for a
+    block-diffusion student (``diffusion.block_length``) its blocks left to right,
+    block-causally, without the positions after the block."""
+    sampler = replace(sampler, shift=cfg.diffusion.shift)
     if streams(cfg.diffusion, cfg.model.seq_length) == 1:
         return sampler
     return decoding.for_block_diffusion(sampler, cfg.diffusion.block_length)
 
 
-def sample(source: LogitsSource, prompts: list[list[int]], vocab: Vocabulary, shift: bool,
+def sample(source: LogitsSource, prompts: list[list[int]], vocab: Vocabulary,
            cfg: SamplerConfig, trace: Optional[list] = None) -> list[list[int]]:
     """Generated ids per prompt, sampled from ``vocab``'s tokens."""
     return decoding.sample(source, prompts, cfg, mask_id=vocab.mask, pad_id=vocab.pad,
-                           vocab_size=vocab.size, shift=shift, trace=trace)
+                           vocab_size=vocab.size, trace=trace)
 
 
 def denoise(source: LogitsSource, tokens: torch.Tensor, attention_mask, start: int,
-            vocab: Vocabulary, shift: bool, cfg: SamplerConfig) -> torch.Tensor:
+            vocab: Vocabulary, cfg: SamplerConfig) -> torch.Tensor:
     """Fill ``tokens[:, start:start + cfg.gen_length]`` in place (infilling: text may follow)."""
     return decoding.denoise(source, tokens, attention_mask, start, cfg, mask_id=vocab.mask,
-                            vocab_size=vocab.size, shift=shift)
+                            vocab_size=vocab.size)

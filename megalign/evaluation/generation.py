@@ -100,12 +100,11 @@ def generation_quality(sample_fn: Callable[[list[list[int]]], list[list[int]]],
 
 
 def student_generation_quality(students: list, ar_logits_fn: Callable, batches: list, count: int,
-                               prompt_length: int, sampler, vocab, shift: bool,
-                               tokenizer) -> dict:
+                               prompt_length: int, sampler, vocab, tokenizer) -> dict:
     """``generation_quality`` of a diffusion student's model chunks on the first ``count``
     held-out samples' first ``prompt_length`` tokens, decoded with ``sampler``."""
     return generation_quality(
         lambda prompts: sample(sampler_logits(students, sampler.cache, sampler.dual_cache),
-                               prompts, vocab, shift, sampler),
+                               prompts, vocab, sampler),
         ar_logits_fn, heldout_prompts(batches, count, prompt_length),
         lambda token: tokenizer.decode([token]), vocab.eod)

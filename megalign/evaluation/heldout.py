@@ -113,7 +113,7 @@ def infilling(logits_fn, batches, objective, vocab, span: int,
                    if objective.document_attention else None)
         positions = raw["position_ids"]
         denoise(lambda x, m, _window: logits_fn(x, positions, m), tokens, blocked, start, vocab,
-                objective.diffusion.shift, SamplerConfig(gen_length=span, steps=steps))
+                SamplerConfig(gen_length=span, steps=steps, shift=objective.diffusion.shift))
         hit = tokens[:, start : start + span] == clean[:, start : start + span]
         exact += hit.all(dim=1).tolist()
         correct += hit.sum(dim=1).tolist()

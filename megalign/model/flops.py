@@ -18,7 +18,7 @@ def layer_matmul_parameters(cfg: Config) -> int:
     m = cfg.model
     attention = m.num_attention_heads * m.kv_channels  # = hidden_size unless head_dim is set
     qkv = m.hidden_size * (attention + 2 * m.query_groups * m.kv_channels)
-    mlp = (3 if m.arch == "llama" else 2) * m.hidden_size * ffn_hidden_size(cfg)
+    mlp = (3 if m.arch == "llama" else 2) * m.hidden_size * ffn_hidden_size(m)
     return qkv + attention * m.hidden_size + mlp
 
 

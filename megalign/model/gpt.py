@@ -11,6 +11,8 @@ causal for the teacher. With document attention both receive an explicit block-d
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -24,10 +26,17 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megalign.config import Config
+from megalign.config import (
+    AlignConfig,
+    Config,
+    Fp8Config,
+    ModelConfig,
+    ParallelConfig,
+    RecomputeConfig,
+)
 from megalign.errors import ConfigError
 from megalign.model.norm import TorchNorm
-from megalign.model.streams import use_stream_positions
+from megalign.model.streams import stream_count, use_stream_positions
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -85,8 +94,7 @@ def check_fp8(cfg: Config) -> None:
         )
 
 
-def ffn_hidden_size(cfg: Config) -> int:
-    m = cfg.model
+def ffn_hidden_size(m: ModelConfig) -> int:
     if m.ffn_hidden_size is not None:
         return m.ffn_hidden_size
     if m.arch == "gpt2":
@@ -94,41 +102,67 @@ def ffn_hidden_size(cfg: Config) -> int:
     return -(-int(8 * m.hidden_size / 3) // 64) * 64  # SwiGLU: 8/3 h rounded up to 64
 
 
-def moe_ffn_hidden_size(cfg: Config) -> int:
+def moe_ffn_hidden_size(m: ModelConfig) -> int:
     """Each expert's SwiGLU width: ``model.moe_ffn_hidden_size``, else the dense MLP's."""
-    return cfg.model.moe_ffn_hidden_size or ffn_hidden_size(cfg)
+    return m.moe_ffn_hidden_size or ffn_hidden_size(m)
 
 
-def teacher_dtype(cfg: Config, gpu: bool) -> torch.dtype:
+def teacher_dtype(align: AlignConfig, precision: str, gpu: bool) -> torch.dtype:
     """The frozen teacher's dtype: ``align.teacher_dtype``, whose "auto" is bf16 wherever the
-    student is and on every GPU (``gpu``)."""
-    if cfg.align.teacher_dtype == "auto":
-        return torch.bfloat16 if cfg.precision != "fp32" or gpu else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.align.teacher_dtype]
+    student (``precision``) is and on every GPU (``gpu``)."""
+    if align.teacher_dtype == "auto":
+        return torch.bfloat16 if precision != "fp32" or gpu else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[align.teacher_dtype]
 
 
-def transformer_config(cfg: Config, params_dtype: torch.dtype,
-                       fp8: bool = False) -> TransformerConfig:
-    """Megatron-Core's config; ``fp8`` puts the GEMMs under TE's FP8 autocast (``cfg.fp8`` recipe).
+@dataclass(frozen=True)
+class ModelBuild:
+    """What building one model's chunks on this rank reads: the model and parallel sections, the
+    weights' dtype, and what the objective asks of attention. The run config is read once, by
+    ``ModelBuild.of``; everything below takes this."""
+
+    model: ModelConfig
+    parallel: ParallelConfig
+    params_dtype: torch.dtype = torch.float32
+    attention: AttnMaskType = AttnMaskType.causal
+    # block diffusion's noisy and clean copies of each sequence, each numbered from 0 (RoPE)
+    streams: int = 1
+    recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
+    fp8: Optional[Fp8Config] = None  # the GEMMs under Transformer Engine's FP8 autocast
+
+    @classmethod
+    def of(cls, cfg: Config, *, causal: bool, params_dtype: torch.dtype,
+           fp8: bool = False) -> "ModelBuild":
+        """The run's model: a causal AR model (teacher, scorer, ``objective=ar``) or the
+        bidirectional student, whose objective may pass an explicit mask and two streams."""
+        return cls(model=cfg.model, parallel=cfg.parallel, params_dtype=params_dtype,
+                   attention=attention_mask_type(cfg, causal),
+                   streams=1 if causal else stream_count(cfg.diffusion.block_length,
+                                                         cfg.model.seq_length),
+                   recompute=cfg.recompute, fp8=cfg.fp8 if fp8 else None)
+
+
+def transformer_config(build: ModelBuild) -> TransformerConfig:
+    """Megatron-Core's config; ``build.fp8`` puts the GEMMs under TE's FP8 autocast.
 
     With Transformer Engine (GPU) the fused kernels are on; the local spec (CPU) has none.
     """
-    m = cfg.model
+    m, parallel, params_dtype = build.model, build.parallel, build.params_dtype
     llama = m.arch == "llama"
     on_gpu = torch.cuda.is_available()
     fused = transformer_engine_available()
     return TransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
-        ffn_hidden_size=ffn_hidden_size(cfg),
+        ffn_hidden_size=ffn_hidden_size(m),
         num_attention_heads=m.num_attention_heads,
         num_query_groups=m.query_groups,
         kv_channels=m.kv_channels,
         qk_layernorm=m.qk_norm,
-        tensor_model_parallel_size=cfg.parallel.tensor_model_parallel_size,
-        pipeline_model_parallel_size=cfg.parallel.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=cfg.parallel.virtual_pipeline_model_parallel_size,
-        sequence_parallel=cfg.parallel.sequence_parallel,
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+        sequence_parallel=parallel.sequence_parallel,
         normalization="RMSNorm" if llama else "LayerNorm",
         layernorm_epsilon=m.norm_epsilon,
         gated_linear_unit=llama,
@@ -148,21 +182,15 @@ def transformer_config(cfg: Config, params_dtype: torch.dtype,
         apply_rope_fusion=fused and llama,
         gradient_accumulation_fusion=fused,  # wgrad straight into Megatron DDP's main_grad
         persist_layer_norm=False,  # apex-only; TE norms are used with TE
-        **moe_config(cfg),
-        **recompute_config(cfg),
-        fp8=cfg.fp8.format if fp8 else None,
-        fp8_recipe=cfg.fp8.recipe,
-        fp8_margin=cfg.fp8.margin,
-        fp8_amax_history_len=cfg.fp8.amax_history_len,
-        fp8_amax_compute_algo=cfg.fp8.amax_compute_algo,
-        fp8_wgrad=cfg.fp8.wgrad,
+        **moe_config(m, parallel),
+        **recompute_config(build.recompute),
+        **fp8_config(build.fp8),
     )
 
 
-def recompute_config(cfg: Config) -> dict:
+def recompute_config(r: RecomputeConfig) -> dict:
     """Megatron-Core's activation recomputation. It acts only in training mode, so the teacher
     and the causal scorer (eval mode, no_grad) never recompute."""
-    r = cfg.recompute
     if r.granularity is None:
         return {}
     if r.granularity == "selective":
@@ -171,22 +199,30 @@ def recompute_config(cfg: Config) -> dict:
                 recompute_num_layers=r.num_layers)
 
 
-def moe_config(cfg: Config) -> dict:
+def fp8_config(fp8: Optional[Fp8Config]) -> dict:
+    """Transformer Engine's FP8 recipe for Megatron-Core (``None``: no FP8 GEMMs)."""
+    if fp8 is None:
+        return {}
+    return dict(fp8=fp8.format, fp8_recipe=fp8.recipe, fp8_margin=fp8.margin,
+                fp8_amax_history_len=fp8.amax_history_len,
+                fp8_amax_compute_algo=fp8.amax_compute_algo, fp8_wgrad=fp8.wgrad)
+
+
+def moe_config(m: ModelConfig, parallel: ParallelConfig) -> dict:
     """Megatron-Core's MoE settings: a softmax router, dropless, the all-gather token dispatcher
     (the one that runs on CPU/gloo), one ``SequentialMLP`` of SwiGLU experts per layer."""
-    m = cfg.model
     if m.num_experts is None:
         return {}
     return dict(num_moe_experts=m.num_experts, moe_router_topk=m.moe_topk,
-                moe_ffn_hidden_size=moe_ffn_hidden_size(cfg),
+                moe_ffn_hidden_size=moe_ffn_hidden_size(m),
                 moe_router_pre_softmax=m.moe_router_pre_softmax,
                 moe_router_score_function="softmax", moe_router_load_balancing_type="aux_loss",
                 moe_aux_loss_coeff=m.moe_aux_loss_coeff, moe_token_dispatcher_type="allgather",
                 moe_grouped_gemm=False,
-                expert_model_parallel_size=cfg.parallel.expert_model_parallel_size)
+                expert_model_parallel_size=parallel.expert_model_parallel_size)
 
 
-def layer_spec(cfg: Config, attn_mask_type: AttnMaskType):
+def layer_spec(m: ModelConfig, attn_mask_type: AttnMaskType):
     """TE spec on GPUs with Transformer Engine; otherwise Megatron-Core's local spec with torch
     norms that also run under sequence parallelism (``megalign.model.norm``)."""
     if transformer_engine_available():
@@ -195,54 +231,50 @@ def layer_spec(cfg: Config, attn_mask_type: AttnMaskType):
         )
 
         spec = get_gpt_layer_with_transformer_engine_spec(
-            num_experts=cfg.model.num_experts, moe_grouped_gemm=False,
-            qk_layernorm=cfg.model.qk_norm)
+            num_experts=m.num_experts, moe_grouped_gemm=False, qk_layernorm=m.qk_norm)
     else:
-        spec = get_gpt_layer_local_spec(num_experts=cfg.model.num_experts,
-                                        moe_grouped_gemm=False, qk_layernorm=cfg.model.qk_norm)
+        spec = get_gpt_layer_local_spec(num_experts=m.num_experts, moe_grouped_gemm=False,
+                                        qk_layernorm=m.qk_norm)
         spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = TorchNorm
-        if cfg.model.qk_norm:
+        if m.qk_norm:
             attention = spec.submodules.self_attention.submodules
             attention.q_layernorm = attention.k_layernorm = TorchNorm
     spec.submodules.self_attention.params["attn_mask_type"] = attn_mask_type
     return spec
 
 
-def block_spec(cfg: Config, config: TransformerConfig, attn_mask_type: AttnMaskType, vp_stage=None):
+def block_spec(build: ModelBuild, config: TransformerConfig, vp_stage=None):
     """The layers of this stage, and (local spec) the final norm as ``TorchNorm`` too."""
-    spec = layer_spec(cfg, attn_mask_type)
+    spec = layer_spec(build.model, build.attention)
     if transformer_engine_available():
         return spec
     layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=[spec] * layers, layer_norm=TorchNorm)
 
 
-def build_chunks(
-    cfg: Config, vocab_size: int, causal: bool, params_dtype: torch.dtype, fp8: bool = False
-) -> list:
+def build_chunks(build: ModelBuild, vocab_size: int) -> list:
     """All model chunks of this rank: one, or ``virtual_pipeline_model_parallel_size`` of them."""
-    vpp = cfg.parallel.virtual_pipeline_model_parallel_size
+    vpp = build.parallel.virtual_pipeline_model_parallel_size
     stages = [None] if vpp is None else list(range(vpp))
-    return [build_gpt(cfg, vocab_size, causal, params_dtype, vp_stage=v, fp8=fp8) for v in stages]
+    return [build_gpt(build, vocab_size, vp_stage=v) for v in stages]
 
 
 def attention_mask_type(cfg: Config, causal: bool) -> AttnMaskType:
+    """How the run's model attends: causal (the AR model) or bidirectional, through an explicit
+    mask (``megalign.model.attention``) under document attention, block diffusion or annealing."""
     d = cfg.diffusion
     if cfg.model.document_attention or (not causal and (d.anneal_iters or d.block_length)):
         return AttnMaskType.arbitrary  # explicit mask from megalign.model.attention
     return AttnMaskType.causal if causal else AttnMaskType.no_mask
 
 
-def build_gpt(
-    cfg: Config, vocab_size: int, causal: bool, params_dtype: torch.dtype, vp_stage=None,
-    fp8: bool = False,
-) -> GPTModel:
+def build_gpt(build: ModelBuild, vocab_size: int, vp_stage=None) -> GPTModel:
     """One model chunk of this rank (layers of this PP stage / virtual stage, TP shard of each)."""
-    m = cfg.model
-    config = transformer_config(cfg, params_dtype, fp8)
+    m = build.model
+    config = transformer_config(build)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=block_spec(cfg, config, attention_mask_type(cfg, causal), vp_stage),
+        transformer_layer_spec=block_spec(build, config, vp_stage),
         vocab_size=vocab_size,
         max_sequence_length=m.max_position_embeddings or m.seq_length,
         pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
@@ -255,12 +287,12 @@ def build_gpt(
         rope_scaling_factor=m.rope_scaling_factor or 8.0,  # (Megatron-Core's default, unused)
         vp_stage=vp_stage,
     )
-    if not causal and cfg.diffusion.block_length and m.arch == "llama":
+    if build.streams == 2 and m.arch == "llama":
         use_stream_positions(model)  # block diffusion's two streams, each numbered from 0
     if m.arch == "gpt2" and model.pre_process:
         # Megatron-Core makes the learned position embedding in fp32 whatever params_dtype is;
         # Float16Module converts a student's, nothing converts the teacher's or the scorer's
-        model.embedding.position_embeddings.to(params_dtype)
+        model.embedding.position_embeddings.to(build.params_dtype)
     if not torch.cuda.is_available():
         return model
     return model.cuda(torch.cuda.current_device())

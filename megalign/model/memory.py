@@ -27,7 +27,7 @@ from megatron.core.transformer.enums import AttnMaskType
 
 from megalign.config import Config
 from megalign.model.gpt import (
-    attention_mask_type,
+    ModelBuild,
     ffn_hidden_size,
     moe_ffn_hidden_size,
     teacher_dtype,
@@ -97,14 +97,14 @@ def layer_parameters(cfg: Config, index: int) -> list[tuple[str, int]]:
         table.append((f"{prefix}self_attention.linear_proj.bias", h))
     table += [(f"{prefix}pre_mlp_layernorm.{n}", h) for n in norms]
     if m.num_experts:
-        f = moe_ffn_hidden_size(cfg)
+        f = moe_ffn_hidden_size(cfg.model)
         table.append((f"{prefix}mlp.router.weight", m.num_experts * h))
         for local in range(m.num_experts // ep):  # rank 0 of the expert group's names
             expert = f"{prefix}mlp.experts.local_experts.{local}."
             table += [(f"{expert}linear_fc1.weight", 2 * f // tp * h),
                       (f"{expert}linear_fc2.weight", h * f // tp)]
         return table
-    f = ffn_hidden_size(cfg)
+    f = ffn_hidden_size(cfg.model)
     table.append((f"{prefix}mlp.linear_fc1.weight", (2 if llama else 1) * f // tp * h))
     if not llama:
         table.append((f"{prefix}mlp.linear_fc1.bias", f // tp))
@@ -210,22 +210,27 @@ def layer_activation_bytes(cfg: Config, positions: int, batch: int, element: int
     if m.num_experts:  # the router sees this rank's tokens, the experts all of the TP group's
         local = tokens // sp
         routed = tokens * m.moe_topk
-        f = moe_ffn_hidden_size(cfg) // tp
+        f = moe_ffn_hidden_size(cfg.model) // tp
         if "moe" in selective:  # the whole layer is recomputed from its input
             return hidden_bytes + attention_bytes + softmax
         mlp = (routed * (h + 6 * f + 1)) * element
         router = (local * m.moe_topk * (8 + FP32) + routed * 8
                   + tokens * m.num_experts * (1 + FP32))  # approximate under SP (tests: 1%)
         return hidden_bytes + attention_bytes + softmax + mlp + router
-    f = ffn_hidden_size(cfg) // tp
+    f = ffn_hidden_size(cfg.model) // tp
     mlp = 0 if "mlp" in selective else tokens * (5 if llama else 2) * f
     return hidden_bytes + attention_bytes + mlp * element + softmax
+
+
+def student_build(cfg: Config) -> ModelBuild:
+    """How the run builds its trained model (the dtype does not matter to what is counted)."""
+    return ModelBuild.of(cfg, causal=cfg.objective == "ar", params_dtype=torch.float32)
 
 
 def attention_mask_bytes(cfg: Config, positions: int, batch: int) -> int:
     """The explicit boolean attention mask (document attention, block diffusion, annealing),
     kept once per chunk and micro-batch by the first layer that uses it."""
-    explicit = attention_mask_type(cfg, causal=cfg.objective == "ar") == AttnMaskType.arbitrary
+    explicit = student_build(cfg).attention == AttnMaskType.arbitrary
     return batch * positions * positions if explicit else 0
 
 
@@ -271,10 +276,9 @@ def plan(cfg: Config, vocab_size: int, world_size: int, gpu: bool) -> list[Stage
     microbatches = cfg.data.global_batch_size // (cfg.data.micro_batch_size * dp)
     mixed = cfg.precision != "fp32"
     weight_bytes = BF16 if mixed else FP32
-    teacher_bytes = FP32 if teacher_dtype(cfg, gpu) == torch.float32 else BF16
+    teacher_bytes = FP32 if teacher_dtype(cfg.align, cfg.precision, gpu) == torch.float32 else BF16
     aligned = cfg.align.weight > 0
-    streams = 2 if cfg.objective == "diffusion" and cfg.diffusion.block_length else 1
-    positions, batch = streams * m.seq_length, cfg.data.micro_batch_size
+    positions, batch = student_build(cfg).streams * m.seq_length, cfg.data.micro_batch_size
     group = cfg.align.teacher_microbatches
     aligned_layers = set(range(m.num_layers + 1) if cfg.align.layers is None
                          else cfg.align.layers)  # zero-weight layers are recorded too

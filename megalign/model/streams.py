@@ -11,7 +11,15 @@ input (the sampler's single stream, the inference cache) gets Megatron's embeddi
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+
+
+def stream_count(block_length: Optional[int], seq_length: int) -> int:
+    """Positions per sequence position in a diffusion student's input: 2 under block diffusion
+    (blocks shorter than the sequence), else 1."""
+    return 2 if block_length and block_length < seq_length else 1
 
 
 def is_two_stream(position_ids: torch.Tensor) -> bool:

@@ -30,7 +30,7 @@ from megatron.core.transformer.module import Float16Module
 
 from megalign import distributed
 from megalign.align.loss import normalised_layer_weights
-from megalign.align.teacher import Teacher
+from megalign.align.teacher import Teacher, teacher_build
 from megalign.checkpoint import load_checkpoint
 from megalign.config import Config, parse_blend
 from megalign.data.dataset import build_datasets, micro_batches
@@ -40,7 +40,7 @@ from megalign.diffusion.masking import anneal_fraction
 from megalign.errors import TrainingError
 from megalign.model import memory
 from megalign.model.embedding import init_mask_token_embedding
-from megalign.model.gpt import build_chunks, global_parameter_name
+from megalign.model.gpt import ModelBuild, build_chunks, global_parameter_name
 from megalign.platform import collectives
 from megalign.telemetry.experts import ExpertLoad
 from megalign.telemetry.peak_memory import MemoryProbe
@@ -61,8 +61,8 @@ def build_models(cfg: Config, vocab: Vocabulary, ar_checkpoint: Optional[str]):
     samples (``evaluation.generation_samples``)."""
     dtype = torch.float32 if cfg.precision == "fp32" else torch.bfloat16  # fp8: bf16 + FP8 GEMMs
     causal_lm = cfg.objective == "ar"  # the trained model is itself the causal AR model
-    students = build_chunks(cfg, vocab.padded, causal=causal_lm, params_dtype=dtype,
-                            fp8=cfg.precision == "fp8")
+    students = build_chunks(ModelBuild.of(cfg, causal=causal_lm, params_dtype=dtype,
+                                          fp8=cfg.precision == "fp8"), vocab.padded)
     if ar_checkpoint:
         load_checkpoint(ar_checkpoint, students)
     layer_weights = normalised_layer_weights(
@@ -71,10 +71,11 @@ def build_models(cfg: Config, vocab: Vocabulary, ar_checkpoint: Optional[str]):
     ar_weights = [chunk.state_dict() for chunk in students]
     teacher = None
     if cfg.align.weight > 0:
-        teacher = Teacher(cfg, vocab.padded, ar_weights, set(layer_weights))
+        teacher = Teacher(teacher_build(cfg), vocab.padded, ar_weights, set(layer_weights),
+                          log_loss=cfg.align.log_teacher_loss)
     scorer = None
     if cfg.evaluation.interval and cfg.evaluation.generation_samples:
-        scorer = build_chunks(cfg, vocab.padded, causal=True, params_dtype=dtype)
+        scorer = build_chunks(ModelBuild.of(cfg, causal=True, params_dtype=dtype), vocab.padded)
         for chunk, weights in zip(scorer, ar_weights):
             chunk.load_state_dict(weights)
             chunk.requires_grad_(False)

@@ -96,6 +96,5 @@ class Validator:
             sampler = for_model(cfg, SamplerConfig(gen_length=e.gen_length, eos_id=vocab.eod))
             result.update(student_generation_quality(
                 students, full_logits_fn(self.scorer, vocab.size), self.heldout,
-                e.generation_samples, e.prompt_length, sampler, vocab, cfg.diffusion.shift,
-                tokenizer))
+                e.generation_samples, e.prompt_length, sampler, vocab, tokenizer))
         return result

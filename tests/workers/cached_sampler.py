@@ -45,7 +45,7 @@ report = {"tokens": {}}
 for name, options in MODES.items():
     cfg = SamplerConfig(gen_length=16, block_length=8, **options)
     logits_fn = sampler_logits(chunks, cfg.cache, cfg.dual_cache)
-    report["tokens"][name] = sample(logits_fn, PROMPTS, vocab, True, cfg)
+    report["tokens"][name] = sample(logits_fn, PROMPTS, vocab, cfg)
 
 # after a refresh, a window run on the same tokens reads the cache for the positions before it:
 # its logits equal the full run's; and the cached keys and values equal a fresh full run's

@@ -7,7 +7,7 @@ import torch
 
 from megalign import distributed
 from megalign.checkpoint import load_checkpoint
-from megalign.model.gpt import build_chunks
+from megalign.model.gpt import ModelBuild, build_chunks
 from megalign.model.inference import ar_decode, forward_logits
 
 from common import arguments, config_and_tokenizer
@@ -17,7 +17,8 @@ cfg, _ = config_and_tokenizer(args, extra=["model.document_attention=false"], to
 distributed.initialize(distributed.launch_env(), cfg.parallel.tensor_model_parallel_size,
                        cfg.parallel.pipeline_model_parallel_size, cfg.seed,
                        expert_parallel=cfg.parallel.expert_model_parallel_size)
-chunks = build_chunks(cfg, cfg.model.padded_vocab_size, causal=True, params_dtype=torch.float32)
+chunks = build_chunks(ModelBuild.of(cfg, causal=True, params_dtype=torch.float32),
+                      cfg.model.padded_vocab_size)
 load_checkpoint(cfg.model.init_checkpoint, chunks)
 tokens = torch.load(args.tokens)
 positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)

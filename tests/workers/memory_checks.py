@@ -17,7 +17,7 @@ from megalign import distributed
 from megalign.data.vocabulary import Vocabulary
 from megalign.model import memory
 from megalign.model.attention import attention_mask
-from megalign.model.gpt import build_chunks, global_parameter_name
+from megalign.model.gpt import ModelBuild, build_chunks, global_parameter_name
 
 from common import arguments, config_and_tokenizer
 
@@ -68,7 +68,7 @@ def main():
         vocab = Vocabulary.of(cfg, tok).padded
         dtype = torch.float32 if cfg.precision == "fp32" else torch.bfloat16
         element = 4 if dtype == torch.float32 else 2
-        chunks = build_chunks(cfg, vocab, causal=False, params_dtype=dtype)
+        chunks = build_chunks(ModelBuild.of(cfg, causal=False, params_dtype=dtype), vocab)
         for index, chunk in enumerate(chunks):
             built = {global_parameter_name(name, chunk): param.numel()
                      for name, param in chunk.named_parameters()}

@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from megalign import distributed
-from megalign.align.teacher import Teacher
+from megalign.align.teacher import Teacher, teacher_build
 from megalign.data.vocabulary import Vocabulary
 from megalign.diffusion.objective import DiffusionBatch, MaskedDiffusion, make_batch
 from megalign.model.attention import attention_mask, document_ids
-from megalign.model.gpt import build_gpt
+from megalign.model.gpt import ModelBuild, build_gpt
 from megalign.model.hidden_states import HiddenStateRecorder
 from megalign.training.trainer import freeze_parameters
 
@@ -37,7 +37,8 @@ def main():
     changed[0, -1] = (changed[0, -1] + 1) % tok.vocab_size
     cfg = replace(cfg, model=replace(cfg.model, document_attention=False))
     for name, causal in (("bidirectional", False), ("causal", True)):
-        model = build_gpt(cfg, vocab, causal=causal, params_dtype=torch.float32).eval()
+        build = ModelBuild.of(cfg, causal=causal, params_dtype=torch.float32)
+        model = build_gpt(build, vocab).eval()
         delta = (logits_of(model, tokens, None) - logits_of(model, changed, None)).abs()
         report[f"{name}_first_position_change"] = float(delta[0, 0].max())
 
@@ -49,7 +50,8 @@ def main():
     changed[0, 20] = (changed[0, 20] + 1) % tok.vocab_size
     docs = document_ids(docs_tokens, tok.eod)
     for name, causal in (("bidirectional", False), ("causal", True)):
-        model = build_gpt(cfg, vocab, causal=causal, params_dtype=torch.float32).eval()
+        build = ModelBuild.of(cfg, causal=causal, params_dtype=torch.float32)
+        model = build_gpt(build, vocab).eval()
         mask = attention_mask(docs, causal=causal)
         delta = (logits_of(model, docs_tokens, mask) - logits_of(model, changed, mask)).abs()
         report[f"{name}_doc_other_document_change"] = float(delta[0, :16].max())
@@ -58,8 +60,8 @@ def main():
 
     # step 0: student initialised from the teacher's weights
     cfg = replace(cfg, align=replace(cfg.align, weight=10.0))
-    student = build_gpt(cfg, vocab, causal=False, params_dtype=torch.float32)
-    teacher = Teacher(cfg, vocab, [student.state_dict()], {0, cfg.model.num_layers})
+    student = build_gpt(ModelBuild.of(cfg, causal=False, params_dtype=torch.float32), vocab)
+    teacher = Teacher(teacher_build(cfg), vocab, [student.state_dict()], {0, cfg.model.num_layers})
     recorder = HiddenStateRecorder(student, {0})
     vocabulary = Vocabulary.of(cfg, tok)
     sample = torch.randint(4, tok.vocab_size, (2, cfg.model.seq_length + 1))
@@ -90,7 +92,7 @@ def main():
 
     # tied embeddings: one logical tensor, frozen by a pattern naming either of its names
     for pattern in ("output_layer", "word_embeddings"):
-        model = build_gpt(cfg, vocab, causal=False, params_dtype=torch.float32)
+        model = build_gpt(ModelBuild.of(cfg, causal=False, params_dtype=torch.float32), vocab)
         freeze_parameters([model], [pattern])
         report[f"frozen_by_{pattern}"] = sorted(
             name for name, param in model.named_parameters() if not param.requires_grad)

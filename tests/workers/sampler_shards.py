@@ -48,9 +48,9 @@ for temperature, top_k, top_p, confidence, rule in itertools.product(
         ["confidence", "origin", "p2"]):
     cfg = dict(gen_length=8, steps=4, temperature=temperature, top_k=top_k, top_p=top_p,
                confidence=confidence, unmasking=rule, seed=5)
-    reference = sample(scripted("full"), PROMPTS, VOCABULARY, True, SamplerConfig(**cfg))
+    reference = sample(scripted("full"), PROMPTS, VOCABULARY, SamplerConfig(**cfg))
     for layout in ("tp2", "pp2"):
-        got = sample(scripted(layout), PROMPTS, VOCABULARY, True, SamplerConfig(**cfg))
+        got = sample(scripted(layout), PROMPTS, VOCABULARY, SamplerConfig(**cfg))
         if got != reference:
             report["mismatches"].append({"layout": layout, **cfg})
     report["cases"] += 1
