@@ -27,7 +27,7 @@ from megalign.data.tokenizer import build_tokenizer
 from megalign.data.vocabulary import Vocabulary
 from megalign.errors import CheckpointError, ConfigError, one_line
 from megalign.model.embedding import init_mask_token_embedding
-from megalign.model.gpt import ModelBuild, build_chunks
+from megalign.model.gpt import ModelBuild, build_chunks, cast_chunk
 
 
 def recorded_config(path: str):
@@ -98,9 +98,8 @@ def load_student(opened: Opened, dtype: torch.dtype = torch.float32) -> list:
     load_checkpoint(opened.path, chunks)
     start_step0_student(chunks, cfg, opened.meta, opened.vocab)
     if dtype != torch.float32:
-        for chunk in chunks:  # the weights, and the activations pipeline stages exchange
-            chunk.to(dtype)
-            chunk.config.params_dtype = chunk.config.pipeline_dtype = dtype
+        for chunk in chunks:
+            cast_chunk(chunk, dtype)
     return chunks
 
 

@@ -39,6 +39,13 @@ def test_grouped_teacher_forward_matches_one_forward_per_microbatch(report):
     assert report["teacher_group_max_diff"] < 1e-5
 
 
+def test_a_student_cast_to_bf16_computes_as_one_built_in_bf16(report):
+    """megalign-generate --bf16 casts the loaded student: the result must round where a model
+    trained in bf16 and the bf16 transformers export do (the softmax in float32)."""
+    assert report["bf16_cast_vs_built"] == [0.0] * 4
+    assert report["bf16_softmax_cast_vs_built"] == 0.0
+
+
 def test_freezing_the_output_layer_with_tied_embeddings_freezes_the_embedding(report):
     """README: with tied embeddings, a pattern matching either name freezes the one tensor."""
     assert report["frozen_by_output_layer"] == ["embedding.word_embeddings.weight"]

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
+from megatron.core.fusions.fused_softmax import FusedScaleMaskSoftmax
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.enums import AttnMaskType
@@ -296,6 +297,22 @@ def build_gpt(build: ModelBuild, vocab_size: int, vp_stage=None) -> GPTModel:
     if not torch.cuda.is_available():
         return model
     return model.cuda(torch.cuda.current_device())
+
+
+def cast_chunk(chunk: GPTModel, dtype: torch.dtype) -> None:
+    """Cast a built chunk (weights, and the activations pipeline stages exchange) to ``dtype``
+    for inference, computing as if it had been built in ``dtype``: Megatron-Core fixes some
+    arithmetic at construction from ``config.bf16``, e.g. the local spec's attention softmax
+    runs in float32 for a bf16 model (left as built, it ran in bf16 after the cast, unlike a
+    model trained in bf16 and unlike the transformers export)."""
+    chunk.to(dtype)
+    config = chunk.config  # one object shared by the chunk's modules
+    config.params_dtype = config.pipeline_dtype = dtype
+    config.bf16 = dtype == torch.bfloat16
+    for module in chunk.modules():
+        if isinstance(module, FusedScaleMaskSoftmax):
+            module.input_in_bf16 = config.bf16
+            module.input_in_float16 = module.input_in_fp16 or module.input_in_bf16
 
 
 _LAYER = re.compile(r"(^|\.)layers\.(\d+)\.")

@@ -6,13 +6,14 @@ from dataclasses import fields, replace
 
 import torch
 import torch.nn.functional as F
+from megatron.core.fusions.fused_softmax import FusedScaleMaskSoftmax
 
 from megalign import distributed
 from megalign.align.teacher import Teacher, teacher_build
 from megalign.data.vocabulary import Vocabulary
 from megalign.diffusion.objective import DiffusionBatch, MaskedDiffusion, make_batch
 from megalign.model.attention import attention_mask, document_ids
-from megalign.model.gpt import ModelBuild, build_gpt
+from megalign.model.gpt import ModelBuild, build_gpt, cast_chunk
 from megalign.model.hidden_states import HiddenStateRecorder
 from megalign.training.trainer import freeze_parameters
 
@@ -96,6 +97,25 @@ def main():
         freeze_parameters([model], [pattern])
         report[f"frozen_by_{pattern}"] = sorted(
             name for name, param in model.named_parameters() if not param.requires_grad)
+
+    # a chunk cast to bfloat16 for inference computes as one built in bfloat16 (whose attention
+    # softmax Megatron-Core runs in float32), for one sequence and a batch, several lengths
+    cast = build_gpt(ModelBuild.of(cfg, causal=False, params_dtype=torch.float32), vocab).eval()
+    built = build_gpt(ModelBuild.of(cfg, causal=False, params_dtype=torch.bfloat16), vocab).eval()
+    built.load_state_dict(cast.state_dict())
+    cast_chunk(cast, torch.bfloat16)
+    report["bf16_cast_vs_built"] = []
+    for batch, length in ((1, 37), (1, 70), (1, 128), (2, 48)):
+        sample = torch.randint(4, tok.vocab_size, (batch, length))
+        report["bf16_cast_vs_built"].append(float(
+            (logits_of(cast, sample, None).float() - logits_of(built, sample, None).float())
+            .abs().max()))
+    # their attention softmax alone, on scores long enough for bf16 and float32 to round apart
+    softmax = [next(m for m in model.modules() if isinstance(m, FusedScaleMaskSoftmax))
+               for model in (cast, built)]
+    scores = (3 * torch.randn(2, 4, 300, 300)).bfloat16()
+    report["bf16_softmax_cast_vs_built"] = float(
+        (softmax[0](scores, None).float() - softmax[1](scores, None).float()).abs().max())
     with open(args.out, "w") as handle:
         json.dump(report, handle)
     distributed.shutdown()
