@@ -287,6 +287,8 @@ class MegalignForDiffusionLM(PreTrainedModel):
         token's index among the real tokens. ``cache``: keys and values kept by a refresh; when
         it has a window, ``input_ids`` are the window's tokens and the mask is [b, 1, window, s]."""
         blocked, valid = _blocked(input_ids, attention_mask)
+        if cache is not None and cache.order is not None:
+            blocked = blocked[..., cache.order]  # the keys come in the cache's slot order
         if position_ids is None:
             position_ids = (valid.long().cumsum(-1) - 1).clamp(min=0)
         layers = self.transformer.h if self.config.arch == "gpt2" else self.model.layers
@@ -371,7 +373,9 @@ class MegalignForDiffusionLM(PreTrainedModel):
             if not options.cache:
                 return self(tokens, blocked, positions).logits
             if window.refresh or "cache" not in held:
-                held["cache"] = KeyValueCache()
+                held["cache"] = KeyValueCache(
+                    _slot_order(window.first, window.stop, tokens.shape[1], device)
+                    if options.dual_cache else None)
                 return self(tokens, blocked, positions, cache=held["cache"]).logits
             first = window.first
             stop = window.stop if options.dual_cache else tokens.shape[1]
@@ -391,20 +395,29 @@ class KeyValueCache:
     other position, which are not recomputed: an approximation for a bidirectional model (they
     were computed when the window held other tokens), exact for a block-causal one whose window
     ends the sequence. megalign-generate's ``--cache`` (window to the end) and ``--dual-cache``
-    (the positions after the window kept too)."""
+    (the positions after the window kept too).
 
-    def __init__(self):
+    ``order``: the positions in the order attention reads their keys (``_slot_order``); None:
+    position order. Attention does not depend on it, but bfloat16 rounds its sums differently
+    in another order."""
+
+    def __init__(self, order: Optional[torch.Tensor] = None):
         self.layers: list = []
         self.window: Optional[tuple[int, int]] = None
+        self.order = order
 
     def attend(self, layer: int, keys: torch.Tensor, values: torch.Tensor):
         if self.window is None:
             self.layers.append((keys, values))
+        else:
+            first, stop = self.window
+            kept_keys, kept_values = self.layers[layer]
+            keys = torch.cat([kept_keys[:, :, :first], keys, kept_keys[:, :, stop:]], dim=2)
+            values = torch.cat([kept_values[:, :, :first], values, kept_values[:, :, stop:]],
+                               dim=2)
+        if self.order is None:
             return keys, values
-        first, stop = self.window
-        kept_keys, kept_values = self.layers[layer]
-        return (torch.cat([kept_keys[:, :, :first], keys, kept_keys[:, :, stop:]], dim=2),
-                torch.cat([kept_values[:, :, :first], values, kept_values[:, :, stop:]], dim=2))
+        return keys[:, :, self.order], values[:, :, self.order]
 
 
 def _positions(tokens: torch.Tensor, blocked: torch.Tensor, learned: bool) -> torch.Tensor:
@@ -418,6 +431,13 @@ def _positions(tokens: torch.Tensor, blocked: torch.Tensor, learned: bool) -> to
 
 def x_device(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
+
+
+def _slot_order(first: int, stop: int, length: int, device) -> torch.Tensor:
+    """The dual cache's key order in megalign's model: the positions before the window, those
+    after it, then the window (megalign.model.inference.cache_layout)."""
+    return torch.cat([torch.arange(first), torch.arange(stop, length),
+                      torch.arange(first, stop)]).to(device)
 
 
 def _blocked(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]):
