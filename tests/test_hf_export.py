@@ -77,7 +77,8 @@ def decodable(kind: str, option_sets: list) -> list:
             if not (kind.endswith("_block") and "dual_cache" in kw)]
 
 
-def transformers_alone(export, tokens, option_sets: list, out, dtype="float32") -> dict:
+def transformers_alone(export, tokens, option_sets: list, out, dtype="float32",
+                       dual_window=None, window_tokens=None) -> dict:
     """The export's logits of ``tokens`` and diffusion_generate's tokens per option set, from a
     process where megalign cannot be imported."""
     import sentencepiece as spm
@@ -85,11 +86,14 @@ def transformers_alone(export, tokens, option_sets: list, out, dtype="float32") 
     sp = spm.SentencePieceProcessor(model_file=str(TOKENIZER))
     job = {"model": str(export), "tokens": str(tokens), "dtype": dtype,
            "prompts": [sp.encode(p) for p in PROMPTS],
-           "options": [{"max_new_tokens": GEN_LENGTH, **kw} for _, kw in option_sets]}
+           "options": [{"max_new_tokens": GEN_LENGTH, **kw} for _, kw in option_sets],
+           "dual_window": dual_window, "window_tokens": str(window_tokens)}
     out.with_suffix(".job.json").write_text(json.dumps(job))
     run_python([WORKERS / "hf_diffusion.py", "--job", out.with_suffix(".job.json"), "--out", out])
     report = json.loads(out.read_text())
     report["logits"] = torch.load(f"{out}.logits.pt")
+    if dual_window:
+        report["window_logits"] = torch.load(f"{out}.window.pt")
     return report
 
 
@@ -156,8 +160,14 @@ def test_transformers_alone_matches_megalign(exported, tmp_path):
         if not options.get("temperature"):  # sampling draws noise for the whole batch at once
             assert alone == batched, (kind, cli)  # padding and batching change nothing
 
+    # a dual-cached window of a long sequence: the export keeps megalign's key order (bf16
+    # rounds sums in the order they are taken; a short one rarely shows it)
+    long = torch.randint(0, VOCAB, (2, 128))
+    long[:, 48:80] = VOCAB
+    torch.save(long, tmp_path / "long.pt")
     half = transformers_alone(tmp / "export", tmp_path / "tokens.pt", half_sets,
-                              tmp_path / "hf_bf16.json", dtype="bfloat16")
+                              tmp_path / "hf_bf16.json", dtype="bfloat16", dual_window=[48, 56],
+                              window_tokens=tmp_path / "long.pt")
     run_python([WORKERS / "student_logits.py", "--checkpoint", tmp / "ckpt", "--tokens",
                 tmp_path / "tokens.pt", "--out", tmp_path / "megalign_bf16.pt", "--bf16"])
     half_reference = torch.load(tmp_path / "megalign_bf16.pt")[..., :VOCAB]
@@ -167,6 +177,12 @@ def test_transformers_alone_matches_megalign(exported, tmp_path):
     assert difference == 0 if kind != "gpt2" else difference <= 0.25, (kind, float(difference))
     for (cli, _), batched, want in zip(half_sets, half["batched"], expected_bf16):
         assert batched == want, (kind, cli, "bf16")
+    run_python([WORKERS / "student_logits.py", "--checkpoint", tmp / "ckpt", "--tokens",
+                tmp_path / "long.pt", "--out", tmp_path / "megalign_window.pt", "--bf16",
+                "--dual-window", 48, 56])
+    window = torch.load(tmp_path / "megalign_window.pt")[..., :VOCAB].float()
+    difference = (half["window_logits"][..., :VOCAB] - window).abs().max()
+    assert difference == 0 if kind != "gpt2" else difference <= 0.25, (kind, float(difference))
 
 
 def test_a_converted_model_moves_and_samples_as_the_step_0_student(tmp_path):

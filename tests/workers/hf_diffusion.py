@@ -3,7 +3,8 @@
 Reads a JSON job (--job): the export directory, the dtype to load it in (default float32),
 optionally tokens to score, prompts and decoding option sets; writes the logits (.pt) and, per
 option set, the tokens diffusion_generate returns for each prompt alone and for all prompts as
-one left-padded batch."""
+one left-padded batch. ``dual_window`` [first, stop]: also that window's logits from the dual
+cache (.window.pt), computed as tests/workers/student_logits.py --dual-window computes them."""
 
 import argparse
 import json
@@ -27,6 +28,19 @@ if job.get("tokens"):
     with torch.no_grad():
         logits = model(torch.load(job["tokens"])).logits.float()
     torch.save(logits, args.out + ".logits.pt")
+if job.get("dual_window"):
+    exported = sys.modules[type(model).__module__]  # the modeling file and its decoding rules
+    first, stop = job["dual_window"]
+    tokens = torch.load(job["window_tokens"])
+    nothing_blocked = torch.zeros(tokens.shape[0], 1, tokens.shape[1], tokens.shape[1],
+                                  dtype=torch.bool)
+    source = model._logits_source(exported.SamplerConfig(cache=True, dual_cache=True))
+    with torch.no_grad():
+        source(tokens, nothing_blocked, exported.Window(first, stop, refresh=True))
+        changed = tokens.clone()
+        changed[:, first] = tokens[:, first + 1]
+        window = source(changed, nothing_blocked, exported.Window(first, stop, refresh=False))
+    torch.save(window.logits.float(), args.out + ".window.pt")
 report = {"module": type(model).__module__, "alone": [], "batched": []}
 pad = model.config.pad_token_id
 for options in job["options"]:
