@@ -1,22 +1,22 @@
 """Fast diffusion decoding, measured side by side: plain, threshold, caches, bfloat16.
 
     python bench/decode.py [--checkpoint runs/smollm2/checkpoints] [--gen-length 64]
-                           [--threshold 0.9] [--prompts 8] [--threads 2]
+                           [--threshold 0.9] [--prompts 8] [--threads 2] [--modes ...]
 
-Decodes the same prompts (one at a time, greedy, blocks of 8) with the plain sampler (one token
-per step), the confidence-threshold rule, the key/value cache of the prompt and finished blocks,
-the dual cache (also the masked positions after the block), the dual cache with the threshold,
-the cache without the masked positions after the block (``--no-suffix``), and the plain sampler
-and the dual cache with the student's weights in bfloat16, on one process, and prints for each:
-tokens per second (and the speed-up over the plain sampler in float32 and in the same precision),
-model forward passes and positions computed per generated token, generative perplexity of the
-continuations under the AR model the run started from (float32, with the share of distinct
-tokens), and agreement with the plain sampler's tokens. Then the transformers export of the same
-checkpoint (``--export``, default the main job's ``hf`` directory; exported to a temporary
-directory when absent) decodes the same prompts with ``diffusion_generate`` in five of the modes,
-side by side with megalign-generate's: its speed relative to megalign's same mode and the share of
-its tokens equal to megalign's. The checkpoint defaults to the main job's (``bash
-examples/quickstart.sh`` makes it). Writes ``bench/results/decode/results.json``.
+Decodes the same prompts (one at a time, greedy, blocks of 8) with the plain sampler (one token per
+step), the confidence-threshold rule, the key/value cache of the prompt and finished blocks, the
+dual cache (also the masked positions after the block), the dual cache with the threshold, the
+cache without the masked positions after the block (``--no-suffix``), and the plain sampler and the
+dual cache with the student's weights in bfloat16, on one process, and prints for each: tokens per
+second (and the speed-up over the plain sampler in float32 and in the same precision), model
+forward passes and positions computed per generated token, generative perplexity of the
+continuations under the AR model the run started from (float32, with the share of distinct tokens),
+and agreement with the plain sampler's tokens (with ``--modes``: the first mode's). Then the
+transformers export of the same checkpoint (``--export``, default the main job's ``hf`` directory;
+exported to a temporary directory when absent) decodes the same prompts with ``diffusion_generate``
+in five of the modes, side by side with megalign-generate's: its speed relative to megalign's same
+mode and the share of its tokens equal to megalign's. The checkpoint defaults to the main job's
+(``bash examples/quickstart.sh`` makes it). Writes ``bench/results/decode/results.json``.
 """
 
 from __future__ import annotations
@@ -49,8 +49,14 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--export", help="the checkpoint's transformers export (default: the "
                                          "directory 'hf' beside the checkpoints)")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
+                        help="decode only these (speed-ups need 'plain' and 'plain, bf16')")
     parser.add_argument("--out", default="bench/results/decode")
     return parser.parse_args(argv)
+
+
+def fmt(value) -> str:
+    return "–" if value is None else f"{value:.2f}"
 
 
 class Counted:
@@ -67,6 +73,8 @@ class Counted:
         return shard
 
 
+MODES = ("plain", "threshold", "cache", "dual cache", "dual cache+threshold", "cache, no suffix",
+         "plain, bf16", "dual cache, bf16", "dual cache+threshold, bf16")
 EXPORT_MODES = ("plain", "dual cache", "dual cache+threshold", "plain, bf16", "dual cache, bf16")
 
 
@@ -88,7 +96,7 @@ def export_modes(args, modes: dict, prompts: list, results: dict, outputs_of: di
                                                    dtype=dtype).eval()
               for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     exported = {}
-    for name in EXPORT_MODES:
+    for name in (name for name in EXPORT_MODES if name in modes):
         precision, options = modes[name]
         keywords = {key: options[key] for key in ("cache", "dual_cache", "threshold", "suffix")
                     if key in options}
@@ -141,6 +149,7 @@ def main(argv=None) -> int:
              "cache, no suffix": ("fp32", {"cache": True, "suffix": False}),
              "plain, bf16": ("bf16", {}), "dual cache, bf16": ("bf16", dual),
              "dual cache+threshold, bf16": ("bf16", {**dual, "threshold": args.threshold})}
+    modes = {name: modes[name] for name in MODES if name in args.modes}
     results, reference, outputs_of = {}, None, {}
     for name, (precision, options) in modes.items():
         cfg = SamplerConfig(gen_length=args.gen_length, eos_id=None,
@@ -167,23 +176,26 @@ def main(argv=None) -> int:
             "sample": tokenizer.decode(continuations[0]),
         }
     exported = export_modes(args, modes, prompts, results, outputs_of)
-    plain = results["plain"]
-    plains = {"fp32": plain, "bf16": results["plain, bf16"]}
+    plain = results.get("plain", {})
+    plains = {"fp32": plain, "bf16": results.get("plain, bf16", {})}
+
+    def ratio(value, base):
+        return value / base if value and base else None
+
     for result in results.values():
-        result["speedup"] = result["tokens_per_s"] / plain["tokens_per_s"]
-        result["speedup_same_precision"] = (result["tokens_per_s"]
-                                            / plains[result["precision"]]["tokens_per_s"])
-        result["gen_ppl_ratio"] = (result["gen_ppl"] / plain["gen_ppl"]
-                                   if result["gen_ppl"] and plain["gen_ppl"] else None)
+        result["speedup"] = ratio(result["tokens_per_s"], plain.get("tokens_per_s"))
+        result["speedup_same_precision"] = ratio(
+            result["tokens_per_s"], plains[result["precision"]].get("tokens_per_s"))
+        result["gen_ppl_ratio"] = ratio(result["gen_ppl"], plain.get("gen_ppl"))
     print(f"{len(prompts)} prompts x {args.gen_length} tokens, blocks of 8, greedy, one process "
           f"({args.threads} threads), checkpoint {opened.path}")
     print("| decoding | tokens/s | speed-up | same precision | forwards/token | positions/token "
           "| gen. PPL (ratio) | distinct | agreement with plain |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
-        ppl = "–" if r["gen_ppl"] is None else f"{r['gen_ppl']:.2f} ({r['gen_ppl_ratio']:.2f})"
-        print(f"| {name} | {r['tokens_per_s']:.2f} | {r['speedup']:.2f}x | "
-              f"{r['speedup_same_precision']:.2f}x | "
+        ppl = "–" if r["gen_ppl"] is None else f"{r['gen_ppl']:.2f} ({fmt(r['gen_ppl_ratio'])})"
+        print(f"| {name} | {r['tokens_per_s']:.2f} | {fmt(r['speedup'])}x | "
+              f"{fmt(r['speedup_same_precision'])}x | "
               f"{r['forwards_per_token']:.2f} | {r['positions_per_token']:.1f} | {ppl} | "
               f"{r['gen_distinct']:.2f} | {r['agreement_with_plain']:.2f} |")
     print("\nthe transformers export (diffusion_generate), same prompts and options:")
