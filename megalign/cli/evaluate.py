@@ -106,7 +106,7 @@ def evaluate(args) -> None:
         sampler.check()
         result.update(student_generation_quality(
             student, ar_fn, batches, args.generate, args.prompt_length, sampler, vocab,
-            cfg.diffusion.shift, tokenizer))
+            tokenizer))
     if distributed.launch_env().rank == 0:
         print_result(result, args.output)
 
