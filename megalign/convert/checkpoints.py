@@ -43,6 +43,7 @@ from megalign.config import (
     check_vocabulary,
     to_dict,
 )
+from megalign.convert.gguf import complete_gguf_config
 from megalign.convert.hf import (
     ConversionError,
     check_layout,
@@ -167,6 +168,8 @@ def hf_to_megalign(source: str, output: str, gguf_file: Optional[str] = None, tp
         raise ConversionError(f"--input '{source}' is not a directory")
     try:
         hf_config = AutoConfig.from_pretrained(source, **load_kwargs)
+        if gguf_file:  # the fields transformers' GGUF loader skips
+            hf_config = complete_gguf_config(os.path.join(source, gguf_file), hf_config)
         try:
             model_config_from_hf(hf_config)  # an unsupported architecture is refused first
         except ConversionError as err:
@@ -174,10 +177,13 @@ def hf_to_megalign(source: str, output: str, gguf_file: Optional[str] = None, tp
         if not gguf_file:
             check_config_fits_weights(source, hf_config)
         hf_model, loading = AutoModelForCausalLM.from_pretrained(
-            source, dtype=torch.float32, output_loading_info=True, **load_kwargs)
+            source, config=hf_config, dtype=torch.float32, output_loading_info=True,
+            **load_kwargs)
         if loading.get("missing_keys") or loading.get("mismatched_keys"):
+            described = (f"'{os.path.join(source, gguf_file)}' lacks weights its metadata"
+                         if gguf_file else f"'{source}' lacks weights its config.json")
             raise ConversionError(
-                f"'{source}' lacks weights its config.json asks for "
+                f"{described} asks for "
                 f"({sorted(loading.get('missing_keys') or loading['mismatched_keys'])[:3]}); "
                 "transformers would initialise them at random")
     except ConversionError:

@@ -279,12 +279,14 @@ def open_checkpoint(workdir: Path, root: Path, command: str) -> Outcome:
     return outcome
 
 
-def convert_hf(workdir: Path, source: Path) -> Outcome:
-    """megalign-convert --from hf on the Hugging Face directory ``source``."""
+def convert_hf(workdir: Path, source: Path, gguf_file: Optional[str] = None) -> Outcome:
+    """megalign-convert --from hf on the Hugging Face directory ``source`` (its GGUF file
+    ``gguf_file`` when given)."""
     from megalign.cli.convert import main
 
     output = fresh(workdir / "converted")
     outcome = run_main(main, ["--from", "hf", "--to", "megalign", "--input", str(source),
+                              *(["--gguf-file", gguf_file] if gguf_file else []),
                               "--output", str(output / "model")])
     check(outcome, "megalign-convert", [source], output)
     return outcome
