@@ -157,3 +157,17 @@ def make_ar_checkpoint(out, data_overrides, extra=()) -> str:
 @pytest.fixture(scope="session")
 def ar_checkpoint(tmp_path_factory, data_overrides) -> str:
     return make_ar_checkpoint(tmp_path_factory.mktemp("ar"), data_overrides)
+
+
+# Qwen3's attention: RMSNorm over each head's queries and keys, heads of 32 (not 64 / 4)
+QWEN3 = ["model.qk_norm=true", "model.head_dim=32"]
+# a Qwen3-MoE-like model: 4 experts of 64 per layer, top 2 of a softmax over all (not
+# renormalised), QK-norm, and a load-balancing loss large enough to move the gradients
+MOE = [*QWEN3, "model.num_experts=4", "model.moe_ffn_hidden_size=64", "model.moe_topk=2",
+       "model.moe_router_pre_softmax=true", "model.moe_aux_loss_coeff=0.1"]
+
+
+@pytest.fixture(scope="session")
+def moe_checkpoint(tmp_path_factory, data_overrides) -> str:
+    """The AR checkpoint of the tiny mixture-of-experts model (``MOE``)."""
+    return make_ar_checkpoint(tmp_path_factory.mktemp("moe_ar"), data_overrides, MOE)

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TINY_CONFIG, WORKERS, make_ar_checkpoint, torchrun
+from conftest import MOE, QWEN3, TINY_CONFIG, WORKERS, make_ar_checkpoint, torchrun
 
 # name -> (TP, PP, processes, extra overrides); DP = processes / (TP * PP)
 LAYOUTS = {
@@ -97,14 +97,6 @@ def gpt2_runs(tmp_path_factory, data_overrides):
     return run_layouts(out, layouts, data_overrides, checkpoint, [*GPT2, *FREEZE])
 
 
-# Qwen3's attention: RMSNorm over each head's queries and keys, heads of 32 (not 64 / 4)
-QWEN3 = ["model.qk_norm=true", "model.head_dim=32"]
-
-
-# a Qwen3-MoE-like student: 4 experts of 64 per layer, top 2 of a softmax over all (not
-# renormalised), QK-norm, and a load-balancing loss large enough to move the gradients
-MOE = [*QWEN3, "model.num_experts=4", "model.moe_ffn_hidden_size=64", "model.moe_topk=2",
-       "model.moe_router_pre_softmax=true", "model.moe_aux_loss_coeff=0.1"]
 SP = ["parallel.sequence_parallel=true"]  # Megatron-Core's MoE layer trains TP > 1 only with SP
 MOE_LAYOUTS = {"tp1pp1": (1, 1, 1, []), "tp2pp1sp": (2, 1, 2, SP), "tp1pp2": (1, 2, 2, []),
                "tp2pp2sp": (2, 2, 4, SP),
@@ -113,10 +105,9 @@ MOE_LAYOUTS = {"tp1pp1": (1, 1, 1, []), "tp2pp1sp": (2, 1, 2, SP), "tp1pp2": (1,
 
 
 @pytest.fixture(scope="module")
-def moe_runs(tmp_path_factory, data_overrides):
-    out = tmp_path_factory.mktemp("moe")
-    checkpoint = make_ar_checkpoint(out / "ar", data_overrides, MOE)
-    return run_layouts(out, MOE_LAYOUTS, data_overrides, checkpoint, MOE)
+def moe_runs(tmp_path_factory, data_overrides, moe_checkpoint):
+    return run_layouts(tmp_path_factory.mktemp("moe"), MOE_LAYOUTS, data_overrides,
+                       moe_checkpoint, MOE)
 
 
 @pytest.fixture(scope="module")
@@ -475,7 +466,9 @@ def plain_reference(run, data_overrides, extra=(), student_input=None) -> dict:
     iterator = micro_batches(train, 0, MICRO_BATCH, 0, 1)
     m = cfg.model
 
-    params = {n: t.clone().requires_grad_(True) for n, t in run["grads"]["params"].items()}
+    # a tied model under PP > 1 keeps a copy of the word embedding on the last stage
+    params = {n: t.clone().requires_grad_(True) for n, t in run["grads"]["params"].items()
+              if not (m.tie_embeddings and n == "output_layer.weight")}
     teacher_params = {n: t.detach() for n, t in params.items()}
     num_mb = GLOBAL_BATCH // MICRO_BATCH
     L = m.num_layers
@@ -753,6 +746,26 @@ def test_training_modes_match_plain_pytorch_reference(request, mode_core_runs, d
     reference = plain_reference(mode_core_runs[mode]["tp1pp1"], data_overrides,
                                 mode_overrides(mode, request), student_input=inputs)
     assert_matches_reference(mode_core_runs[mode]["tp1pp1"], reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["block", "sft"])
+def test_moe_training_modes_match_plain_pytorch_reference(request, mode, moe_checkpoint, tmp_path,
+                                                         data_overrides):
+    """Block diffusion and diffusion SFT of the mixture-of-experts student under pipeline and
+    expert parallelism (TP1PP2EP2): losses, cosines, the load-balancing loss and every gradient
+    equal the from-scratch computation (the router sees both streams of a block batch)."""
+    overrides = [*MOE, *mode_overrides(mode, request)]
+    run = run_layouts(tmp_path, {"tp1pp2ep2": MOE_LAYOUTS["tp1pp2ep2"]}, data_overrides,
+                      moe_checkpoint, overrides)["tp1pp2ep2"]
+    reference = plain_reference(run, data_overrides, overrides, student_input={
+        "block": block_student_input, "sft": sft_student_input}[mode])
+    assert run["summary"]["align"]["moe_aux_loss"] == pytest.approx(reference["moe_aux_loss"],
+                                                                    rel=RTOL)
+    assert_matches_reference(run, reference)
+    # the last stage's copy of the tied word embedding gets the same (summed) gradient
+    assert rel_err(run["grads"]["align"]["output_layer.weight"],
+                   reference["grads"]["embedding.word_embeddings.weight"]) <= RTOL
 
 
 @pytest.mark.slow

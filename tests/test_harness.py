@@ -49,7 +49,10 @@ def write_tasks(root):
 
 
 @pytest.mark.slow
-def test_harness_offline(tmp_path, ar_checkpoint, monkeypatch):
+@pytest.mark.parametrize("model", ["ar_checkpoint", "moe_checkpoint"])
+def test_harness_offline(request, tmp_path, model, monkeypatch):
+    """The adapter on the tiny dense model and on the tiny mixture of experts."""
+    checkpoint = request.getfixturevalue(model)
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     write_tasks(tasks)
@@ -57,7 +60,7 @@ def test_harness_offline(tmp_path, ar_checkpoint, monkeypatch):
                        "HF_HOME": str(tmp_path / "hf")}.items():
         monkeypatch.setenv(key, value)
     out = tmp_path / "report.json"
-    run_python([WORKERS / "harness_checks.py", "--checkpoint", ar_checkpoint, "--tasks",
+    run_python([WORKERS / "harness_checks.py", "--checkpoint", checkpoint, "--tasks",
                 "megalign_tiny_mc,megalign_tiny_gen", "--include_path", tasks, "--out", out])
     report = json.loads(out.read_text())
     first, second = report["runs"]

@@ -33,7 +33,8 @@ BF16_OPTION_SETS = [({}, {}), ({"--dual-cache": True, "--threshold": 0.05},
 GEN_LENGTH = 16
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3_moe", "gpt2", "qwen3_block"])
+@pytest.fixture(scope="module",
+                params=["llama", "qwen2", "qwen3_moe", "gpt2", "qwen3_moe_block"])
 def exported(request, tmp_path_factory, data_overrides):
     """A tiny HF model converted, trained 2 steps with REPR-ALIGN by megalign (``_block``: by block
     diffusion, blocks of 8), and exported."""
@@ -186,8 +187,9 @@ def test_transformers_alone_matches_megalign(exported, tmp_path):
 
 
 def test_a_converted_model_moves_and_samples_as_the_step_0_student(tmp_path):
-    """megalign-generate and megalign-eval on megalign-convert's output (the untrained student)
-    after the directory was moved: nothing in it names the machine's paths."""
+    """megalign-generate and megalign-eval on megalign-convert's output (the untrained student,
+    a mixture of experts) after the directory was moved: nothing in it names the machine's
+    paths."""
     import shutil
 
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -198,7 +200,7 @@ def test_a_converted_model_moves_and_samples_as_the_step_0_student(tmp_path):
     words = ["</s>", "<pad>"] + [f"w{i}" for i in range(50)]
     tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="</s>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tiny_hf_model("llama").save_pretrained(tmp_path / "hf")
+    tiny_hf_model("qwen3_moe").save_pretrained(tmp_path / "hf")
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="</s>",
                             pad_token="<pad>").save_pretrained(tmp_path / "hf")
     run_python(["-m", "megalign.cli.convert", "--from", "hf", "--to", "megalign", "--input",
