@@ -162,9 +162,11 @@ def ar_checkpoint(tmp_path_factory, data_overrides) -> str:
 # Qwen3's attention: RMSNorm over each head's queries and keys, heads of 32 (not 64 / 4)
 QWEN3 = ["model.qk_norm=true", "model.head_dim=32"]
 # a Qwen3-MoE-like model: 4 experts of 64 per layer, top 2 of a softmax over all (not
-# renormalised), QK-norm, and a load-balancing loss large enough to move the gradients
+# renormalised), QK-norm, a load-balancing loss large enough to move the gradients, and
+# Qwen2-MoE's shared expert (48 wide) behind a sigmoid gate
 MOE = [*QWEN3, "model.num_experts=4", "model.moe_ffn_hidden_size=64", "model.moe_topk=2",
-       "model.moe_router_pre_softmax=true", "model.moe_aux_loss_coeff=0.1"]
+       "model.moe_router_pre_softmax=true", "model.moe_aux_loss_coeff=0.1",
+       "model.moe_shared_expert_ffn_hidden_size=48", "model.moe_shared_expert_gate=true"]
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,8 @@ import numpy as np
 import torch
 
 ARCH = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen3": gguf.MODEL_ARCH.QWEN3,
-        "qwen3_moe": gguf.MODEL_ARCH.QWEN3MOE, "mixtral": gguf.MODEL_ARCH.LLAMA}
+        "qwen3_moe": gguf.MODEL_ARCH.QWEN3MOE, "qwen2_moe": gguf.MODEL_ARCH.QWEN2MOE,
+        "mixtral": gguf.MODEL_ARCH.LLAMA}
 
 
 def _interleaved(weight: torch.Tensor, heads: int) -> torch.Tensor:
@@ -41,6 +42,8 @@ def gguf_tensors(model) -> dict[str, np.ndarray]:
             heads = (config.num_attention_heads if target.endswith("attn_q")
                      else config.num_key_value_heads)
             tensor = _interleaved(tensor, heads)
+        if target.endswith("ffn_gate_inp_shexp"):  # stored as a vector
+            tensor = tensor.reshape(-1)
         out[f"{target}.{suffix}"] = tensor
     return {name: t.detach().float().contiguous().numpy() for name, t in out.items()}
 
@@ -64,13 +67,15 @@ def write_gguf(model, path, extra_tensors=(), **fields) -> None:
     writer.add_rope_freq_base(float(config.rope_parameters["rope_theta"]))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
-    if kind in ("qwen3_moe", "mixtral"):
-        experts = config.num_experts if kind == "qwen3_moe" else config.num_local_experts
+    if kind in ("qwen3_moe", "qwen2_moe", "mixtral"):
+        experts = config.num_local_experts if kind == "mixtral" else config.num_experts
         writer.add_expert_count(experts)
         writer.add_expert_used_count(config.num_experts_per_tok)
-    if kind == "qwen3_moe":
+    if kind in ("qwen3_moe", "qwen2_moe"):
         writer.add_expert_feed_forward_length(config.moe_intermediate_size)
         writer.add_expert_weights_norm(config.norm_topk_prob)
+    if kind == "qwen2_moe":
+        writer.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
     for field, value in fields.items():
         getattr(writer, f"add_{field}")(value)
     for name, array in [*gguf_tensors(model).items(), *extra_tensors]:

@@ -1,6 +1,8 @@
 """The acceleration curve (steps the aligned run needs to reach the plain run's value at k, over
 k) and FLOPs per step, against hand computations on synthetic curves and shapes."""
 
+from dataclasses import replace
+
 import pytest
 
 from megalign.config import Config, DataConfig, ModelConfig
@@ -64,3 +66,11 @@ def test_step_flops_by_hand():
     assert step_flops(cfg, 256, aligned=True) == plain + 3 * 16 * layers  # teacher: no LM head
     block = 3 * 3 * 32 * (2 * (2 * params + 4 * 32 * 64) + head)  # two streams: 32 positions
     assert step_flops(cfg, 256, aligned=False, streams=2) == block
+    # a mixture of 8 experts of 48, top 2, and a gated shared expert of 96: per token the router
+    # 64x8, two experts' SwiGLU 3 x 64x48 each, the shared SwiGLU 3 x 64x96 and its gate 64x1
+    moe = replace(cfg, model=replace(cfg.model, num_experts=8, moe_topk=2, moe_ffn_hidden_size=48,
+                                     moe_shared_expert_ffn_hidden_size=96,
+                                     moe_shared_expert_gate=True))
+    moe_params = params - 3 * 64 * 128 + 64 * 8 + 2 * 3 * 64 * 48 + 3 * 64 * 96 + 64
+    moe_layers = 2 * (2 * moe_params + 4 * 16 * 64)
+    assert step_flops(moe, 256, aligned=False) == 3 * 16 * 3 * (moe_layers + head)

@@ -367,9 +367,15 @@ def _rope(x, positions, base=10000.0):
     return x * angles.cos() + torch.cat([-x2, x1], dim=-1) * angles.sin()
 
 
-def _experts(p, x, topk, pre_softmax):
+def _swiglu(x, fc1, fc2):
+    gate, up = torch.chunk(x @ fc1.T, 2, dim=-1)
+    return (F.silu(gate) * up) @ fc2.T
+
+
+def _experts(p, x, topk, pre_softmax, shared):
     """A mixture-of-experts MLP on x [s, b, h] and its Switch load-balancing loss (without the
-    coefficient): softmax router, top-k (renormalised unless ``pre_softmax``), SwiGLU experts."""
+    coefficient): softmax router, top-k (renormalised unless ``pre_softmax``), SwiGLU experts;
+    ``shared``: plus a shared SwiGLU expert scaled by a sigmoid gate (Qwen2-MoE)."""
     tokens = x.reshape(-1, x.shape[-1])
     logits = tokens @ p("mlp.router.weight").T
     experts = logits.shape[-1]
@@ -382,11 +388,13 @@ def _experts(p, x, topk, pre_softmax):
     out = torch.zeros_like(tokens)
     for e in range(experts):
         rows, slot = (chosen == e).nonzero(as_tuple=True)
-        gate, up = torch.chunk(tokens[rows]
-                               @ p(f"mlp.experts.local_experts.{e}.linear_fc1.weight").T,
-                               2, dim=-1)
-        expert = (F.silu(gate) * up) @ p(f"mlp.experts.local_experts.{e}.linear_fc2.weight").T
+        expert = _swiglu(tokens[rows], p(f"mlp.experts.local_experts.{e}.linear_fc1.weight"),
+                         p(f"mlp.experts.local_experts.{e}.linear_fc2.weight"))
         out = out.index_add(0, rows, expert * weights[rows, slot, None])
+    if shared:
+        out = out + torch.sigmoid(tokens @ p("mlp.shared_experts.gate_weight").T) * _swiglu(
+            tokens, p("mlp.shared_experts.linear_fc1.weight"),
+            p("mlp.shared_experts.linear_fc2.weight"))
     count = tokens.shape[0]
     routed = torch.zeros_like(scores).scatter(1, chosen, 1.0).sum(0)  # tokens per expert
     balance = experts * ((routed / (count * topk)) * (scores.sum(0) / count)).sum()
@@ -398,7 +406,7 @@ def _llama(params, tokens, blocked, num_layers, heads, groups, positions=None, h
     """Returns the L+1 aligned states and the logits. tokens [b, s]; blocked [b, 1, s, s];
     ``positions`` [s] the rotary positions (default 0..s-1); ``head_dim`` (default hidden /
     heads) and ``qk_norm`` (RMSNorm over each head's queries and keys before RoPE) for Qwen3;
-    ``moe`` (topk, pre_softmax): mixture-of-experts MLPs, each layer's load-balancing loss
+    ``moe`` (topk, pre_softmax, shared): mixture-of-experts MLPs, each layer's load-balancing loss
     appended to ``aux``."""
     emb = params["embedding.word_embeddings.weight"]
     h = emb[tokens].transpose(0, 1)  # [s, b, hidden]
@@ -486,7 +494,9 @@ def plain_reference(run, data_overrides, extra=(), student_input=None) -> dict:
             tokens, blocked, positions, supervised, aligned = student_input(raw, batch, cfg)
         labels = batch.sequence_labels
         shape = {"head_dim": m.head_dim, "qk_norm": m.qk_norm,
-                 "moe": (m.moe_topk, m.moe_router_pre_softmax) if m.num_experts else None}
+                 "moe": (m.moe_topk, m.moe_router_pre_softmax,
+                         m.moe_shared_expert_ffn_hidden_size is not None)
+                 if m.num_experts else None}
         balance = []
         s_states, logits = _llama(params, tokens, blocked, L, m.num_attention_heads,
                                   m.num_query_groups, positions, **shape, aux=balance)
@@ -559,14 +569,15 @@ def test_qwen3_attention_matches_across_layouts_and_plain_pytorch(qwen3_runs, da
 
 @pytest.mark.slow
 def test_moe_alignment_matches_across_layouts_and_plain_pytorch(moe_runs, data_overrides):
-    """A mixture-of-experts student aligned to its MoE teacher: losses, cosines, the
-    load-balancing loss and every gradient (experts gathered over EP) agree across TP1PP1,
-    TP2PP1, TP1PP2, TP2PP2 (SP), EP2 and TP1PP2EP2, and TP1PP1 equals the from-scratch
-    computation with the router, top-k and the Switch loss written here; the teacher's router
-    and experts take no gradient and no optimizer state."""
+    """A mixture-of-experts student (with a gated shared expert) aligned to its MoE teacher:
+    losses, cosines, the load-balancing loss and every gradient (experts gathered over EP) agree
+    across TP1PP1, TP2PP1, TP1PP2, TP2PP2 (SP), EP2 and TP1PP2EP2, and TP1PP1 equals the
+    from-scratch computation with the router, top-k, the shared expert and the Switch loss
+    written here; the teacher's router and experts take no gradient and no optimizer state."""
     ref = moe_runs["tp1pp1"]
     experts = {n for n in ref["grads"]["align"] if "local_experts" in n}
     assert len(experts) == 4 * 4 * 2 and any("mlp.router" in n for n in ref["grads"]["align"])
+    assert any("shared_experts.gate_weight" in n for n in ref["grads"]["align"])
     for layout, run in moe_runs.items():
         for kind in ("plain", "align"):
             got, want = run["summary"][kind], ref["summary"][kind]

@@ -23,7 +23,7 @@ def tiny_hf_model(kind):
         Qwen2ForCausalLM,
     )
 
-    if kind in ("qwen3", "qwen3_moe", "mixtral", "llama3", "mistral"):
+    if kind in ("qwen3", "qwen3_moe", "qwen2_moe", "mixtral", "llama3", "mistral"):
         return family_model(kind)
     torch.manual_seed(0)
     if kind == "llama":  # tied embeddings, GQA
@@ -57,6 +57,8 @@ def family_model(kind, **changes):
         MistralForCausalLM,
         MixtralConfig,
         MixtralForCausalLM,
+        Qwen2MoeConfig,
+        Qwen2MoeForCausalLM,
         Qwen3Config,
         Qwen3ForCausalLM,
         Qwen3MoeConfig,
@@ -75,6 +77,11 @@ def family_model(kind, **changes):
             **shared, "head_dim": 32, "moe_intermediate_size": 32, "num_experts": 4,
             "num_experts_per_tok": 2, "norm_topk_prob": False, "max_position_embeddings": 128,
             "tie_word_embeddings": False, **changes}))
+    elif kind == "qwen2_moe":  # QKV bias, 4 experts of 32 and a gated shared expert of 48
+        model = Qwen2MoeForCausalLM(Qwen2MoeConfig(**{
+            **shared, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 48,
+            "num_experts": 4, "num_experts_per_tok": 2, "norm_topk_prob": False,
+            "max_position_embeddings": 128, "tie_word_embeddings": False, **changes}))
     elif kind == "mixtral":  # 4 experts of 32, the top 2 renormalised
         model = MixtralForCausalLM(MixtralConfig(**{
             **shared, "intermediate_size": 32, "num_local_experts": 4, "num_experts_per_tok": 2,
@@ -149,14 +156,16 @@ def test_hf_round_trip_keeps_logits(tmp_path, kind):
 
 
 # (TP, PP, EP) each family's logits are checked under (TP1PP1 where none is given)
-LAYOUTS = {"qwen3": [(2, 2, 1)], "qwen3_moe": [(2, 2, 1), (1, 2, 2)], "mixtral": [(1, 1, 2)]}
+LAYOUTS = {"qwen3": [(2, 2, 1)], "qwen3_moe": [(2, 2, 1), (1, 2, 2)], "mixtral": [(1, 1, 2)],
+           "qwen2_moe": [(2, 1, 2)]}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["qwen3", "qwen3_moe", "mixtral", "llama3"])
+@pytest.mark.parametrize("kind", ["qwen3", "qwen3_moe", "mixtral", "qwen2_moe", "llama3"])
 def test_family_converts_exactly(tmp_path, kind):
     """HF -> megalign: logits within 1e-4 of transformers' (Qwen3 under TP2PP2, Qwen3-MoE under
-    TP2PP2 and TP1PP2EP2, Mixtral at EP2) and the same greedy continuation; megalign -> HF: every
+    TP2PP2 and TP1PP2EP2, Mixtral at EP2, Qwen2-MoE with its shared expert under TP2 x EP2) and
+    the same greedy continuation; megalign -> HF: every
     tensor bit-identical to the original (experts as the published checkpoints store them), and
     the export under a causal mask is the AR model again."""
     from safetensors.torch import load_file
@@ -192,13 +201,13 @@ def test_family_converts_exactly(tmp_path, kind):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["qwen3", "qwen3_moe", "llama3"])
+@pytest.mark.parametrize("kind", ["qwen3", "qwen3_moe", "qwen2_moe", "llama3"])
 def test_gguf_file_converts_exactly(tmp_path, kind):
     """A GGUF file laid out as llama.cpp writes it (tests/gguf_files.py) converts to the model it
     was written from, logits within 1e-4: transformers' GGUF loader skips Qwen3's head size,
-    Qwen3-MoE's expert width and top-k renormalisation, and Llama 3.x RoPE scaling (llama.cpp's
-    ``rope_freqs`` tensor), and megalign reads them from the file (without that: a shape error
-    for the first two, logits 0.37 off for the third)."""
+    the MoE families' expert and shared-expert widths and top-k renormalisation, and Llama 3.x
+    RoPE scaling (llama.cpp's ``rope_freqs`` tensor), and megalign reads them from the file
+    (without that: shape errors for the Qwen families, logits 0.37 off for Llama 3)."""
     from gguf_files import llama3_rope_freqs, write_gguf
 
     from fuzz import targets
@@ -262,6 +271,7 @@ def test_mistral_without_a_window_converts_as_llama(tmp_path):
     ("llama3", {"mlp_bias": True}, "mlp_bias=True"),
     ("qwen3_moe", {"mlp_only_layers": [1]}, "mlp_only_layers=[1]"),
     ("qwen3_moe", {"decoder_sparse_step": 2}, "decoder_sparse_step=2"),
+    ("qwen2_moe", {"mlp_only_layers": [0]}, "mlp_only_layers=[0]"),
     ("mixtral", {"sliding_window": 16}, "sliding_window=16"),
     ("llama3", {"hidden_act": "gelu"}, "hidden_act=gelu"),
     ("llama3", {"rope_scaling": {**LLAMA3_ROPE, "high_freq_factor": 2.0}}, "high_freq_factor=2.0"),

@@ -34,7 +34,7 @@ GEN_LENGTH = 16
 
 
 @pytest.fixture(scope="module",
-                params=["llama", "qwen2", "qwen3_moe", "gpt2", "qwen3_moe_block"])
+                params=["llama", "qwen2_moe", "qwen3_moe", "gpt2", "qwen3_moe_block"])
 def exported(request, tmp_path_factory, data_overrides):
     """A tiny HF model converted, trained 2 steps with REPR-ALIGN by megalign (``_block``: by block
     diffusion, blocks of 8), and exported."""

@@ -147,7 +147,8 @@ VARIANTS = [[], ["model.qk_norm=true", "model.num_query_groups=2", "model.head_d
             ["model.arch=gpt2", "model.num_query_groups=4"],
             ["model.arch=gpt2", "model.num_query_groups=4", "precision=bf16"],
             ["model.num_experts=4", "parallel.sequence_parallel=true"],
-            ["model.num_experts=4", "parallel.sequence_parallel=true", "precision=bf16"],
+            ["model.num_experts=4", "parallel.sequence_parallel=true", "precision=bf16",
+             "model.moe_shared_expert_ffn_hidden_size=96", "model.moe_shared_expert_gate=true"],
             ["model.num_experts=4", "parallel.sequence_parallel=true",
              "recompute.granularity=selective", "recompute.modules=[mlp,moe]"]]
 

@@ -107,8 +107,9 @@ class ModelConfig(Section):
     # Llama 3.x RoPE scaling by this factor (low/high frequency factors 1 and 4 over 8,192
     # original positions, the published models' and Megatron-Core's); None = unscaled RoPE
     rope_scaling_factor: Optional[float] = None
-    # mixture of experts (Qwen3-MoE, Mixtral): every layer's MLP is num_experts SwiGLU experts
-    # of moe_ffn_hidden_size, each token sent to moe_topk of them by a softmax router; None = dense
+    # mixture of experts (Qwen3-MoE, Mixtral, Qwen2-MoE): every layer's MLP is num_experts
+    # SwiGLU experts of moe_ffn_hidden_size, each token sent to moe_topk of them by a softmax
+    # router; None = dense
     num_experts: Optional[int] = None
     moe_topk: int = 2
     moe_ffn_hidden_size: Optional[int] = None  # default: ffn_hidden_size
@@ -116,6 +117,10 @@ class ModelConfig(Section):
     # false); false: the top k's probabilities renormalised to sum 1 (Mixtral, norm_topk_prob: true)
     moe_router_pre_softmax: bool = False
     moe_aux_loss_coeff: float = 0.0  # load-balancing loss (Switch) added to the student's loss
+    # Qwen2-MoE: besides the routed experts, one shared SwiGLU expert of this width that every
+    # token passes through, its output scaled by sigmoid(x . w) with moe_shared_expert_gate
+    moe_shared_expert_ffn_hidden_size: Optional[int] = None
+    moe_shared_expert_gate: bool = False
     norm_epsilon: float = 1e-5
     init_method_std: float = 0.02
     make_vocab_size_divisible_by: int = 128
@@ -163,6 +168,9 @@ class ModelConfig(Section):
                               "than hidden_size / heads need model.arch=llama")
         if self.num_experts is not None:
             self._check_experts()
+        elif self.moe_shared_expert_ffn_hidden_size is not None or self.moe_shared_expert_gate:
+            raise ConfigError("model.moe_shared_expert_ffn_hidden_size and "
+                              "model.moe_shared_expert_gate need model.num_experts")
         if self.rope_scaling_factor is not None and not self.rope_scaling_factor >= 1:
             raise ConfigError(f"model.rope_scaling_factor={self.rope_scaling_factor} must be at "
                               "least 1 (or null: unscaled)")
@@ -183,6 +191,13 @@ class ModelConfig(Section):
             raise ConfigError(f"model.moe_ffn_hidden_size={self.moe_ffn_hidden_size} must be at "
                               "least 1 (or null: model.ffn_hidden_size)")
         self.at_least(0, "moe_aux_loss_coeff")
+        shared = self.moe_shared_expert_ffn_hidden_size
+        if shared is not None and shared < 1:
+            raise ConfigError(f"model.moe_shared_expert_ffn_hidden_size={shared} must be at "
+                              "least 1 (or null: no shared expert)")
+        if self.moe_shared_expert_gate and shared is None:
+            raise ConfigError("model.moe_shared_expert_gate needs "
+                              "model.moe_shared_expert_ffn_hidden_size")
 
 
 @dataclass

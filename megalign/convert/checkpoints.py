@@ -269,7 +269,8 @@ def megalign_to_hf(source: str, output: str) -> str:
         start_step0_student(chunks, cfg, meta, vocab)
     model = {k: getattr(m, k) for k in ("arch", "num_layers", "num_attention_heads",
                                          "num_query_groups", "qkv_bias", "qk_norm",
-                                         "num_experts", "tie_embeddings")}
+                                         "num_experts", "moe_shared_expert_ffn_hidden_size",
+                                         "moe_shared_expert_gate", "tie_embeddings")}
     hf_state = megatron_to_hf(full_tensors(chunks, "param"), model, m.padded_vocab_size)
     write_export_atomically(output, lambda directory: export_diffusion_model(cfg, meta, hf_state,
                                                                              directory))
@@ -323,6 +324,8 @@ def export_diffusion_model(cfg: Config, meta: dict, hf_state: dict, output: str)
         num_experts=m.num_experts, moe_topk=m.moe_topk,
         moe_intermediate_size=moe_ffn_hidden_size(m),
         moe_router_pre_softmax=m.moe_router_pre_softmax,
+        moe_shared_intermediate_size=m.moe_shared_expert_ffn_hidden_size,
+        moe_shared_expert_gate=m.moe_shared_expert_gate,
         max_position_embeddings=m.max_position_embeddings or m.seq_length,
         norm_epsilon=m.norm_epsilon, rope_theta=float(m.rotary_base), qkv_bias=m.qkv_bias,
         tie_word_embeddings=m.tie_embeddings, mask_token_id=cfg.diffusion.mask_token_id,

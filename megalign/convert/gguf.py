@@ -2,12 +2,13 @@
 
 transformers builds the model's config from a fixed list of GGUF fields and drops tensors it has
 no name for. For the families megalign converts, that loses: Qwen3's head size
-(``attention.key_length``; it falls back to 128), Qwen3-MoE's expert width
-(``expert_feed_forward_length``; 768) and top-k renormalisation (``expert_weights_norm``),
-Llama 3.x RoPE scaling (llama.cpp stores it as the ``rope_freqs`` tensor), and the experts of a
-Mixtral file (architecture ``llama``, read as a dense Llama). The first four are restored from
-the file; what cannot be reproduced exactly is refused naming the GGUF field. ``gguf`` (of the
-``hf`` extra) is imported only when a file is read.
+(``attention.key_length``; it falls back to 128), the expert and shared-expert widths of
+Qwen3-MoE and Qwen2-MoE (``expert_feed_forward_length``, ``expert_shared_feed_forward_length``)
+and their top-k renormalisation (``expert_weights_norm``), Llama 3.x RoPE scaling (llama.cpp
+stores it as the ``rope_freqs`` tensor), and the experts of a Mixtral file (architecture
+``llama``, read as a dense Llama). All but the last are restored from the file; what cannot be
+reproduced exactly is refused naming the GGUF field. ``gguf`` (of the ``hf`` extra) is imported
+only when a file is read.
 """
 
 from __future__ import annotations
@@ -45,14 +46,11 @@ def _skipped_fields(reader, hf_config) -> dict:
         return _field(reader, f"{arch}.{name}")
 
     experts = field("expert_count") or 0
-    if experts and hf_config.model_type not in ("qwen3_moe",):
+    if experts and hf_config.model_type not in ("qwen3_moe", "qwen2_moe"):
         raise ConversionError(
             f"GGUF field {arch}.expert_count={experts}: transformers reads this {arch} file as a "
             "dense model without its experts (Mixtral); convert the Hugging Face safetensors "
             "directory instead")
-    if field("expert_shared_count") or field("expert_shared_feed_forward_length"):
-        raise ConversionError(f"GGUF field {arch}.expert_shared_count: shared experts are not "
-                              "supported")
     window = field("attention.sliding_window")
     if window:
         raise ConversionError(f"GGUF field {arch}.attention.sliding_window={window} is not "
@@ -65,9 +63,12 @@ def _skipped_fields(reader, hf_config) -> dict:
     head_dim = field("attention.key_length")
     if head_dim and hasattr(hf_config, "head_dim"):
         updates["head_dim"] = int(head_dim)
-    if hf_config.model_type == "qwen3_moe":
-        if field("expert_feed_forward_length"):
-            updates["moe_intermediate_size"] = int(field("expert_feed_forward_length"))
+    if hf_config.model_type in ("qwen3_moe", "qwen2_moe"):
+        for name, attribute in (("expert_feed_forward_length", "moe_intermediate_size"),
+                                ("expert_shared_feed_forward_length",
+                                 "shared_expert_intermediate_size")):
+            if field(name) and hasattr(hf_config, attribute):
+                updates[attribute] = int(field(name))
         if field("expert_weights_norm") is not None:
             updates["norm_topk_prob"] = bool(field("expert_weights_norm"))
     factors = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)

@@ -8,7 +8,7 @@ into any TP/PP layout when it is loaded.
 * Llama family (Llama incl. 3.x RoPE scaling, SmolLM2, Mistral, Qwen2 with QKV bias, Qwen3 with
   RMSNorm on queries and keys and its own head size; Qwen3-MoE and Mixtral, whose router and
   experts map to Megatron-Core's ``router`` and ``SequentialMLP``; tied or untied embeddings;
-  GQA): Megatron's
+  GQA; Qwen2-MoE's gated shared expert maps to ``shared_experts``): Megatron's
   fused ``linear_qkv`` holds, per KV group, that group's query heads then its key and value head;
   ``linear_fc1`` holds [gate; up]. Both use the rotate-half RoPE convention, like HF.
 * GPT-2: HF's ``Conv1D`` weights are transposed; ``c_attn`` is [q; k; v] over all heads, Megatron
@@ -26,7 +26,7 @@ from megalign.errors import ConfigError, ConversionError
 
 # HF model_type -> megalign arch
 SUPPORTED = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama",
-             "qwen3_moe": "llama", "mixtral": "llama", "gpt2": "gpt2"}
+             "qwen3_moe": "llama", "mixtral": "llama", "qwen2_moe": "llama", "gpt2": "gpt2"}
 # Llama 3.x RoPE scaling as Megatron-Core implements it (only the factor is a parameter there)
 LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}
@@ -88,7 +88,7 @@ def model_config_from_hf(hf_config) -> dict:
         "head_dim": None if head_dim == default_head_dim else head_dim,
         "qk_norm": model_type in ("qwen3", "qwen3_moe"),
         "max_position_embeddings": hf_config.max_position_embeddings,
-        "qkv_bias": model_type == "qwen2",
+        "qkv_bias": model_type == "qwen2" or bool(getattr(hf_config, "qkv_bias", False)),
         "tie_embeddings": bool(hf_config.tie_word_embeddings),
         "rotary_base": int(theta),
         "rope_scaling_factor": float(rope["factor"]) if scaling == "llama3" else None,
@@ -98,12 +98,14 @@ def model_config_from_hf(hf_config) -> dict:
 
 def experts_from_hf(hf_config) -> dict:
     """The mixture-of-experts part of the ``model`` section (empty for a dense model): Qwen3-MoE
-    (softmax over all experts, top k renormalised only with ``norm_topk_prob``) or Mixtral (top k
-    renormalised); every layer must be sparse and no expert shared."""
+    and Qwen2-MoE (softmax over all experts, top k renormalised only with ``norm_topk_prob``;
+    Qwen2-MoE adds a shared expert behind a sigmoid gate) or Mixtral (top k renormalised); every
+    layer must be sparse."""
+    shared = None
     if hf_config.model_type == "mixtral":
         experts, size, normalised = (hf_config.num_local_experts, hf_config.intermediate_size,
                                      True)
-    elif hf_config.model_type == "qwen3_moe":
+    elif hf_config.model_type in ("qwen3_moe", "qwen2_moe"):
         experts, size = hf_config.num_experts, hf_config.moe_intermediate_size
         normalised = bool(hf_config.norm_topk_prob)
         dense = list(getattr(hf_config, "mlp_only_layers", None) or [])
@@ -112,14 +114,14 @@ def experts_from_hf(hf_config) -> dict:
                 f"config.json mlp_only_layers={dense} / decoder_sparse_step="
                 f"{hf_config.decoder_sparse_step}: dense layers between expert layers are not "
                 "supported (every layer must be a mixture of experts)")
+        if hf_config.model_type == "qwen2_moe":
+            shared = hf_config.shared_expert_intermediate_size
     else:
         return {}
-    if getattr(hf_config, "shared_expert_intermediate_size", None):
-        raise ConversionError("config.json shared_expert_intermediate_size: shared experts are "
-                              "not supported")
     return {"num_experts": experts, "moe_topk": hf_config.num_experts_per_tok,
             "moe_ffn_hidden_size": size, "moe_router_pre_softmax": not normalised,
-            "moe_aux_loss_coeff": float(getattr(hf_config, "router_aux_loss_coef", 0.0) or 0.0)}
+            "moe_aux_loss_coeff": float(getattr(hf_config, "router_aux_loss_coef", 0.0) or 0.0),
+            "moe_shared_expert_ffn_hidden_size": shared, "moe_shared_expert_gate": bool(shared)}
 
 
 def split_experts(state: dict) -> dict:
@@ -254,6 +256,13 @@ def name_table(model: dict, padded_vocab: int, vocab: int) -> list[Mapping]:
                 table += [_gated(x + "gate_proj.weight", x + "up_proj.weight",
                                  y + "linear_fc1.weight"),
                           _same(x + "down_proj.weight", y + "linear_fc2.weight")]
+            if model.get("moe_shared_expert_ffn_hidden_size"):  # Qwen2-MoE
+                x, y = f"{h}mlp.shared_expert.", f"{m}mlp.shared_experts."
+                table += [_gated(x + "gate_proj.weight", x + "up_proj.weight",
+                                 y + "linear_fc1.weight"),
+                          _same(x + "down_proj.weight", y + "linear_fc2.weight")]
+                if model.get("moe_shared_expert_gate"):
+                    table.append(_same(h + "mlp.shared_expert_gate.weight", y + "gate_weight"))
         else:
             table += [_gated(h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight",
                              m + "mlp.linear_fc1.weight"),

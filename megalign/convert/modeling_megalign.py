@@ -10,7 +10,7 @@ directory loads with transformers alone::
 It needs only torch and transformers and never imports megalign. The network is the AR model's
 (Llama family: RMSNorm, SwiGLU, RoPE with optional Llama 3 scaling, grouped-query attention,
 optional QKV bias, optional RMSNorm on queries and keys (Qwen3), dense or mixture-of-experts
-MLPs (Qwen3-MoE, Mixtral); or GPT-2:
+MLPs (Qwen3-MoE, Mixtral; Qwen2-MoE's gated shared expert); or GPT-2:
 LayerNorm, tanh GeLU, learned positions) with bidirectional attention; position ``i``'s logits
 predict token ``i+1`` when ``config.shift`` (the AR shift kept in training). ``diffusion_generate``
 decodes with megalign's own decoding rules (``decoding.py`` beside this file, a copy of
@@ -43,7 +43,9 @@ class MegalignDiffusionConfig(PretrainedConfig):
                  head_dim: Optional[int] = None, qk_norm: bool = False,
                  rope_scaling_factor: Optional[float] = None, num_experts: Optional[int] = None,
                  moe_topk: int = 2, moe_intermediate_size: Optional[int] = None,
-                 moe_router_pre_softmax: bool = False, max_position_embeddings: int = 128,
+                 moe_router_pre_softmax: bool = False,
+                 moe_shared_intermediate_size: Optional[int] = None,
+                 moe_shared_expert_gate: bool = False, max_position_embeddings: int = 128,
                  norm_epsilon: float = 1e-5,
                  rope_theta: float = 10000.0, qkv_bias: bool = False,
                  tie_word_embeddings: bool = True, mask_token_id: Optional[int] = None,
@@ -66,6 +68,9 @@ class MegalignDiffusionConfig(PretrainedConfig):
         self.moe_intermediate_size = moe_intermediate_size or intermediate_size
         # softmax over all experts, top k kept as they are; else the top k renormalised
         self.moe_router_pre_softmax = moe_router_pre_softmax
+        # Qwen2-MoE: a shared SwiGLU expert every token passes through, sigmoid-gated or not
+        self.moe_shared_intermediate_size = moe_shared_intermediate_size
+        self.moe_shared_expert_gate = moe_shared_expert_gate
         self.max_position_embeddings = max_position_embeddings
         self.norm_epsilon = norm_epsilon
         self.rope_theta = rope_theta
@@ -158,14 +163,19 @@ class SwiGLU(nn.Module):
 
 class MixtureOfExperts(nn.Module):
     """A softmax router (``gate``) sending each token to ``moe_topk`` SwiGLU experts, whose
-    outputs are summed weighted by the router's probabilities (Qwen3-MoE, Mixtral)."""
+    outputs are summed weighted by the router's probabilities (Qwen3-MoE, Mixtral), plus a
+    shared expert's output scaled by a sigmoid gate (Qwen2-MoE)."""
 
     def __init__(self, config: MegalignDiffusionConfig):
         super().__init__()
+        h, shared = config.hidden_size, config.moe_shared_intermediate_size
         self.topk, self.pre_softmax = config.moe_topk, config.moe_router_pre_softmax
-        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
-        self.experts = nn.ModuleList(SwiGLU(config.hidden_size, config.moe_intermediate_size)
+        self.gate = nn.Linear(h, config.num_experts, bias=False)
+        self.experts = nn.ModuleList(SwiGLU(h, config.moe_intermediate_size)
                                      for _ in range(config.num_experts))
+        self.shared_expert = SwiGLU(h, shared) if shared else None
+        self.shared_expert_gate = (nn.Linear(h, 1, bias=False) if config.moe_shared_expert_gate
+                                   else None)
 
     def forward(self, x):
         tokens = x.reshape(-1, x.shape[-1])
@@ -181,7 +191,13 @@ class MixtureOfExperts(nn.Module):
             rows, slot = (chosen == index).nonzero(as_tuple=True)
             if rows.numel():
                 out.index_add_(0, rows, expert(tokens[rows], weights[rows, slot]))
-        return out.view_as(x)
+        out = out.view_as(x)
+        if self.shared_expert is None:
+            return out
+        shared = self.shared_expert(x)
+        if self.shared_expert_gate is not None:
+            shared = shared * torch.sigmoid(self.shared_expert_gate(x))
+        return out + shared  # routed, then shared: Megatron-Core's order
 
 
 class LlamaBlock(nn.Module):

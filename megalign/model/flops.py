@@ -10,16 +10,23 @@ the machine, beside the step time measured on it.
 from __future__ import annotations
 
 from megalign.config import Config
-from megalign.model.gpt import ffn_hidden_size
+from megalign.model.gpt import ffn_hidden_size, moe_ffn_hidden_size
 
 
 def layer_matmul_parameters(cfg: Config) -> int:
-    """Weights of one transformer layer's matrix products (QKV, output projection, MLP)."""
+    """Weights of one transformer layer's matrix products (QKV, output projection, MLP) that a
+    token passes through: under a mixture of experts the router, its top k experts and the
+    shared expert with its gate."""
     m = cfg.model
+    h = m.hidden_size
     attention = m.num_attention_heads * m.kv_channels  # = hidden_size unless head_dim is set
-    qkv = m.hidden_size * (attention + 2 * m.query_groups * m.kv_channels)
-    mlp = (3 if m.arch == "llama" else 2) * m.hidden_size * ffn_hidden_size(m)
-    return qkv + attention * m.hidden_size + mlp
+    qkv = h * (attention + 2 * m.query_groups * m.kv_channels)
+    if m.num_experts:
+        widths = m.moe_topk * moe_ffn_hidden_size(m) + (m.moe_shared_expert_ffn_hidden_size or 0)
+        mlp = 3 * h * widths + h * m.num_experts + (h if m.moe_shared_expert_gate else 0)
+    else:
+        mlp = (3 if m.arch == "llama" else 2) * h * ffn_hidden_size(m)
+    return qkv + attention * h + mlp
 
 
 def forward_flops_per_token(cfg: Config, vocab_size: int, positions: int,

@@ -211,7 +211,8 @@ def fp8_config(fp8: Optional[Fp8Config]) -> dict:
 
 def moe_config(m: ModelConfig, parallel: ParallelConfig) -> dict:
     """Megatron-Core's MoE settings: a softmax router, dropless, the all-gather token dispatcher
-    (the one that runs on CPU/gloo), one ``SequentialMLP`` of SwiGLU experts per layer."""
+    (the one that runs on CPU/gloo), one ``SequentialMLP`` of SwiGLU experts per layer, and
+    Qwen2-MoE's gated shared expert when the model has one."""
     if m.num_experts is None:
         return {}
     return dict(num_moe_experts=m.num_experts, moe_router_topk=m.moe_topk,
@@ -220,6 +221,8 @@ def moe_config(m: ModelConfig, parallel: ParallelConfig) -> dict:
                 moe_router_score_function="softmax", moe_router_load_balancing_type="aux_loss",
                 moe_aux_loss_coeff=m.moe_aux_loss_coeff, moe_token_dispatcher_type="allgather",
                 moe_grouped_gemm=False,
+                moe_shared_expert_intermediate_size=m.moe_shared_expert_ffn_hidden_size,
+                moe_shared_expert_gate=m.moe_shared_expert_gate,
                 expert_model_parallel_size=parallel.expert_model_parallel_size)
 
 

@@ -103,6 +103,13 @@ def layer_parameters(cfg: Config, index: int) -> list[tuple[str, int]]:
             expert = f"{prefix}mlp.experts.local_experts.{local}."
             table += [(f"{expert}linear_fc1.weight", 2 * f // tp * h),
                       (f"{expert}linear_fc2.weight", h * f // tp)]
+        shared = m.moe_shared_expert_ffn_hidden_size
+        if shared:  # split over TP like a dense MLP; its gate replicated
+            expert = f"{prefix}mlp.shared_experts."
+            table += [(f"{expert}linear_fc1.weight", 2 * shared // tp * h),
+                      (f"{expert}linear_fc2.weight", h * shared // tp)]
+            if m.moe_shared_expert_gate:
+                table.append((f"{expert}gate_weight", h))
         return table
     f = ffn_hidden_size(cfg.model)
     table.append((f"{prefix}mlp.linear_fc1.weight", (2 if llama else 1) * f // tp * h))
@@ -161,7 +168,8 @@ def layer_activation_bytes(cfg: Config, positions: int, batch: int, element: int
     and sin for queries and keys; core attention the queries, the keys and values (repeated to every
     head under GQA, else views that keep the fused QKV output whole), the softmax output (also in
     fp32 under bf16) and the context; SwiGLU its fused input and both halves; an MoE layer its
-    router's choices, the permuted tokens and each expert's SwiGLU per routed token. ``flash``:
+    router's choices, the permuted tokens and each expert's SwiGLU per routed token (and a shared
+    expert's SwiGLU per token, its gate's score and the output it scales). ``flash``:
     Transformer Engine's fused attention, which keeps a softmax statistic per head and position
     instead of the scores (the rest counted as the local spec, not measured).
     """
@@ -216,6 +224,11 @@ def layer_activation_bytes(cfg: Config, positions: int, batch: int, element: int
         mlp = (routed * (h + 6 * f + 1)) * element
         router = (local * m.moe_topk * (8 + FP32) + routed * 8
                   + tokens * m.num_experts * (1 + FP32))  # approximate under SP (tests: 1%)
+        shared = m.moe_shared_expert_ffn_hidden_size
+        if shared:  # a dense SwiGLU over the TP group's tokens
+            mlp += tokens * 5 * (shared // tp) * element
+            if m.moe_shared_expert_gate:  # the gate's score and the output it scales
+                mlp += local * (h + 1) * element
         return hidden_bytes + attention_bytes + softmax + mlp + router
     f = ffn_hidden_size(cfg.model) // tp
     mlp = 0 if "mlp" in selective else tokens * (5 if llama else 2) * f
