@@ -100,6 +100,23 @@ def test_impossible_combinations(overrides, world, key):
 
 
 @pytest.mark.unit
+def test_the_all_to_all_dispatcher_is_chosen_by_config_and_refused_without_cuda():
+    import torch
+
+    from megalign.model.gpt import check_platform, moe_config
+
+    cfg = load_config(str(TINY_CONFIG), ["model.num_experts=4",
+                                         "model.moe_token_dispatcher=alltoall"])
+    chosen = moe_config(cfg.model, cfg.parallel)["moe_token_dispatcher_type"]
+    if torch.cuda.is_available():
+        assert chosen == "alltoall"
+    else:  # training refuses it; a checkpoint trained with it still samples here
+        assert chosen == "allgather"
+        with pytest.raises(ConfigError, match="moe_token_dispatcher=alltoall needs CUDA"):
+            check_platform(cfg)
+
+
+@pytest.mark.unit
 def test_inprocess_restart_without_the_package_says_how_to_install_it(monkeypatch):
     import importlib.util
 

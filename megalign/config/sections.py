@@ -121,6 +121,10 @@ class ModelConfig(Section):
     # token passes through, its output scaled by sigmoid(x . w) with moe_shared_expert_gate
     moe_shared_expert_ffn_hidden_size: Optional[int] = None
     moe_shared_expert_gate: bool = False
+    # Megatron-Core's token dispatcher: allgather (every platform) or alltoall (training on CUDA
+    # only, the one Megatron-Core recommends for expert parallelism across nodes; not yet run by
+    # megalign; its checkpoints sample on a CPU with allgather)
+    moe_token_dispatcher: Literal["allgather", "alltoall"] = "allgather"
     norm_epsilon: float = 1e-5
     init_method_std: float = 0.02
     make_vocab_size_divisible_by: int = 128

@@ -67,6 +67,10 @@ def check_platform(cfg: Config) -> None:
     if layernorm and not transformer_engine_available():
         raise ConfigError("recompute.modules 'layernorm' needs Transformer Engine on a GPU; "
                           "drop it here (core_attn and mlp recompute everywhere)")
+    if cfg.model.moe_token_dispatcher == "alltoall" and not torch.cuda.is_available():
+        raise ConfigError("model.moe_token_dispatcher=alltoall needs CUDA (Megatron-Core's "
+                          "all-to-all dispatcher synchronises through CUDA streams); use allgather "
+                          "here")
 
 
 def check_fp8(cfg: Config) -> None:
@@ -210,17 +214,21 @@ def fp8_config(fp8: Optional[Fp8Config]) -> dict:
 
 
 def moe_config(m: ModelConfig, parallel: ParallelConfig) -> dict:
-    """Megatron-Core's MoE settings: a softmax router, dropless, the all-gather token dispatcher
-    (the one that runs on CPU/gloo), one ``SequentialMLP`` of SwiGLU experts per layer, and
-    Qwen2-MoE's gated shared expert when the model has one."""
+    """Megatron-Core's MoE settings: a softmax router, dropless, the configured token dispatcher
+    (all-gather, the one that runs on CPU/gloo, by default), one ``SequentialMLP`` of SwiGLU
+    experts per layer, and Qwen2-MoE's gated shared expert when the model has one."""
     if m.num_experts is None:
         return {}
+    # the dispatcher moves tokens, it does not change what they compute: a checkpoint trained
+    # with alltoall on GPUs samples and evaluates on a CPU with allgather (training refuses it
+    # there: check_platform)
+    dispatcher = m.moe_token_dispatcher if torch.cuda.is_available() else "allgather"
     return dict(num_moe_experts=m.num_experts, moe_router_topk=m.moe_topk,
                 moe_ffn_hidden_size=moe_ffn_hidden_size(m),
                 moe_router_pre_softmax=m.moe_router_pre_softmax,
                 moe_router_score_function="softmax", moe_router_load_balancing_type="aux_loss",
-                moe_aux_loss_coeff=m.moe_aux_loss_coeff, moe_token_dispatcher_type="allgather",
-                moe_grouped_gemm=False,
+                moe_aux_loss_coeff=m.moe_aux_loss_coeff,
+                moe_token_dispatcher_type=dispatcher, moe_grouped_gemm=False,
                 moe_shared_expert_intermediate_size=m.moe_shared_expert_ffn_hidden_size,
                 moe_shared_expert_gate=m.moe_shared_expert_gate,
                 expert_model_parallel_size=parallel.expert_model_parallel_size)
