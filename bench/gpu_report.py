@@ -3,12 +3,9 @@
     python bench/gpu_report.py [--warmup 10] [--peak-tflops 989] RUN_DIR...
 
 Each RUN_DIR holds the ``config.yaml`` and ``metrics.jsonl`` that megalign-train writes. Model FLOPs
-per token (matmuls only, full bidirectional attention over seq_length):
-  layer forward  2h(h + 2gd) + 2h^2 + 4sh + 2·k·h·f     (QKV, out-proj, QK^T and AV, MLP with k=3
-                                                        matrices for SwiGLU, 2 for GPT-2)
-  student        3 · (L · layer + 2hV)                 (forward + backward, with the LM head)
-  teacher        L · layer                             (REPR-ALIGN only: forward, no LM head)
-MFU divides by the GPU's dense bf16 peak, for FP8 runs too (so they compare on one scale).
+per token are megalign's own count (``megalign/model/flops.py``: matrix products only, the student's
+forward and backward, the teacher's forward under REPR-ALIGN). MFU divides by the GPU's dense bf16
+peak, for FP8 runs too (so they compare on one scale).
 """
 
 from __future__ import annotations
@@ -21,22 +18,19 @@ import sys
 
 from megalign.config import load_config, padded_vocab_size
 from megalign.data.tokenizer import build_tokenizer
-from megalign.model.gpt import ffn_hidden_size
+from megalign.model.flops import step_flops
+from megalign.model.streams import stream_count
 
 DENSE_BF16_TFLOPS = {"A100": 312.0, "H100 80GB HBM3": 989.4, "H200": 989.4}
 
 
 def flops_per_token(cfg) -> float:
-    m = cfg.model
-    h, s, L = m.hidden_size, m.seq_length, m.num_layers
-    d = h // m.num_attention_heads
-    matrices = 3 if m.arch == "llama" else 2
+    """A step's FLOPs over the tokens it trains on (the clean sequences' positions)."""
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     vocab = padded_vocab_size(cfg.model, tokenizer.vocab_size, tokenizer.mask)
-    layer = (2 * h * (h + 2 * m.query_groups * d) + 2 * h * h + 4 * s * h
-             + 2 * matrices * h * ffn_hidden_size(cfg.model))
-    student = 3 * (L * layer + 2 * h * vocab)
-    return student + (L * layer if cfg.align.weight > 0 else 0)
+    streams = stream_count(cfg.diffusion.block_length, cfg.model.seq_length)
+    flops = step_flops(cfg, vocab, aligned=cfg.align.weight > 0, streams=streams)
+    return flops / (cfg.data.global_batch_size * cfg.model.seq_length)
 
 
 def peak_tflops(given) -> float:
