@@ -161,12 +161,13 @@ LAYOUTS = {"qwen3": [(2, 2, 1)], "qwen3_moe": [(2, 2, 1), (1, 2, 2)], "mixtral":
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["qwen3", "qwen3_moe", "mixtral", "qwen2_moe", "llama3"])
+@pytest.mark.parametrize("kind", ["qwen3", "qwen3_moe", "mixtral", "qwen2_moe", "llama3",
+                                  "mistral"])
 def test_family_converts_exactly(tmp_path, kind):
     """HF -> megalign: logits within 1e-4 of transformers' (Qwen3 under TP2PP2, Qwen3-MoE under
-    TP2PP2 and TP1PP2EP2, Mixtral at EP2, Qwen2-MoE with its shared expert under TP2 x EP2) and
-    the same greedy continuation; megalign -> HF: every
-    tensor bit-identical to the original (experts as the published checkpoints store them), and
+    TP2PP2 and TP1PP2EP2, Mixtral at EP2, Qwen2-MoE with its shared expert under TP2 x EP2, Llama
+    3 and Mistral at TP1PP1) and the same greedy continuation; megalign -> HF: every tensor
+    bit-identical to the original (experts as the published checkpoints store them), and
     the export under a causal mask is the AR model again."""
     from safetensors.torch import load_file
     from transformers import AutoModel
@@ -250,7 +251,7 @@ def test_what_a_gguf_file_holds_and_transformers_would_drop_is_refused(tmp_path,
 @pytest.mark.unit
 def test_mistral_without_a_window_converts_as_llama(tmp_path):
     """Mistral v0.3 and later (no sliding window) is the Llama network: converted in-process, its
-    recorded model is the Llama family's (its logits are those of the Llama path tested above)."""
+    recorded model is the Llama family's (its logits: test_family_converts_exactly)."""
     import yaml
 
     from fuzz import targets
