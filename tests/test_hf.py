@@ -378,6 +378,31 @@ def test_conversion_records_the_document_separator(tmp_path):
     assert cfg.data.eod_token is None and build_tokenizer(cfg.data.tokenizer).eod_token == "</s>"
 
 
+@pytest.mark.unit
+def test_a_conversion_failing_after_the_weights_leaves_nothing(tmp_path, monkeypatch):
+    """The tokenizer and megalign.yaml are written after the weights: a failure there (here a
+    full disk while the tokenizer is read back) leaves no directory that looks like a converted
+    model, and says so in one line."""
+    import errno
+
+    from fuzz.targets import run_main
+
+    from megalign.cli.convert import main
+    from megalign.convert import checkpoints
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "ml"))
+
+    _, tokenizer_dir = chat_tokenizer(tmp_path)
+    tiny_hf_model("llama").save_pretrained(tokenizer_dir)
+    monkeypatch.setattr(checkpoints, "build_tokenizer", disk_full)
+    outcome = run_main(main, ["--from", "hf", "--to", "megalign", "--input", str(tokenizer_dir),
+                              "--output", str(tmp_path / "ml")])
+    assert outcome.code == 1 and "No space left" in outcome.stderr, outcome.stderr
+    assert len(outcome.stderr.strip().splitlines()) == 1, outcome.stderr
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("ml")]
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_a_directory_without_tokenizer_files_converts_without_a_tokenizer(tmp_path, kind,
                                                                             corpus_prefix):

@@ -195,7 +195,6 @@ def hf_to_megalign(source: str, output: str, gguf_file: Optional[str] = None, tp
     check_layout(model, tp, pp)
     rows = hf_model.get_input_embeddings().weight.shape[0]
 
-    tokenizer_dir = os.path.join(output, "tokenizer")
     mask_id = rows  # the first padded row, unless the tokenizer has a mask token
     tokenizer = None
     if gguf_file or any(os.path.isfile(os.path.join(source, name)) for name in TOKENIZER_FILES):
@@ -224,22 +223,26 @@ def hf_to_megalign(source: str, output: str, gguf_file: Optional[str] = None, tp
     output = os.path.abspath(output)
     if tokenizer is not None:  # recorded relative to the checkpoint: the directory can move
         cfg = replace(cfg, data=replace(cfg.data, tokenizer=os.path.join(CONFIG_DIR, "tokenizer")))
-    save_weights(output, chunks, meta={"config": to_dict(cfg), "hf_vocab_size": rows,
-                                       "source": os.path.basename(os.path.normpath(source))})
     sections = {
         "model": {**model, "padded_vocab_size": padded, "init_checkpoint": CONFIG_DIR},
         "diffusion": {"mask_token_id": mask_id},
     }
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tokenizer_dir)
-        # the document separator by the rule of megalign/data/tokenizer.py, recorded so that
-        # training keeps it and preprocessing can be checked against it
-        eod = build_tokenizer(tokenizer_dir)
-        sections["data"] = {"tokenizer": cfg.data.tokenizer, "eod_token": eod.eod_token}
-        print(f"megalign-convert: documents end with {eod.eod_token!r} (id {eod.eod}; "
-              "data.eod_token)", file=sys.stderr)
-    with open(os.path.join(output, MEGALIGN_YAML), "w", encoding="utf-8") as handle:
-        yaml.safe_dump(sections, handle, sort_keys=False)
+
+    def write(directory: str) -> None:
+        save_weights(directory, chunks, meta={"config": to_dict(cfg), "hf_vocab_size": rows,
+                                              "source": os.path.basename(os.path.normpath(source))})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(os.path.join(directory, "tokenizer"))
+            # the document separator by the rule of megalign/data/tokenizer.py, recorded so that
+            # training keeps it and preprocessing can be checked against it
+            eod = build_tokenizer(os.path.join(directory, "tokenizer"))
+            sections["data"] = {"tokenizer": cfg.data.tokenizer, "eod_token": eod.eod_token}
+            print(f"megalign-convert: documents end with {eod.eod_token!r} (id {eod.eod}; "
+                  "data.eod_token)", file=sys.stderr)
+        with open(os.path.join(directory, MEGALIGN_YAML), "w", encoding="utf-8") as handle:
+            yaml.safe_dump(sections, handle, sort_keys=False)
+
+    write_directory_atomically(output, write)
     return output
 
 
@@ -278,13 +281,18 @@ def megalign_to_hf(source: str, output: str) -> str:
 
 
 def write_export_atomically(output: str, write) -> None:
-    """``write(directory)`` into a temporary directory renamed to ``output`` once complete, so a
-    failure never leaves a partial export that looks whole. An ``output`` that exists is
+    """``write(directory)`` as ``write_directory_atomically``; an ``output`` that exists is
     replaced only when it is an earlier export (it holds modeling_megalign.py)."""
     if os.path.isdir(output) and os.listdir(output) and not os.path.isfile(
             os.path.join(output, "modeling_megalign.py")):
         raise ConversionError(f"--output '{output}' exists and is not a megalign export; give a "
                               "new directory")
+    write_directory_atomically(output, write)
+
+
+def write_directory_atomically(output: str, write) -> None:
+    """``write(directory)`` into a temporary sibling renamed to ``output`` (replacing an earlier
+    one) once complete, so a failure never leaves a partial directory that looks whole."""
     temp = f"{os.path.normpath(output)}.tmp-{os.getpid()}"
     shutil.rmtree(temp, ignore_errors=True)
     try:
