@@ -298,6 +298,23 @@ def test_config_bugs_found_by_fuzzing(workdir, base, config, fragment):
     assert outcome.code == 2 and fragment in outcome.stderr, outcome.stderr
 
 
+def test_a_run_names_a_missing_dataset_before_it_starts(tmp_path):
+    """Without --check too: one line naming the file, exit 2, no run directory written (it was
+    "error on rank N" from inside dataset building)."""
+    from megalign.cli.train import main
+
+    run_dir = tmp_path / "run"
+    outcome = targets.run_main(main, ["--config", str(targets.TINY_CONFIG),
+                                      "data.paths=[/nonexistent/x]",
+                                      "data.global_batch_size=2", f"data.tokenizer={TOKENIZER}",
+                                      "parallel.tensor_model_parallel_size=1",
+                                      "parallel.pipeline_model_parallel_size=1",
+                                      f"logging.run_dir={run_dir}"])
+    targets.check(outcome, "megalign-train", ["/nonexistent/x"])
+    assert outcome.code == 2 and "/nonexistent/x.idx' does not exist" in outcome.stderr
+    assert not run_dir.exists()
+
+
 def test_usage_errors_are_one_line_in_every_command(workdir):
     """argparse's usage errors were two lines (usage, then the error) in all but two commands."""
     from megalign.cli import convert, evaluate, generate, harness, plan, train

@@ -385,10 +385,10 @@ def test_a_conversion_failing_after_the_weights_leaves_nothing(tmp_path, monkeyp
     model, and says so in one line."""
     import errno
 
-    from fuzz.targets import run_main
-
     from megalign.cli.convert import main
     from megalign.convert import checkpoints
+
+    from fuzz.targets import run_main
 
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "ml"))

@@ -56,8 +56,8 @@ def load_and_validate(args, world_size: int):
 
 
 def check_data_files(cfg) -> None:
-    """Every dataset the run reads exists and is whole (what --check adds to the config's own
-    checks; a run finds out when it builds its datasets)."""
+    """Every dataset the run reads exists and is whole, checked before anything starts (a run
+    would otherwise find out on some rank while building its datasets)."""
     from megalign.config import parse_blend
     from megalign.data.indexed import check_indexed_dataset
     from megalign.errors import DataError
@@ -106,8 +106,7 @@ def main(argv=None) -> int:
     launch = distributed.launch_env()
     try:
         cfg, tokenizer = load_and_validate(args, launch.world_size)
-        if args.check:
-            check_data_files(cfg)
+        check_data_files(cfg)  # a missing or damaged dataset is named before anything starts
     except (ConfigError, OSError, ValueError) as err:
         print(f"megalign-train: error: {one_line(err)}", file=sys.stderr)
         return 2
