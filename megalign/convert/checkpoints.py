@@ -25,7 +25,7 @@ import os
 import re
 import shutil
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import Optional
 
 import torch
@@ -270,11 +270,7 @@ def megalign_to_hf(source: str, output: str) -> str:
     load_checkpoint(path, chunks)
     if vocab is not None:
         start_step0_student(chunks, cfg, meta, vocab)
-    model = {k: getattr(m, k) for k in ("arch", "num_layers", "num_attention_heads",
-                                         "num_query_groups", "qkv_bias", "qk_norm",
-                                         "num_experts", "moe_shared_expert_ffn_hidden_size",
-                                         "moe_shared_expert_gate", "tie_embeddings")}
-    hf_state = megatron_to_hf(full_tensors(chunks, "param"), model, m.padded_vocab_size)
+    hf_state = megatron_to_hf(full_tensors(chunks, "param"), asdict(m), m.padded_vocab_size)
     write_export_atomically(output, lambda directory: export_diffusion_model(cfg, meta, hf_state,
                                                                              directory))
     return output
