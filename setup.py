@@ -10,7 +10,11 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["megalign", "megalign.*"]),
     install_requires=[
-        "megatron-core>=0.16.1",  # tested on 0.16.1
+        # the releases the suite runs on: 0.16.1 on Python 3.11, 0.19.2 on Python 3.12
+        # (docs/testing.md); 0.17 and 0.18 were never tested, and 0.17 on need Python >= 3.12
+        "megatron-core>=0.16.1,<0.17; python_version < '3.12'",
+        "megatron-core>=0.19.2,<0.20; python_version >= '3.12'",
+        "packaging",  # megalign/platform/releases.py
         "torch",  # install torch==2.13.0 (CPU wheel) first on CPU machines; see README
         "numpy",
         "pyyaml",
@@ -32,7 +36,9 @@ setup(
         "hf": ["transformers", "tokenizers", "gguf", "accelerate"],
         "gpu": ["transformer-engine[pytorch]"],  # apex: optional, from the NGC container
         # in-process restart (resilience.inprocess_restart) and ft_launcher's in-job restart
-        "resilience": ["nvidia-resiliency-ext==0.4.1"],
+        # (megatron-core 0.19 needs >= 0.6 for its asynchronous saves, which exist from Python 3.12)
+        "resilience": ["nvidia-resiliency-ext==0.4.1; python_version < '3.12'",
+                       "nvidia-resiliency-ext==0.7.0; python_version >= '3.12'"],
     },
     entry_points={
         "console_scripts": [

@@ -8,9 +8,9 @@ checkpoint.
 Writes are atomic: everything goes into ``<root>/iter_NNNNNNN.tmp``, which rank 0 renames to
 ``iter_NNNNNNN`` once every rank has finished, and only then rewrites ``<root>/latest`` (also via a
 rename). A killed save therefore leaves the previous checkpoint and ``latest`` untouched. An
-asynchronous save (``async_queue``: Megatron-Core's ``AsyncCallsQueue``) writes the tensors from a
-forked helper while training goes on; the rename and ``latest`` follow when the queue is
-finalized, under the same rules.
+asynchronous save (``async_queue``, from ``async_save_queue()``) writes the tensors from a forked
+helper while training goes on; the rename and ``latest`` follow when the queue is finalized, under
+the same rules.
 Parameters are checked to be finite before anything is written. Tensors are stored with global
 keys (global layer numbers, TP offsets), so a checkpoint loads into any TP/PP/VPP layout.
 """
@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import io
 import json
 import os
 import pickle
 import re
 import shutil
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -31,9 +33,12 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedObject, is_main_replica
+from megatron.core.dist_checkpointing.strategies import torch as torch_strategy
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.tensor_parallel import random as mcore_random
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
 from megalign.errors import CheckpointError, first_line
 from megalign.platform import collectives
@@ -42,6 +47,7 @@ from megalign.platform.process import (
     own_checkpoint_writer_queue,
     sigusr1_blocked_in_helpers,
 )
+from megalign.platform.releases import megatron_core, megatron_core_at_least
 
 LATEST = "latest"
 # the distributed optimizer's states in Megatron's canonical per-parameter layout (gathered over DP
@@ -109,22 +115,56 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 def _check_safe_to_load(path: str) -> None:
     """Refuse a checkpoint whose pickled parts would execute code when loaded: ``.metadata``
-    through an allow-list, the common state through ``torch.load(weights_only=True)``."""
+    through an allow-list; the common state (``common.pt``, or from Megatron-Core 0.19 an object
+    in the ``.distcp`` files) and every other pickled object of the ``.distcp`` files (random
+    states, extra states), which torch.distributed.checkpoint unpickles with
+    ``weights_only=False``, through ``torch.load(weights_only=True)``."""
     file = os.path.join(path, ".metadata")
     try:
         with open(file, "rb") as handle:
-            _MetadataUnpickler(handle).load()
+            metadata = _MetadataUnpickler(handle).load()
         common = os.path.join(path, "common.pt")
         if os.path.isfile(common):
             file = common
             torch.load(common, map_location="cpu", weights_only=True)
+        for file, offset, length in _pickled_objects(path, metadata):
+            with open(file, "rb") as handle, warnings.catch_warnings():
+                # a crafted pickle's protocol: the refusal below says what it holds
+                warnings.filterwarnings("ignore", message="Detected pickle protocol")
+                handle.seek(offset)
+                torch.load(io.BytesIO(handle.read(length)), map_location="cpu",
+                           weights_only=True)
     except (pickle.UnpicklingError, AttributeError, ImportError, EOFError, OSError,
-            RuntimeError) as err:
+            RuntimeError, ValueError) as err:
         raise CheckpointError(
             f"refusing to load checkpoint '{path}': {file} is not plain checkpoint data "
-            f"({first_line(err)}); it may be corrupt or crafted to run code. Only load "
+            f"({_unpickling_reason(err)}); it may be corrupt or crafted to run code. Only load "
             "checkpoints from sources you trust"
         ) from None
+
+
+def _unpickling_reason(err: BaseException) -> str:
+    """What torch's weights-only unpickler refused (its message opens with advice that does not
+    apply here), else the error's first line."""
+    _, found, reason = str(err).partition("WeightsUnpickler error:")
+    lines = [line.strip() for line in reason.splitlines() if line.strip()]
+    return lines[0] if found and lines else first_line(err)
+
+
+def _pickled_objects(path: str, metadata) -> list[tuple[str, int, int]]:
+    """(file, offset, length) of each object the ``.distcp`` files hold as pickled bytes."""
+    pickled = {key for key, entry in metadata.state_dict_metadata.items()
+               if isinstance(entry, BytesStorageMetadata)}
+    found = []
+    for index, where in metadata.storage_data.items():
+        if index.fqn not in pickled:
+            continue
+        name = where.relative_path
+        if name != os.path.basename(name) or getattr(where, "transform_descriptors", None):
+            raise ValueError(f"'{index.fqn}' is stored as {name!r} with transforms "
+                             f"{getattr(where, 'transform_descriptors', None)}")
+        found.append((os.path.join(path, name), where.offset, where.length))
+    return found
 
 
 def fingerprint(path: Optional[str]) -> Optional[str]:
@@ -237,6 +277,34 @@ def _preflight(temp: str, state: dict) -> Optional[BaseException]:
     return None
 
 
+# from this release, Megatron-Core's own asynchronous save is deprecated for NVRx's
+NVRX_ASYNC_SINCE = "0.19.0"
+NVRX_ASYNC_MIN = "0.6.0"  # the oldest nvidia-resiliency-ext those releases accept
+
+
+def async_save_queue():
+    """The queue asynchronous saves are scheduled on, of the writer Megatron-Core prefers:
+    nvidia-resiliency-ext's (NVRx) from Megatron-Core 0.19, its own before. NVRx's queue forks one
+    writer per save (``persistent=False``), as Megatron-Core's did, so a writer still dies with
+    its rank and stays out of SIGUSR1 (``platform.process``)."""
+    if not megatron_core_at_least(NVRX_ASYNC_SINCE):
+        return AsyncCallsQueue()
+    if not getattr(torch_strategy, "HAVE_NVRX", False):
+        raise CheckpointError(
+            f"checkpoint.async_save=true with megatron-core {megatron_core()} writes through "
+            f"nvidia-resiliency-ext>={NVRX_ASYNC_MIN}, which this Python cannot import: "
+            "pip install 'megalign[resilience]', or set checkpoint.async_save=false")
+    nvrx = importlib.import_module("nvidia_resiliency_ext.checkpointing.async_ckpt.core")
+    return nvrx.AsyncCallsQueue(persistent=False)
+
+
+def _async_save_arguments() -> dict:
+    """What ``dist_checkpointing.save`` takes to return a request for ``async_save_queue()``."""
+    if megatron_core_at_least(NVRX_ASYNC_SINCE):
+        return {"async_sharded_save": True, "async_strategy": "nvrx"}
+    return {"async_sharded_save": True}
+
+
 def _write_atomic(path: str, state: dict, async_queue=None, then: Callable[[], None] = None):
     """dist_checkpointing.save into ``path.tmp``, renamed to ``path`` once every rank is done,
     then ``then()``. Every step that can fail is agreed on by all ranks, so a failure never leaves
@@ -257,8 +325,8 @@ def _write_atomic(path: str, state: dict, async_queue=None, then: Callable[[], N
     try:
         with sigusr1_blocked_in_helpers():
             own_checkpoint_writer_queue()
-            request = dist_checkpointing.save(state, temp,
-                                              async_sharded_save=async_queue is not None)
+            request = dist_checkpointing.save(
+                state, temp, **(_async_save_arguments() if async_queue is not None else {}))
     except (Exception, CheckpointException) as err:  # the latter is a BaseException
         error = err
     _agree(error, path, temp)
@@ -328,7 +396,7 @@ def save_checkpoint(
     async_queue=None,
 ) -> str:
     """Write ``<root>/iter_NNNNNNN`` atomically and point ``latest`` at it; returns the path.
-    With ``async_queue`` (Megatron-Core's ``AsyncCallsQueue``) the write goes on in the background
+    With ``async_queue`` (``async_save_queue()``) the write goes on in the background
     and is complete, ``latest`` included, once the queue has been finalized."""
     path = checkpoint_dir(root, iteration)
     _check_finite(chunks, path)
@@ -377,7 +445,7 @@ def read_meta(path: str) -> dict:
     """The common (non-sharded) part of a checkpoint: iteration, config, layout, ..."""
     try:
         common = dist_checkpointing.load_common_state_dict(path)
-    except Exception as err:
+    except (Exception, CheckpointException) as err:  # the latter from Megatron-Core 0.19's format
         raise CheckpointError(f"checkpoint '{path}' is unreadable ({first_line(err)})") from None
     meta = common.get("meta", {}) if isinstance(common, dict) else None
     expected = {"iteration": int, "consumed_samples": int, "config": dict, "layout": list,

@@ -1,27 +1,59 @@
 #!/usr/bin/env bash
-# The README's test command (and what .ci/run calls): set up .venv, then run the unit tier (in
-# this process only, about a minute) and, if it passes, everything else. Extra arguments go to
-# both pytest runs (a tier they leave empty is skipped); if neither collects a test, that is a
-# failure: the suite is missing or the filter matched nothing.
+# The README's test command (and what .ci/run calls): set up .venv (Python 3.11, megatron-core
+# 0.16.x), run the unit tier (in this process only, about a minute) and, if it passes, everything
+# else; then the compatibility tier: a Python 3.12 environment (.venv-py312, megatron-core 0.19.x)
+# running the unit tier, the fast tier and the tests marked `compat`. Extra arguments go to every
+# pytest run (a tier they leave empty is skipped); if no run collects a test, that is a failure:
+# the suite is missing or the filter matched nothing. MEGALIGN_COMPAT=0 leaves the compatibility
+# tier out; PYTHON312 names its interpreter (found on the PATH or under pyenv otherwise).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup_env.sh || exit 1
 
-echo "tests/run.sh: the unit tier (-m unit)"
-.venv/bin/python -m pytest -ra -m unit "$@"
-unit=$?
-if [ "$unit" -ne 0 ] && [ "$unit" -ne 5 ]; then
-  exit "$unit"
-fi
-echo "tests/run.sh: the rest of the suite (-m \"not unit\")"
-.venv/bin/python -m pytest -ra -m "not unit" "$@"
-rest=$?
-if [ "$rest" -eq 5 ]; then
-  if [ "$unit" -eq 5 ]; then
-    echo "tests/run.sh: pytest collected no tests; the suite is missing or the filter matched" \
-         "nothing" >&2
+collected=0
+# tier NAME PYTHON PYTEST-ARGS...: one pytest run; stops the script on a failure
+tier() {
+  local name=$1 python=$2
+  shift 2
+  echo "tests/run.sh: $name"
+  "$python" -m pytest -ra "$@"
+  local code=$?
+  case "$code" in
+    0) collected=1 ;;
+    5) ;;
+    *) exit "$code" ;;
+  esac
+}
+
+tier "the unit tier (-m unit)" .venv/bin/python -m unit "$@"
+tier "the rest of the suite (-m \"not unit\")" .venv/bin/python -m "not unit" "$@"
+
+if [ "${MEGALIGN_COMPAT:-1}" != 0 ]; then
+  python312=${PYTHON312:-}
+  if [ -z "$python312" ]; then
+    for candidate in python3.12 "$(pyenv root 2>/dev/null)"/versions/3.12*/bin/python3.12; do
+      if "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null; then
+        python312=$candidate
+        break
+      fi
+    done
+  fi
+  if [ -z "$python312" ]; then
+    echo "tests/run.sh: the compatibility tier needs Python 3.12 (megatron-core 0.19): install" \
+         "it, name it with PYTHON312=..., or leave the tier out with MEGALIGN_COMPAT=0" >&2
     exit 1
   fi
-  exit 0
+  PYTHON=$python312 VENV=.venv-py312 bash tools/setup_env.sh || exit 1
+  py312=.venv-py312/bin/python
+  "$py312" -c 'import megatron.core as m; print("tests/run.sh: the compatibility tier:" \
+    " megatron-core", m.__version__, "on Python", __import__("platform").python_version())'
+  tier "compatibility: the unit tier" "$py312" -m unit "$@"
+  tier "compatibility: the fast tier and the compat tests" "$py312" \
+    -m "not unit and (not slow or compat)" "$@"
 fi
-exit "$rest"
+
+if [ "$collected" = 0 ]; then
+  echo "tests/run.sh: pytest collected no tests; the suite is missing or the filter matched" \
+       "nothing" >&2
+  exit 1
+fi

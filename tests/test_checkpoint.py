@@ -29,7 +29,7 @@ def uninterrupted(tmp_path_factory, data_overrides):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("saving", ["sync", "async"])
+@pytest.mark.parametrize("saving", ["sync", pytest.param("async", marks=pytest.mark.compat)])
 def test_kill_9_then_resume_gives_identical_losses(tmp_path, data_overrides, uninterrupted, saving):
     """Killed mid-run (async: interval saves written in the background, perhaps mid-write), the
     run resumes from its 'latest' with exactly the losses of a run never interrupted."""
@@ -102,7 +102,7 @@ def test_distributed_optimizer_resumes_exactly_also_at_another_dp_size(tmp_path,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("saving", ["sync", "async"])
+@pytest.mark.parametrize("saving", ["sync", pytest.param("async", marks=pytest.mark.compat)])
 def test_kill_during_save_keeps_previous_checkpoint(tmp_path, data_overrides, saving):
     """kill -9 of every rank (and a background save's writers) while a checkpoint is written:
     'latest' still names a complete checkpoint, and the run resumes from it."""

@@ -16,6 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from megalign.platform.releases import megatron_core_at_least
+
 from conftest import CORPUS, INSTRUCTIONS, TOKENIZER
 from fuzz import strategies as gen
 from fuzz import targets
@@ -176,12 +178,14 @@ def damage_config(tree: dict, key: str, value) -> dict:
     return tree
 
 
+# the files of a checkpoint: Megatron-Core 0.19 keeps the common state in the .distcp files
+CHECKPOINT_FILES = ["metadata.json", ".metadata", "__0_0.distcp"] + (
+    [] if megatron_core_at_least("0.19.0") else ["common.pt"])
 CHECKPOINT_DAMAGE = st.one_of(
     st.tuples(st.just("config"), st.sampled_from(gen.KEYS), st.one_of(st.none(), gen.scalars)),
     st.tuples(st.just("meta"), st.sampled_from(["config", "iteration", "ar_checkpoint"]),
               st.one_of(st.none(), gen.scalars, st.lists(gen.scalars, max_size=2))),
-    st.tuples(st.just("file"), st.sampled_from(["common.pt", "metadata.json", ".metadata",
-                                                "__0_0.distcp"]), st.integers(0, 2**16)),
+    st.tuples(st.just("file"), st.sampled_from(CHECKPOINT_FILES), st.integers(0, 2**16)),
     st.tuples(st.just("latest"), st.sampled_from(["", "..", "../..", "/", "iter_0000002",
                                                   "iter_0000001/..", "\x00"]), st.none()))
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megalign.platform import cpu
+from megalign.platform import cpu, releases
 
 pytestmark = pytest.mark.unit
 
@@ -31,6 +31,18 @@ def resolve(site: str):
 def test_patched_sites_exist_in_the_pinned_megatron_core():
     for site in cpu.PATCHED_SITES:
         assert resolve(site) is not None, site
+
+
+def test_redirections_by_release_are_applied_where_megatron_core_calls_them_and_nowhere_else():
+    """Each redirection a Megatron-Core release started to need is applied exactly on the
+    releases whose module calls the CUDA-only function: it is still needed where applied (the
+    installed release calls it) and not missing where skipped (an older release does not)."""
+    applied = cpu.redirections_since_release()
+    for site, module, since in cpu.SINCE_RELEASE:
+        source = Path(importlib.import_module(module).__file__).read_text()
+        calls = re.search(rf"\b{re.escape(site)}\(\)", source) is not None
+        assert calls == (site in applied), (site, module, since, str(releases.megatron_core()))
+        assert resolve(site) is not None and site in cpu._CPU_COUNTERPARTS
 
 
 def test_cuda_type_names_and_rng_state_on_the_cpu():
@@ -77,3 +89,14 @@ def test_cpu_tracker_forks_named_streams():
     assert not torch.equal(first, second)
     torch.manual_seed(1)
     assert torch.equal(first, torch.rand(3))
+
+
+@pytest.mark.skipif(not releases.megatron_core_at_least("0.19.0"),
+                    reason="Megatron-Core 0.19's notices: run by the compatibility tier")
+def test_filtered_megatron_core_notices_are_still_its_own():
+    """The notices megalign keeps from its output are logged by the modules named: a filter
+    whose notice is gone from the release goes."""
+    import megalign
+
+    for module, notice in megalign._CHECKED_NOTICES:
+        assert notice in Path(importlib.import_module(module).__file__).read_text(), notice

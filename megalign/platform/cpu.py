@@ -1,4 +1,4 @@
-"""Run Megatron-Core (0.16.x) on machines without CUDA.
+"""Run Megatron-Core (0.16.x and 0.19.x) on machines without CUDA.
 
 Megatron-Core hard-codes CUDA in a handful of places on the training path (scalars created with
 ``device="cuda"`` in the schedules and optimizer, p2p receive buffers on
@@ -22,13 +22,17 @@ module redirects exactly those to the CPU:
   common state has already set, one tensor per parameter (Megatron copies every destination key,
   ``step`` included, from sources that never carry it, after giving all states one shared step
   tensor that torch's Adam would advance once per parameter);
+* from 0.19, ``torch.cuda.current_stream`` returns the CPU's stream (whose waits are no-ops):
+  the gradient buffers ask for it at every gradient reduction, to wait for CUDA-graph replays;
 * ``moe_utils.te_general_gemm``, which the MoE router's gating GEMM reads but Megatron-Core
   (0.16.x) defines only when Transformer Engine imports, is defined as ``None`` (the value that
   selects the plain ``torch`` GEMM), so mixture-of-experts layers run.
 
 It is the only place in megalign that patches anything, and ``apply()`` is called once at start-up
 only when ``torch.cuda.is_available()`` is false. ``PATCHED_SITES`` lists every replaced
-attribute so a test can check each still exists when the megatron-core pin moves.
+attribute so a test can check each still exists when the megatron-core pin moves;
+``SINCE_RELEASE`` holds those a release started to need, applied only from that release on (a
+test checks that Megatron-Core calls each where, and only where, it is applied).
 """
 
 # Imports inside functions are deliberate here: Megatron-Core's modules are imported only when the
@@ -41,6 +45,8 @@ import importlib
 
 import torch
 from torch.overrides import TorchFunctionMode
+
+from megalign.platform.releases import megatron_core_at_least
 
 PATCHED_SITES = (
     "torch.cuda.current_device",
@@ -55,8 +61,24 @@ PATCHED_SITES = (
     "megatron.core.optimizer.distrib_optimizer.DistributedOptimizer._set_main_param_and_optimizer_states",
 )
 
+# CUDA-only torch functions that Megatron-Core calls on the CPU training path from a release on:
+# the function, the Megatron-Core module calling it, the first release that does
+SINCE_RELEASE = (
+    ("torch.cuda.current_stream", "megatron.core.distributed.param_and_grad_buffer", "0.19.0"),
+)
+
 # module globals Megatron-Core reads but defines only with Transformer Engine: set to None
 UNDEFINED_WITHOUT_TE = ("megatron.core.transformer.moe.moe_utils.te_general_gemm",)
+
+_CPU_COUNTERPARTS = {
+    "torch.cuda.current_stream": lambda device=None: torch.cpu.current_stream(),
+}
+
+
+def redirections_since_release() -> list[str]:
+    """The ``SINCE_RELEASE`` functions the installed Megatron-Core calls."""
+    return [site for site, _, since in SINCE_RELEASE if megatron_core_at_least(since)]
+
 
 _applied = False
 _mode: TorchFunctionMode | None = None
@@ -216,6 +238,9 @@ def apply() -> None:
     clip_grads.clip_grad_by_total_norm_fp32 = _cpu_clip_grad_by_total_norm_fp32
     optimizer.clip_grad_by_total_norm_fp32 = _cpu_clip_grad_by_total_norm_fp32
     _torch_adam_checkpoints(distrib_optimizer.DistributedOptimizer)
+    for site in redirections_since_release():
+        module, _, name = site.rpartition(".")
+        setattr(importlib.import_module(module), name, _CPU_COUNTERPARTS[site])
     for site in UNDEFINED_WITHOUT_TE:
         module, _, name = site.rpartition(".")
         module = importlib.import_module(module)

@@ -6,7 +6,8 @@ SIGKILLed (a hard timeout, ft_launcher or torchrun stopping a worker group, the 
 nothing stops that server: it outlives the rank with a few hundred MB and the rank's stdout and
 stderr, so a launcher reading them never sees end-of-file, and every restart leaves one more.
 Here the manager is created by megalign, with an initializer that asks the kernel to SIGKILL it
-when its parent dies (Linux ``PR_SET_PDEATHSIG``), and its queue is handed to Megatron's cache.
+when its parent dies (Linux ``PR_SET_PDEATHSIG``), and its queues are handed to the writers'
+caches (Megatron-Core's, and NVRx's where it writes asynchronous saves).
 """
 
 # Imports inside functions are deliberate here: Megatron-Core's checkpoint writer is imported at
@@ -16,12 +17,16 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib
 import multiprocessing
 import signal
 import sys
 from multiprocessing.managers import SyncManager
 
 PR_SET_PDEATHSIG = 1
+# the checkpoint writers that cache a results queue in a module global
+_WRITER_MODULES = ("megatron.core.dist_checkpointing.strategies.filesystem_async",
+                   "nvidia_resiliency_ext.checkpointing.async_ckpt.filesystem_async")
 _manager: SyncManager | None = None
 
 
@@ -31,17 +36,22 @@ def die_with_parent() -> None:
 
 
 def own_checkpoint_writer_queue() -> None:
-    """Before a save: make Megatron's writer use a results queue whose server dies with us."""
+    """Before a save: make the checkpoint writers use results queues whose server dies with us
+    (Megatron-Core's, and from Megatron-Core 0.19 NVRx's, which writes asynchronous saves)."""
     global _manager
-    if _manager is not None or not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux"):
         return
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    if getattr(filesystem_async, "_results_queue", False) is not None:
-        return  # Megatron already made one, or this version keeps no such cache
-    _manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-    _manager.start(die_with_parent)
-    filesystem_async._results_queue = _manager.Queue()
+    for name in _WRITER_MODULES:
+        try:
+            writer = importlib.import_module(name)
+        except ImportError:
+            continue
+        if getattr(writer, "_results_queue", False) is not None:
+            continue  # one was made already, or this version keeps no such cache
+        if _manager is None:
+            _manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+            _manager.start(die_with_parent)
+        writer._results_queue = _manager.Queue()
 
 
 @contextlib.contextmanager

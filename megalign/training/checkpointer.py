@@ -13,10 +13,9 @@ from __future__ import annotations
 import os
 from typing import Callable, Optional
 
-from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
-
 from megalign.checkpoint import (
     LATEST,
+    async_save_queue,
     describe,
     fingerprint,
     load_checkpoint,
@@ -32,7 +31,7 @@ from megalign.errors import CheckpointError, TrainingError
 class Checkpointer:
     def __init__(self, cfg: Config, log: Callable[[str], None]):
         self.cfg, self.log = cfg, log
-        self._queue = AsyncCallsQueue() if cfg.checkpoint.async_save else None
+        self._queue = async_save_queue() if cfg.checkpoint.async_save else None
         self._writing: Optional[str] = None  # the checkpoint a background save is writing
         self.resume_from = self._resume_choice()
         self.ar_checkpoint = cfg.model.init_checkpoint

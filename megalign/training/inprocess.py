@@ -24,6 +24,7 @@ non-finite loss) stop at once instead of being retried.
 # Imports inside functions are deliberate here: nvidia-resiliency-ext is optional
 # (resilience.inprocess_restart).
 
+import contextlib
 import datetime
 import gc
 import os
@@ -66,6 +67,19 @@ def release_gloo_groups(err: Exception) -> None:
     gc.collect()
 
 
+@contextlib.contextmanager
+def _gpu_health_checks_only_with_a_gpu(gpu: bool):
+    """From NVRx 0.7 the wrapper adds GPU, NVLink and NIC health checks of ``LOCAL_RANK``'s
+    device to the restart whenever ``LOCAL_RANK`` is set; without a GPU (no NVML) the GPU check
+    fails and ends every restart, so there it is built with ``LOCAL_RANK`` out of view."""
+    local_rank = None if gpu else os.environ.pop("LOCAL_RANK", None)
+    try:
+        yield
+    finally:
+        if local_rank is not None:
+            os.environ["LOCAL_RANK"] = local_rank
+
+
 def restartable(cfg: Config, attempt: Callable[[dist.Store], None]) -> Callable[[], None]:
     """``attempt(store)`` trains once, creating its process groups on ``store``; the returned
     function runs it under the wrapper, again after each fault, until it finishes."""
@@ -102,22 +116,24 @@ def restartable(cfg: Config, attempt: Callable[[dist.Store], None]) -> Callable[
                                inprocess.abort.AbortTorchDistributed())
              if gpu else inprocess.abort.AbortTorchDistributed())
     timeout = datetime.timedelta(seconds=r.failure_timeout_s)
-    wrapper = inprocess.Wrapper(
-        store_kwargs={"host_name": address, "port": wrapper_port, "timeout": collective_timeout},
-        initialize=inprocess.initialize.RetryController(
-            max_iterations=r.inprocess_max_restarts + 1, min_world_size=world,
-            min_active_world_size=world),
-        abort=abort,
-        finalize=TearDown(),
-        health_check=(inprocess.health_check.CudaHealthCheck(timeout=datetime.timedelta(seconds=10))
-                      if gpu else None),
-        heartbeat_interval=datetime.timedelta(seconds=r.heartbeat_interval_s),
-        heartbeat_timeout=timeout,
-        soft_timeout=timeout,
-        hard_timeout=2 * timeout,
-        barrier_timeout=collective_timeout,
-        completion_timeout=collective_timeout,
-    )
+    with _gpu_health_checks_only_with_a_gpu(gpu):
+        wrapper = inprocess.Wrapper(
+            store_kwargs={"host_name": address, "port": wrapper_port,
+                          "timeout": collective_timeout},
+            initialize=inprocess.initialize.RetryController(
+                max_iterations=r.inprocess_max_restarts + 1, min_world_size=world,
+                min_active_world_size=world),
+            abort=abort,
+            finalize=TearDown(),
+            health_check=(inprocess.health_check.CudaHealthCheck(
+                timeout=datetime.timedelta(seconds=10)) if gpu else None),
+            heartbeat_interval=datetime.timedelta(seconds=r.heartbeat_interval_s),
+            heartbeat_timeout=timeout,
+            soft_timeout=timeout,
+            hard_timeout=2 * timeout,
+            barrier_timeout=collective_timeout,
+            completion_timeout=collective_timeout,
+        )
 
     @wrapper
     def run_attempts(call: inprocess.CallWrapper = None):

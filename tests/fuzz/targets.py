@@ -229,12 +229,15 @@ def dotted_keys_of_override(text: str) -> list[str]:
 
 
 def load_common(directory: Path) -> dict:
-    import torch
+    """The common state of a checkpoint, in either release's format: common.pt (Megatron-Core
+    0.16) or an object inside the distributed checkpoint (0.19)."""
+    from megatron.core import dist_checkpointing
 
-    return torch.load(directory / "common.pt", map_location="cpu", weights_only=True)
+    return dist_checkpointing.load_common_state_dict(str(directory))
 
 
 def save_common(directory: Path, common: dict) -> None:
+    """Writes ``common`` as common.pt, which both releases read before anything else."""
     import torch
 
     torch.save(common, directory / "common.pt")
