@@ -6,6 +6,11 @@
 #
 #   docker/build_cpu_image.sh [--image IMAGE] [--tiny [key.sub=value ...]]
 #
+# Debian bookworm's Python is 3.11, so this image gets megatron-core 0.16.x, the older tested
+# release (setup.py picks it by Python); NGC's Python 3.12 images get 0.19.x. A 3.12 CPU image would
+# need a CPU torch wheel for 3.12, which this machine's package index does not offer (its torch
+# 2.13.0 for 3.12 is the 3.6 GB CUDA build).
+#
 # Needs root, podman and debootstrap (apt-get install podman runc debootstrap); exit code 3 when
 # they are missing. The torch wheel is what `pip download torch==2.13.0` finds through pip's
 # configuration (find-links), so no CUDA packages are fetched; TORCH overrides the requirement.

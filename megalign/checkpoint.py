@@ -277,6 +277,8 @@ def _preflight(temp: str, state: dict) -> Optional[BaseException]:
     return None
 
 
+# from this release Megatron-Core writes a checkpoint's common state into its .distcp files
+COMMON_STATE_INSIDE_SINCE = "0.19.0"
 # from this release, Megatron-Core's own asynchronous save is deprecated for NVRx's
 NVRX_ASYNC_SINCE = "0.19.0"
 NVRX_ASYNC_MIN = "0.6.0"  # the oldest nvidia-resiliency-ext those releases accept
@@ -443,6 +445,13 @@ def _prune(root: str, keep_last_n: int) -> None:
 
 def read_meta(path: str) -> dict:
     """The common (non-sharded) part of a checkpoint: iteration, config, layout, ..."""
+    if (not os.path.isfile(os.path.join(path, "common.pt"))
+            and not megatron_core_at_least(COMMON_STATE_INSIDE_SINCE)):
+        raise CheckpointError(
+            f"checkpoint '{path}' keeps its common state inside its .distcp files (no common.pt), "
+            f"as megatron-core {COMMON_STATE_INSIDE_SINCE} and later write it, which megatron-core "
+            f"{megatron_core()} here cannot read; open it with megalign on megatron-core 0.19 "
+            "(Python 3.12)")
     try:
         common = dist_checkpointing.load_common_state_dict(path)
     except (Exception, CheckpointException) as err:  # the latter from Megatron-Core 0.19's format

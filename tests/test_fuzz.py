@@ -364,6 +364,17 @@ def test_checkpoint_bugs_found_by_fuzzing(workdir, ar_checkpoint, damage, comman
     assert outcome.code == 2 and fragment in outcome.stderr, outcome.stderr
 
 
+@pytest.mark.skipif(megatron_core_at_least("0.19.0"), reason="0.19 reads both formats")
+def test_a_checkpoint_in_megatron_core_019s_format_is_named_on_016(workdir, ar_checkpoint):
+    """0.19 writes the common state inside the .distcp files (no common.pt), which 0.16 cannot
+    read: said in one line instead of an AttributeError from inside dist_checkpointing."""
+    root = targets.copy_checkpoint(Path(ar_checkpoint), workdir)
+    (root / Path(ar_checkpoint).name / "common.pt").unlink()
+    outcome = targets.open_checkpoint(workdir, root, "generate")
+    assert outcome.code == 2, outcome.stderr
+    assert "keeps its common state inside its .distcp files" in outcome.stderr, outcome.stderr
+
+
 def test_a_trained_checkpoint_exports_without_a_recorded_vocabulary_size(workdir, ar_checkpoint):
     """A model trained from scratch (its vocabulary padded from the tokenizer, as objective=ar
     pretraining does) was refused: "records no padded vocabulary size"."""
