@@ -187,3 +187,24 @@ def test_sigusr1_saves_and_stops(tmp_path, data_overrides):
     stopped = max(metrics(run))
     assert stopped < 500
     assert (run / "ckpt" / "latest").read_text().strip() == f"iter_{stopped:07d}"
+
+
+@pytest.mark.unit
+def test_async_saves_take_the_writer_megatron_core_prefers():
+    """Megatron-Core's own queue on 0.16; NVRx's from 0.19, which deprecates Megatron-Core's."""
+    from megalign.checkpoint import async_save_queue
+    from megalign.platform.releases import megatron_core_at_least
+
+    expected = "nvidia_resiliency_ext." if megatron_core_at_least("0.19.0") else "megatron.core."
+    assert type(async_save_queue()).__module__.startswith(expected)
+
+
+@pytest.mark.unit
+def test_async_saves_without_nvrx_on_megatron_core_019_are_refused_in_one_line(monkeypatch):
+    from megalign import checkpoint
+    from megalign.errors import CheckpointError
+
+    monkeypatch.setattr(checkpoint, "megatron_core_at_least", lambda release: True)
+    monkeypatch.setattr(checkpoint.torch_strategy, "HAVE_NVRX", False, raising=False)
+    with pytest.raises(CheckpointError, match=r"nvidia-resiliency-ext>=0\.6.*async_save=false"):
+        checkpoint.async_save_queue()
