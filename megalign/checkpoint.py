@@ -186,32 +186,41 @@ def _model_state(chunks: list) -> dict:
 
 
 def _rng_state() -> ShardedObject:
-    """This rank's RNG states, one shard per (PP, TP, DP) position."""
+    """This rank's RNG states, one shard per (PP, TP, DP) position, and CP position under
+    context parallelism."""
     state = {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
         "tracker": mcore_random.get_cuda_rng_tracker().get_states(),
     }
-    ranks = (
+    ranks = [
         parallel_state.get_pipeline_model_parallel_rank(),
         parallel_state.get_tensor_model_parallel_rank(),
         parallel_state.get_data_parallel_rank(),
-    )
-    sizes = (
+    ]
+    sizes = [
         parallel_state.get_pipeline_model_parallel_world_size(),
         parallel_state.get_tensor_model_parallel_world_size(),
         parallel_state.get_data_parallel_world_size(),
-    )
-    return ShardedObject("rng_state", state, sizes, ranks, replica_id=0)
+    ]
+    if parallel_state.get_context_parallel_world_size() > 1:
+        ranks.append(parallel_state.get_context_parallel_rank())
+        sizes.append(parallel_state.get_context_parallel_world_size())
+    return ShardedObject("rng_state", state, tuple(sizes), tuple(ranks), replica_id=0)
 
 
 def layout() -> list[int]:
-    return [
+    """[TP, PP, VPP, DP] (and CP under context parallelism): RNG states resume only into the
+    layout that wrote them."""
+    sizes = [
         parallel_state.get_tensor_model_parallel_world_size(),
         parallel_state.get_pipeline_model_parallel_world_size(),
         parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1,
         parallel_state.get_data_parallel_world_size(),
     ]
+    if parallel_state.get_context_parallel_world_size() > 1:
+        sizes.append(parallel_state.get_context_parallel_world_size())
+    return sizes
 
 
 def _check_finite(chunks: list, where: str) -> None:

@@ -67,6 +67,7 @@ def initialize(
     timeout_minutes: float = 10.0,
     store: dist.Store | None = None,
     expert_parallel: int = 1,
+    context_parallel: int = 1,
 ) -> None:
     """Start the process group (NCCL with CUDA, gloo without) and Megatron's model-parallel state.
 
@@ -102,6 +103,7 @@ def initialize(
         pipeline_model_parallel_size=pipeline_parallel,
         virtual_pipeline_model_parallel_size=virtual_pipeline_parallel,
         expert_model_parallel_size=expert_parallel,
+        context_parallel_size=context_parallel,
     )
     torch.manual_seed(seed)
     mcore_random.model_parallel_cuda_manual_seed(seed)

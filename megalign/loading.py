@@ -51,7 +51,12 @@ def load_config_from_checkpoint(path: str, overrides: list[str]):
                            model=replace(recorded.model, document_attention=True)))  # masks
     for text in overrides:  # keep batch padding out
         set_dotted(tree, *parse_override(text))
-    return config_from_dict(tree, path), meta
+    cfg = config_from_dict(tree, path)
+    if cfg.parallel.context_parallel_size > 1:
+        raise ConfigError("parallel.context_parallel_size: sampling and evaluating commands run "
+                          "without context parallelism (a checkpoint trained with it loads into "
+                          "any layout); leave it at 1")
+    return cfg, meta
 
 
 @dataclass

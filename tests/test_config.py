@@ -93,6 +93,21 @@ def test_bad_keys_and_types_name_the_key(override, message):
     (["recompute.granularity=selective", "recompute.modules=[attention]"], 4,
      r"recompute.modules=\['attention'\]: give some of"),
     (["recompute.granularity=selective", "recompute.modules=[moe]"], 4, "this model has none"),
+    # context parallelism (tiny: TP2 x PP2, sequences of 128)
+    (["parallel.context_parallel_size=2"], 4, r"x context \(2\) = 8 does not divide"),
+    (["parallel.context_parallel_size=0"], 8, "parallel.context_parallel_size=0 must be at least"),
+    (["parallel.context_parallel_size=3"], 12,
+     "does not split over parallel.context_parallel_size=3"),
+    (["parallel.context_parallel_size=2", "model.seq_length=102"], 8, "use a multiple of 4"),
+    (["parallel.context_parallel_size=2", "parallel.sequence_parallel=true",
+      "model.seq_length=132"], 8, "and the sequence-parallel ranks.*use a multiple of 8"),
+    (["parallel.context_parallel_size=2", "diffusion.block_length=32"], 8,
+     "diffusion.block_length=32 with parallel.context_parallel_size=2: block diffusion"),
+    (["parallel.context_parallel_size=2", "evaluation.generation_samples=2"], 8,
+     "set evaluation.generation_samples=0 or parallel.context_parallel_size=1"),
+    (["parallel.context_parallel_size=2", "evaluation.infill_span=4"], 8,
+     "evaluation.infill_span=4 with parallel.context_parallel_size=2"),
+    (["parallel.cp_comm_type=ring"], 8, "parallel.cp_comm_type='ring' is not one of"),
 ])
 def test_impossible_combinations(overrides, world, key):
     with pytest.raises(ConfigError, match=key):
@@ -114,6 +129,22 @@ def test_the_all_to_all_dispatcher_is_chosen_by_config_and_refused_without_cuda(
         assert chosen == "allgather"
         with pytest.raises(ConfigError, match="moe_token_dispatcher=alltoall needs CUDA"):
             check_platform(cfg)
+
+
+@pytest.mark.unit
+def test_context_parallelism_with_an_explicit_mask_is_refused_where_transformer_engine_runs(
+        monkeypatch):
+    """TE's context-parallel attention has no arbitrary-mask form; megalign's own (without TE)
+    takes every mask."""
+    from megalign.model import gpt
+
+    cp = ["parallel.context_parallel_size=2"]
+    gpt.check_platform(load_config(str(TINY_CONFIG), cp))
+    monkeypatch.setattr(gpt, "transformer_engine_available", lambda: True)
+    for overrides in (cp, [*cp, "model.document_attention=false", "diffusion.anneal_iters=5"]):
+        with pytest.raises(ConfigError, match="no arbitrary-mask form"):
+            gpt.check_platform(load_config(str(TINY_CONFIG), overrides))
+    gpt.check_platform(load_config(str(TINY_CONFIG), [*cp, "model.document_attention=false"]))
 
 
 @pytest.mark.unit

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from conftest import MOE, QWEN3, TINY_CONFIG, WORKERS, make_ar_checkpoint, torchrun
 
-# name -> (TP, PP, processes, extra overrides); DP = processes / (TP * PP)
+# name -> (TP, PP, processes, extra overrides); DP = processes / (TP * PP * CP)
 LAYOUTS = {
     "tp1pp1": (1, 1, 1, []),
     "tp2pp1": (2, 1, 2, []),
@@ -30,7 +30,13 @@ LAYOUTS = {
     # run once per step on every chunk
     "tp1pp2vpp2": (1, 2, 2, ["parallel.virtual_pipeline_model_parallel_size=2",
                              "align.teacher_microbatches=2"]),
+    # context parallelism: each rank holds 2 of the 4 chunks of every sequence, student and
+    # teacher alike (TP x CP with sequence parallelism, and PP x CP)
+    "tp2cp2sp": (2, 1, 4, ["parallel.context_parallel_size=2", "parallel.sequence_parallel=true"]),
+    "pp2cp2": (1, 2, 4, ["parallel.context_parallel_size=2"]),
 }
+CP_LAYOUTS = {"tp2cp2": (2, 1, 4, ["parallel.context_parallel_size=2"]),
+              "pp2cp2": LAYOUTS["pp2cp2"]}
 # the fast tier (-m "not slow") checks these two; the full suite every layout
 CORE = ("tp1pp1", "tp2pp2")
 GLOBAL_BATCH, MICRO_BATCH, ALIGN_WEIGHT = 4, 2, 10.0
@@ -101,7 +107,10 @@ SP = ["parallel.sequence_parallel=true"]  # Megatron-Core's MoE layer trains TP 
 MOE_LAYOUTS = {"tp1pp1": (1, 1, 1, []), "tp2pp1sp": (2, 1, 2, SP), "tp1pp2": (1, 2, 2, []),
                "tp2pp2sp": (2, 2, 4, SP),
                "ep2": (1, 1, 2, ["parallel.expert_model_parallel_size=2"]),
-               "tp1pp2ep2": (1, 2, 4, ["parallel.expert_model_parallel_size=2"])}
+               "tp1pp2ep2": (1, 2, 4, ["parallel.expert_model_parallel_size=2"]),
+               # experts over EP2 whose data-parallel ranks split each sequence over CP2
+               "ep2cp2": (1, 1, 4, ["parallel.expert_model_parallel_size=2",
+                                    "parallel.context_parallel_size=2"])}
 
 
 @pytest.fixture(scope="module")
@@ -303,10 +312,12 @@ def test_teacher_is_frozen_and_outside_the_optimizer(runs):
         assert (run["summary"]["align"]["teacher_loss"] is None) == (name != "tp2pp2tl"), name
 
 
-@pytest.mark.parametrize("layout", layouts_to_check(["tp1pp2", "tp2pp2", "tp2pp2sp", "tp2pp2g2"]))
+@pytest.mark.parametrize("layout", layouts_to_check(["tp1pp2", "tp2pp2", "tp2pp2sp", "tp2pp2g2",
+                                                     "pp2cp2"]))
 def test_pipeline_p2p_carries_only_the_teacher_stream_forward(request, layout):
     runs = runs_for(request, layout)
-    hidden, seq = 64, 128 // (2 if layout.endswith("sp") else 1)  # SP: this rank's positions
+    # SP and CP: this rank's positions
+    hidden, seq = 64, 128 // (2 if layout.endswith("sp") else 1) // (2 if "cp2" in layout else 1)
     micro_batches = GLOBAL_BATCH // MICRO_BATCH
     group = 2 if layout.endswith("g2") else 1  # align.teacher_microbatches per teacher send
     activation = (seq, MICRO_BATCH, hidden)
@@ -571,7 +582,7 @@ def test_qwen3_attention_matches_across_layouts_and_plain_pytorch(qwen3_runs, da
 def test_moe_alignment_matches_across_layouts_and_plain_pytorch(moe_runs, data_overrides):
     """A mixture-of-experts student (with a gated shared expert) aligned to its MoE teacher:
     losses, cosines, the load-balancing loss and every gradient (experts gathered over EP) agree
-    across TP1PP1, TP2PP1, TP1PP2, TP2PP2 (SP), EP2 and TP1PP2EP2, and TP1PP1 equals the
+    across TP1PP1, TP2PP1, TP1PP2, TP2PP2 (SP), EP2, TP1PP2EP2 and EP2 x CP2, and TP1PP1 equals the
     from-scratch computation with the router, top-k, the shared expert and the Switch loss
     written here; the teacher's router and experts take no gradient and no optimizer state."""
     ref = moe_runs["tp1pp1"]
@@ -638,6 +649,30 @@ def mode_runs(request, mode_core_runs, tmp_path_factory, data_overrides, ar_chec
                    **run_layouts(out / mode, more, data_overrides, ar_checkpoint,
                                  mode_overrides(mode, request))}
             for mode in MODES}
+
+
+@pytest.fixture(scope="module")
+def sft_cp_runs(request, tmp_path_factory, data_overrides, ar_checkpoint):
+    """Diffusion SFT with each sequence split over 2 context-parallel ranks."""
+    return run_layouts(tmp_path_factory.mktemp("sft_cp"), CP_LAYOUTS, data_overrides,
+                       ar_checkpoint, mode_overrides("sft", request))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", CP_LAYOUTS)
+def test_sft_matches_under_context_parallelism(mode_core_runs, sft_cp_runs, layout):
+    ref, got = mode_core_runs["sft"]["tp1pp1"], sft_cp_runs[layout]
+    for kind in ("plain", "align"):
+        for key in ("diffusion_loss", "align_loss"):
+            assert close(got["summary"][kind][key], ref["summary"][kind][key]), (kind, key)
+        errors = {name: rel_err(got["grads"][kind][name], grad)
+                  for name, grad in ref["grads"][kind].items()}
+        assert errors and max(errors.values()) <= RTOL, (kind, max(errors, key=errors.get))
+    for c_got, c_ref in zip(got["summary"]["align"]["align_cos"],
+                            ref["summary"]["align"]["align_cos"]):
+        assert close(c_got, c_ref)
+    for l_got, l_ref in zip(got["summary"]["losses"], ref["summary"]["losses"]):
+        assert close(l_got, l_ref)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -799,16 +834,15 @@ def test_one_block_is_full_sequence_training_bit_for_bit(core_runs, tmp_path, da
 CAUSAL_LM = ["objective=ar", "align.weight=0"]
 
 
-def run_causal_lm(out, names, data_overrides, checkpoint) -> dict:
+def run_causal_lm(out, layouts: dict, data_overrides, checkpoint) -> dict:
     runs = {}
-    for name in names:
-        tp, pp, nproc, _ = LAYOUTS[name]
+    for name, (tp, pp, nproc, layout_extra) in layouts.items():
         torchrun(nproc, WORKERS / "causal_lm_checks.py", [
             "--config", TINY_CONFIG, "--out", out / name, *data_overrides, *CAUSAL_LM,
             f"parallel.tensor_model_parallel_size={tp}",
             f"parallel.pipeline_model_parallel_size={pp}", f"model.init_checkpoint={checkpoint}",
             f"data.global_batch_size={GLOBAL_BATCH}", f"data.micro_batch_size={MICRO_BATCH}",
-            f"logging.run_dir={out / name}/run"])
+            f"logging.run_dir={out / name}/run", *layout_extra])
         grads, params = {}, {}
         for stage in range(pp):
             part = torch.load(out / name / f"grads_stage{stage}.pt")
@@ -822,19 +856,19 @@ def run_causal_lm(out, names, data_overrides, checkpoint) -> dict:
 @pytest.fixture(scope="module")
 def causal_lm_core(tmp_path_factory, data_overrides, ar_checkpoint):
     """objective=ar on TP1PP1 and TP2PP2, from the same initial weights."""
-    return run_causal_lm(tmp_path_factory.mktemp("causal_lm"), CORE, data_overrides,
-                         ar_checkpoint)
+    return run_causal_lm(tmp_path_factory.mktemp("causal_lm"),
+                         {name: LAYOUTS[name] for name in CORE}, data_overrides, ar_checkpoint)
 
 
 @pytest.fixture(scope="module")
 def causal_lm_runs(causal_lm_core, tmp_path_factory, data_overrides, ar_checkpoint):
-    """... and on TP2PP1 and TP1PP2 (the full suite)."""
-    return {**causal_lm_core, **run_causal_lm(tmp_path_factory.mktemp("causal_lm_more"),
-                                              ["tp2pp1", "tp1pp2"], data_overrides,
-                                              ar_checkpoint)}
+    """... and on TP2PP1, TP1PP2, TP2 x CP2 and PP2 x CP2 (the full suite)."""
+    more = {**{name: LAYOUTS[name] for name in ("tp2pp1", "tp1pp2")}, **CP_LAYOUTS}
+    return {**causal_lm_core, **run_causal_lm(tmp_path_factory.mktemp("causal_lm_more"), more,
+                                              data_overrides, ar_checkpoint)}
 
 
-@pytest.mark.parametrize("layout", layouts_to_check(["tp2pp1", "tp1pp2", "tp2pp2"]))
+@pytest.mark.parametrize("layout", layouts_to_check(["tp2pp1", "tp1pp2", "tp2pp2", *CP_LAYOUTS]))
 def test_causal_lm_matches_across_layouts(request, layout):
     runs = request.getfixturevalue("causal_lm_core" if layout in CORE else "causal_lm_runs")
     ref, got = runs["tp1pp1"], runs[layout]

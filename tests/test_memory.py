@@ -153,11 +153,17 @@ VARIANTS = [[], ["model.qk_norm=true", "model.num_query_groups=2", "model.head_d
              "recompute.granularity=selective", "recompute.modules=[mlp,moe]"]]
 
 
+CP2 = ["parallel.context_parallel_size=2", "parallel.tensor_model_parallel_size=1"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("layout, variants", [
     ([], VARIANTS),  # tiny.yaml: TP2 x PP2
     (["parallel.virtual_pipeline_model_parallel_size=2", "optimizer.freeze=[embedding]"], [[]]),
-], ids=["tp2pp2", "tp2pp2vpp2"])
+    # PP2 x CP2: each rank's half of the positions, attending over the gathered keys and values
+    (CP2, [[], ["model.qk_norm=true", "model.num_query_groups=2", "model.head_dim=32",
+                "precision=bf16"], ["model.arch=gpt2", "model.num_query_groups=4"]]),
+], ids=["tp2pp2", "tp2pp2vpp2", "pp2cp2"])
 def test_plan_matches_built_models_and_saved_activations(tmp_path, data_overrides, layout,
                                                          variants):
     """Every rank's chunks: the planned parameter table is the built one, name for name; each
@@ -167,10 +173,11 @@ def test_plan_matches_built_models_and_saved_activations(tmp_path, data_override
     torchrun(4, WORKERS / "memory_checks.py",
              ["--config", TINY_CONFIG, "--out", tmp_path, "--variants", json.dumps(variants),
               *data_overrides, *layout])
-    mask = 2 * 128 * 128
+    cp = 2 if layout == CP2 else 1
+    mask = 2 * 128 // cp * 128  # this rank's rows
     reports = [r for rank in range(4)
                for r in json.loads((tmp_path / f"rank{rank}.json").read_text())]
-    assert len(reports) == 4 * len(variants) * (2 if layout else 1)
+    assert len(reports) == 4 * len(variants) * (2 if "virtual" in str(layout) else 1)
     for report in reports:
         assert report["parameters_differ"] == [], report
         first, *rest = report["measured_layer_bytes"]

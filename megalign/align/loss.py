@@ -4,7 +4,8 @@
 ``w`` normalised to sum to one over *all* aligned layers of the model, so the per-stage terms add
 up to the full loss. ``V`` is the diffusion loss's supervised set. Under sequence parallelism a
 rank holds a slice of the positions: its term is its partial sum divided by the *global* count, and
-the partial terms add up over the TP group.
+the partial terms add up over the TP group; under context parallelism likewise over the
+context-parallel group (the count is summed over both; cosines stay per position and local).
 """
 
 from __future__ import annotations
@@ -62,13 +63,17 @@ def stage_alignment(
     supervised: torch.Tensor,
     layer_weights: dict[int, float],
     sequence_parallel: bool,
+    context_group=None,
 ) -> StageAlignment:
+    """``context_group``: the context-parallel group when the sequence is split over it."""
     positions = supervised_positions(supervised, sequence_parallel)
     weight = positions.to(torch.float32)
     local_count = weight.sum()
     count = local_count.detach().clone()
     if sequence_parallel:
         collectives.all_reduce(count, group=parallel_state.get_tensor_model_parallel_group())
+    if context_group is not None:
+        collectives.all_reduce(count, group=context_group)
     denom = count.clamp(min=1.0)
     loss = torch.zeros((), dtype=torch.float32, device=weight.device)
     layers = sorted(student)

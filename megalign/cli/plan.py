@@ -100,8 +100,9 @@ def plan_command(args) -> None:
              "notes": s.notes} for s in stages]}))
         return
     p = cfg.parallel
+    context = f" x CP {p.context_parallel_size}" if p.context_parallel_size > 1 else ""
     print(f"megalign-plan: world {args.world_size} = TP {p.tensor_model_parallel_size} x PP "
-          f"{p.pipeline_model_parallel_size} x DP {args.world_size // p.model_parallel_size}, "
+          f"{p.pipeline_model_parallel_size}{context} x DP {args.world_size // p.replica_size}, "
           f"{cfg.precision}, {'GPU (Transformer Engine)' if gpu else 'CPU (local spec)'}")
     print("\n".join(memory.describe(stages)))
 

@@ -42,7 +42,7 @@ def mask_token_id(cfg: Config, tokenizer_vocab: int, tokenizer_mask: Optional[in
 
 
 def data_parallel_size(cfg: Config, world_size: int) -> int:
-    return world_size // cfg.parallel.model_parallel_size
+    return world_size // cfg.parallel.replica_size
 
 
 def check_vocabulary(cfg: Config, tokenizer_vocab: int, tokenizer_mask: Optional[int]) -> None:
@@ -89,11 +89,15 @@ def validate(cfg: Config, world_size: int, tokenizer_vocab: Optional[int] = None
 def check_batches(cfg: Config, world_size: int) -> None:
     """The layout divides the world size and the batches divide over data parallelism."""
     p, d = cfg.parallel, cfg.data
-    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-    if world_size % (tp * pp) != 0:
+    tp, pp, cp = (p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                  p.context_parallel_size)
+    if world_size % (tp * pp * cp) != 0:
+        context = f" x context ({cp})" if cp > 1 else ""
         raise ConfigError(
-            f"parallel: tensor ({tp}) x pipeline ({pp}) = {tp * pp} does not divide the world size "
-            f"{world_size}; launch a multiple of {tp * pp} processes or change the parallel sizes")
+            f"parallel: tensor ({tp}) x pipeline ({pp}){context} = {tp * pp * cp} does not divide "
+            f"the world size {world_size}; launch a multiple of {tp * pp * cp} processes or change "
+            "the parallel sizes")
+    check_context_parallel(cfg)
     dp = data_parallel_size(cfg, world_size)
     if cfg.model.num_experts and tp > 1 and not p.sequence_parallel:
         raise ConfigError("training experts with parallel.tensor_model_parallel_size > 1 needs "
@@ -113,6 +117,33 @@ def check_batches(cfg: Config, world_size: int) -> None:
             f"data.global_batch_size={d.global_batch_size}: the interleaved schedule needs a "
             f"number of micro-batches per step divisible by pipeline_model_parallel_size={pp}; "
             f"use a multiple of {d.micro_batch_size * dp * pp}")
+
+
+def check_context_parallel(cfg: Config) -> None:
+    """The sequence splits into the context-parallel layout, and what runs under it can."""
+    p, seq = cfg.parallel, cfg.model.seq_length
+    cp = p.context_parallel_size
+    if cp == 1:
+        return
+    split = 2 * cp * (p.tensor_model_parallel_size if p.sequence_parallel else 1)
+    if seq % split:
+        raise ConfigError(
+            f"model.seq_length={seq} does not split over parallel.context_parallel_size={cp} "
+            f"(2 chunks per rank{' and the sequence-parallel ranks' if p.sequence_parallel else ''}"
+            f"): use a multiple of {split}")
+    refused = (  # (key, its value, the value that turns it off, why)
+        ("diffusion.block_length", cfg.diffusion.block_length, "null",
+         "block diffusion's two streams are not split over context-parallel ranks"),
+        ("evaluation.generation_samples", cfg.evaluation.generation_samples, "0",
+         "decoding runs without context parallelism (megalign-eval scores a checkpoint's "
+         "samples)"),
+        ("evaluation.infill_span", cfg.evaluation.infill_span, "0",
+         "infilling decodes, which runs without context parallelism"),
+    )
+    for key, value, off, why in refused:
+        if value and not (key == "diffusion.block_length" and value >= seq):
+            raise ConfigError(f"{key}={value} with parallel.context_parallel_size={cp}: {why}; "
+                              f"set {key}={off} or parallel.context_parallel_size=1")
 
 
 def _check_training_settings(cfg: Config) -> None:

@@ -219,10 +219,18 @@ class ParallelConfig(Section):
     # experts split over this many data-parallel ranks (model.num_experts); it divides the
     # data-parallel size, which is what is left: world_size / (tp * pp)
     expert_model_parallel_size: int = 1
+    # the sequence split over this many ranks, student and teacher alike (Megatron-Core's
+    # load-balanced layout: 2·cp chunks, two per rank); data parallelism is world / (tp·pp·cp)
+    context_parallel_size: int = 1
+    # how Transformer Engine's context-parallel attention exchanges keys and values (GPU); without
+    # TE megalign's core attention all-gathers them over the context-parallel group
+    cp_comm_type: Literal["p2p", "a2a", "allgather", "a2a+p2p"] = "p2p"
 
     @property
-    def model_parallel_size(self) -> int:
-        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+    def replica_size(self) -> int:
+        """The ranks one data-parallel replica spans: tensor x pipeline x context."""
+        return (self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+                * self.context_parallel_size)
 
     @property
     def chunks(self) -> int:
@@ -231,7 +239,7 @@ class ParallelConfig(Section):
 
     def check(self) -> None:
         self.at_least(1, "tensor_model_parallel_size", "pipeline_model_parallel_size",
-                      "expert_model_parallel_size")
+                      "expert_model_parallel_size", "context_parallel_size")
         vpp = self.virtual_pipeline_model_parallel_size
         if vpp is not None and (self.pipeline_model_parallel_size < 2 or vpp < 2):
             raise ConfigError(

@@ -30,7 +30,7 @@ causal (per-document) mask: the plain next-token loss.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -39,6 +39,7 @@ from megalign.config import Config, DiffusionConfig
 from megalign.data.vocabulary import Vocabulary
 from megalign.diffusion.masking import anneal_fraction, open_future, sample_noise
 from megalign.model.attention import attention_mask, document_ids
+from megalign.model.context_parallel import on_rank
 from megalign.model.streams import stream_count
 
 
@@ -59,6 +60,25 @@ class DiffusionBatch:
     def __post_init__(self):
         if self.aligned is None:
             self.aligned = self.supervised
+
+    def for_context_rank(self, cp_size: int, rank: int) -> "DiffusionBatch":
+        """The part of this batch a context-parallel rank holds: its positions of every
+        per-position tensor and its rows of the masks, whose columns stay the whole sequence's
+        (``megalign.model.context_parallel``). The noise was drawn for the whole sequence, so
+        the ranks together train on exactly the unsplit batch."""
+        if cp_size == 1:
+            return self
+        if self.streams != 1:
+            raise ValueError("block diffusion's two streams are not split over context ranks")
+
+        def part(tensor, dim=1):
+            return None if tensor is None else on_rank(tensor, dim, cp_size, rank)
+
+        return replace(self, clean_tokens=part(self.clean_tokens),
+                       input_tokens=part(self.input_tokens), labels=part(self.labels),
+                       supervised=part(self.supervised), position_ids=part(self.position_ids),
+                       aligned=part(self.aligned), student_mask=part(self.student_mask, 2),
+                       teacher_mask=part(self.teacher_mask, 2))
 
     @property
     def sequence_labels(self) -> torch.Tensor:

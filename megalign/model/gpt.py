@@ -36,6 +36,7 @@ from megalign.config import (
     RecomputeConfig,
 )
 from megalign.errors import ConfigError
+from megalign.model.core_attention import ContextParallelAttention
 from megalign.model.norm import TorchNorm
 from megalign.model.streams import stream_count, use_stream_positions
 
@@ -67,6 +68,14 @@ def check_platform(cfg: Config) -> None:
     if layernorm and not transformer_engine_available():
         raise ConfigError("recompute.modules 'layernorm' needs Transformer Engine on a GPU; "
                           "drop it here (core_attn and mlp recompute everywhere)")
+    explicit_mask = attention_mask_type(cfg, causal=cfg.objective == "ar") == AttnMaskType.arbitrary
+    if (cfg.parallel.context_parallel_size > 1 and explicit_mask
+            and transformer_engine_available()):
+        raise ConfigError(
+            "parallel.context_parallel_size > 1 with an explicit attention mask (model."
+            "document_attention or diffusion.anneal_iters): Transformer Engine's context-parallel "
+            "attention has no arbitrary-mask form; set model.document_attention=false and "
+            "diffusion.anneal_iters=0, or parallel.context_parallel_size=1")
     if cfg.model.moe_token_dispatcher == "alltoall" and not torch.cuda.is_available():
         raise ConfigError("model.moe_token_dispatcher=alltoall needs CUDA (Megatron-Core's "
                           "all-to-all dispatcher synchronises through CUDA streams); use allgather "
@@ -168,6 +177,9 @@ def transformer_config(build: ModelBuild) -> TransformerConfig:
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
         sequence_parallel=parallel.sequence_parallel,
+        context_parallel_size=parallel.context_parallel_size,
+        **({"cp_comm_type": parallel.cp_comm_type}
+           if fused and parallel.context_parallel_size > 1 else {}),
         normalization="RMSNorm" if llama else "LayerNorm",
         layernorm_epsilon=m.norm_epsilon,
         gated_linear_unit=llama,
@@ -236,7 +248,8 @@ def moe_config(m: ModelConfig, parallel: ParallelConfig) -> dict:
 
 def layer_spec(m: ModelConfig, attn_mask_type: AttnMaskType):
     """TE spec on GPUs with Transformer Engine; otherwise Megatron-Core's local spec with torch
-    norms that also run under sequence parallelism (``megalign.model.norm``)."""
+    norms that also run under sequence parallelism (``megalign.model.norm``) and megalign's core
+    attention, which also runs under context parallelism (``megalign.model.core_attention``)."""
     if transformer_engine_available():
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_spec,
@@ -248,6 +261,7 @@ def layer_spec(m: ModelConfig, attn_mask_type: AttnMaskType):
         spec = get_gpt_layer_local_spec(num_experts=m.num_experts, moe_grouped_gemm=False,
                                         qk_layernorm=m.qk_norm)
         spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = TorchNorm
+        spec.submodules.self_attention.submodules.core_attention = ContextParallelAttention
         if m.qk_norm:
             attention = spec.submodules.self_attention.submodules
             attention.q_layernorm = attention.k_layernorm = TorchNorm

@@ -18,6 +18,7 @@ from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_attr_wrapped_model
 
+from megalign.model.context_parallel import natural_order, on_rank
 from megalign.model.vocab_shard import VocabShard
 from megalign.platform import collectives
 
@@ -51,7 +52,7 @@ def forward_vocab_shard(chunks: list, tokens: torch.Tensor, position_ids: torch.
         data_iterator=iter(()),
         model=chunks[0],
         num_microbatches=1,
-        seq_length=seq,
+        seq_length=seq * parallel_state.get_context_parallel_world_size(),  # the whole sequence
         micro_batch_size=batch,
         forward_only=True,
     )
@@ -61,10 +62,23 @@ def forward_vocab_shard(chunks: list, tokens: torch.Tensor, position_ids: torch.
 @torch.no_grad()
 def forward_logits(chunks: list, tokens: torch.Tensor, position_ids: torch.Tensor,
                    attention_mask) -> torch.Tensor:
-    """[b, s, vocab] float32 logits of the whole model for one batch, on every rank."""
+    """[b, s, vocab] float32 logits of the whole model for one batch, on every rank. Under
+    context parallelism each rank runs its part of the sequence (its rows of the mask) and the
+    parts are gathered back in order."""
+    cp = parallel_state.get_context_parallel_world_size()
+    if cp > 1:
+        rank = parallel_state.get_context_parallel_rank()
+        tokens, position_ids = (on_rank(x, 1, cp, rank) for x in (tokens, position_ids))
+        if attention_mask is not None:
+            attention_mask = on_rank(attention_mask, 2, cp, rank)
     logits = forward_vocab_shard(chunks, tokens, position_ids, attention_mask)
     if logits is not None:
         logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits).contiguous()
+        if cp > 1:
+            parts = collectives.all_gather(logits.transpose(0, 1),
+                                           group=parallel_state.get_context_parallel_group())
+            order = natural_order(tokens.shape[1] * cp, cp, logits.device)
+            logits = torch.cat(parts).index_select(0, order).transpose(0, 1).contiguous()
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         return logits
     group = parallel_state.get_pipeline_model_parallel_group()

@@ -33,7 +33,7 @@ from megalign.model.gpt import (
     teacher_dtype,
 )
 
-FP32, BF16 = 4, 2
+FP32, BF16, INT64 = 4, 2, 8
 ITEMS = {  # key: what a reader sees
     "student_parameters": "student parameters",
     "gradients": "gradients (fp32 DDP buffer, trainable only)",
@@ -161,7 +161,10 @@ def layer_activation_bytes(cfg: Config, positions: int, batch: int, element: int
                            flash: bool = False) -> int:
     """Bytes autograd keeps for one transformer layer's backward, one micro-batch of ``batch``
     sequences of ``positions``, activations of ``element`` bytes (the local spec; selective
-    recomputation as configured, full recomputation in ``chunk_activation_bytes``).
+    recomputation as configured, full recomputation in ``chunk_activation_bytes``). Under context
+    parallelism a rank holds ``positions / cp`` of each sequence, and its attention the keys and
+    values of all ``positions`` (gathered over the context-parallel group) and the scores of its
+    queries against them.
 
     Counted from the local spec's code: each norm keeps its input, its output (RMSNorm) and one or
     two statistics per position; the QKV and fc1 projections their inputs; rotary embedding its cos
@@ -176,6 +179,8 @@ def layer_activation_bytes(cfg: Config, positions: int, batch: int, element: int
     m, p = cfg.model, cfg.parallel
     tp = p.tensor_model_parallel_size
     sp = tp if p.sequence_parallel else 1
+    keys = positions  # what each query attends over
+    positions //= p.context_parallel_size  # this rank's
     tokens = positions * batch
     h, d = m.hidden_size, m.kv_channels
     heads, groups = m.num_attention_heads // tp, m.query_groups // tp
@@ -191,17 +196,23 @@ def layer_activation_bytes(cfg: Config, positions: int, batch: int, element: int
     hidden_bytes = tokens * (norms + 2 * h * element) // sp
     qkv, context = (heads + 2 * groups) * d, heads * d
     gqa, core = groups != heads, "core_attn" in selective
-    scores = 0
+    scores = gathered = 0
+    cp = p.context_parallel_size > 1
     if not llama:  # queries, keys and values are views of the QKV output
         attention = qkv + context
-        scores = batch * heads * positions * positions
+        scores = batch * heads * positions * keys
+        if cp:  # the keys and values of every position, gathered
+            gathered = batch * keys * 2 * heads * d
     else:
         attention = context + heads * d  # the context; the queries after rotary embedding
         if core:  # the checkpoint keeps core attention's inputs (values: a view of QKV)
             attention += (groups * d if gqa else heads * d) + qkv
+        elif cp:  # the keys and values of every position, gathered (repeated under GQA)
+            gathered = batch * keys * 2 * heads * d
+            scores = batch * heads * positions * keys
         else:
             attention += heads * d + (heads * d if gqa else qkv)  # keys; values
-            scores = batch * heads * positions * positions
+            scores = batch * heads * positions * keys
         qk_norm = 0
         if m.qk_norm and element == FP32:  # each norm's output and statistic; its input is a
             qk_norm = (heads + groups) * (d + 1) * FP32  # view, except the queries' with several
@@ -209,7 +220,10 @@ def layer_activation_bytes(cfg: Config, positions: int, batch: int, element: int
                 qk_norm += ((heads * d if groups > 1 else 0) + (0 if core else qkv)) * FP32
         elif m.qk_norm:  # torch's RMSNorm: input and output in fp32 and the statistic
             qk_norm = (heads + groups) * (2 * d + 1) * FP32
-    attention_bytes = (tokens * attention + (4 * positions * d if llama else 0)) * element
+    attention_bytes = (tokens * attention + gathered
+                       + (4 * positions * d if llama else 0)) * element
+    if cp:  # the order the gathered keys and values are put back in
+        attention_bytes += keys * INT64
     if llama:
         attention_bytes += tokens * qk_norm
     softmax = scores * (element + FP32 if element < FP32 else element)
@@ -244,7 +258,8 @@ def attention_mask_bytes(cfg: Config, positions: int, batch: int) -> int:
     """The explicit boolean attention mask (document attention, block diffusion, annealing),
     kept once per chunk and micro-batch by the first layer that uses it."""
     explicit = student_build(cfg).attention == AttnMaskType.arbitrary
-    return batch * positions * positions if explicit else 0
+    rows = positions // cfg.parallel.context_parallel_size  # this rank's queries
+    return batch * rows * positions if explicit else 0
 
 
 def chunk_activation_bytes(cfg: Config, layers: int, positions: int, batch: int,
@@ -256,8 +271,10 @@ def chunk_activation_bytes(cfg: Config, layers: int, positions: int, batch: int,
     r = cfg.recompute
     if r.granularity != "full":
         return layers * full, 0
-    sp = cfg.parallel.tensor_model_parallel_size if cfg.parallel.sequence_parallel else 1
-    unit_input = positions * batch * cfg.model.hidden_size // sp * element
+    p = cfg.parallel
+    sp = p.tensor_model_parallel_size if p.sequence_parallel else 1
+    unit_input = (positions // p.context_parallel_size * batch * cfg.model.hidden_size // sp
+                  * element)
     if r.method == "uniform":  # units of num_layers layers
         units = -(-layers // r.num_layers)
         return units * unit_input, min(r.num_layers, layers) * full
@@ -285,13 +302,14 @@ def plan(cfg: Config, vocab_size: int, world_size: int, gpu: bool) -> list[Stage
     """Bytes per rank for each pipeline stage of ``cfg`` on ``world_size`` ranks (``gpu``:
     Transformer Engine's attention, and the teacher's "auto" dtype is bf16)."""
     p, m = cfg.parallel, cfg.model
-    dp = world_size // p.model_parallel_size
+    dp = world_size // p.replica_size
     microbatches = cfg.data.global_batch_size // (cfg.data.micro_batch_size * dp)
     mixed = cfg.precision != "fp32"
     weight_bytes = BF16 if mixed else FP32
     teacher_bytes = FP32 if teacher_dtype(cfg.align, cfg.precision, gpu) == torch.float32 else BF16
     aligned = cfg.align.weight > 0
     positions, batch = student_build(cfg).streams * m.seq_length, cfg.data.micro_batch_size
+    local = positions // p.context_parallel_size  # a context-parallel rank's share
     group = cfg.align.teacher_microbatches
     aligned_layers = set(range(m.num_layers + 1) if cfg.align.layers is None
                          else cfg.align.layers)  # zero-weight layers are recorded too
@@ -334,21 +352,21 @@ def plan(cfg: Config, vocab_size: int, world_size: int, gpu: bool) -> list[Stage
                                  + recomputing)
         if aligned:
             sp = p.tensor_model_parallel_size if p.sequence_parallel else 1
-            per_state = positions * batch * m.hidden_size // sp
+            per_state = local * batch * m.hidden_size // sp
             states = sum(1 for c in range(vpp) for i in aligned_layers
                          if i in stage_states(cfg, stage, c)) / vpp
             state_bytes = per_state * teacher_bytes + (2 * per_state * FP32 if mixed else 0)
             microbatches_held = held + group - 1
             bytes_["teacher_states"] = int(states * microbatches_held * state_bytes)
         if stage == p.pipeline_model_parallel_size - 1:
-            logits = positions * batch * vocab_size // p.tensor_model_parallel_size
+            logits = local * batch * vocab_size // p.tensor_model_parallel_size
             # the fp32 logits' softmax and its gradient (and the bf16 logits they came from)
             bytes_["loss_workspace"] = logits * (2 * FP32 + (weight_bytes if mixed else 0))
         if not gpu:  # Megatron-Core's global buffer for the local spec's attention scores
             heads = m.num_attention_heads // p.tensor_model_parallel_size
-            student = batch * heads * positions ** 2 * activation_bytes
-            teacher = (group * batch * heads * m.seq_length ** 2 * teacher_bytes
-                       if aligned else 0)
+            student = batch * heads * local * positions * activation_bytes
+            teacher = (group * batch * heads * m.seq_length ** 2 // p.context_parallel_size
+                       * teacher_bytes if aligned else 0)
             bytes_["score_buffer"] = (max(student, teacher) if teacher_bytes == activation_bytes
                                       else student + teacher)
         stages.append(StageMemory(stage, bytes_, total, trainable, held, notes))

@@ -7,10 +7,12 @@ grad-clipping assert on ``torch.cuda.FloatTensor``). No configuration flag avoid
 module redirects exactly those to the CPU:
 
 * ``torch.cuda.current_device`` returns ``"cpu"`` and ``torch.cuda.synchronize`` is a no-op;
-* a process-wide ``TorchFunctionMode`` rewrites ``device="cuda*"`` arguments to the CPU, makes
-  ``Tensor.cuda()`` return the tensor itself, and has ``Tensor.type()`` (no argument) name a CPU
-  tensor by its CUDA type: the mixed-precision and distributed optimizers sort parameters into
-  fp32 / bf16 groups by comparing that string with ``"torch.cuda.BFloat16Tensor"`` and friends;
+* a process-wide ``TorchFunctionMode`` rewrites ``device="cuda*"`` arguments to the CPU, drops
+  ``pin_memory=True`` (the rotary embedding's context-parallel index is staged in pinned memory,
+  which needs CUDA), makes ``Tensor.cuda()`` return the tensor itself, and has ``Tensor.type()``
+  (no argument) name a CPU tensor by its CUDA type: the mixed-precision and distributed
+  optimizers sort parameters into fp32 / bf16 groups by comparing that string with
+  ``"torch.cuda.BFloat16Tensor"`` and friends;
 * Megatron's RNG tracker is replaced by one that forks the CPU generator, and the "CUDA" RNG
   state that activation recomputation saves and restores around a recomputed forward is the CPU
   generator's state;
@@ -104,6 +106,8 @@ class _CudaToCpu(TorchFunctionMode):
             return name if name.startswith("torch.cuda.") else "torch.cuda." + name[len("torch."):]
         if "device" in kwargs and _is_cuda(kwargs["device"]):
             kwargs["device"] = "cpu"
+        if kwargs.get("pin_memory"):  # staging for a host-to-CUDA copy (context parallelism)
+            kwargs["pin_memory"] = False
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
             args = (args[0], "cpu", *args[2:])
         return func(*args, **kwargs)

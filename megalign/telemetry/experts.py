@@ -30,10 +30,12 @@ def aux_loss_per_layer(num_microbatches: int, coefficient: float) -> Optional[li
         return None
     values = tracker[TRACKED]["values"].detach().clone().double()
     tracker[TRACKED]["values"].zero_()
-    # layers live on one stage each; under sequence parallelism each TP rank holds its
-    # positions' share of a layer's loss; data-parallel ranks (experts' included) are averaged
+    # layers live on one stage each; under sequence and context parallelism each TP and CP
+    # rank holds its positions' share of a layer's loss; data-parallel ranks (experts' included)
+    # are averaged
     for group in (parallel_state.get_pipeline_model_parallel_group(),
                   parallel_state.get_tensor_model_parallel_group(),
+                  parallel_state.get_context_parallel_group(),
                   parallel_state.get_data_parallel_group()):
         collectives.all_reduce(values, group=group)
     values = values.cpu() / (parallel_state.get_data_parallel_world_size() * num_microbatches)

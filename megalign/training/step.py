@@ -101,6 +101,11 @@ class DiffusionStep:
             for recorder in self.recorders or []
         ]
         self.teacher_group = cfg.align.teacher_microbatches if teacher is not None else 1
+        # the sequence split over the context-parallel group (Megatron-Core's DDP averages the
+        # gradients over data x context ranks; each rank's loss terms are its share of the sums)
+        self.cp_size = parallel_state.get_context_parallel_world_size()
+        self.cp_rank = parallel_state.get_context_parallel_rank()
+        self.cp_group = parallel_state.get_context_parallel_group() if self.cp_size > 1 else None
         self.begin(num_microbatches=1, grad_scale_func=None, record_first=False)
 
     def begin(self, num_microbatches: int, grad_scale_func, record_first: bool) -> None:
@@ -113,21 +118,32 @@ class DiffusionStep:
         self._ready = [deque() for _ in range(chunks)]  # (batch, teacher output) read ahead
 
     def _aux_scale(self) -> float:
-        scale = 1.0 / self.num_microbatches
+        scale = self.cp_size / self.num_microbatches
         if self.grad_scale_func is not None:
             # Megatron's schedules pass the loss scale a tensor on the model's device too
             scale = float(self.grad_scale_func(torch.ones(1, device=device())).item()) * scale
         return scale
 
     def make_batch(self, raw: dict) -> DiffusionBatch:
+        """This rank's part of the micro-batch (made whole, then split over context ranks)."""
         if self.cfg.objective == "ar":
-            return causal_lm_batch(raw["tokens"].to(device()), raw["position_ids"].to(device()),
-                                   raw["sample_index"], self.vocab,
-                                   self.cfg.model.document_attention)
-        return make_batch(raw["tokens"].to(device()), raw["position_ids"].to(device()),
-                          raw["sample_index"], self.objective, self.vocab,
-                          with_teacher=self.teacher is not None, annealed=True,
-                          response=raw.get("response"))
+            batch = causal_lm_batch(raw["tokens"].to(device()), raw["position_ids"].to(device()),
+                                    raw["sample_index"], self.vocab,
+                                    self.cfg.model.document_attention)
+        else:
+            batch = make_batch(raw["tokens"].to(device()), raw["position_ids"].to(device()),
+                               raw["sample_index"], self.objective, self.vocab,
+                               with_teacher=self.teacher is not None, annealed=True,
+                               response=raw.get("response"))
+        return batch.for_context_rank(self.cp_size, self.cp_rank)
+
+    def _over_context(self, total: torch.Tensor, count: torch.Tensor):
+        """(sum, count) of the whole sequence from this rank's share (a no-op without CP)."""
+        if self.cp_group is None:
+            return total.detach(), count
+        both = torch.stack([total.detach().double(), count.double()])
+        collectives.all_reduce(both, group=self.cp_group)
+        return both[0], both[1].to(count.dtype)
 
     def __call__(self, data_iterator, model):
         """Megatron's forward_step_func; ``model`` is one student chunk in Megatron DDP
@@ -137,8 +153,8 @@ class DiffusionStep:
         batch, teacher = self._next_microbatch(data_iterator, chunk)
         first = self.first is not None and self.first.watches(batch)
         if teacher is not None and teacher.token_loss is not None:
-            loss_sum, count = loss_terms(teacher.token_loss, replace(
-                batch, supervised=batch.supervised_targets, streams=1), "none")
+            loss_sum, count = self._over_context(*loss_terms(teacher.token_loss, replace(
+                batch, supervised=batch.supervised_targets, streams=1), "none"))
             self.stats.teacher += (loss_sum / count.clamp(min=1)).double()
         recording = (self.recorders[chunk].recording_scope() if self.teacher is not None
                      else nullcontext({}))
@@ -157,6 +173,7 @@ class DiffusionStep:
                 batch.aligned,
                 self.layer_weights,
                 self.cfg.parallel.sequence_parallel,
+                self.cp_group,
             )
             if alignment.layers:
                 output = attach_loss(output, self.cfg.align.weight * alignment.loss,
@@ -181,6 +198,8 @@ class DiffusionStep:
         cos_sums = alignment.cos_sums
         if self.cfg.parallel.sequence_parallel:
             collectives.all_reduce(cos_sums, group=parallel_state.get_tensor_model_parallel_group())
+        if self.cp_group is not None:
+            collectives.all_reduce(cos_sums, group=self.cp_group)
         distances = ((alignment.count - cos_sums) / alignment.count.clamp(min=1.0)).double()
         index = self._aligned_index[chunk]
         self.stats.layer_distance.index_add_(0, index, distances)
@@ -189,11 +208,15 @@ class DiffusionStep:
 
     def _loss(self, batch: DiffusionBatch, first: bool, per_token_ce: torch.Tensor):
         loss_sum, count = loss_terms(per_token_ce, batch, self.cfg.diffusion.loss_weighting)
-        value = (loss_sum.detach() / count.clamp(min=1)).double().reshape(1)
+        whole_sum, count = self._over_context(loss_sum, count)
+        value = (whole_sum / count.clamp(min=1)).double().reshape(1)
         self.stats.diffusion += value
         if first:
             self.first.diffusion_loss(value)
-        return loss_sum, count, {"diffusion_loss": value}
+        # the schedule divides by the whole sequence's count; DDP's mean over the context ranks
+        # then leaves the whole sequence's loss
+        share = loss_sum * self.cp_size if self.cp_size > 1 else loss_sum
+        return share, count, {"diffusion_loss": value}
 
     def reduce(self) -> StepResult:
         """Means over micro-batches and DP ranks; per-layer values gathered from every stage."""

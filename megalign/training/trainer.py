@@ -333,12 +333,15 @@ def setup(cfg: Config, tokenizer, log=print, store=None,
         timeout_minutes=cfg.resilience.collective_timeout_minutes,
         store=store,
         expert_parallel=cfg.parallel.expert_model_parallel_size,
+        context_parallel=cfg.parallel.context_parallel_size,
     )
     dp_size = parallel_state.get_data_parallel_world_size()
     vocab = Vocabulary.of(cfg, tokenizer)
     log(
         f"> megalign: world {dist.get_world_size()} = TP {cfg.parallel.tensor_model_parallel_size}"
-        f" x PP {cfg.parallel.pipeline_model_parallel_size} x DP {dp_size}"
+        f" x PP {cfg.parallel.pipeline_model_parallel_size}"
+        + (f" x CP {cfg.parallel.context_parallel_size}"
+           if cfg.parallel.context_parallel_size > 1 else "") + f" x DP {dp_size}"
         + (f" (experts over EP {cfg.parallel.expert_model_parallel_size})"
            if cfg.model.num_experts else "") + "; padded vocab "
         f"{vocab.padded}, mask token {vocab.mask}, align weight {cfg.align.weight}"

@@ -1,5 +1,5 @@
-"""The memory plan against built models (run under torchrun, any TP x PP layout): per model chunk,
-the planned parameter table against the chunk's named parameters, and the planned activation
+"""The memory plan against built models (run under torchrun, any TP x PP x CP layout): per model
+chunk, the planned parameter table against the chunk's named parameters, and the planned activation
 bytes per layer against the storages autograd saves in a real forward pass (attributed to the
 layer whose forward first saved them). One JSON report per rank in --out (a directory).
 
@@ -17,6 +17,7 @@ from megalign import distributed
 from megalign.data.vocabulary import Vocabulary
 from megalign.model import memory
 from megalign.model.attention import attention_mask
+from megalign.model.context_parallel import on_rank
 from megalign.model.gpt import ModelBuild, build_chunks, global_parameter_name
 
 from common import arguments, config_and_tokenizer
@@ -25,7 +26,8 @@ from common import arguments, config_and_tokenizer
 def saved_bytes_per_layer(chunk, cfg, vocab: int, dtype) -> list[int]:
     """Bytes of the storages autograd saves in one forward of ``chunk``, per layer."""
     m, p = cfg.model, cfg.parallel
-    batch, positions = cfg.data.micro_batch_size, m.seq_length
+    cp, rank = p.context_parallel_size, parallel_state.get_context_parallel_rank()
+    batch, positions = cfg.data.micro_batch_size, m.seq_length // cp  # this rank's positions
     parameters = {param.untyped_storage().data_ptr() for param in chunk.parameters()}
     seen, current = {}, [None]
     layers = list(chunk.decoder.layers)
@@ -43,7 +45,8 @@ def saved_bytes_per_layer(chunk, cfg, vocab: int, dtype) -> list[int]:
     torch.manual_seed(0)
     tokens = torch.randint(0, vocab, (batch, positions))
     position_ids = torch.arange(positions).expand(batch, positions)
-    mask = attention_mask(torch.zeros(batch, positions, dtype=torch.long), causal=False)
+    mask = on_rank(attention_mask(torch.zeros(batch, m.seq_length, dtype=torch.long),
+                                  causal=False), 2, cp, rank)  # this rank's rows
     if not chunk.pre_process:
         sp = p.tensor_model_parallel_size if p.sequence_parallel else 1
         chunk.set_input_tensor(torch.randn(positions // sp, batch, m.hidden_size, dtype=dtype,
@@ -60,7 +63,8 @@ def main():
     p = base.parallel
     distributed.initialize(distributed.launch_env(), p.tensor_model_parallel_size,
                            p.pipeline_model_parallel_size, base.seed,
-                           p.virtual_pipeline_model_parallel_size)
+                           p.virtual_pipeline_model_parallel_size,
+                           context_parallel=p.context_parallel_size)
     stage = parallel_state.get_pipeline_model_parallel_rank()
     reports = []
     for overrides in json.loads(args.variants):
