@@ -12,6 +12,7 @@ MASK_KINDS = ("bidirectional", "causal", "documents", "documents_causal", "block
 
 
 @pytest.mark.slow
+@pytest.mark.compat  # DotProductAttention and the CP layout helpers of both Megatron-Core releases
 def test_core_attention_equals_full_attention_alone_and_over_cp2(tmp_path):
     """float64, random inputs, 2 query groups of 2 heads: outputs and the gradients of queries,
     keys and values at each rank's positions, for every mask kind; a key's gradient reaches the

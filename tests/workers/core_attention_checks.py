@@ -5,6 +5,7 @@ of the gradients of queries, keys and values (this rank's positions), and whethe
 layout of the ranks' positions is Megatron-Core's (batch split and rotary embedding)."""
 
 import argparse
+import inspect
 import json
 import math
 
@@ -97,7 +98,10 @@ def main():
         results[kind] = checks
     # megalign's layout is Megatron-Core's: its batch split and its rotary embedding's
     positions = torch.arange(LENGTH).unsqueeze(0)
-    split = get_batch_on_this_cp_rank({"tokens": positions.clone()})["tokens"][0]
+    hybrid = ({"is_hybrid_cp": False}  # a required argument from Megatron-Core 0.19
+              if "is_hybrid_cp" in inspect.signature(get_batch_on_this_cp_rank).parameters
+              else {})
+    split = get_batch_on_this_cp_rank({"tokens": positions.clone()}, **hybrid)["tokens"][0]
     rotary = get_pos_emb_on_this_cp_rank(torch.arange(LENGTH).view(LENGTH, 1, 1, 1), 0,
                                          parallel_state.get_context_parallel_group())
     results["layout"] = {"batch": torch.equal(split, mine),
