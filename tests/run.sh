@@ -45,8 +45,8 @@ if [ "${MEGALIGN_COMPAT:-1}" != 0 ]; then
   fi
   PYTHON=$python312 VENV=.venv-py312 bash tools/setup_env.sh || exit 1
   py312=.venv-py312/bin/python
-  "$py312" -c 'import megatron.core as m; print("tests/run.sh: the compatibility tier:" \
-    " megatron-core", m.__version__, "on Python", __import__("platform").python_version())'
+  "$py312" -c 'import megalign, megatron.core as m; print("tests/run.sh: the compatibility" \
+    " tier: megatron-core", m.__version__, "on Python", __import__("platform").python_version())'
   tier "compatibility: the unit tier" "$py312" -m unit "$@"
   tier "compatibility: the fast tier and the compat tests" "$py312" \
     -m "not unit and (not slow or compat)" "$@"
