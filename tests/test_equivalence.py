@@ -661,18 +661,7 @@ def sft_cp_runs(request, tmp_path_factory, data_overrides, ar_checkpoint):
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", CP_LAYOUTS)
 def test_sft_matches_under_context_parallelism(mode_core_runs, sft_cp_runs, layout):
-    ref, got = mode_core_runs["sft"]["tp1pp1"], sft_cp_runs[layout]
-    for kind in ("plain", "align"):
-        for key in ("diffusion_loss", "align_loss"):
-            assert close(got["summary"][kind][key], ref["summary"][kind][key]), (kind, key)
-        errors = {name: rel_err(got["grads"][kind][name], grad)
-                  for name, grad in ref["grads"][kind].items()}
-        assert errors and max(errors.values()) <= RTOL, (kind, max(errors, key=errors.get))
-    for c_got, c_ref in zip(got["summary"]["align"]["align_cos"],
-                            ref["summary"]["align"]["align_cos"]):
-        assert close(c_got, c_ref)
-    for l_got, l_ref in zip(got["summary"]["losses"], ref["summary"]["losses"]):
-        assert close(l_got, l_ref)
+    assert_runs_match(mode_core_runs["sft"]["tp1pp1"], sft_cp_runs[layout])
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -682,7 +671,11 @@ def test_training_modes_match_across_layouts(request, mode, layout):
     annealed attention and diffusion SFT: losses, per-layer cosines and every gradient as on one
     process."""
     runs = request.getfixturevalue("mode_core_runs" if layout in CORE else "mode_runs")[mode]
-    ref, got = runs["tp1pp1"], runs[layout]
+    assert_runs_match(runs["tp1pp1"], runs[layout])
+
+
+def assert_runs_match(ref: dict, got: dict) -> None:
+    """Losses, per-layer cosines and every gradient of ``got`` as ``ref``'s (to RTOL)."""
     for kind in ("plain", "align"):
         for key in ("diffusion_loss", "align_loss"):
             assert close(got["summary"][kind][key], ref["summary"][kind][key]), (kind, key)
