@@ -114,7 +114,7 @@ class MegalignLM(TemplateLM):
             results.append((-nelbo, greedy))
         return results
 
-    def _logits_fn(self, tokens, _positions, attention_mask):
+    def _logits_fn(self, tokens, _positions, attention_mask, _packed=None):
         return self.logits(tokens, attention_mask)
 
     def _is_greedy(self, context: list[int], continuation: list[int]) -> bool:

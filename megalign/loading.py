@@ -47,8 +47,9 @@ def recorded_config(path: str):
 def load_config_from_checkpoint(path: str, overrides: list[str]):
     """The recorded config for inference in one process (or the layout ``overrides`` give)."""
     recorded, meta = recorded_config(path)
-    tree = to_dict(replace(recorded, parallel=ParallelConfig(),
-                           model=replace(recorded.model, document_attention=True)))  # masks
+    tree = to_dict(replace(recorded, parallel=ParallelConfig(),  # the sampler's masks:
+                           model=replace(recorded.model, document_attention=True,
+                                         document_format="mask")))
     for text in overrides:  # keep batch padding out
         set_dotted(tree, *parse_override(text))
     cfg = config_from_dict(tree, path)

@@ -108,6 +108,16 @@ def test_bad_keys_and_types_name_the_key(override, message):
     (["parallel.context_parallel_size=2", "evaluation.infill_span=4"], 8,
      "evaluation.infill_span=4 with parallel.context_parallel_size=2"),
     (["parallel.cp_comm_type=ring"], 8, "parallel.cp_comm_type='ring' is not one of"),
+    # packed documents (THD)
+    (["model.document_format=packed"], 4, "model.document_format='packed' is not one of"),
+    (["model.document_format=thd", "model.document_attention=false"], 4,
+     "model.document_format=thd needs model.document_attention=true"),
+    (["model.document_format=thd", "diffusion.block_length=32"], 4,
+     "cannot carry block diffusion's two streams"),
+    (["model.document_format=thd", "diffusion.anneal_iters=5"], 4,
+     "cannot carry annealed attention"),
+    (["model.document_format=thd", "parallel.context_parallel_size=2"], 8,
+     "is not split over context-parallel ranks yet"),
 ])
 def test_impossible_combinations(overrides, world, key):
     with pytest.raises(ConfigError, match=key):
@@ -145,6 +155,16 @@ def test_context_parallelism_with_an_explicit_mask_is_refused_where_transformer_
         with pytest.raises(ConfigError, match="no arbitrary-mask form"):
             gpt.check_platform(load_config(str(TINY_CONFIG), overrides))
     gpt.check_platform(load_config(str(TINY_CONFIG), [*cp, "model.document_attention=false"]))
+
+
+@pytest.mark.unit
+def test_packed_documents_refuse_a_teacher_group_split_over_sequence_parallel_ranks():
+    from megalign.model.gpt import check_platform
+
+    thd = ["model.document_format=thd", "parallel.sequence_parallel=true"]
+    check_platform(load_config(str(TINY_CONFIG), thd))
+    with pytest.raises(ConfigError, match="align.teacher_microbatches=2 with packed documents"):
+        check_platform(load_config(str(TINY_CONFIG), [*thd, "align.teacher_microbatches=2"]))
 
 
 @pytest.mark.unit

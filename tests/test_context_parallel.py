@@ -15,8 +15,9 @@ MASK_KINDS = ("bidirectional", "causal", "documents", "documents_causal", "block
 @pytest.mark.compat  # DotProductAttention and the CP layout helpers of both Megatron-Core releases
 def test_core_attention_equals_full_attention_alone_and_over_cp2(tmp_path):
     """float64, random inputs, 2 query groups of 2 heads: outputs and the gradients of queries,
-    keys and values at each rank's positions, for every mask kind; a key's gradient reaches the
-    rank that holds it. megalign's split of the sequence is Megatron-Core's (its batch split and
+    keys and values at each rank's positions, for every mask kind, and for the per-document kinds
+    with the documents packed as THD (PackedSeqParams); a key's gradient reaches the rank that
+    holds it. megalign's split of the sequence is Megatron-Core's (its batch split and
     its rotary embedding's)."""
     out = tmp_path / "checks.json"
     torchrun(2, WORKERS / "core_attention_checks.py", ["--out", out])
@@ -24,7 +25,9 @@ def test_core_attention_equals_full_attention_alone_and_over_cp2(tmp_path):
     for rank in ranks:
         assert rank["layout"] == {"batch": True, "rotary": True}
         for kind in MASK_KINDS:
-            for layout in ("alone", "cp2"):
+            layouts = ("alone", "cp2", "thd") if kind.startswith("documents") else ("alone", "cp2")
+            assert set(rank[kind]) == set(layouts), kind
+            for layout in layouts:
                 for name, difference in rank[kind][layout].items():
                     assert difference < 1e-12, (kind, layout, name, difference)
 

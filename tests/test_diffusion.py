@@ -92,8 +92,8 @@ def test_elbo_estimate_is_the_inv_t_training_loss_on_its_mask():
     raw = {"tokens": tokens, "position_ids": torch.arange(32).repeat(2, 1),
            "sample_index": torch.tensor([11, 12])}
     fixed = torch.randn(2, 32, 40, generator=torch.Generator().manual_seed(0))
-    nelbo = diffusion_nelbo(lambda x, p, m: fixed, [raw], MaskedDiffusion.of(cfg), VOCAB, grid=1,
-                            seed=cfg.evaluation.seed)
+    nelbo = diffusion_nelbo(lambda x, p, m, packed=None: fixed, [raw], MaskedDiffusion.of(cfg),
+                            VOCAB, grid=1, seed=cfg.evaluation.seed)
     masked = masks_at(raw["sample_index"], 33, 1234, 0.5, 0)  # t = 0.5: the one grid point
     supervised = masked[:, 1:] & (tokens[:, :32] != EOD)
     ce = torch.nn.functional.cross_entropy(fixed.transpose(1, 2), tokens[:, 1:], reduction="none")

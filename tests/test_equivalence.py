@@ -34,9 +34,12 @@ LAYOUTS = {
     # teacher alike (TP x CP with sequence parallelism, and PP x CP)
     "tp2cp2sp": (2, 1, 4, ["parallel.context_parallel_size=2", "parallel.sequence_parallel=true"]),
     "pp2cp2": (1, 2, 4, ["parallel.context_parallel_size=2"]),
+    # the documents packed as THD (PackedSeqParams) instead of an explicit mask
+    "tp2pp2spthd": (2, 2, 4, ["parallel.sequence_parallel=true", "model.document_format=thd"]),
 }
 CP_LAYOUTS = {"tp2cp2": (2, 1, 4, ["parallel.context_parallel_size=2"]),
               "pp2cp2": LAYOUTS["pp2cp2"]}
+THD = {"tp2pp2thd": (2, 2, 4, ["model.document_format=thd"])}
 # the fast tier (-m "not slow") checks these two; the full suite every layout
 CORE = ("tp1pp1", "tp2pp2")
 GLOBAL_BATCH, MICRO_BATCH, ALIGN_WEIGHT = 4, 2, 10.0
@@ -652,16 +655,39 @@ def mode_runs(request, mode_core_runs, tmp_path_factory, data_overrides, ar_chec
 
 
 @pytest.fixture(scope="module")
-def sft_cp_runs(request, tmp_path_factory, data_overrides, ar_checkpoint):
-    """Diffusion SFT with each sequence split over 2 context-parallel ranks."""
-    return run_layouts(tmp_path_factory.mktemp("sft_cp"), CP_LAYOUTS, data_overrides,
-                       ar_checkpoint, mode_overrides("sft", request))
+def sft_more_runs(request, tmp_path_factory, data_overrides, ar_checkpoint):
+    """Diffusion SFT with each sequence split over 2 context-parallel ranks, and with its
+    documents packed as THD."""
+    return run_layouts(tmp_path_factory.mktemp("sft_more"), {**CP_LAYOUTS, **THD},
+                       data_overrides, ar_checkpoint, mode_overrides("sft", request))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", CP_LAYOUTS)
-def test_sft_matches_under_context_parallelism(mode_core_runs, sft_cp_runs, layout):
-    assert_runs_match(mode_core_runs["sft"]["tp1pp1"], sft_cp_runs[layout])
+@pytest.mark.parametrize("layout", [*CP_LAYOUTS, *THD])
+def test_sft_matches_under_context_parallelism_and_thd(mode_core_runs, sft_more_runs, layout):
+    assert_runs_match(mode_core_runs["sft"]["tp1pp1"], sft_more_runs[layout])
+
+
+@pytest.fixture(scope="module")
+def one_sample_runs(tmp_path_factory, data_overrides, ar_checkpoint):
+    """One sample per micro-batch, its documents as an explicit mask and as THD."""
+    one = ["data.micro_batch_size=1"]
+    return run_layouts(tmp_path_factory.mktemp("one_sample"), {
+        "mask": (1, 1, 1, one), "thd": (1, 1, 1, [*one, "model.document_format=thd"])},
+        data_overrides, ar_checkpoint)
+
+
+@pytest.mark.slow
+def test_thd_equals_the_explicit_mask_bit_for_bit(one_sample_runs):
+    """With one sample per micro-batch the packed row is the masked layout's sequence, and every
+    number is the same: losses, per-layer cosines, every gradient (with more samples the rows
+    are summed in another order: within RTOL, tp2pp2spthd above)."""
+    mask, thd = one_sample_runs["mask"], one_sample_runs["thd"]
+    assert thd["summary"] == mask["summary"]
+    for kind in ("plain", "align"):
+        assert mask["grads"][kind] and set(thd["grads"][kind]) == set(mask["grads"][kind])
+        for name, grad in mask["grads"][kind].items():
+            assert torch.equal(thd["grads"][kind][name], grad), (kind, name)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -855,13 +881,14 @@ def causal_lm_core(tmp_path_factory, data_overrides, ar_checkpoint):
 
 @pytest.fixture(scope="module")
 def causal_lm_runs(causal_lm_core, tmp_path_factory, data_overrides, ar_checkpoint):
-    """... and on TP2PP1, TP1PP2, TP2 x CP2 and PP2 x CP2 (the full suite)."""
-    more = {**{name: LAYOUTS[name] for name in ("tp2pp1", "tp1pp2")}, **CP_LAYOUTS}
+    """... and on TP2PP1, TP1PP2, TP2 x CP2, PP2 x CP2 and TP2PP2 with THD (the full suite)."""
+    more = {**{name: LAYOUTS[name] for name in ("tp2pp1", "tp1pp2")}, **CP_LAYOUTS, **THD}
     return {**causal_lm_core, **run_causal_lm(tmp_path_factory.mktemp("causal_lm_more"), more,
                                               data_overrides, ar_checkpoint)}
 
 
-@pytest.mark.parametrize("layout", layouts_to_check(["tp2pp1", "tp1pp2", "tp2pp2", *CP_LAYOUTS]))
+@pytest.mark.parametrize("layout", layouts_to_check(["tp2pp1", "tp1pp2", "tp2pp2", *CP_LAYOUTS,
+                                                     *THD]))
 def test_causal_lm_matches_across_layouts(request, layout):
     runs = request.getfixturevalue("causal_lm_core" if layout in CORE else "causal_lm_runs")
     ref, got = runs["tp1pp1"], runs[layout]

@@ -31,7 +31,7 @@ class ToyCausalLM(torch.nn.Module):
         self.head = torch.randn(8, VOCAB, generator=generator)
         self.masks = []
 
-    def logits_fn(self, tokens, positions, attention_mask):
+    def logits_fn(self, tokens, positions, attention_mask, packed=None):
         self.masks.append(attention_mask)
         states = self.embed[tokens].cumsum(1) / (positions.unsqueeze(-1) + 1)
         return states @ self.head

@@ -56,6 +56,40 @@ def test_plan_equals_a_hand_computation():
 
 
 @pytest.mark.unit
+def test_context_parallelism_and_thd_by_hand():
+    """The hand computation above at CP2 (world 4: TP1 x PP2 x CP2): a rank's 64 positions of
+    every sequence, its attention over the 128 gathered keys and values (2 x 128 x 2 samples x 4
+    heads x 16, repeated under GQA) and the 128 int64 positions of their order, its 64 score rows
+    and mask rows, the teacher states and logits of its positions; the weights as at CP1. Packed
+    documents (THD): no mask on a GPU, the same mask as the explicit layout on CPU."""
+    cfg = load_config([TINY_CONFIG], [*HAND, "parallel.context_parallel_size=2"])
+    stages = memory.plan(cfg, vocab_size=4224, world_size=4, gpu=False)
+    base = memory.plan(load_config([TINY_CONFIG], HAND), 4224, 2, False)
+    tokens = 64 * 2
+    activations = (tokens * (2 * (8 * 64 + 4) + 2 * 64 * 4)
+                   + (tokens * 2 * 64 + 2 * 128 * 2 * 4 * 16 + 4 * 64 * 16) * 4 + 128 * 8
+                   + 2 * 4 * 64 * 128 * 4 + tokens * 5 * 192 * 4)
+    chunk = 2 * activations + 2 * 64 * 128
+    assert stages[0].bytes["activations"] == 2 * chunk
+    assert stages[1].bytes["activations"] == chunk
+    assert stages[0].bytes["teacher_states"] == 3 * 2 * (64 * 2 * 64 * 4)
+    assert stages[1].bytes["loss_workspace"] == 2 * tokens * 4224 * 4
+    assert stages[1].bytes["score_buffer"] == 2 * 4 * 64 * 128 * 4
+    for key in ("student_parameters", "gradients", "optimizer_states", "teacher_parameters"):
+        assert stages[0].bytes[key] == base[0].bytes[key], key
+    assert stages[0].bytes["activations"] / base[0].bytes["activations"] < 0.55
+
+    def activations_of(fmt: str, gpu: bool) -> int:
+        planned = memory.plan(load_config([TINY_CONFIG], [*HAND, f"model.document_format={fmt}"]),
+                              4224, 2, gpu)
+        return planned[1].bytes["activations"]
+
+    mask = 2 * 128 * 128
+    assert activations_of("mask", True) - activations_of("thd", True) == mask
+    assert activations_of("mask", False) == activations_of("thd", False)
+
+
+@pytest.mark.unit
 def test_optimizer_sharding_bf16_and_recomputation_change_what_they_should():
     def plan(*extra, world=2):
         return memory.plan(load_config([TINY_CONFIG], [*HAND, *extra]), 4224, world, False)[0]

@@ -169,3 +169,52 @@ def test_the_model_card_names_the_training_mode():
         "- attention annealed from causal to bidirectional over the first 3 steps",
         "- diffusion SFT: only response tokens noised and supervised, starting from "
         "`runs/x/checkpoints`"]
+
+
+def test_packed_documents_carry_what_the_masks_do():
+    """THD (PackedSeqParams): a boundary at every sample start and after every EOD, the samples
+    one after the other; the masks it stands for are the explicit ones, causal or not; the rest
+    of the batch is the masked layout's."""
+    from dataclasses import replace
+
+    from megalign.model.attention import concatenated, packed_documents, packed_mask
+
+    tokens, positions, indices = _sample()
+    tokens[1, 9] = EOD  # the second sample holds three documents
+    masked = make_batch(tokens, positions, indices, _objective(), VOCAB, with_teacher=True)
+    packed = make_batch(tokens, positions, indices, replace(_objective(), packed=True), VOCAB,
+                        with_teacher=True)
+    assert packed.student_mask is packed.teacher_mask is None
+    assert packed.packed.qkv_format == "thd" and packed.packed.max_seqlen_q == SEQ
+    assert packed.packed.cu_seqlens_q.tolist() == [0, 6, 16, 22, 26, 32]
+    assert torch.equal(packed_mask(packed.packed, causal=False), masked.student_mask)
+    assert torch.equal(packed_mask(packed.packed, causal=True), masked.teacher_mask)
+    for name in ("input_tokens", "labels", "supervised", "position_ids", "t"):
+        assert torch.equal(getattr(packed, name), getattr(masked, name)), name
+    assert packed.as_model_takes(packed.input_tokens).shape == (1, 2 * SEQ)
+    assert masked.as_model_takes(masked.input_tokens) is masked.input_tokens
+    # the teacher's group of micro-batches: one row of both
+    both = concatenated([packed.packed, packed.packed])
+    assert both.cu_seqlens_q.tolist() == [0, 6, 16, 22, 26, 32, 38, 48, 54, 58, 64]
+    whole = packed_documents(document_ids(torch.cat([tokens, tokens])[:, :SEQ], EOD))
+    assert torch.equal(whole.cu_seqlens_q, both.cu_seqlens_q)
+
+
+def test_packed_documents_are_chosen_where_they_can_carry_the_batch(monkeypatch):
+    """``model.document_format``: thd and mask as asked; auto is thd where Transformer Engine
+    runs; block diffusion, annealing and context parallelism keep the mask."""
+    from dataclasses import replace
+
+    from megalign.model import gpt
+
+    def packs(fmt, **changes):
+        cfg = _config(**changes.pop("diffusion", {}))
+        cfg = replace(cfg, model=replace(cfg.model, document_format=fmt), **changes)
+        return gpt.packs_documents(cfg)
+
+    assert packs("thd") and not packs("mask") and not packs("auto")
+    monkeypatch.setattr(gpt, "transformer_engine_available", lambda: True)
+    assert packs("auto")
+    assert not packs("auto", diffusion={"anneal_iters": 4})
+    assert not packs("auto", diffusion={"block_length": 4})
+    assert packs("auto", diffusion={"block_length": SEQ})  # one block: the plain batch

@@ -27,9 +27,11 @@ class StageAlignment:
     count: torch.Tensor  # |V| over the whole micro-batch (all TP ranks)
 
 
-def supervised_positions(supervised: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
-    """[b, s] bool -> [s_local, b] in the layout of Megatron hidden states on this rank."""
-    positions = supervised.transpose(0, 1)
+def supervised_positions(supervised: torch.Tensor, sequence_parallel: bool,
+                         packed: bool = False) -> torch.Tensor:
+    """[b, s] bool -> [s_local, b] in the layout of Megatron hidden states on this rank
+    (``packed``: [b·s local, 1], the samples one after the other as THD lays them out)."""
+    positions = supervised.reshape(-1, 1) if packed else supervised.transpose(0, 1)
     if sequence_parallel:
         tp = parallel_state.get_tensor_model_parallel_world_size()
         rank = parallel_state.get_tensor_model_parallel_rank()
@@ -64,9 +66,11 @@ def stage_alignment(
     layer_weights: dict[int, float],
     sequence_parallel: bool,
     context_group=None,
+    packed: bool = False,
 ) -> StageAlignment:
-    """``context_group``: the context-parallel group when the sequence is split over it."""
-    positions = supervised_positions(supervised, sequence_parallel)
+    """``context_group``: the context-parallel group when the sequence is split over it;
+    ``packed``: the states are a THD micro-batch's ([b·s, 1, h])."""
+    positions = supervised_positions(supervised, sequence_parallel, packed)
     weight = positions.to(torch.float32)
     local_count = weight.sum()
     count = local_count.detach().clone()

@@ -35,6 +35,7 @@ from megatron.core import parallel_state
 from megalign.align.teacher_stream import TeacherStream
 from megalign.config import Config
 from megalign.diffusion.objective import DiffusionBatch
+from megalign.model.attention import concatenated
 from megalign.model.gpt import ModelBuild, build_chunks, teacher_dtype
 from megalign.model.hidden_states import HiddenStateRecorder
 
@@ -113,22 +114,37 @@ class Teacher:
         micro-batches, concatenated along the batch dimension); one output per micro-batch."""
         model = self.chunks[chunk]
         sizes = [batch.clean_tokens.shape[0] for batch in batches]
-        tokens = torch.cat([batch.clean_tokens for batch in batches])
+        packed = batches[0].packed is not None  # one row of all the samples, as THD
+        documents = concatenated([b.packed for b in batches]) if packed else None
+
+        def joined(tensors):  # [b, s] per micro-batch -> [Σb, s], or [1, Σb·s] packed
+            whole = torch.cat(tensors)
+            return whole.reshape(1, -1) if packed else whole
+
+        tokens = joined([batch.clean_tokens for batch in batches])
         if not model.pre_process:
             shape = (tokens.shape[1] // self._sequence_divisor, tokens.shape[0], self._hidden)
             model.set_input_tensor(self.stream.recv(shape, self.dtype, tokens.device))
         mask = (None if batches[0].teacher_mask is None
                 else torch.cat([b.teacher_mask for b in batches]))
-        labels = (torch.cat([b.sequence_labels for b in batches]) if self.computes_loss[chunk]
+        labels = (joined([b.sequence_labels for b in batches]) if self.computes_loss[chunk]
                   else None)
         with self.recorders[chunk].recording_scope() as recorded:
-            output = model(tokens, torch.cat([b.sequence_positions for b in batches]), mask,
-                           labels=labels)
+            output = model(tokens, joined([b.sequence_positions for b in batches]), mask,
+                           labels=labels, packed_seq_params=documents)
         if self.sends_output[chunk]:
             self.stream.send(output)
-        states = {index: state.split(sizes, dim=1)  # [s, b, h] per micro-batch
-                  for index, state in recorded.items()}
-        token_losses = output.split(sizes) if labels is not None else [None] * len(batches)
+        if packed:  # [Σb·s, 1, h]: each micro-batch's rows in turn (/TP under SP: one batch)
+            length = batches[0].clean_tokens.shape[1]
+            rows = [b * length // self._sequence_divisor for b in sizes]
+            states = {index: state.split(rows, dim=0) for index, state in recorded.items()}
+            token_losses = ([part.view(b, length) for part, b in
+                             zip(output.split([b * length for b in sizes], dim=1), sizes)]
+                            if labels is not None else [None] * len(batches))
+        else:
+            states = {index: state.split(sizes, dim=1)  # [s, b, h] per micro-batch
+                      for index, state in recorded.items()}
+            token_losses = output.split(sizes) if labels is not None else [None] * len(batches)
         return [TeacherOutput({index: parts[i] for index, parts in states.items()}, token_losses[i])
                 for i in range(len(batches))]
 

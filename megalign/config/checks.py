@@ -146,6 +146,27 @@ def check_context_parallel(cfg: Config) -> None:
                               f"set {key}={off} or parallel.context_parallel_size=1")
 
 
+def check_document_format(cfg: Config) -> None:
+    """``model.document_format=thd`` asks for what packed sequences can carry."""
+    m, d, cp = cfg.model, cfg.diffusion, cfg.parallel.context_parallel_size
+    if m.document_format != "thd":
+        return
+    why = None
+    if not m.document_attention:
+        why = "needs model.document_attention=true (the documents are what it packs)"
+    elif d.block_length is not None and d.block_length < m.seq_length and cfg.objective != "ar":
+        why = (f"cannot carry block diffusion's two streams (diffusion.block_length="
+               f"{d.block_length})")
+    elif d.anneal_iters and cfg.objective != "ar":
+        why = f"cannot carry annealed attention (diffusion.anneal_iters={d.anneal_iters})"
+    elif cp > 1:
+        why = (f"is not split over context-parallel ranks yet (parallel.context_parallel_size="
+               f"{cp})")
+    if why:
+        raise ConfigError(f"model.document_format=thd {why}; use model.document_format=mask "
+                          "(or auto)")
+
+
 def _check_training_settings(cfg: Config) -> None:
     """Alignment, recomputation, FP8 and held-out evaluation against the model they train."""
     m, a = cfg.model, cfg.align
@@ -167,6 +188,7 @@ def _check_training_settings(cfg: Config) -> None:
     if cfg.fp8.teacher and cfg.precision != "fp8":
         raise ConfigError(f"fp8.teacher=true needs precision=fp8 (got precision={cfg.precision}); "
                           "set precision=fp8 or drop fp8.teacher")
+    check_document_format(cfg)
     _check_recompute(cfg)
     _check_evaluation(cfg)
 

@@ -130,6 +130,11 @@ class ModelConfig(Section):
     make_vocab_size_divisible_by: int = 128
     padded_vocab_size: Optional[int] = None  # default: tokenizer (+ mask row) rounded up
     document_attention: bool = True  # attention stays inside each packed document
+    # how the documents reach attention: "thd" as Megatron-Core PackedSeqParams (cu_seqlens from
+    # the EOD tokens; Transformer Engine's fused kernels, memory linear in the sequence), "mask"
+    # as an explicit [b, 1, s, s] mask; "auto": thd where Transformer Engine runs, else mask.
+    # Block diffusion and attention annealing always take a mask.
+    document_format: Literal["auto", "thd", "mask"] = "auto"
     # mean: the mask token's row starts as the mean of the real vocabulary's rows; unused: as is
     mask_token_init: Literal["mean", "unused"] = "mean"
     init_checkpoint: Optional[str] = None  # AR weights (megatron dist checkpoint) for both models

@@ -34,12 +34,14 @@ from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
+from megatron.core.packed_seq_params import PackedSeqParams
 
 from megalign.config import Config, DiffusionConfig
 from megalign.data.vocabulary import Vocabulary
 from megalign.diffusion.masking import anneal_fraction, open_future, sample_noise
-from megalign.model.attention import attention_mask, document_ids
+from megalign.model.attention import attention_mask, document_ids, packed_documents
 from megalign.model.context_parallel import on_rank
+from megalign.model.gpt import packs_documents
 from megalign.model.streams import stream_count
 
 
@@ -56,10 +58,17 @@ class DiffusionBatch:
     sample_indices: torch.Tensor  # [b] global sample indices
     aligned: Optional[torch.Tensor] = None  # [b, s·streams] positions aligned with the teacher
     streams: int = 1  # 2: block diffusion's [noisy; clean] student input (2s positions)
+    # the documents as THD (student and teacher alike; then no masks): the model takes the
+    # micro-batch flattened to [1, b·s] (``as_model_takes``); the batch itself stays [b, s]
+    packed: Optional[PackedSeqParams] = None
 
     def __post_init__(self):
         if self.aligned is None:
             self.aligned = self.supervised
+
+    def as_model_takes(self, tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """A per-position [b, s] tensor as the model takes it: [1, b·s] with packed documents."""
+        return tensor if self.packed is None or tensor is None else tensor.reshape(1, -1)
 
     def for_context_rank(self, cp_size: int, rank: int) -> "DiffusionBatch":
         """The part of this batch a context-parallel rank holds: its positions of every
@@ -68,8 +77,9 @@ class DiffusionBatch:
         the ranks together train on exactly the unsplit batch."""
         if cp_size == 1:
             return self
-        if self.streams != 1:
-            raise ValueError("block diffusion's two streams are not split over context ranks")
+        if self.streams != 1 or self.packed is not None:
+            raise ValueError("block diffusion's two streams and packed documents are not split "
+                             "over context ranks")
 
         def part(tensor, dim=1):
             return None if tensor is None else on_rank(tensor, dim, cp_size, rank)
@@ -110,11 +120,12 @@ class MaskedDiffusion:
     document_attention: bool
     seq_length: int
     samples_per_step: int
+    packed: bool = False  # the documents as THD instead of masks (``packs_documents``)
 
     @classmethod
     def of(cls, cfg: Config) -> "MaskedDiffusion":
         return cls(cfg.diffusion, cfg.seed, cfg.model.document_attention, cfg.model.seq_length,
-                   cfg.data.global_batch_size)
+                   cfg.data.global_batch_size, packs_documents(cfg))
 
     @property
     def streams(self) -> int:
@@ -160,8 +171,10 @@ def make_batch(
         supervised = masked[:, :seq].clone()
     if pad != eod:
         supervised &= labels != pad
-    student_mask = teacher_mask = None
-    if objective.document_attention:
+    student_mask = teacher_mask = packed = None
+    if objective.document_attention and objective.packed:
+        packed = packed_documents(document_ids(clean, eod))
+    elif objective.document_attention:
         docs = document_ids(clean, eod)
         student_mask = attention_mask(docs, causal=False)
         teacher_mask = attention_mask(docs, causal=True) if with_teacher else None
@@ -184,25 +197,31 @@ def make_batch(
         student_mask=student_mask,
         teacher_mask=teacher_mask,
         sample_indices=sample_indices,
+        packed=packed,
     )
 
 
 def causal_lm_batch(tokens: torch.Tensor, position_ids: torch.Tensor, sample_indices: torch.Tensor,
-                    vocab: Vocabulary, document_attention: bool) -> DiffusionBatch:
+                    vocab: Vocabulary, document_attention: bool,
+                    packed: bool = False) -> DiffusionBatch:
     """The next-token example of ``objective: ar``: ``tokens`` [b, s+1] as in ``make_batch``; the
-    supervised positions are those of the diffusion objective with every token masked."""
+    supervised positions are those of the diffusion objective with every token masked
+    (``packed``: the documents as THD)."""
     seq = tokens.shape[1] - 1
     clean, labels = tokens[:, :seq], tokens[:, 1:].contiguous()
     supervised = clean != vocab.eod
     if vocab.pad != vocab.eod:
         supervised &= labels != vocab.pad
-    mask = (attention_mask(document_ids(clean, vocab.eod), causal=True) if document_attention
-            else None)
+    mask = documents = None
+    if document_attention and packed:
+        documents = packed_documents(document_ids(clean, vocab.eod))
+    elif document_attention:
+        mask = attention_mask(document_ids(clean, vocab.eod), causal=True)
     return DiffusionBatch(clean_tokens=clean, input_tokens=clean, labels=labels,
                           supervised=supervised,
                           t=torch.ones(tokens.shape[0], device=tokens.device),
                           position_ids=position_ids, student_mask=mask, teacher_mask=None,
-                          sample_indices=sample_indices)
+                          sample_indices=sample_indices, packed=documents)
 
 
 def _two_streams(clean, noisy, labels, supervised, t, position_ids, teacher_mask, sample_indices,

@@ -49,11 +49,12 @@ def heldout_batches(paths: list, split: str, tokenizer, seq_length: int, seed: i
 
 
 def full_logits_fn(chunks: list, vocab_size: int):
-    """``logits_fn(tokens, positions, mask)`` -> [b, s, vocab] logits of the real vocabulary on
-    every rank, whatever the TP/PP layout."""
+    """``logits_fn(tokens, positions, mask, packed=None)`` -> [b, s, vocab] logits of the real
+    vocabulary on every rank, whatever the TP/PP layout (``packed``: the documents as THD)."""
 
-    def logits_fn(tokens, positions, attention_mask):
-        return forward_logits(chunks, tokens, positions, attention_mask)[..., :vocab_size]
+    def logits_fn(tokens, positions, attention_mask, packed=None):
+        return forward_logits(chunks, tokens, positions, attention_mask,
+                              packed)[..., :vocab_size]
 
     return logits_fn
 
@@ -61,7 +62,8 @@ def full_logits_fn(chunks: list, vocab_size: int):
 def sample_losses(logits_fn, batch, weighting: str) -> tuple[torch.Tensor, torch.Tensor]:
     """([b] loss sums, [b] normalisers) of one ``DiffusionBatch`` under the training loss with
     ``weighting`` (``inv_t``: the NELBO's terms), from full-vocabulary logits."""
-    logits = logits_fn(batch.input_tokens, batch.position_ids, batch.student_mask)
+    logits = logits_fn(batch.input_tokens, batch.position_ids, batch.student_mask,
+                       batch.packed)
     ce = F.cross_entropy(logits.float().transpose(1, 2), batch.labels, reduction="none")
     return sample_loss_terms(ce, batch, weighting)
 
@@ -86,13 +88,15 @@ def diffusion_nelbo(logits_fn, batches, objective, vocab, grid: int, seed: int) 
     return estimate(sums, counts)
 
 
-def causal_nll(logits_fn, batches, vocab, document_attention: bool) -> Estimate:
+def causal_nll(logits_fn, batches, vocab, document_attention: bool,
+               packed: bool = False) -> Estimate:
     """Mean next-token negative log-likelihood of a causal model over the positions that
-    ``objective: ar`` trains (``Estimate.counts``: each sample's supervised positions)."""
+    ``objective: ar`` trains (``Estimate.counts``: each sample's supervised positions;
+    ``packed``: the documents as THD)."""
     sums, counts = [], []
     for raw in batches:
         batch = causal_lm_batch(raw["tokens"], raw["position_ids"], raw["sample_index"], vocab,
-                                document_attention)
+                                document_attention, packed)
         loss_sums, supervised = sample_losses(logits_fn, batch, "none")
         sums += loss_sums.tolist()
         counts += supervised.tolist()

@@ -9,7 +9,10 @@ the context-parallel group (Megatron-Core's sequence-parallel gather on that gro
 reduce-scatters, so each key's gradient reaches the rank that owns it) and attends this rank's
 queries to them. It is exact for every mask: the rank's rows of the whole sequence's mask, which
 the batch carries (``megalign.model.context_parallel``), or the causal rows it builds from the
-positions this rank holds. Without CP it is ``DotProductAttention`` unchanged.
+positions this rank holds. It also takes packed documents (THD, Megatron-Core's
+``PackedSeqParams``), which ``DotProductAttention`` refuses: the samples are laid out as
+``DotProductAttention`` takes them and attend under their documents' mask, the same arithmetic as
+the explicit-mask layout. Without CP or packing it is ``DotProductAttention`` unchanged.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 
+from megalign.model.attention import packed_mask
 from megalign.model.context_parallel import natural_order, rank_positions
 
 
@@ -47,6 +51,8 @@ class ContextParallelAttention(DotProductAttention):
     def forward(self, query, key, value, attention_mask: Optional[torch.Tensor],
                 attn_mask_type: Optional[AttnMaskType] = None, attention_bias=None,
                 packed_seq_params=None):
+        if packed_seq_params is not None:
+            return self._packed(query, key, value, packed_seq_params, attn_mask_type)
         if self.cp_size == 1:
             return super().forward(query, key, value, attention_mask, attn_mask_type,
                                    attention_bias, packed_seq_params)
@@ -60,6 +66,37 @@ class ContextParallelAttention(DotProductAttention):
                                          query.device)
         return super().forward(query, key, value, attention_mask, attn_mask_type,
                                attention_bias, packed_seq_params)
+
+
+    def _packed(self, query, key, value, packed, attn_mask_type):
+        """THD: [t, heads, d] of b samples of s positions, packed one after the other ->
+        ``DotProductAttention`` on [s, b, heads, d] with the documents' mask -> [t, heads·d]."""
+        if self.cp_size > 1:
+            raise NotImplementedError("packed documents (THD) under context parallelism")
+        length = packed.max_seqlen_q
+        samples = query.shape[0] // length
+
+        def unpacked(x):  # [t, g, d] -> [s, b, g, d]
+            return x.view(samples, length, *x.shape[1:]).transpose(0, 1).contiguous()
+
+        mask = _documents_mask(packed, causal=self.attn_mask_type == AttnMaskType.causal)
+        context = super().forward(unpacked(query), unpacked(key), unpacked(value), mask,
+                                  attn_mask_type)
+        return context.transpose(0, 1).reshape(samples * length, -1)  # [s, b, h] -> [t, h]
+
+
+_masks: dict = {}  # (id of the micro-batch's PackedSeqParams, causal) -> its mask
+
+
+def _documents_mask(packed, causal: bool) -> torch.Tensor:
+    """The mask of a THD micro-batch's documents, made once for all the layers that attend over
+    it (as the explicit-mask layout hands every layer one mask), kept until the next batch."""
+    key = (id(packed), causal)
+    if key not in _masks:
+        if not any(k[0] == id(packed) for k in _masks):
+            _masks.clear()
+        _masks[key] = (packed, packed_mask(packed, causal))  # (holding packed keeps its id)
+    return _masks[key][1]
 
 
 def causal_rows(local_length: int, cp_size: int, rank: int, device) -> torch.Tensor:

@@ -76,6 +76,13 @@ def check_platform(cfg: Config) -> None:
             "document_attention or diffusion.anneal_iters): Transformer Engine's context-parallel "
             "attention has no arbitrary-mask form; set model.document_attention=false and "
             "diffusion.anneal_iters=0, or parallel.context_parallel_size=1")
+    if (packs_documents(cfg) and cfg.parallel.sequence_parallel and cfg.align.weight > 0
+            and cfg.align.teacher_microbatches > 1):
+        raise ConfigError(
+            f"align.teacher_microbatches={cfg.align.teacher_microbatches} with packed documents "
+            "(THD) and sequence parallelism: a group's packed rows would not split over the "
+            "tensor-parallel ranks as each micro-batch's do; set align.teacher_microbatches=1 or "
+            "model.document_format=mask")
     if cfg.model.moe_token_dispatcher == "alltoall" and not torch.cuda.is_available():
         raise ConfigError("model.moe_token_dispatcher=alltoall needs CUDA (Megatron-Core's "
                           "all-to-all dispatcher synchronises through CUDA streams); use allgather "
@@ -143,6 +150,7 @@ class ModelBuild:
     streams: int = 1
     recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
     fp8: Optional[Fp8Config] = None  # the GEMMs under Transformer Engine's FP8 autocast
+    packed: bool = False  # documents as THD (``packs_documents``)
 
     @classmethod
     def of(cls, cfg: Config, *, causal: bool, params_dtype: torch.dtype,
@@ -153,7 +161,8 @@ class ModelBuild:
                    attention=attention_mask_type(cfg, causal),
                    streams=1 if causal else stream_count(cfg.diffusion.block_length,
                                                          cfg.model.seq_length),
-                   recompute=cfg.recompute, fp8=cfg.fp8 if fp8 else None)
+                   recompute=cfg.recompute, fp8=cfg.fp8 if fp8 else None,
+                   packed=packs_documents(cfg))
 
 
 def transformer_config(build: ModelBuild) -> TransformerConfig:
@@ -285,11 +294,29 @@ def build_chunks(build: ModelBuild, vocab_size: int) -> list:
     return [build_gpt(build, vocab_size, vp_stage=v) for v in stages]
 
 
+def packs_documents(cfg: Config) -> bool:
+    """Whether the run's micro-batches carry their documents as THD (Megatron-Core
+    ``PackedSeqParams``) instead of an explicit mask: ``model.document_format``, whose "auto" is
+    THD where Transformer Engine runs. Block diffusion and annealing always take a mask, as does
+    context parallelism (its THD partition is not implemented)."""
+    m, d = cfg.model, cfg.diffusion
+    if not m.document_attention or m.document_format == "mask":
+        return False
+    diffusion = cfg.objective != "ar"
+    if diffusion and (d.anneal_iters or (d.block_length and d.block_length < m.seq_length)):
+        return False
+    if m.document_format == "thd":
+        return True
+    return transformer_engine_available() and cfg.parallel.context_parallel_size == 1
+
+
 def attention_mask_type(cfg: Config, causal: bool) -> AttnMaskType:
     """How the run's model attends: causal (the AR model) or bidirectional, through an explicit
-    mask (``megalign.model.attention``) under document attention, block diffusion or annealing."""
+    mask (``megalign.model.attention``) under document attention, block diffusion or annealing,
+    or inside each packed document under THD (the mask type then says causal or not)."""
     d = cfg.diffusion
-    if cfg.model.document_attention or (not causal and (d.anneal_iters or d.block_length)):
+    explicit = cfg.model.document_attention or (not causal and (d.anneal_iters or d.block_length))
+    if explicit and not packs_documents(cfg):
         return AttnMaskType.arbitrary  # explicit mask from megalign.model.attention
     return AttnMaskType.causal if causal else AttnMaskType.no_mask
 
@@ -313,8 +340,9 @@ def build_gpt(build: ModelBuild, vocab_size: int, vp_stage=None) -> GPTModel:
         rope_scaling_factor=m.rope_scaling_factor or 8.0,  # (Megatron-Core's default, unused)
         vp_stage=vp_stage,
     )
-    if build.streams == 2 and m.arch == "llama":
-        use_stream_positions(model)  # block diffusion's two streams, each numbered from 0
+    if (build.streams == 2 or build.packed) and m.arch == "llama":
+        # block diffusion's two streams, or a THD micro-batch's samples, each numbered from 0
+        use_stream_positions(model)
     if m.arch == "gpt2" and model.pre_process:
         # Megatron-Core makes the learned position embedding in fp32 whatever params_dtype is;
         # Float16Module converts a student's, nothing converts the teacher's or the scorer's

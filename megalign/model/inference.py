@@ -25,10 +25,12 @@ from megalign.platform import collectives
 
 @torch.no_grad()
 def forward_vocab_shard(chunks: list, tokens: torch.Tensor, position_ids: torch.Tensor,
-                        attention_mask, inference_context=None) -> Optional[torch.Tensor]:
+                        attention_mask, inference_context=None,
+                        packed=None) -> Optional[torch.Tensor]:
     """[b, s, padded vocab / TP] float32 logits of this rank's vocabulary shard on the last
     pipeline stage; None on the other stages. ``inference_context``: Megatron-Core's key/value
-    cache (see ``cached_sampler_logits``)."""
+    cache (see ``cached_sampler_logits``); ``packed``: the documents of ``tokens`` [1, b·s] as
+    THD."""
     if len(chunks) != 1:
         raise ValueError("forward_logits needs one model chunk per rank (no virtual pipeline)")
     batch, seq = tokens.shape
@@ -37,7 +39,8 @@ def forward_vocab_shard(chunks: list, tokens: torch.Tensor, position_ids: torch.
     def forward_step(_data_iterator, model):
         # Megatron-Core's inference path gathers the vocabulary over TP itself
         output = model(tokens, position_ids, attention_mask, inference_context=inference_context,
-                       runtime_gather_output=True if inference_context is not None else None)
+                       runtime_gather_output=True if inference_context is not None else None,
+                       packed_seq_params=packed)
 
         def keep(logits):
             captured["logits"] = logits.float().contiguous()
@@ -61,17 +64,27 @@ def forward_vocab_shard(chunks: list, tokens: torch.Tensor, position_ids: torch.
 
 @torch.no_grad()
 def forward_logits(chunks: list, tokens: torch.Tensor, position_ids: torch.Tensor,
-                   attention_mask) -> torch.Tensor:
+                   attention_mask, packed=None) -> torch.Tensor:
     """[b, s, vocab] float32 logits of the whole model for one batch, on every rank. Under
     context parallelism each rank runs its part of the sequence (its rows of the mask) and the
-    parts are gathered back in order."""
+    parts are gathered back in order; ``packed``: the batch's documents as THD (the model takes
+    the samples as one row)."""
+    if packed is not None:
+        logits = _forward_logits(chunks, tokens.reshape(1, -1), position_ids.reshape(1, -1),
+                                 None, packed)
+        return logits.view(*tokens.shape, -1)
+    return _forward_logits(chunks, tokens, position_ids, attention_mask)
+
+
+def _forward_logits(chunks: list, tokens: torch.Tensor, position_ids: torch.Tensor,
+                    attention_mask, packed=None) -> torch.Tensor:
     cp = parallel_state.get_context_parallel_world_size()
     if cp > 1:
         rank = parallel_state.get_context_parallel_rank()
         tokens, position_ids = (on_rank(x, 1, cp, rank) for x in (tokens, position_ids))
         if attention_mask is not None:
             attention_mask = on_rank(attention_mask, 2, cp, rank)
-    logits = forward_vocab_shard(chunks, tokens, position_ids, attention_mask)
+    logits = forward_vocab_shard(chunks, tokens, position_ids, attention_mask, packed=packed)
     if logits is not None:
         logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits).contiguous()
         if cp > 1:

@@ -254,10 +254,12 @@ def student_build(cfg: Config) -> ModelBuild:
     return ModelBuild.of(cfg, causal=cfg.objective == "ar", params_dtype=torch.float32)
 
 
-def attention_mask_bytes(cfg: Config, positions: int, batch: int) -> int:
+def attention_mask_bytes(cfg: Config, positions: int, batch: int, gpu: bool = False) -> int:
     """The explicit boolean attention mask (document attention, block diffusion, annealing),
-    kept once per chunk and micro-batch by the first layer that uses it."""
-    explicit = student_build(cfg).attention == AttnMaskType.arbitrary
+    kept once per chunk and micro-batch by the first layer that uses it; without Transformer
+    Engine packed documents (THD) are attended under their mask too (megalign's core attention)."""
+    build = student_build(cfg)
+    explicit = build.attention == AttnMaskType.arbitrary or (build.packed and not gpu)
     rows = positions // cfg.parallel.context_parallel_size  # this rank's queries
     return batch * rows * positions if explicit else 0
 
@@ -348,7 +350,7 @@ def plan(cfg: Config, vocab_size: int, world_size: int, gpu: bool) -> list[Stage
         activation_bytes = weight_bytes  # bf16 activations under mixed precision
         kept, recomputing = chunk_activation_bytes(cfg, layers, positions, batch,
                                                    activation_bytes, flash=gpu)
-        bytes_["activations"] = (held * (kept + attention_mask_bytes(cfg, positions, batch))
+        bytes_["activations"] = (held * (kept + attention_mask_bytes(cfg, positions, batch, gpu))
                                  + recomputing)
         if aligned:
             sp = p.tensor_model_parallel_size if p.sequence_parallel else 1

@@ -5,8 +5,13 @@ Learned absolute positions read the ``position_ids`` the batch gives (each strea
 the clean stream after the noisy one. ``use_stream_positions`` gives a block-diffusion student a
 rotary embedding that, for a two-stream input (``position_ids`` whose second half repeats the
 first), returns the first half's angles twice, so a noisy position and the clean one it mirrors
-share their angle and the attention scores between streams depend on the true offset. Any other
-input (the sampler's single stream, the inference cache) gets Megatron's embedding unchanged.
+share their angle and the attention scores between streams depend on the true offset. A THD
+micro-batch (``megalign.model.attention.packed_documents``) packs its samples one after the other
+in one sequence: each sample gets the angles of positions 0..s-1, as in the masked layout (Megatron-
+Core's unfused rotary embedding maps angles to packed positions when there are as many angles as
+packed positions; Transformer Engine's fused one numbers each document from 0, which gives the
+same attention, rotary embedding being relative). Any other input (the sampler's single stream,
+the inference cache) gets Megatron's embedding unchanged.
 """
 
 from __future__ import annotations
@@ -31,18 +36,19 @@ def is_two_stream(position_ids: torch.Tensor) -> bool:
 
 
 class StreamRotaryEmbedding(torch.nn.Module):
-    """Megatron-Core's rotary embedding, per stream when the input has two."""
+    """Megatron-Core's rotary embedding, the first ``length`` positions' angles repeated: per
+    stream when the input has two, per sample when a THD micro-batch packs several."""
 
     def __init__(self, rotary: torch.nn.Module):
         super().__init__()
         self.rotary = rotary
-        self.streams = 1
+        self.length, self.repeats = 0, 1
 
     def forward(self, max_seq_len: int, *args, **kwargs) -> torch.Tensor:
-        if self.streams == 1:
+        if self.repeats == 1:
             return self.rotary(max_seq_len, *args, **kwargs)
-        half = self.rotary(max_seq_len // 2, *args, **kwargs)
-        return torch.cat([half, half], dim=0)
+        once = self.rotary(self.length, *args, **kwargs)
+        return torch.cat([once] * self.repeats, dim=0)
 
     def get_rotary_seq_len(self, *args, **kwargs) -> int:
         return self.rotary.get_rotary_seq_len(*args, **kwargs)
@@ -52,12 +58,19 @@ class StreamRotaryEmbedding(torch.nn.Module):
 
 
 def use_stream_positions(model: torch.nn.Module) -> None:
-    """Give ``model`` (a ``GPTModel`` with rotary positions) the per-stream rotary embedding."""
+    """Give ``model`` (a ``GPTModel`` with rotary positions) the per-stream, per-sample rotary
+    embedding."""
     model.rotary_pos_emb = StreamRotaryEmbedding(model.rotary_pos_emb)
 
     def note_streams(module, args, kwargs):
         positions = args[1] if len(args) > 1 else kwargs.get("position_ids")
-        two = positions is not None and is_two_stream(positions)
-        module.rotary_pos_emb.streams = 2 if two else 1
+        packed = kwargs.get("packed_seq_params")
+        rotary = module.rotary_pos_emb
+        rotary.length, rotary.repeats = 0, 1
+        if packed is not None and positions is not None:  # samples of max_seqlen_q positions
+            rotary.length = packed.max_seqlen_q
+            rotary.repeats = positions.shape[-1] // packed.max_seqlen_q
+        elif positions is not None and is_two_stream(positions):
+            rotary.length, rotary.repeats = positions.shape[-1] // 2, 2
 
     model.register_forward_pre_hook(note_streams, with_kwargs=True)

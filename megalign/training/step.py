@@ -129,7 +129,7 @@ class DiffusionStep:
         if self.cfg.objective == "ar":
             batch = causal_lm_batch(raw["tokens"].to(device()), raw["position_ids"].to(device()),
                                     raw["sample_index"], self.vocab,
-                                    self.cfg.model.document_attention)
+                                    self.cfg.model.document_attention, self.objective.packed)
         else:
             batch = make_batch(raw["tokens"].to(device()), raw["position_ids"].to(device()),
                                raw["sample_index"], self.objective, self.vocab,
@@ -160,10 +160,11 @@ class DiffusionStep:
                      else nullcontext({}))
         with recording as student_states:
             output = model(
-                batch.input_tokens,
-                batch.position_ids,
+                batch.as_model_takes(batch.input_tokens),
+                batch.as_model_takes(batch.position_ids),
                 batch.student_mask,
-                labels=batch.labels if last_stage else None,
+                labels=batch.as_model_takes(batch.labels) if last_stage else None,
+                packed_seq_params=batch.packed,
             )
         if self.teacher is not None:
             alignment = stage_alignment(
@@ -174,6 +175,7 @@ class DiffusionStep:
                 self.layer_weights,
                 self.cfg.parallel.sequence_parallel,
                 self.cp_group,
+                packed=batch.packed is not None,
             )
             if alignment.layers:
                 output = attach_loss(output, self.cfg.align.weight * alignment.loss,
@@ -207,6 +209,7 @@ class DiffusionStep:
             self.first.distances(index, distances)
 
     def _loss(self, batch: DiffusionBatch, first: bool, per_token_ce: torch.Tensor):
+        per_token_ce = per_token_ce.view(batch.labels.shape)  # [1, b·s] of packed documents
         loss_sum, count = loss_terms(per_token_ce, batch, self.cfg.diffusion.loss_weighting)
         whole_sum, count = self._over_context(loss_sum, count)
         value = (whole_sum / count.clamp(min=1)).double().reshape(1)

@@ -223,13 +223,17 @@ class Trainer:
             model.zero_grad_buffer()
         self.optimizer.zero_grad()
         step.begin(self.num_microbatches, self.models[0].config.grad_scale_func, record_first)
+        length = self.cfg.model.seq_length * step.objective.streams  # the activations' shape
+        batch = self.cfg.data.micro_batch_size
+        if step.objective.packed:  # packed documents: one row of all the samples
+            length, batch = length * batch, 1
         get_forward_backward_func()(
             forward_step_func=step,
             data_iterator=data_iterator,
             model=self.models,
             num_microbatches=self.num_microbatches,
-            seq_length=self.cfg.model.seq_length * step.objective.streams,  # activations' length
-            micro_batch_size=self.cfg.data.micro_batch_size,
+            seq_length=length,
+            micro_batch_size=batch,
             forward_only=False,
         )
         if step.teacher is not None:

@@ -77,7 +77,8 @@ class Validator:
         student = full_logits_fn(students, vocab.size)
         if cfg.objective == "ar":
             score, name = partial(causal_nll, student, vocab=vocab,
-                                  document_attention=cfg.model.document_attention), "val_nll"
+                                  document_attention=cfg.model.document_attention,
+                                  packed=self.objective.packed), "val_nll"
         else:
             score, name = partial(diffusion_nelbo, student, objective=self.objective,
                                   vocab=vocab, grid=e.t_grid, seed=e.seed), "val_nelbo"

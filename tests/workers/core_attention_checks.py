@@ -1,8 +1,9 @@
 """megalign's core attention against full attention in plain PyTorch (float64, random inputs), for
 each mask kind, alone (CP1) and gathered over the context-parallel group (run under torchrun with
-2 processes: TP1 x PP1 x CP2). Writes, per mask kind, the largest differences of the outputs and
-of the gradients of queries, keys and values (this rank's positions), and whether megalign's
-layout of the ranks' positions is Megatron-Core's (batch split and rotary embedding)."""
+2 processes: TP1 x PP1 x CP2), and for the per-document kinds with the documents as THD. Writes,
+per mask kind, the largest differences of the outputs and of the gradients of queries, keys and
+values (this rank's positions), and whether megalign's layout of the ranks' positions is
+Megatron-Core's (batch split and rotary embedding)."""
 
 import argparse
 import inspect
@@ -18,7 +19,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import get_batch_on_this_cp_rank
 
 from megalign import distributed
-from megalign.model.attention import attention_mask
+from megalign.model.attention import attention_mask, packed_documents
 from megalign.model.context_parallel import on_rank, rank_positions
 from megalign.model.core_attention import ContextParallelAttention
 
@@ -37,18 +38,34 @@ def reference(q, k, v, blocked):
 
 
 def masks(generator):
-    """Mask kind -> (the spec's mask type, [b, 1, s, s] blocked or None)."""
+    """Mask kind -> (the spec's mask type, [b, 1, s, s] blocked or None, the reference's mask
+    where the spec's type implies it, the documents for THD or None)."""
     docs = torch.randint(0, 2, (BATCH, LENGTH), generator=generator).cumsum(1)
     blocks = torch.arange(LENGTH) // 4
     block_causal = (blocks.unsqueeze(1) < blocks.unsqueeze(0))[None, None].expand(BATCH, 1, -1, -1)
     causal = torch.ones(LENGTH, LENGTH, dtype=torch.bool).triu(1)[None, None]
     return {
-        "bidirectional": (AttnMaskType.no_mask, None, None),
-        "causal": (AttnMaskType.causal, None, causal),
-        "documents": (AttnMaskType.arbitrary, attention_mask(docs, causal=False), None),
-        "documents_causal": (AttnMaskType.arbitrary, attention_mask(docs, causal=True), None),
-        "block_causal": (AttnMaskType.arbitrary, block_causal.contiguous(), None),
+        "bidirectional": (AttnMaskType.no_mask, None, None, None),
+        "causal": (AttnMaskType.causal, None, causal, None),
+        "documents": (AttnMaskType.arbitrary, attention_mask(docs, causal=False), None, docs),
+        "documents_causal": (AttnMaskType.arbitrary, attention_mask(docs, causal=True), None,
+                             docs),
+        "block_causal": (AttnMaskType.arbitrary, block_causal.contiguous(), None, None),
     }
+
+
+def packed_check(q, k, v, grad_out, expected, expected_grads, docs, causal: bool) -> dict:
+    """The documents as THD (the samples one after the other, PackedSeqParams) on one rank."""
+    def thd(x):  # [s, b, ...] -> [b·s, ...]
+        return x.transpose(0, 1).reshape(BATCH * LENGTH, *x.shape[2:])
+
+    parts = [thd(x).detach().clone().requires_grad_() for x in (q, k, v)]
+    module = attention(1, AttnMaskType.causal if causal else AttnMaskType.no_mask)
+    out = module(*parts, None, packed_seq_params=packed_documents(docs))
+    out.backward(thd(grad_out))
+    return {"out": largest(out, thd(expected))} | {
+        f"grad_{name}": largest(part.grad, thd(grad))
+        for name, part, grad in zip("qkv", parts, expected_grads)}
 
 
 def attention(cp_size: int, mask_type) -> ContextParallelAttention:
@@ -79,7 +96,7 @@ def main():
     grad_out = torch.randn(*shape, HEADS * HEAD_DIM, generator=generator, dtype=torch.float64)
     mine = rank_positions(LENGTH, cp, rank)
     results = {}
-    for kind, (mask_type, mask, reference_mask) in masks(generator).items():
+    for kind, (mask_type, mask, reference_mask, docs) in masks(generator).items():
         inputs = [x.clone().requires_grad_() for x in (q, k, v)]
         expected = reference(*inputs, mask if mask is not None else reference_mask)
         expected.backward(grad_out)
@@ -95,6 +112,9 @@ def main():
             checks[label] = {"out": largest(out, expected[held])} | {
                 f"grad_{name}": largest(part.grad, grad[held])
                 for name, part, grad in zip("qkv", parts, expected_grads)}
+        if docs is not None:
+            checks["thd"] = packed_check(q, k, v, grad_out, expected, expected_grads, docs,
+                                         causal=kind.endswith("causal"))
         results[kind] = checks
     # megalign's layout is Megatron-Core's: its batch split and its rotary embedding's
     positions = torch.arange(LENGTH).unsqueeze(0)
