@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
-# bf16 vs FP8, plain masked diffusion vs REPR-ALIGN, on one GPU: step time, tokens/s and MFU; then
-# REPR-ALIGN's pay-off at GPU scale (about 8 minutes of one H200).
+# bf16 vs FP8, plain masked diffusion vs REPR-ALIGN, and packed documents as a dense mask vs THD,
+# on one GPU: step time, tokens/s, MFU and peak memory; then REPR-ALIGN's pay-off at GPU scale
+# (about 10 minutes of one H200).
 #
-#   bash bench/gpu.sh [key.sub=value ...]        # overrides apply to the throughput runs
+#   bash bench/gpu.sh [key.sub=value ...]        # overrides apply to every training run
 #
 # Four training runs of bench/gpu.yaml (precision bf16|fp8 x align.weight 0|10), one process each;
-# bench/gpu_report.py then takes medians over the iterations after WARMUP from each metrics.jsonl.
+# then two with per-document attention at LONG_SEQ tokens in bf16 with REPR-ALIGN, the documents as
+# an explicit mask (Transformer Engine's arbitrary-mask attention) and as THD (its fused attention;
+# FORMATS, default "mask thd"; LONG_ARGS adds overrides to these two only). bench/gpu_report.py
+# then takes medians over the iterations after WARMUP from each metrics.jsonl, and each run's peak
+# from its memory.json.
 # Then the SmolLM2-135M conversion study of bench/converge.py in bf16: lambda 0 vs 10 under the
 # published freeze, 300 steps of 64 x 256 tokens on all of KJV, paired held-out evaluation
 # (results in $OUT/converge). STUDY=0 skips it; STUDY_ARGS replaces its arguments (the suite
 # dry-runs it on CPU with tiny shapes: PRECISIONS="" STUDY_ARGS="--quick ...").
-# Environment: PYTHON (default python), PRECISIONS (default "bf16 fp8"), ITERS (30), WARMUP (10),
+# Environment: PYTHON (default python), PRECISIONS (default "bf16 fp8"), FORMATS (default
+# "mask thd"), LONG_SEQ (4096), LONG_ARGS, ITERS (30), WARMUP (10),
 # PEAK_TFLOPS (the GPU's dense bf16 peak; A100, H100 SXM and H200 are known), OUT (runs/bench_gpu).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,16 +30,28 @@ if [ ! -f data/build/kjv_text_document.idx ]; then
 fi
 mkdir -p "$OUT"
 runs=()
+# train NAME OVERRIDE...: one run of bench/gpu.yaml into $OUT/NAME
+train() {
+  local run=$OUT/$1
+  shift
+  rm -rf "$run"
+  echo "bench/gpu.sh: $* -> $run" >&2
+  "$PY" -m megalign.cli.train --config bench/gpu.yaml "schedule.train_iters=$ITERS" \
+    "logging.run_dir=$run" "$@" >"$run.log" 2>&1 \
+    || { echo "bench/gpu.sh: the run failed; see $run.log" >&2; tail -n 20 "$run.log" >&2; exit 1; }
+  runs+=("$run")
+}
 for precision in ${PRECISIONS-bf16 fp8}; do  # set but empty: no throughput runs
   for weight in 0 10; do
-    run=$OUT/${precision}_align$weight
-    rm -rf "$run"
-    echo "bench/gpu.sh: precision=$precision align.weight=$weight -> $run" >&2
-    "$PY" -m megalign.cli.train --config bench/gpu.yaml "precision=$precision" "align.weight=$weight" \
-      "schedule.train_iters=$ITERS" "logging.run_dir=$run" "$@" >"$run.log" 2>&1 \
-      || { echo "bench/gpu.sh: the run failed; see $run.log" >&2; tail -n 20 "$run.log" >&2; exit 1; }
-    runs+=("$run")
+    train "${precision}_align$weight" "precision=$precision" "align.weight=$weight" "$@"
   done
+done
+LONG_SEQ=${LONG_SEQ:-4096}
+for format in ${FORMATS-mask thd}; do
+  # shellcheck disable=SC2086  # LONG_ARGS is a list of overrides
+  train "documents_${format}_$LONG_SEQ" precision=bf16 align.weight=10 \
+    model.document_attention=true "model.document_format=$format" "model.seq_length=$LONG_SEQ" \
+    data.micro_batch_size=2 data.global_batch_size=8 "$@" ${LONG_ARGS:-}
 done
 if [ ${#runs[@]} -gt 0 ]; then
   "$PY" bench/gpu_report.py --warmup "$WARMUP" "${runs[@]}"

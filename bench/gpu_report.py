@@ -1,8 +1,10 @@
-"""Table for bench/gpu.sh: median step time, tokens/s, model TFLOP/s and MFU of each run directory.
+"""Table for bench/gpu.sh: median step time, tokens/s, model TFLOP/s, MFU and peak memory of each
+run directory.
 
     python bench/gpu_report.py [--warmup 10] [--peak-tflops 989] RUN_DIR...
 
-Each RUN_DIR holds the ``config.yaml`` and ``metrics.jsonl`` that megalign-train writes. Model FLOPs
+Each RUN_DIR holds the ``config.yaml``, ``metrics.jsonl`` and ``memory.json`` that megalign-train
+writes (the peak is the highest rank's: the allocator's peak on a GPU). Model FLOPs
 per token are megalign's own count (``megalign/model/flops.py``: matrix products only, the student's
 forward and backward, the teacher's forward under REPR-ALIGN). MFU divides by the GPU's dense bf16
 peak, for FP8 runs too (so they compare on one scale).
@@ -56,8 +58,13 @@ def summarize(run: str, warmup: int) -> dict:
     step = statistics.median(r["step_time_s"] for r in records)
     tokens = statistics.median(r["tokens_per_s"] for r in records)
     name = f"{cfg.precision} {'align' if cfg.align.weight > 0 else 'plain'}"
+    if cfg.model.document_attention:  # the packed-documents pair: how the documents are given
+        name = f"{cfg.model.document_format} {cfg.model.seq_length}"
+    with open(os.path.join(run, "memory.json"), encoding="utf-8") as handle:
+        peak = max(rank["peak_bytes"] for rank in json.load(handle)["measured"])
     return {"name": name, "step_ms": step * 1e3, "tokens_per_s": tokens,
-            "tflops": flops_per_token(cfg) * tokens / 1e12, "iters": len(records)}
+            "tflops": flops_per_token(cfg) * tokens / 1e12, "iters": len(records),
+            "peak_gib": peak / 2**30, "seq_length": cfg.model.seq_length}
 
 
 def main(argv=None) -> None:
@@ -70,10 +77,12 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     peak = peak_tflops(args.peak_tflops)
     rows = [summarize(run, args.warmup) for run in args.runs]
-    print(f"{'run':<12} {'step (ms)':>10} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6}  iterations")
+    print(f"{'run':<12} {'step (ms)':>10} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} "
+          f"{'peak (GiB)':>11}  iterations")
     for r in rows:
         print(f"{r['name']:<12} {r['step_ms']:>10.1f} {r['tokens_per_s']:>10.0f} "
-              f"{r['tflops']:>8.1f} {r['tflops'] / peak:>6.1%}  {r['iters']}")
+              f"{r['tflops']:>8.1f} {r['tflops'] / peak:>6.1%} {r['peak_gib']:>11.2f}  "
+              f"{r['iters']}")
     by_name = {r["name"]: r for r in rows}
     for objective in ("plain", "align"):
         fast, base = by_name.get(f"fp8 {objective}"), by_name.get(f"bf16 {objective}")
@@ -85,6 +94,12 @@ def main(argv=None) -> None:
         if plain and align:
             print(f"align / plain step time, {precision}: "
                   f"{align['step_ms'] / plain['step_ms']:.2f}")
+    for length in sorted({r["seq_length"] for r in rows}):
+        mask, thd = by_name.get(f"mask {length}"), by_name.get(f"thd {length}")
+        if mask and thd:
+            print(f"thd / mask at {length} tokens: step time "
+                  f"{thd['step_ms'] / mask['step_ms']:.2f}, peak memory "
+                  f"{thd['peak_gib'] / mask['peak_gib']:.2f}")
     print(f"(MFU against a dense bf16 peak of {peak:.0f} TFLOP/s)")
 
 

@@ -10,6 +10,31 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup_env.sh || exit 1
 
+# the compatibility tier's environment is set up while the first tiers run (it is mostly waiting
+# on the disk, and setting it up after them added its minutes to the suite's)
+compat_setup=
+if [ "${MEGALIGN_COMPAT:-1}" != 0 ]; then
+  python312=${PYTHON312:-}
+  if [ -z "$python312" ]; then
+    for candidate in python3.12 "$(pyenv root 2>/dev/null)"/versions/3.12*/bin/python3.12; do
+      if "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null; then
+        python312=$candidate
+        break
+      fi
+    done
+  fi
+  if [ -z "$python312" ]; then
+    echo "tests/run.sh: the compatibility tier needs Python 3.12 (megatron-core 0.19): install" \
+         "it, name it with PYTHON312=..., or leave the tier out with MEGALIGN_COMPAT=0" >&2
+    exit 1
+  fi
+  compat_log=$(mktemp)
+  PYTHON=$python312 VENV=.venv-py312 bash tools/setup_env.sh >"$compat_log" 2>&1 &
+  compat_setup=$!
+  # a tier that fails ends the script: the set-up does not outlive it
+  trap '[ -n "$compat_setup" ] && pkill -P "$compat_setup"; rm -f "$compat_log"' EXIT
+fi
+
 collected=0
 # tier NAME PYTHON PYTEST-ARGS...: one pytest run; stops the script on a failure
 tier() {
@@ -28,22 +53,14 @@ tier() {
 tier "the unit tier (-m unit)" .venv/bin/python -m unit "$@"
 tier "the rest of the suite (-m \"not unit\")" .venv/bin/python -m "not unit" "$@"
 
-if [ "${MEGALIGN_COMPAT:-1}" != 0 ]; then
-  python312=${PYTHON312:-}
-  if [ -z "$python312" ]; then
-    for candidate in python3.12 "$(pyenv root 2>/dev/null)"/versions/3.12*/bin/python3.12; do
-      if "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null; then
-        python312=$candidate
-        break
-      fi
-    done
-  fi
-  if [ -z "$python312" ]; then
-    echo "tests/run.sh: the compatibility tier needs Python 3.12 (megatron-core 0.19): install" \
-         "it, name it with PYTHON312=..., or leave the tier out with MEGALIGN_COMPAT=0" >&2
+if [ -n "$compat_setup" ]; then
+  if ! wait "$compat_setup"; then
+    cat "$compat_log" >&2
+    echo "tests/run.sh: setting up .venv-py312 for the compatibility tier failed (above)" >&2
     exit 1
   fi
-  PYTHON=$python312 VENV=.venv-py312 bash tools/setup_env.sh || exit 1
+  rm -f "$compat_log"
+  compat_setup=
   py312=.venv-py312/bin/python
   "$py312" -c 'import megalign, megatron.core as m; print("tests/run.sh: the compatibility" \
     " tier: megatron-core", m.__version__, "on Python", __import__("platform").python_version())'

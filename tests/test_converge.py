@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -143,15 +144,27 @@ def test_converge_quick(tmp_path):
 
 
 @pytest.mark.slow
-def test_gpu_study_dry_runs_on_cpu(tmp_path):
-    """bench/gpu.sh's conversion study, wired as on a GPU, with tiny shapes on CPU (no
-    throughput runs: PRECISIONS is empty)."""
+def test_gpu_bench_dry_runs_on_cpu(tmp_path):
+    """bench/gpu.sh wired as on a GPU, with tiny shapes on CPU: the packed-documents pair (dense
+    mask and THD, which train the same numbers) and the conversion study (no precision runs:
+    PRECISIONS is empty)."""
     out = tmp_path / "converge"
+    tiny = ("precision=fp32 model.num_layers=2 model.hidden_size=64 model.num_attention_heads=4 "
+            "model.num_query_groups=2 data.micro_batch_size=2 data.global_batch_size=4 "
+            "schedule.warmup_iters=1")
     env = {**run_env(), "PRECISIONS": "", "OUT": str(tmp_path), "PYTHON": sys.executable,
-           "STUDY_ARGS": f"--quick --modes full --freeze embedding --seeds 1 --out {out}"}
+           "LONG_SEQ": "256", "LONG_ARGS": tiny, "ITERS": "3", "WARMUP": "1",
+           "PEAK_TFLOPS": "1", "STUDY_ARGS": f"--quick --modes full --freeze embedding "
+                                             f"--seeds 1 --out {out}"}
     result = subprocess.run(["bash", "bench/gpu.sh"], cwd=REPO, env=env, capture_output=True,
                             text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"^thd / mask at 256 tokens: step time [\d.]+, peak memory [\d.]+$",
+                     result.stdout, re.M), result.stdout
+    losses = {name: [json.loads(line)["loss"] for line in
+                     (tmp_path / f"documents_{name}_256" / "metrics.jsonl").open()]
+              for name in ("mask", "thd")}
+    assert len(losses["mask"]) == 3 and losses["thd"] == pytest.approx(losses["mask"], rel=1e-5)
     results = json.loads((out / "results.json").read_text())
     assert [(a["align_weight"], a["seed"]) for a in results["settings"]["docs4"]["arms"]] == [
         (0, 1), (10, 1)]
