@@ -10,8 +10,8 @@ processes with one thread each (both use the machine's 2 cores), and CP1 with th
 packed as THD (megalign's core attention on CPU; Transformer Engine's fused kernels would run on a
 GPU). Reports per arm the median
 step time of steps 2-4, tokens per second, and per rank the planned activation bytes
-(megalign-plan's count) and the measured peak (peak RSS above start-up, glibc told to return freed
-tensors: MALLOC_MMAP_THRESHOLD_). Writes long_context.json and long_context.md under --out.
+(megalign-plan's count) and the measured peak (the bytes malloc held in use above start-up:
+megalign-train's probe). Writes long_context.json and long_context.md under --out.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ ARMS = [  # name, processes, threads per process, overrides
 
 def run_arm(out: Path, index: int, nproc: int, threads: int, overrides: list, args) -> dict:
     run_dir = out / "runs" / f"arm{index}"
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MALLOC_MMAP_THRESHOLD_": "131072",
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads),
            "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc-per-node={nproc}", "-m", "megalign.cli.train", "--config",

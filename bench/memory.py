@@ -5,8 +5,8 @@
 
 Trains a Llama-style student of 8 layers with REPR-ALIGN for 3 steps in each arm below (the
 bundled corpus, examples/configs/tiny.yaml otherwise) and reads each run's memory.json: the plan
-the run logged and every rank's peak (CPU: peak RSS above the size at start-up, with glibc told to
-return freed tensors to the system: MALLOC_MMAP_THRESHOLD_). The arms pair what a memory-saving
+the run logged and every rank's peak (CPU: the bytes malloc held in use above start-up,
+megalign-train's probe). The arms pair what a memory-saving
 option changes: the teacher sharing the frozen embedding or holding its own copy, the optimizer
 states sharded over data parallelism or not, full recomputation or none, bf16 or fp32, and a
 TP2 x PP2 and an interleaved layout. With ``--smollm2`` the arms are the main job's conversion
@@ -77,7 +77,7 @@ def build_corpus() -> str:
 
 def run_arm(out: Path, index: int, nproc: int, overrides: list, args) -> dict:
     run_dir = out / "runs" / f"{'smollm2_' if args.smollm2 else ''}arm{index}"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072",
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(REPO)}
     if args.smollm2:
         model = ["--config", str(args.ar / "megalign.yaml"),

@@ -3,11 +3,14 @@ table and per-layer activations against built models (TP2 x PP2, SP, VPP, GQA, Q
 GPT-2, bf16, recomputation), and its totals against the peak memory of real training runs."""
 
 import json
+import time
 
 import pytest
+import torch
 
 from megalign.config import load_config
 from megalign.model import memory
+from megalign.telemetry.peak_memory import SAMPLE_INTERVAL_S, MemoryProbe
 
 from conftest import TINY_CONFIG, WORKERS, finish, launch, run_env, torchrun
 from fuzz.targets import run_main
@@ -44,13 +47,15 @@ def test_plan_equals_a_hand_computation():
         "optimizer_states": 2 * layer * 8, "teacher_parameters": 2 * layer * 4,  # embedding shared
         "activations": 2 * chunk,  # 1F1B: stage 0 of 2 holds 2 micro-batches
         "teacher_states": 3 * 2 * state,  # states 0, 1, 2 for 2 micro-batches
-        "score_buffer": 2 * 4 * 128 * 128 * 4}
+        "score_buffer": 2 * 4 * 128 * 128 * 4,
+        "attention_backward": 2 * (2 * 4 * 128 * 128 * 4)}  # gradients of probabilities, scores
     assert stages[1].bytes == {
         "student_parameters": last * 4, "gradients": (2 * layer + 64) * 4,
         "optimizer_states": (2 * layer + 64) * 8,
         "teacher_parameters": (2 * layer + 64) * 4,  # no LM head (the frozen output copy)
         "activations": chunk, "teacher_states": 2 * state,  # states 3 and 4
-        "loss_workspace": 2 * tokens * 4224 * 4, "score_buffer": 2 * 4 * 128 * 128 * 4}
+        "loss_workspace": 2 * tokens * 4224 * 4, "score_buffer": 2 * 4 * 128 * 128 * 4,
+        "attention_backward": 2 * (2 * 4 * 128 * 128 * 4)}
     assert (stages[0].in_flight, stages[1].in_flight) == (2, 1)
     assert stages[0].trainable == 2 * layer and stages[0].parameters == first
 
@@ -75,6 +80,7 @@ def test_context_parallelism_and_thd_by_hand():
     assert stages[0].bytes["teacher_states"] == 3 * 2 * (64 * 2 * 64 * 4)
     assert stages[1].bytes["loss_workspace"] == 2 * tokens * 4224 * 4
     assert stages[1].bytes["score_buffer"] == 2 * 4 * 64 * 128 * 4
+    assert stages[1].bytes["attention_backward"] == 2 * (2 * 4 * 64 * 128 * 4)
     for key in ("student_parameters", "gradients", "optimizer_states", "teacher_parameters"):
         assert stages[0].bytes[key] == base[0].bytes[key], key
     assert stages[0].bytes["activations"] / base[0].bytes["activations"] < 0.55
@@ -222,28 +228,52 @@ def test_plan_matches_built_models_and_saved_activations(tmp_path, data_override
 
 
 def train_and_read_memory(tmp_path, nproc, overrides) -> dict:
-    """memory.json of a short megalign-train run; glibc's heap is told to return freed tensors
-    (otherwise RSS keeps what activations once used; see docs/training.md)."""
-    env = {**run_env(), "MALLOC_MMAP_THRESHOLD_": "131072"}
+    """memory.json of a short megalign-train run."""
     run_dir = tmp_path / "run"
     process = launch(nproc, ["-m", "megalign.cli.train", "--config", str(TINY_CONFIG),
                              "model.num_layers=8", "model.num_attention_heads=8",
                              "schedule.train_iters=3", "schedule.warmup_iters=1",
-                             f"logging.run_dir={run_dir}", *overrides], env=env)
+                             f"logging.run_dir={run_dir}", *overrides], env=run_env())
     code, out, err = finish(process)
     assert code == 0, err[-4000:]
     return json.loads((run_dir / "memory.json").read_text())
+
+
+@pytest.mark.unit
+def test_the_probe_counts_live_tensors():
+    """On CPU the probe's peak is the most bytes live at once: a 200 MB tensor, then 200 MB of
+    small tensors after it was freed, peak at 200 MB (the resident set size would also keep
+    whatever of the freed memory glibc holds for reuse: docs/training.md)."""
+    probe = MemoryProbe()
+    try:
+        assert probe.method == "malloc in use (mallinfo2)"
+        big = torch.ones(50_000_000)
+        assert 200e6 <= probe.peak() <= 1.02 * 200e6
+        del big
+        small = [torch.ones(100_000) for _ in range(500)]
+        time.sleep(3 * SAMPLE_INTERVAL_S)  # sampled while they live
+        del small
+        assert 200e6 <= probe.peak() <= 1.02 * 200e6
+    finally:
+        probe.close()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("nproc, layout", [
     (1, ["parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=1",
          "model.hidden_size=512"]),
+    # evaluation inside the run (held-out and unseen-corpus NELBO, generation and its causal
+    # scorer) at the start and the end
+    (2, ["parallel.tensor_model_parallel_size=1", "model.hidden_size=512",
+         "evaluation.interval=3", "evaluation.samples=4", "evaluation.generation_samples=2",
+         "evaluation.ood_paths=[{corpus}]"]),
     (4, ["parallel.tensor_model_parallel_size=1", "parallel.virtual_pipeline_model_parallel_size=2",
          "precision=bf16", "optimizer.distributed=true", "optimizer.freeze=[embedding]",
          "recompute.granularity=full", "model.hidden_size=1024"]),
-], ids=["tp1pp1-fp32", "pp2vpp2dp2-bf16-distributed-recompute"])
-def test_measured_peak_is_within_15_percent_of_the_plan(tmp_path, data_overrides, nproc, layout):
+], ids=["tp1pp1-fp32", "pp2-evaluation", "pp2vpp2dp2-bf16-distributed-recompute"])
+def test_measured_peak_is_within_15_percent_of_the_plan(tmp_path, data_overrides, corpus_prefix,
+                                                      nproc, layout):
+    layout = [override.format(corpus=corpus_prefix) for override in layout]
     record = train_and_read_memory(tmp_path, nproc, [*data_overrides, *layout])
     planned = {stage["stage"]: stage["total_bytes"] for stage in record["planned"]}
     assert len(record["measured"]) == nproc

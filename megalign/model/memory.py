@@ -5,7 +5,8 @@ activations of the micro-batches the pipeline schedule keeps in flight; whether 
 should be known before a multi-node job queues, not after it runs out of memory. Megatron-LM
 prints a theoretical estimate for plain pretraining; this one also counts the teacher (net of the
 frozen tensors it shares with the student), the aligned teacher states held until each micro-batch's
-backward, block diffusion's two streams and the causal scorer of generated samples.
+backward, block diffusion's two streams, the causal scorer of generated samples and, on CPU, the
+score-sized gradients of the unfused attention's backward.
 
 Parameters are counted tensor by tensor under the names Megatron-Core gives them, so the
 ``optimizer.freeze`` patterns select exactly what they select in training (tests compare the table
@@ -44,6 +45,7 @@ ITEMS = {  # key: what a reader sees
     "teacher_states": "aligned teacher states held for the backward",
     "loss_workspace": "logits' softmax and gradient (last stage)",
     "score_buffer": "attention score buffer (local spec, kept between steps)",
+    "attention_backward": "attention backward's score gradients (local spec, one layer)",
 }
 
 
@@ -371,6 +373,9 @@ def plan(cfg: Config, vocab_size: int, world_size: int, gpu: bool) -> list[Stage
                        * teacher_bytes if aligned else 0)
             bytes_["score_buffer"] = (max(student, teacher) if teacher_bytes == activation_bytes
                                       else student + teacher)
+            # the backward of one layer's unfused attention holds two score-sized gradients at
+            # once (of the probabilities, then of the scores through the softmax and the mask)
+            bytes_["attention_backward"] = 2 * batch * heads * local * positions * FP32
         stages.append(StageMemory(stage, bytes_, total, trainable, held, notes))
     return stages
 

@@ -398,7 +398,7 @@ def report_memory(probe: MemoryProbe, planned: list, run_dir: str, log) -> None:
     log(f"> peak memory: rank {worst['rank']} (stage {worst['stage']}) "
         f"{memory.mib(worst['peak_bytes'])}, planned {memory.mib(totals[worst['stage']])} "
         f"(the rank furthest from its plan; all in {run_dir}/memory.json)")
-    record = {"device": "cuda" if probe.gpu else "cpu",
+    record = {"device": "cuda" if probe.gpu else "cpu", "measured_as": probe.method,
               "planned": [{"stage": s.stage, "total_bytes": s.total, "bytes": s.bytes}
                           for s in planned],
               "measured": measured}
@@ -415,6 +415,7 @@ def run(cfg: Config, tokenizer, store=None) -> list[dict]:
         cleanup.callback(logger.close)
         stop = ExitOnSignal()
         probe = MemoryProbe()  # before any model is built
+        cleanup.callback(probe.close)
         data_files = DataFileGuard(parse_blend(cfg.data.paths)[0])
         checkpointer = Checkpointer(cfg, logger.info)
         trainer = setup(cfg, tokenizer, log=logger.info, store=store,
