@@ -248,12 +248,12 @@ def test_the_probe_counts_live_tensors():
     try:
         assert probe.method == "malloc in use (mallinfo2)"
         big = torch.ones(50_000_000)
-        assert 200e6 <= probe.peak() <= 1.02 * 200e6
-        del big
+        assert 0.98 * 200e6 <= probe.peak() <= 1.02 * 200e6  # the process frees and allocates
+        del big                                               # a little of its own meanwhile
         small = [torch.ones(100_000) for _ in range(500)]
         time.sleep(3 * SAMPLE_INTERVAL_S)  # sampled while they live
         del small
-        assert 200e6 <= probe.peak() <= 1.02 * 200e6
+        assert 0.98 * 200e6 <= probe.peak() <= 1.02 * 200e6
     finally:
         probe.close()
 
