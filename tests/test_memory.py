@@ -11,6 +11,7 @@ import torch
 from megalign.config import load_config
 from megalign.model import memory
 from megalign.telemetry.peak_memory import SAMPLE_INTERVAL_S, MemoryProbe
+from megalign.training import memory_plan
 
 from conftest import TINY_CONFIG, WORKERS, finish, launch, run_env, torchrun
 from fuzz.targets import run_main
@@ -27,7 +28,7 @@ def test_plan_equals_a_hand_computation():
     """TP1 x PP2 x DP1, fp32 on CPU, REPR-ALIGN with the embedding frozen and shared, tied
     embeddings, 4 micro-batches of 2 x 128 tokens, every number worked out by hand below."""
     cfg = load_config([TINY_CONFIG], HAND)
-    stages = memory.plan(cfg, vocab_size=4224, world_size=2, gpu=False)
+    stages = memory_plan.plan(cfg, vocab_size=4224, world_size=2, gpu=False)
     # one layer: 2 norms of 64, QKV (4 + 2 * 2) * 16 rows x 64, output 64 x 64, SwiGLU 2 * 192 x
     # 64 and 64 x 192 (ffn: 8/3 * 64 rounded up to 64)
     layer = 64 + 8 * 16 * 64 + 64 * 64 + 64 + 2 * 192 * 64 + 64 * 192
@@ -68,8 +69,8 @@ def test_context_parallelism_and_thd_by_hand():
     and mask rows, the teacher states and logits of its positions; the weights as at CP1. Packed
     documents (THD): no mask on a GPU, the same mask as the explicit layout on CPU."""
     cfg = load_config([TINY_CONFIG], [*HAND, "parallel.context_parallel_size=2"])
-    stages = memory.plan(cfg, vocab_size=4224, world_size=4, gpu=False)
-    base = memory.plan(load_config([TINY_CONFIG], HAND), 4224, 2, False)
+    stages = memory_plan.plan(cfg, vocab_size=4224, world_size=4, gpu=False)
+    base = memory_plan.plan(load_config([TINY_CONFIG], HAND), 4224, 2, False)
     tokens = 64 * 2
     activations = (tokens * (2 * (8 * 64 + 4) + 2 * 64 * 4)
                    + (tokens * 2 * 64 + 2 * 128 * 2 * 4 * 16 + 4 * 64 * 16) * 4 + 128 * 8
@@ -86,8 +87,8 @@ def test_context_parallelism_and_thd_by_hand():
     assert stages[0].bytes["activations"] / base[0].bytes["activations"] < 0.55
 
     def activations_of(fmt: str, gpu: bool) -> int:
-        planned = memory.plan(load_config([TINY_CONFIG], [*HAND, f"model.document_format={fmt}"]),
-                              4224, 2, gpu)
+        cfg = load_config([TINY_CONFIG], [*HAND, f"model.document_format={fmt}"])
+        planned = memory_plan.plan(cfg, 4224, 2, gpu)
         return planned[1].bytes["activations"]
 
     mask = 2 * 128 * 128
@@ -98,7 +99,7 @@ def test_context_parallelism_and_thd_by_hand():
 @pytest.mark.unit
 def test_optimizer_sharding_bf16_and_recomputation_change_what_they_should():
     def plan(*extra, world=2):
-        return memory.plan(load_config([TINY_CONFIG], [*HAND, *extra]), 4224, world, False)[0]
+        return memory_plan.plan(load_config([TINY_CONFIG], [*HAND, *extra]), 4224, world, False)[0]
 
     base = plan()
     bf16 = plan("precision=bf16")
@@ -119,7 +120,7 @@ def test_optimizer_sharding_bf16_and_recomputation_change_what_they_should():
     table = memory.chunk_parameters(moe, 4224, 0, 0)
     experts = sum(n for name, n in table if ".experts." in name)
     assert experts == 4 * 2 * (2 * 192 * 64 + 64 * 192)  # 2 of 4 experts in each of 4 layers
-    assert memory.plan(moe, 4224, 4, False)[0].bytes["optimizer_states"] == \
+    assert memory_plan.plan(moe, 4224, 4, False)[0].bytes["optimizer_states"] == \
         (sum(n for _, n in table) - experts) * 8 // 4 + experts * 8 // 2
 
 
@@ -130,7 +131,7 @@ def test_interleaved_schedule_holds_megatron_cores_warmup():
                                       "parallel.virtual_pipeline_model_parallel_size=2",
                                       "data.global_batch_size=16"])
     # Megatron-Core's interleaved warm-up: (pp - rank - 1) * 2 + (vpp - 1) * pp, plus one
-    assert [memory.in_flight(cfg, stage, 8) for stage in range(4)] == [11, 9, 7, 5]
+    assert [memory_plan.in_flight(cfg, stage, 8) for stage in range(4)] == [11, 9, 7, 5]
     assert [list(memory.chunk_layers(cfg, 1, c)) for c in range(2)] == [[1], [5]]
 
 
@@ -143,7 +144,7 @@ def test_megalign_plan_prints_the_plan_and_refuses_a_bad_layout():
     assert outcome.code == 0, outcome.stderr
     result = json.loads(outcome.stdout)
     cfg = load_config([TINY_CONFIG], [])
-    expected = memory.plan(cfg, 4224, 4, gpu=False)  # 4096 + the mask row, rounded up to 128
+    expected = memory_plan.plan(cfg, 4224, 4, gpu=False)  # 4096 + the mask row, rounded up to 128
     assert [s["total_bytes"] for s in result["stages"]] == [s.total for s in expected]
     table = run_main(main, ["--config", str(TINY_CONFIG), "--world-size", "4",
                             "--vocab-size", "4096"])
@@ -172,7 +173,7 @@ def test_megalign_plan_reads_a_hugging_face_config(tmp_path):
                                       "model.tie_embeddings=false", "model.norm_epsilon=1e-6",
                                       "model.max_position_embeddings=256",
                                       "model.rotary_base=10000"])
-    expected = memory.plan(cfg, 1024, 4, gpu=False)
+    expected = memory_plan.plan(cfg, 1024, 4, gpu=False)
     assert [s["parameters"] for s in json.loads(outcome.stdout)["stages"]] == \
         [s.parameters for s in expected]
 

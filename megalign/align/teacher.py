@@ -33,10 +33,11 @@ import torch
 from megatron.core import parallel_state
 
 from megalign.align.teacher_stream import TeacherStream
-from megalign.config import Config
+from megalign.config import AlignConfig, Config
 from megalign.diffusion.objective import DiffusionBatch
+from megalign.model import memory
 from megalign.model.attention import concatenated
-from megalign.model.gpt import ModelBuild, build_chunks, teacher_dtype
+from megalign.model.gpt import ModelBuild, build_chunks
 from megalign.model.hidden_states import HiddenStateRecorder
 
 
@@ -44,6 +45,14 @@ from megalign.model.hidden_states import HiddenStateRecorder
 class TeacherOutput:
     states: dict[int, torch.Tensor]  # the aligned states on this chunk
     token_loss: Optional[torch.Tensor]  # [b, s] AR cross-entropy (log_teacher_loss, last stage)
+
+
+def teacher_dtype(align: AlignConfig, precision: str, gpu: bool) -> torch.dtype:
+    """The frozen teacher's dtype: ``align.teacher_dtype``, whose "auto" is bf16 wherever the
+    student (``precision``) is and on every GPU (``gpu``)."""
+    if align.teacher_dtype == "auto":
+        return torch.bfloat16 if precision != "fp32" or gpu else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[align.teacher_dtype]
 
 
 def teacher_build(cfg: Config) -> ModelBuild:
@@ -151,3 +160,50 @@ class Teacher:
     def finish_step(self) -> None:
         if self.stream is not None:
             self.stream.wait()
+
+
+# ----------------------------------------------------------------------------- bytes per rank
+
+
+def planned_parameter_bytes(cfg: Config, table: list[tuple[str, int]], frozen: set[str],
+                            student_element: int, gpu: bool) -> tuple[int, list[str]]:
+    """(bytes, notes) of this stage's teacher weights: the student's table (name, elements on
+    one rank) in the teacher's dtype, without the LM head unless ``align.log_teacher_loss``, and
+    net of the ``frozen`` student tensors it shares (``align.share_frozen``, same dtype only)."""
+    element = teacher_dtype(cfg.align, cfg.precision, gpu).itemsize
+    head = 0 if cfg.align.log_teacher_loss else sum(
+        n for name, n in table if name == "output_layer.weight")
+    shared, notes = 0, []
+    if cfg.align.share_frozen and element == student_element:
+        shared = sum(n for name, n in table if name in frozen and name != "output_layer.weight")
+    elif cfg.align.share_frozen and frozen:
+        notes.append("frozen tensors not shared: the teacher's dtype differs")
+    return (sum(n for _, n in table) - head - shared) * element, notes
+
+
+def planned_state_bytes(cfg: Config, stage: int, held: int, gpu: bool) -> int:
+    """The aligned teacher states stage ``stage`` keeps until each micro-batch's backward: one per
+    aligned hidden state its chunks produce, for the ``held`` micro-batches in flight and the rest
+    of a teacher group (``align.teacher_microbatches``), each this rank's positions (a CP rank's
+    share, a TP rank's under SP) in the teacher's dtype, plus their fp32 copies for the cosine
+    under mixed precision."""
+    m, p = cfg.model, cfg.parallel
+    sp = p.tensor_model_parallel_size if p.sequence_parallel else 1
+    positions = memory.student_build(cfg).streams * m.seq_length // p.context_parallel_size
+    per_state = positions * cfg.data.micro_batch_size * m.hidden_size // sp
+    element = teacher_dtype(cfg.align, cfg.precision, gpu).itemsize
+    state = per_state * element + (2 * per_state * memory.FP32 if cfg.precision != "fp32" else 0)
+    aligned = set(range(m.num_layers + 1) if cfg.align.layers is None else cfg.align.layers)
+    vpp = p.virtual_pipeline_model_parallel_size or 1
+    states = sum(1 for c in range(vpp) for i in aligned
+                 if i in memory.stage_states(cfg, stage, c)) / vpp
+    return int(states * (held + cfg.align.teacher_microbatches - 1) * state)
+
+
+def planned_score_bytes(cfg: Config, gpu: bool) -> int:
+    """The scores of one teacher forward in the local spec's attention: a group of micro-batches,
+    this rank's query rows of the clean sequence against all of its keys."""
+    rows = cfg.model.seq_length // cfg.parallel.context_parallel_size
+    return memory.attention_score_bytes(
+        cfg, cfg.align.teacher_microbatches * cfg.data.micro_batch_size, rows,
+        cfg.model.seq_length, teacher_dtype(cfg.align, cfg.precision, gpu).itemsize)

@@ -72,7 +72,7 @@ def plan_command(args) -> None:
     import torch
 
     from megalign.config import check_batches, check_vocabulary, load_config, padded_vocab_size
-    from megalign.model import memory
+    from megalign.training import memory_plan
 
     overrides, vocab = [], args.vocab_size
     if args.hf_config:
@@ -92,7 +92,7 @@ def plan_command(args) -> None:
     check_batches(cfg, args.world_size)
     check_vocabulary(cfg, vocab, mask)
     gpu = args.gpu or torch.cuda.is_available()
-    stages = memory.plan(cfg, padded_vocab_size(cfg.model, vocab, mask), args.world_size, gpu)
+    stages = memory_plan.plan(cfg, padded_vocab_size(cfg.model, vocab, mask), args.world_size, gpu)
     if args.json:
         print(json.dumps({"world_size": args.world_size, "gpu": gpu, "stages": [
             {"stage": s.stage, "total_bytes": s.total, "bytes": s.bytes,
@@ -104,7 +104,7 @@ def plan_command(args) -> None:
     print(f"megalign-plan: world {args.world_size} = TP {p.tensor_model_parallel_size} x PP "
           f"{p.pipeline_model_parallel_size}{context} x DP {args.world_size // p.replica_size}, "
           f"{cfg.precision}, {'GPU (Transformer Engine)' if gpu else 'CPU (local spec)'}")
-    print("\n".join(memory.describe(stages)))
+    print("\n".join(memory_plan.describe(stages)))
 
 
 def main(argv=None) -> int:

@@ -19,6 +19,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from megalign.config import Config
 from megalign.diffusion.decoding import until_eos
 from megalign.diffusion.sampler import sample
 from megalign.evaluation.statistics import Estimate, estimate
@@ -108,3 +109,10 @@ def student_generation_quality(students: list, ar_logits_fn: Callable, batches: 
                                prompts, vocab, sampler),
         ar_logits_fn, heldout_prompts(batches, count, prompt_length),
         lambda token: tokenizer.decode([token]), vocab.eod)
+
+
+def planned_scorer_bytes(cfg: Config, parameters: int, element: int) -> int:
+    """The causal AR model that scores generated samples during training
+    (``evaluation.generation_samples``): this stage's ``parameters`` of ``element`` bytes."""
+    e = cfg.evaluation
+    return parameters * element if e.interval and e.generation_samples else 0

@@ -28,7 +28,6 @@ from megatron.core.transformer.transformer_block import (
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megalign.config import (
-    AlignConfig,
     Config,
     Fp8Config,
     ModelConfig,
@@ -126,14 +125,6 @@ def ffn_hidden_size(m: ModelConfig) -> int:
 def moe_ffn_hidden_size(m: ModelConfig) -> int:
     """Each expert's SwiGLU width: ``model.moe_ffn_hidden_size``, else the dense MLP's."""
     return m.moe_ffn_hidden_size or ffn_hidden_size(m)
-
-
-def teacher_dtype(align: AlignConfig, precision: str, gpu: bool) -> torch.dtype:
-    """The frozen teacher's dtype: ``align.teacher_dtype``, whose "auto" is bf16 wherever the
-    student (``precision``) is and on every GPU (``gpu``)."""
-    if align.teacher_dtype == "auto":
-        return torch.bfloat16 if precision != "fp32" or gpu else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16}[align.teacher_dtype]
 
 
 @dataclass(frozen=True)

@@ -1,68 +1,26 @@
-"""Bytes per rank of a training run, predicted from its config before anything is allocated.
+"""What a model chunk holds per rank, counted from the config before anything is built: its
+parameters (tensor by tensor, under the names Megatron-Core gives them, so ``optimizer.freeze``
+patterns select what they select in training), the activations autograd keeps per layer, the
+explicit attention mask, the attention's scores and their gradients, and the last stage's logits.
+``megalign.training.memory_plan`` adds these up with what the teacher, the optimizer and
+evaluation report for themselves.
 
-Why: a conversion holds a student (weights, fp32 gradients, Adam states), a frozen teacher and the
-activations of the micro-batches the pipeline schedule keeps in flight; whether that fits on a GPU
-should be known before a multi-node job queues, not after it runs out of memory. Megatron-LM
-prints a theoretical estimate for plain pretraining; this one also counts the teacher (net of the
-frozen tensors it shares with the student), the aligned teacher states held until each micro-batch's
-backward, block diffusion's two streams, the causal scorer of generated samples and, on CPU, the
-score-sized gradients of the unfused attention's backward.
-
-Parameters are counted tensor by tensor under the names Megatron-Core gives them, so the
-``optimizer.freeze`` patterns select exactly what they select in training (tests compare the table
-with a built model). Activations are the tensors autograd keeps per layer in the local
-(non-Transformer-Engine) spec, counted from its code and checked against the tensors saved by a
-real forward pass; Transformer Engine's fused layers save less (flash attention keeps no
-sequence x sequence scores), so on GPUs the activation figure is an upper bound. Every rank of one
-pipeline stage holds the same amounts (tensor and expert parallel shards are even), so the plan is
-per stage.
+Activations are the tensors autograd keeps per layer in the local (non-Transformer-Engine) spec,
+counted from its code and checked against the tensors saved by a real forward pass (tests);
+Transformer Engine's fused layers save less (flash attention keeps no sequence x sequence scores),
+so on GPUs the activation figure is an upper bound. Every rank of one pipeline stage holds the
+same amounts (tensor and expert parallel shards are even).
 """
 
 from __future__ import annotations
-
-import re
-from dataclasses import dataclass, field
 
 import torch
 from megatron.core.transformer.enums import AttnMaskType
 
 from megalign.config import Config
-from megalign.model.gpt import (
-    ModelBuild,
-    ffn_hidden_size,
-    moe_ffn_hidden_size,
-    teacher_dtype,
-)
+from megalign.model.gpt import ModelBuild, ffn_hidden_size, moe_ffn_hidden_size
 
 FP32, BF16, INT64 = 4, 2, 8
-ITEMS = {  # key: what a reader sees
-    "student_parameters": "student parameters",
-    "gradients": "gradients (fp32 DDP buffer, trainable only)",
-    "optimizer_states": "optimizer (Adam moments, fp32 main weights under bf16)",
-    "teacher_parameters": "teacher parameters (net of shared frozen tensors)",
-    "scorer_parameters": "causal scorer of generated samples",
-    "activations": "activations of the micro-batches in flight",
-    "teacher_states": "aligned teacher states held for the backward",
-    "loss_workspace": "logits' softmax and gradient (last stage)",
-    "score_buffer": "attention score buffer (local spec, kept between steps)",
-    "attention_backward": "attention backward's score gradients (local spec, one layer)",
-}
-
-
-@dataclass
-class StageMemory:
-    """One pipeline stage's bytes per rank (every TP / DP rank of the stage holds the same)."""
-
-    stage: int
-    bytes: dict[str, int]
-    parameters: int  # student elements on one rank
-    trainable: int
-    in_flight: int  # micro-batches (chunks' when interleaved) whose activations are held
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def total(self) -> int:
-        return sum(self.bytes.values())
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -146,14 +104,6 @@ def chunk_parameters(cfg: Config, vocab_size: int, stage: int, chunk: int) -> li
         if not m.tie_embeddings or not first:  # tied on one stage: the embedding is the output
             table.append(("output_layer.weight", rows))
     return table
-
-
-def is_frozen(name: str, cfg: Config) -> bool:
-    """Whether ``optimizer.freeze`` freezes ``name`` (a tied output layer goes with the embedding,
-    as in ``megalign.training.trainer.freeze_parameters``)."""
-    tied = ("embedding.word_embeddings.weight", "output_layer.weight")
-    names = list(tied) if cfg.model.tie_embeddings and name in tied else [name]
-    return any(re.search(pattern, n) for pattern in cfg.optimizer.freeze for n in names)
 
 
 # ----------------------------------------------------------------------------- activations
@@ -286,100 +236,6 @@ def chunk_activation_bytes(cfg: Config, layers: int, positions: int, batch: int,
     return recomputed * unit_input + (layers - recomputed) * full, full if recomputed else 0
 
 
-def in_flight(cfg: Config, stage: int, microbatches: int) -> int:
-    """Chunk-micro-batches whose activations stage ``stage`` holds at its peak under 1F1B:
-    Megatron-Core's warm-up forwards plus the steady state's one."""
-    p = cfg.parallel
-    pp, vpp = p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size
-    if pp == 1:
-        return 1
-    if vpp is None:
-        return min(pp - stage, microbatches)
-    warmup = (pp - stage - 1) * 2 + (vpp - 1) * pp
-    return min(warmup + 1, microbatches * vpp)
-
-
-# ----------------------------------------------------------------------------- the plan
-
-
-def plan(cfg: Config, vocab_size: int, world_size: int, gpu: bool) -> list[StageMemory]:
-    """Bytes per rank for each pipeline stage of ``cfg`` on ``world_size`` ranks (``gpu``:
-    Transformer Engine's attention, and the teacher's "auto" dtype is bf16)."""
-    p, m = cfg.parallel, cfg.model
-    dp = world_size // p.replica_size
-    microbatches = cfg.data.global_batch_size // (cfg.data.micro_batch_size * dp)
-    mixed = cfg.precision != "fp32"
-    weight_bytes = BF16 if mixed else FP32
-    teacher_bytes = FP32 if teacher_dtype(cfg.align, cfg.precision, gpu) == torch.float32 else BF16
-    aligned = cfg.align.weight > 0
-    positions, batch = student_build(cfg).streams * m.seq_length, cfg.data.micro_batch_size
-    local = positions // p.context_parallel_size  # a context-parallel rank's share
-    group = cfg.align.teacher_microbatches
-    aligned_layers = set(range(m.num_layers + 1) if cfg.align.layers is None
-                         else cfg.align.layers)  # zero-weight layers are recorded too
-    vpp = p.virtual_pipeline_model_parallel_size or 1
-    stages = []
-    for stage in range(p.pipeline_model_parallel_size):
-        chunks = [chunk_parameters(cfg, vocab_size, stage, c) for c in range(vpp)]
-        table = [entry for chunk in chunks for entry in chunk]
-        total = sum(n for _, n in table)
-        frozen = sum(n for name, n in table if is_frozen(name, cfg))
-        trainable = total - frozen
-        per_parameter = FP32 * 3 if mixed else FP32 * 2
-        optimizer = trainable * per_parameter
-        if cfg.optimizer.distributed:  # experts' states shard over the ranks holding the same
-            experts = sum(n for name, n in table  # experts (data parallel / expert parallel)
-                          if ".experts." in name and not is_frozen(name, cfg))
-            optimizer = ((trainable - experts) * per_parameter // dp
-                         + experts * per_parameter // (dp // p.expert_model_parallel_size))
-        bytes_ = {"student_parameters": total * weight_bytes, "gradients": trainable * FP32,
-                  "optimizer_states": optimizer}
-        notes = []
-        if aligned:
-            head = 0 if cfg.align.log_teacher_loss else sum(
-                n for name, n in table if name == "output_layer.weight")
-            shared = 0
-            if cfg.align.share_frozen and teacher_bytes == weight_bytes:
-                shared = sum(n for name, n in table
-                             if is_frozen(name, cfg) and name != "output_layer.weight")
-            elif cfg.align.share_frozen and frozen:
-                notes.append("frozen tensors not shared: the teacher's dtype differs")
-            bytes_["teacher_parameters"] = (total - head - shared) * teacher_bytes
-        if cfg.evaluation.interval and cfg.evaluation.generation_samples:
-            bytes_["scorer_parameters"] = total * weight_bytes
-        held = in_flight(cfg, stage, microbatches)
-        layers = len(chunk_layers(cfg, stage, 0))
-        activation_bytes = weight_bytes  # bf16 activations under mixed precision
-        kept, recomputing = chunk_activation_bytes(cfg, layers, positions, batch,
-                                                   activation_bytes, flash=gpu)
-        bytes_["activations"] = (held * (kept + attention_mask_bytes(cfg, positions, batch, gpu))
-                                 + recomputing)
-        if aligned:
-            sp = p.tensor_model_parallel_size if p.sequence_parallel else 1
-            per_state = local * batch * m.hidden_size // sp
-            states = sum(1 for c in range(vpp) for i in aligned_layers
-                         if i in stage_states(cfg, stage, c)) / vpp
-            state_bytes = per_state * teacher_bytes + (2 * per_state * FP32 if mixed else 0)
-            microbatches_held = held + group - 1
-            bytes_["teacher_states"] = int(states * microbatches_held * state_bytes)
-        if stage == p.pipeline_model_parallel_size - 1:
-            logits = local * batch * vocab_size // p.tensor_model_parallel_size
-            # the fp32 logits' softmax and its gradient (and the bf16 logits they came from)
-            bytes_["loss_workspace"] = logits * (2 * FP32 + (weight_bytes if mixed else 0))
-        if not gpu:  # Megatron-Core's global buffer for the local spec's attention scores
-            heads = m.num_attention_heads // p.tensor_model_parallel_size
-            student = batch * heads * local * positions * activation_bytes
-            teacher = (group * batch * heads * m.seq_length ** 2 // p.context_parallel_size
-                       * teacher_bytes if aligned else 0)
-            bytes_["score_buffer"] = (max(student, teacher) if teacher_bytes == activation_bytes
-                                      else student + teacher)
-            # the backward of one layer's unfused attention holds two score-sized gradients at
-            # once (of the probabilities, then of the scores through the softmax and the mask)
-            bytes_["attention_backward"] = 2 * batch * heads * local * positions * FP32
-        stages.append(StageMemory(stage, bytes_, total, trainable, held, notes))
-    return stages
-
-
 def stage_states(cfg: Config, stage: int, chunk: int) -> range:
     """Hidden-state indices (0 = embedding output, i + 1 = layer i's output) a chunk produces."""
     layers = chunk_layers(cfg, stage, chunk)
@@ -387,17 +243,23 @@ def stage_states(cfg: Config, stage: int, chunk: int) -> range:
     return range(first, layers.stop + 1)
 
 
-def describe(stages: list[StageMemory]) -> list[str]:
-    """The plan as lines a user reads: per stage, each item and the total, in MiB."""
-    lines = []
-    for stage in stages:
-        lines.append(f"stage {stage.stage}: {mib(stage.total)} per rank ({stage.parameters:,} "
-                     f"student parameters, {stage.trainable:,} trainable; {stage.in_flight} "
-                     "micro-batches in flight)")
-        lines += [f"  {ITEMS[key]:<58} {mib(value):>12}" for key, value in stage.bytes.items()]
-        lines += [f"  note: {note}" for note in stage.notes]
-    return lines
+def attention_score_bytes(cfg: Config, batch: int, rows: int, keys: int, element: int) -> int:
+    """One layer's attention scores on this rank (its heads): ``batch`` sequences, ``rows``
+    queries each against ``keys`` keys, of ``element`` bytes."""
+    heads = cfg.model.num_attention_heads // cfg.parallel.tensor_model_parallel_size
+    return batch * heads * rows * keys * element
 
 
-def mib(count: int) -> str:
-    return f"{count / 2**20:,.1f} MiB"
+def attention_backward_bytes(cfg: Config, positions: int, batch: int) -> int:
+    """The backward of one layer's unfused attention (the local spec) holds two score-sized fp32
+    gradients at once: of the probabilities, then of the scores through the softmax and mask."""
+    rows = positions // cfg.parallel.context_parallel_size
+    return 2 * attention_score_bytes(cfg, batch, rows, positions, FP32)
+
+
+def loss_workspace_bytes(cfg: Config, vocab_size: int, positions: int, batch: int) -> int:
+    """The last stage's logits of this rank's positions (its vocabulary shard): their fp32 softmax
+    and its gradient, and under mixed precision the bf16 logits they came from."""
+    local = positions // cfg.parallel.context_parallel_size
+    logits = local * batch * vocab_size // cfg.parallel.tensor_model_parallel_size
+    return logits * (2 * FP32 + (BF16 if cfg.precision != "fp32" else 0))

@@ -1,4 +1,5 @@
-"""The memory a rank's training actually used, to set beside ``megalign.model.memory``'s plan.
+"""The memory a rank's training actually used, to set beside the plan
+(``megalign.training.memory_plan``).
 
 The plan counts the bytes of live tensors, so the probe measures the same thing. On a GPU that is
 the CUDA caching allocator's peak of allocated bytes. On CPU it is the peak of what malloc holds

@@ -11,22 +11,15 @@ import contextlib
 import json
 import math
 import os
-import re
 import time
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.distributed import (
-    DistributedDataParallel,
-    DistributedDataParallelConfig,
-    finalize_model_grads,
-)
-from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.transformer.module import Float16Module
 
 from megalign import distributed
 from megalign.align.loss import normalised_layer_weights
@@ -38,16 +31,16 @@ from megalign.data.indexed import DataFileGuard
 from megalign.data.vocabulary import Vocabulary
 from megalign.diffusion.masking import anneal_fraction
 from megalign.errors import TrainingError
-from megalign.model import memory
 from megalign.model.embedding import init_mask_token_embedding
-from megalign.model.gpt import ModelBuild, build_chunks, global_parameter_name
+from megalign.model.gpt import ModelBuild, build_chunks
 from megalign.platform import collectives
 from megalign.telemetry.experts import ExpertLoad
 from megalign.telemetry.peak_memory import MemoryProbe
-from megalign.training import watchdog
+from megalign.training import memory_plan, watchdog
 from megalign.training.checkpointer import Checkpointer
 from megalign.training.ft_heartbeat import LauncherHeartbeat
 from megalign.training.metrics import MetricsLogger
+from megalign.training.optimizer import freeze_parameters, wrap_and_optimize
 from megalign.training.signals import ExitOnSignal
 from megalign.training.step import DiffusionStep, StepResult
 from megalign.training.validator import Validator
@@ -87,93 +80,6 @@ def build_models(cfg: Config, vocab: Vocabulary, ar_checkpoint: Optional[str]):
     return students, teacher, scorer, layer_weights
 
 
-def freeze_parameters(chunks: list, patterns: list[str]) -> int:
-    """requires_grad=False for parameters whose global name matches a pattern (re.search).
-
-    With tied embeddings the last pipeline stage holds a copy of the word embedding as its output
-    layer; both names refer to one logical tensor, so a pattern matching either freezes both.
-    """
-    tied = ("embedding.word_embeddings.weight", "output_layer.weight")
-    matches = torch.zeros(len(patterns), dtype=torch.int64)
-    frozen = 0
-    named = [(chunk, name, param) for chunk in chunks for name, param in chunk.named_parameters()]
-    for chunk, name, param in named:
-        names = [global_parameter_name(name, chunk)]
-        if chunk.share_embeddings_and_output_weights and names[0] in tied:
-            names = list(tied)
-        hit = [any(re.search(p, n) for n in names) for p in patterns]
-        matches += torch.tensor(hit, dtype=torch.int64)
-        if any(hit):
-            param.requires_grad_(False)
-            frozen += param.numel()
-    collectives.all_reduce(matches)
-    unmatched = [p for p, n in zip(patterns, matches.tolist()) if n == 0]
-    if unmatched:
-        raise TrainingError(
-            f"optimizer.freeze patterns {unmatched} match no parameter; names look like "
-            "'embedding.word_embeddings.weight', 'decoder.layers.0.mlp.linear_fc1.weight', "
-            "'output_layer.weight'"
-        )
-    return frozen
-
-
-def wrap_and_optimize(cfg: Config, students: list):
-    config = students[0].config
-    if config.bf16:  # as Megatron-LM: fp32 outputs from the last stage, bf16 inputs to the first
-        wrapped = [Float16Module(config, chunk) for chunk in students]
-    else:
-        wrapped = students
-    models = [
-        DistributedDataParallel(
-            config=config,
-            ddp_config=DistributedDataParallelConfig(
-                grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.optimizer.distributed),
-            module=chunk,
-            disable_bucketing=index > 0,  # as Megatron-LM: only the first chunk overlaps
-        )
-        for index, chunk in enumerate(wrapped)
-    ]
-    o = cfg.optimizer
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(
-            optimizer="adam",
-            lr=o.lr,
-            min_lr=o.min_lr,
-            weight_decay=o.weight_decay,
-            decoupled_weight_decay=o.name == "adamw",
-            adam_beta1=o.beta1,
-            adam_beta2=o.beta2,
-            adam_eps=o.eps,
-            clip_grad=o.clip_grad,
-            bf16=cfg.precision != "fp32",
-            params_dtype=config.params_dtype,
-            use_distributed_optimizer=o.distributed,
-        ),
-        models,
-    )
-    gbs, s = cfg.data.global_batch_size, cfg.schedule
-    scheduler = OptimizerParamScheduler(
-        optimizer,
-        init_lr=0.0,
-        max_lr=o.lr,
-        min_lr=o.min_lr,
-        lr_warmup_steps=s.warmup_iters * gbs,
-        lr_decay_steps=s.train_iters * gbs,
-        lr_decay_style=s.lr_decay_style,
-        start_wd=o.weight_decay,
-        end_wd=o.weight_decay,
-        wd_incr_steps=s.train_iters * gbs,
-        wd_incr_style="constant",
-        override_opt_param_scheduler=True,  # on resume the current config's schedule applies
-        use_checkpoint_opt_param_scheduler=False,
-    )
-    no_sync = [model.no_sync for model in models]
-    config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
-    config.finalize_model_grads_func = finalize_model_grads
-    config.grad_scale_func = optimizer.scale_loss if cfg.precision != "fp32" else None
-    return models, optimizer, scheduler
-
-
 # ----------------------------------------------------------------------------- loop
 
 
@@ -183,7 +89,7 @@ class Trainer:
     def __init__(self, cfg: Config, tokenizer, students: list, teacher: Optional[Teacher],
                  models: list, optimizer: MegatronOptimizer, scheduler: OptimizerParamScheduler,
                  step: DiffusionStep, train_dataset, num_microbatches: int, validator: Validator,
-                 planned: list[memory.StageMemory]):
+                 planned: list[memory_plan.StageMemory]):
         self.cfg, self.tokenizer = cfg, tokenizer
         self.students = students  # this rank's model chunks (several with virtual pipelining)
         self.teacher = teacher
@@ -350,9 +256,9 @@ def setup(cfg: Config, tokenizer, log=print, store=None,
            if cfg.model.num_experts else "") + "; padded vocab "
         f"{vocab.padded}, mask token {vocab.mask}, align weight {cfg.align.weight}"
     )
-    planned = memory.plan(cfg, vocab.padded, dist.get_world_size(), torch.cuda.is_available())
+    planned = memory_plan.plan(cfg, vocab.padded, dist.get_world_size(), torch.cuda.is_available())
     log("> planned memory per rank: " + ", ".join(
-        f"stage {stage.stage} {memory.mib(stage.total)}" for stage in planned)
+        f"stage {stage.stage} {memory_plan.mib(stage.total)}" for stage in planned)
         + " (megalign-plan prints the items)")
     students, teacher, scorer, layer_weights = build_models(
         cfg, vocab, ar_checkpoint or cfg.model.init_checkpoint)
@@ -395,8 +301,9 @@ def report_memory(probe: MemoryProbe, planned: list, run_dir: str, log) -> None:
         return
     totals = {s.stage: s.total for s in planned}
     worst = max(measured, key=lambda m: abs(m["peak_bytes"] / totals[m["stage"]] - 1))
+    planned_bytes = totals[worst["stage"]]
     log(f"> peak memory: rank {worst['rank']} (stage {worst['stage']}) "
-        f"{memory.mib(worst['peak_bytes'])}, planned {memory.mib(totals[worst['stage']])} "
+        f"{memory_plan.mib(worst['peak_bytes'])}, planned {memory_plan.mib(planned_bytes)} "
         f"(the rank furthest from its plan; all in {run_dir}/memory.json)")
     record = {"device": "cuda" if probe.gpu else "cpu", "measured_as": probe.method,
               "planned": [{"stage": s.stage, "total_bytes": s.total, "bytes": s.bytes}

@@ -15,7 +15,7 @@ from megalign.diffusion.objective import DiffusionBatch, MaskedDiffusion, make_b
 from megalign.model.attention import attention_mask, document_ids
 from megalign.model.gpt import ModelBuild, build_gpt, cast_chunk
 from megalign.model.hidden_states import HiddenStateRecorder
-from megalign.training.trainer import freeze_parameters
+from megalign.training.optimizer import freeze_parameters
 
 from common import arguments, config_and_tokenizer, start_one_process
 
