@@ -29,10 +29,11 @@ if [ "${MEGALIGN_COMPAT:-1}" != 0 ]; then
     exit 1
   fi
   compat_log=$(mktemp)
-  PYTHON=$python312 VENV=.venv-py312 bash tools/setup_env.sh >"$compat_log" 2>&1 &
+  # in a process group of its own, so that a tier that fails (which ends this script) ends the
+  # set-up and its pip too
+  PYTHON=$python312 VENV=.venv-py312 setsid -w bash tools/setup_env.sh >"$compat_log" 2>&1 &
   compat_setup=$!
-  # a tier that fails ends the script: the set-up does not outlive it
-  trap '[ -n "$compat_setup" ] && pkill -P "$compat_setup"; rm -f "$compat_log"' EXIT
+  trap '[ -n "$compat_setup" ] && kill -- -"$compat_setup" 2>/dev/null; rm -f "$compat_log"' EXIT
 fi
 
 collected=0
