@@ -193,7 +193,8 @@ def planned_state_bytes(cfg: Config, stage: int, held: int, gpu: bool) -> int:
     per_state = positions * cfg.data.micro_batch_size * m.hidden_size // sp
     element = teacher_dtype(cfg.align, cfg.precision, gpu).itemsize
     state = per_state * element + (2 * per_state * memory.FP32 if cfg.precision != "fp32" else 0)
-    aligned = set(range(m.num_layers + 1) if cfg.align.layers is None else cfg.align.layers)
+    aligned = set(range(m.num_layers + 1) if cfg.align.layers is None
+                  else cfg.align.layers)  # zero-weight layers are recorded too
     vpp = p.virtual_pipeline_model_parallel_size or 1
     states = sum(1 for c in range(vpp) for i in aligned
                  if i in memory.stage_states(cfg, stage, c)) / vpp

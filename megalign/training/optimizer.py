@@ -19,9 +19,9 @@ from megatron.core.transformer.module import Float16Module
 from megalign.config import Config
 from megalign.errors import TrainingError
 from megalign.model.gpt import global_parameter_name
+from megalign.model.memory import FP32
 from megalign.platform import collectives
 
-FP32 = 4
 TIED = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 
