@@ -5,9 +5,10 @@ The plan counts the bytes of live tensors, so the probe measures the same thing.
 the CUDA caching allocator's peak of allocated bytes. On CPU it is the peak of what malloc holds
 in use (glibc's ``mallinfo2``: allocated heap chunks plus mmapped chunks), sampled by a thread
 every ``SAMPLE_INTERVAL_S`` and when read, less its value when the probe started (after the
-imports, before any model is built). The resident set size would also count the freed memory glibc keeps for reuse
-(on the main job about a fifth more than the live bytes, growing over the first steps); it is the
-fallback where ``mallinfo2`` is missing (glibc before 2.33, other C libraries).
+imports, before any model is built). The resident set size would also count the freed memory
+glibc keeps for reuse (on the main job about a fifth more than the live bytes, growing over the
+first steps); it is the fallback where ``mallinfo2`` is missing (glibc before 2.33, other C
+libraries).
 """
 
 from __future__ import annotations
