@@ -136,7 +136,7 @@ def parse_args(argv=None):
         args.steps, args.eval_interval, args.eval_samples, args.t_grid = 4, 2, 4, 2
         args.gen_samples, args.prompt_length, args.gen_length = 2, 8, 8
         args.weights = [w for w in args.weights if w in (0, max(args.weights))]
-        args.sizes, args.heldout_docs, args.seeds = [4, 8], 4, args.seeds[:2]
+        args.sizes, args.heldout_docs, args.seeds = args.sizes or [4, 8], 4, args.seeds[:2]
         args.block_length, args.mode_seeds = 4, 1
         args.pretrain_steps, args.time_steps = 4, 2
     args.sizes = args.sizes or ([12, 90, 500] if args.model == "study" else [8])

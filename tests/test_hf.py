@@ -424,3 +424,23 @@ def test_a_directory_without_tokenizer_files_converts_without_a_tokenizer(tmp_pa
                                   [f"data.tokenizer={TOKENIZER}"], base,
                                   path=model / "megalign.yaml")
     assert outcome.code == 0, outcome.stderr
+
+
+@pytest.mark.unit
+def test_dream_refuses_what_its_network_cannot_hold():
+    """Dream's format holds dense Llama-family students decoded bidirectionally with the AR shift;
+    anything else is refused with the reason, before a checkpoint is read."""
+    from megalign.config import load_config
+    from megalign.convert.dream import dream_refusal
+
+    def refusal(*overrides):
+        return dream_refusal(load_config([str(TINY_CONFIG)], list(overrides)))
+
+    assert refusal() is None
+    assert refusal("model.qkv_bias=true", "model.rope_scaling_factor=8.0") is None
+    assert "GPT-2" in refusal("model.arch=gpt2")
+    assert "mixture of experts" in refusal("model.num_experts=4")
+    assert "queries and keys" in refusal("model.qk_norm=true")
+    assert "head size of 32" in refusal("model.head_dim=32")
+    assert "block diffusion" in refusal("diffusion.block_length=8")
+    assert "AR shift" in refusal("diffusion.shift=false")

@@ -31,6 +31,24 @@ OPTION_SETS = [
 BF16_OPTION_SETS = [({}, {}), ({"--dual-cache": True, "--threshold": 0.05},
                                {"dual_cache": True, "threshold": 0.05})]
 GEN_LENGTH = 16
+# config.json keys of Dream-org's checkpoints: Dream's DreamConfig as transformers saves it
+DREAM_KEYS = {"architectures", "attention_dropout", "auto_map", "bos_token_id", "eos_token_id",
+              "hidden_act", "hidden_size", "initializer_range", "intermediate_size",
+              "mask_token_id", "max_position_embeddings", "max_window_layers", "model_type",
+              "num_attention_heads", "num_hidden_layers", "num_key_value_heads", "pad_token_id",
+              "rms_norm_eps", "rope_scaling", "rope_theta", "sliding_window",
+              "tie_word_embeddings", "torch_dtype", "transformers_version", "use_cache",
+              "use_sliding_window", "vocab_size"}
+# megalign-generate options -> Dream's diffusion_generate arguments for the same decoding
+DREAM_OPTION_SETS = [
+    ({}, {"steps": GEN_LENGTH, "alg": "maskgit_plus", "temperature": 0.0, "top_p": None,
+          "top_k": None, "return_dict_in_generate": True}),  # megalign's defaults, Dream's words
+    ({"--confidence": "entropy", "--block-length": 16}, {"alg": "entropy", "block_length": 16}),
+    ({"--confidence": "margin", "--dual-cache": True, "--threshold": 0.05},
+     {"alg": "topk_margin", "dual_cache": True, "threshold": 0.05}),
+    ({"--unmasking": "origin", "--temperature": 0.8, "--seed": 3},
+     {"alg": "origin", "temperature": 0.8, "seed": 3, "eps": 1e-3}),
+]
 
 
 @pytest.fixture(scope="module",
@@ -184,6 +202,104 @@ def test_transformers_alone_matches_megalign(exported, tmp_path):
     window = torch.load(tmp_path / "megalign_window.pt")[..., :VOCAB].float()
     difference = (half["window_logits"][..., :VOCAB] - window).abs().max()
     assert difference == 0 if kind != "gpt2" else difference <= 0.25, (kind, float(difference))
+
+
+def dream_tensor_names(layers: int, tied: bool) -> set:
+    """The tensor names of a Dream checkpoint (Qwen2's) with ``layers`` layers."""
+    per_layer = ["input_layernorm.weight", "post_attention_layernorm.weight",
+                 "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
+                 "self_attn.o_proj.weight"] + [f"self_attn.{p}_proj.{w}" for p in "qkv"
+                                              for w in ("weight", "bias")]
+    return ({"model.embed_tokens.weight", "model.norm.weight"}
+            | {f"model.layers.{i}.{n}" for i in range(layers) for n in per_layer}
+            | (set() if tied else {"lm_head.weight"}))
+
+
+def test_dream_export_reads_as_dream_and_as_qwen2(exported, tmp_path):
+    """--to dream: Dream's config keys and tensor names, a tokenizer declaring the mask token; the
+    export's logits equal megalign's, and so do those of transformers' own Qwen2 layers made
+    bidirectional reading the same files; diffusion_generate called with Dream's arguments returns
+    megalign-generate's tokens. The students Dream cannot hold are refused in one line, exit 2,
+    nothing written."""
+    from safetensors import safe_open
+    from transformers import PreTrainedTokenizerFast
+
+    from megalign.cli.convert import main
+
+    from fuzz.targets import run_main
+
+    kind, tmp = exported
+    export = tmp_path / "dream"
+    if kind != "llama":  # Dream's MLPs are dense, its network Qwen2's
+        outcome = run_main(main, ["--from", "megalign", "--to", "dream", "--input",
+                                  str(tmp / "ckpt"), "--output", str(export)])
+        reason = "GPT-2" if kind == "gpt2" else "mixture of experts"
+        assert outcome.code == 2 and reason in outcome.stderr, outcome.stderr
+        assert len(outcome.stderr.strip().splitlines()) == 1 and not export.exists()
+        return
+    run_python(["-m", "megalign.cli.convert", "--from", "megalign", "--to", "dream", "--input",
+                tmp / "ckpt", "--output", export])
+    config = json.loads((export / "config.json").read_text())
+    assert set(config) == DREAM_KEYS | {"sample_vocab_size"}, set(config) ^ DREAM_KEYS
+    assert (config["model_type"], config["architectures"]) == ("Dream", ["DreamModel"])
+    assert config["mask_token_id"] == VOCAB and config["sample_vocab_size"] == VOCAB
+    with safe_open(export / "model.safetensors", "pt") as weights:
+        assert set(weights.keys()) == dream_tensor_names(config["num_hidden_layers"], True)
+        assert not weights.get_tensor("model.layers.0.self_attn.q_proj.bias").any()
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(export)
+    assert tokenizer.mask_token_id == VOCAB
+    generation = json.loads((export / "generation_config.json").read_text())
+    assert generation["mask_token_id"] == VOCAB and generation["eos_token_id"] == config[
+        "eos_token_id"] == tokenizer.eos_token_id
+
+    torch.manual_seed(1)
+    tokens = torch.randint(0, VOCAB, (2, 40))
+    tokens[:, 10:30:3] = VOCAB
+    torch.save(tokens, tmp_path / "tokens.pt")
+    run_python([WORKERS / "student_logits.py", "--checkpoint", tmp / "ckpt", "--tokens",
+                tmp_path / "tokens.pt", "--out", tmp_path / "megalign_logits.pt"])
+    reference = torch.load(tmp_path / "megalign_logits.pt")[..., :VOCAB]
+    run_python([WORKERS / "qwen2_reading.py", "--export", export, "--tokens",
+                tmp_path / "tokens.pt", "--out", tmp_path / "qwen2_logits.pt"])
+    qwen2 = torch.load(tmp_path / "qwen2_logits.pt")[..., :VOCAB]
+    assert (qwen2 - reference).abs().max() <= 1e-4
+    expected = megalign_generate(tmp / "ckpt", [cli for cli, _ in DREAM_OPTION_SETS],
+                                 tmp_path / "gen")
+    report = transformers_alone(export, tmp_path / "tokens.pt", DREAM_OPTION_SETS,
+                                tmp_path / "dream.json")
+    assert report["module"].endswith("modeling_dream")
+    assert (report["logits"][..., :VOCAB] - reference).abs().max() <= 1e-4
+    assert report["batched"] == expected  # each option set: megalign-generate's tokens
+    # a prompt alone as in the batch (greedy; megalign's own export test checks every setting)
+    assert report["alone"][0] == report["batched"][0]
+
+
+def test_a_qwen2_model_exports_to_dream_with_its_own_weights(tmp_path):
+    """A Qwen2 model converted and exported to Dream's format untrained: the tensors are the
+    original's (the padded vocabulary rows aside), and the original read bidirectionally by
+    transformers gives the export's logits."""
+    from safetensors.torch import load_file
+
+    original = tiny_hf_model("qwen2")
+    original.save_pretrained(tmp_path / "hf")
+    run_python(["-m", "megalign.cli.convert", "--from", "hf", "--to", "megalign", "--input",
+                tmp_path / "hf", "--output", tmp_path / "ml"])
+    run_python(["-m", "megalign.cli.convert", "--from", "megalign", "--to", "dream", "--input",
+                tmp_path / "ml", "--output", tmp_path / "dream"])
+    exported = load_file(tmp_path / "dream" / "model.safetensors")
+    assert set(exported) == dream_tensor_names(2, False)
+    for name, tensor in original.state_dict().items():
+        assert torch.equal(exported[name][:VOCAB] if "embed" in name or "lm_head" in name
+                           else exported[name], tensor), name
+    tokens = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(2))
+    torch.save(tokens, tmp_path / "tokens.pt")
+    run_python([WORKERS / "qwen2_reading.py", "--export", tmp_path / "dream", "--tokens",
+                tmp_path / "tokens.pt", "--out", tmp_path / "qwen2.pt", "--original",
+                tmp_path / "hf"])
+    report = transformers_alone(tmp_path / "dream", tmp_path / "tokens.pt", [], tmp_path / "d.json")
+    reading, first = torch.load(tmp_path / "qwen2.pt"), torch.load(tmp_path / "qwen2.pt.original")
+    assert (reading[..., :VOCAB] - first).abs().max() <= 1e-5
+    assert (report["logits"][..., :VOCAB] - first).abs().max() <= 1e-5
 
 
 def test_a_converted_model_moves_and_samples_as_the_step_0_student(tmp_path):

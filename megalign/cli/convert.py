@@ -3,6 +3,11 @@
     megalign-convert --from hf --to megalign --input HF_DIR [--gguf-file F.gguf] --output DIR \\
         [--tp N --pp N]
     megalign-convert --from megalign --to hf --input CKPT_DIR --output HF_DIR
+    megalign-convert --from megalign --to dream --input CKPT_DIR --output DREAM_DIR
+
+--to hf writes megalign's own transformers format (every student megalign trains); --to dream
+writes Dream's format, which Dream's code, Fast-dLLM, dllm, Diffulex and llama.cpp's converter
+read (dense Llama-family students with bidirectional decoding: docs/hugging-face.md).
 """
 
 # Imports inside functions are deliberate here: a command parses its arguments before importing
@@ -20,7 +25,8 @@ def parse_args(argv=None):
     parser = ArgumentParser(prog="megalign-convert", description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--from", dest="source", choices=["hf", "megalign"], required=True)
-    parser.add_argument("--to", dest="target", choices=["hf", "megalign"], required=True)
+    parser.add_argument("--to", dest="target", choices=["hf", "megalign", "dream"],
+                        required=True)
     parser.add_argument("--input", required=True)
     parser.add_argument("--output", required=True)
     parser.add_argument("--gguf-file", help="GGUF file name inside --input (HF input only)")
@@ -37,7 +43,13 @@ def convert(args) -> None:
 
     if args.source == args.target:
         raise ValueError("--from and --to must differ")
-    if args.source == "hf":
+    if args.target == "dream":
+        from megalign.convert.dream import megalign_to_dream
+
+        if args.source != "megalign":
+            raise ValueError("--to dream converts a megalign checkpoint (--from megalign)")
+        output = megalign_to_dream(args.input, args.output)
+    elif args.source == "hf":
         output = hf_to_megalign(args.input, args.output, args.gguf_file, args.tp, args.pp,
                                 args.make_vocab_size_divisible_by, args.trust_remote_code)
     else:

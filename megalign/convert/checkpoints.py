@@ -249,12 +249,19 @@ def hf_to_megalign(source: str, output: str, gguf_file: Optional[str] = None, tp
 def megalign_to_hf(source: str, output: str) -> str:
     """The megalign checkpoint ``source`` as a self-contained transformers directory ``output``
     (see ``export_diffusion_model``); returns its path."""
-    path = resolve(source)
+    cfg, meta, hf_state = student_for_export(resolve(source))
+    write_export_atomically(output, lambda directory: export_diffusion_model(cfg, meta, hf_state,
+                                                                             directory))
+    return output
+
+
+def export_config(path: str) -> tuple[Config, dict]:
+    """The config a checkpoint was trained with, at one process, with the vocabulary sizes and
+    mask row as training resolved them; and its metadata."""
     cfg, meta = recorded_config(path)
     cfg = replace(cfg, parallel=ParallelConfig())
-    vocab = None
     try:
-        if cfg.data.tokenizer:  # the vocabulary sizes and mask row as training resolved them
+        if cfg.data.tokenizer:
             tokenizer = build_tokenizer(cfg.data.tokenizer, cfg.data.eod_token)
             check_vocabulary(cfg, tokenizer.vocab_size, tokenizer.mask)
             vocab = Vocabulary.of(cfg, tokenizer)
@@ -265,15 +272,23 @@ def megalign_to_hf(source: str, output: str) -> str:
                                   "(model.padded_vocab_size)")
     except (ConfigError, OSError, ValueError) as err:
         raise ConversionError(f"checkpoint '{path}': {one_line(err)}") from None
-    m = cfg.model
+    return cfg, meta
+
+
+def student_for_export(path: str, cfg: Optional[Config] = None,
+                       meta: Optional[dict] = None) -> tuple[Config, dict, dict]:
+    """(config, metadata, the student's weights under Hugging Face names) of the checkpoint at
+    ``path``; a step-0 student's mask row initialised as training initialises it."""
+    if cfg is None:
+        cfg, meta = export_config(path)
     chunks = _build_single_process_model(cfg)
     load_checkpoint(path, chunks)
-    if vocab is not None:
+    if cfg.data.tokenizer:
+        vocab = Vocabulary.of(cfg, build_tokenizer(cfg.data.tokenizer, cfg.data.eod_token))
         start_step0_student(chunks, cfg, meta, vocab)
-    hf_state = megatron_to_hf(full_tensors(chunks, "param"), asdict(m), m.padded_vocab_size)
-    write_export_atomically(output, lambda directory: export_diffusion_model(cfg, meta, hf_state,
-                                                                             directory))
-    return output
+    m = cfg.model
+    return cfg, meta, megatron_to_hf(full_tensors(chunks, "param"), asdict(m),
+                                     m.padded_vocab_size)
 
 
 def write_export_atomically(output: str, write) -> None:
@@ -318,7 +333,8 @@ def export_diffusion_model(cfg: Config, meta: dict, hf_state: dict, output: str)
     from megalign.convert import modeling_megalign
 
     m = cfg.model
-    tokenizer = build_tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer else None
+    tokenizer = (build_tokenizer(cfg.data.tokenizer, cfg.data.eod_token) if cfg.data.tokenizer
+                 else None)
     config = modeling_megalign.MegalignDiffusionConfig(
         arch=m.arch, vocab_size=m.padded_vocab_size, hidden_size=m.hidden_size,
         intermediate_size=ffn_hidden_size(m), num_hidden_layers=m.num_layers,
@@ -371,16 +387,25 @@ def export_diffusion_model(cfg: Config, meta: dict, hf_state: dict, output: str)
     if source and os.path.isdir(source):
         for name in os.listdir(source):
             shutil.copy(os.path.join(source, name), output)
-    elif source and source.endswith(".model"):  # SentencePiece: as tokenizer.json
-        sentencepiece_as_transformers(source, tokenizer.eod, tokenizer.pad,
-                                      tokenizer.mask).save_pretrained(output)
-    elif source:  # a tokenizer.json file
-        from transformers import PreTrainedTokenizerFast
-
-        PreTrainedTokenizerFast(tokenizer_file=source,
-                                eos_token=tokenizer.eod_token).save_pretrained(output)
+    elif source:
+        transformers_tokenizer(source, tokenizer).save_pretrained(output)
     with open(os.path.join(output, "README.md"), "w", encoding="utf-8") as handle:
         handle.write(model_card(cfg, meta, tokenizer is not None))
+
+
+def transformers_tokenizer(source: str, tokenizer):
+    """megalign's tokenizer ``tokenizer`` (built from ``source``: a Hugging Face directory, a
+    SentencePiece ``.model``, exported as tokenizer.json, or a tokenizer.json file) as a
+    transformers tokenizer with its end-of-document token set."""
+    if os.path.isdir(source):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+    if source.endswith(".model"):
+        return sentencepiece_as_transformers(source, tokenizer.eod, tokenizer.pad, tokenizer.mask)
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_file=source, eos_token=tokenizer.eod_token)
 
 
 def training_mode_lines(cfg: Config) -> list[str]:

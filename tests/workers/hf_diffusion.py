@@ -45,12 +45,15 @@ report = {"module": type(model).__module__, "alone": [], "batched": []}
 pad = model.config.pad_token_id
 for options in job["options"]:
     new = options.pop("max_new_tokens")
-    alone = [model.diffusion_generate(torch.tensor([p]), max_new_tokens=new, **options)[0, len(p):]
-             .tolist() for p in job["prompts"]]
+    def generate(ids, **extra):  # a Dream export returns an output holding the sequences
+        result = model.diffusion_generate(ids, max_new_tokens=new, **options, **extra)
+        return getattr(result, "sequences", result)
+
+    alone = [generate(torch.tensor([p]))[0, len(p):].tolist() for p in job["prompts"]]
     longest = max(len(p) for p in job["prompts"])
     ids = torch.tensor([[pad] * (longest - len(p)) + p for p in job["prompts"]])
     mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in job["prompts"]])
-    batched = model.diffusion_generate(ids, attention_mask=mask, max_new_tokens=new, **options)
+    batched = generate(ids, attention_mask=mask)
     report["alone"].append(alone)
     report["batched"].append(batched[:, longest:].tolist())
 with open(args.out, "w", encoding="utf-8") as handle:
