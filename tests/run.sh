@@ -9,6 +9,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup_env.sh || exit 1
+# llama.cpp, which reads megalign's Dream exports in tests/test_hf_export.py (built once per machine)
+bash tools/setup_llama_cpp.sh || exit 1
 
 # the compatibility tier's environment is set up while the first tiers run (it is mostly waiting
 # on the disk, and setting it up after them added its minutes to the suite's)

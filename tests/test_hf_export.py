@@ -2,6 +2,8 @@
 alone (megalign not importable), matching megalign's logits and megalign-generate's tokens."""
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -272,6 +274,16 @@ def test_dream_export_reads_as_dream_and_as_qwen2(exported, tmp_path):
     assert report["batched"] == expected  # each option set: megalign-generate's tokens
     # a prompt alone as in the batch (greedy; megalign's own export test checks every setting)
     assert report["alone"][0] == report["batched"][0]
+
+    # llama.cpp's own converter makes a GGUF file of the export; llama.cpp computes its logits
+    converter = Path(sys.prefix) / "llama.cpp" / "convert_hf_to_gguf.py"
+    assert converter.is_file(), f"{converter} is missing: run tools/setup_llama_cpp.sh"
+    run_python([converter, export, "--outtype", "f32", "--outfile", tmp_path / "dream.gguf"])
+    run_python([WORKERS / "llama_cpp_logits.py", "--gguf", tmp_path / "dream.gguf", "--tokens",
+                tmp_path / "tokens.pt", "--out", tmp_path / "llama_cpp_logits.pt"])
+    llama_cpp = torch.load(tmp_path / "llama_cpp_logits.pt")
+    assert llama_cpp.shape == (*tokens.shape, config["vocab_size"])
+    assert (llama_cpp[..., :VOCAB] - reference).abs().max() <= 1e-4
 
 
 def test_a_qwen2_model_exports_to_dream_with_its_own_weights(tmp_path):

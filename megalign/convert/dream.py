@@ -167,6 +167,8 @@ def _write(cfg: Config, meta: dict, hf_state: dict, output: str) -> None:
         hf_tokenizer = transformers_tokenizer(cfg.data.tokenizer, tokenizer)
         declare_mask_token(hf_tokenizer, cfg.diffusion.mask_token_id)
         hf_tokenizer.save_pretrained(output)
+        if cfg.data.tokenizer.endswith(".model"):  # llama.cpp's converter reads SentencePiece's
+            shutil.copy(cfg.data.tokenizer, os.path.join(output, "tokenizer.model"))
     with open(os.path.join(output, "README.md"), "w", encoding="utf-8") as handle:
         handle.write(model_card(cfg, meta, tokenizer is not None).replace(
             "\n## Recipe", "\nIn Dream's format (`model_type: Dream`): Dream's code, Fast-dLLM, "
