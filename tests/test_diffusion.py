@@ -79,6 +79,30 @@ def test_loss_normalisation():
     assert torch.allclose(total, (ce * b.supervised / b.t[:, None]).sum())
 
 
+def test_path_weighting_is_the_reference_codes_mdm_plus_path_loss():
+    """``path``: L_mdm + L_path with L_path = sum_V sg(p)·CE / |V|, p = exp(-CE) the target's
+    probability, written here from logits; the same value and gradient (the probability is not
+    differentiated)."""
+    _, b = _batch(shift=True)
+    logits = torch.randn(2, 32, 11, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 11, (2, 32))
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
+    total, count = loss_terms(ce, b, "path")
+    (total / count).backward()
+    got = logits.grad.clone()
+
+    logits.grad = None
+    supervised = b.supervised
+    log_p = logits.log_softmax(-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)[supervised]
+    mdm = (-log_p).mean()
+    path = (log_p.exp().detach() * -log_p).sum() / supervised.sum()
+    (mdm + path).backward()
+    assert int(count) == int(supervised.sum())
+    # (loss_terms sums in float32, as training does)
+    assert torch.allclose((total / count).double(), mdm + path, rtol=1e-6)
+    assert torch.allclose(got, logits.grad, rtol=1e-5, atol=1e-9)
+
+
 def test_elbo_estimate_is_the_inv_t_training_loss_on_its_mask():
     from megalign.diffusion.masking import masks_at
     from megalign.evaluation.heldout import diffusion_nelbo

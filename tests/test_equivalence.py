@@ -519,7 +519,11 @@ def plain_reference(run, data_overrides, extra=(), student_input=None) -> dict:
                                         aux=[])
         sup = supervised.float()
         repeat = tokens.shape[1] // labels.shape[1]  # block diffusion: both streams predict
-        diffusion = (token_ce(logits, labels.repeat(1, repeat)) * sup).sum() / sup.sum()
+        ce = token_ce(logits, labels.repeat(1, repeat))
+        if cfg.diffusion.loss_weighting == "path":  # the reference code's L_mdm + L_path
+            diffusion = (ce * sup * (1 + torch.exp(-ce.detach()))).sum() / sup.sum()
+        else:
+            diffusion = (ce * sup).sum() / sup.sum()
         t_sup = batch.supervised_targets.float()
         teacher_loss += float((token_ce(t_logits, labels) * t_sup).sum() / t_sup.sum()) / num_mb
         weight = aligned.float()[:, : labels.shape[1]].T  # the (noisy) positions the teacher sees
@@ -619,8 +623,10 @@ def test_logged_teacher_loss_matches_plain_pytorch_reference(runs, reference):
 
 BLOCK = 32  # tiny.yaml's sequences of 128: four blocks
 MODES = {"block": [f"diffusion.block_length={BLOCK}"],
-         # one iteration of annealing: the step's samples 0..3 attend 0, 1/4, 1/2, 3/4 of the future
-         "anneal": ["diffusion.anneal_iters=1"],
+         # one iteration of annealing: the step's samples 0..3 attend 0, 1/4, 1/2, 3/4 of the
+         # future; with the path-weighted loss, which changes the loss alone, checked here across
+         # the layouts and against the plain reference without launches of its own
+         "anneal": ["diffusion.anneal_iters=1", "diffusion.loss_weighting=path"],
          # diffusion SFT on the bundled instruction set (data.paths: the sft_prefix fixture)
          "sft": ["data.sft=true"]}
 

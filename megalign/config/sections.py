@@ -263,8 +263,10 @@ class DiffusionConfig(Section):
 
     eps: float = 0.002  # t ~ U(eps, 1 - eps)
     shift: bool = True  # position i predicts token i+1 (AR shift kept)
-    # none: mean CE over supervised positions; inv_t: the MDLM ELBO's 1/t weighting
-    loss_weighting: Literal["none", "inv_t"] = "none"
+    # none: mean CE over supervised positions; inv_t: the MDLM ELBO's 1/t weighting; path: the
+    # mean CE plus the REPR-ALIGN reference code's path term, each CE weighted by the detached
+    # probability of its target (objective.py)
+    loss_weighting: Literal["none", "inv_t", "path"] = "none"
     mask_token_id: Optional[int] = None  # default: the tokenizer's <mask> or first padded row
     # attention annealing (DiffuLLaMA): over the first K iterations the student's attention moves
     # from causal to bidirectional, each future position opened by a per-sample draw; 0 = off

@@ -21,7 +21,12 @@ sequence: one stream, exactly plain masked diffusion.
 
 Loss per micro-batch, as (sum, normaliser) so Megatron's schedule divides by the normaliser:
 ``none``  sum of CE over supervised positions / number of supervised positions;
-``inv_t`` sum of CE/t over supervised positions / number of positions (MDLM ELBO per token).
+``inv_t`` sum of CE/t over supervised positions / number of positions (MDLM ELBO per token);
+``path``  sum of (1 + sg(p))·CE over supervised positions / number of supervised positions, with
+          p = exp(−CE) the probability of the target and sg a stop-gradient: the mean CE plus the
+          "path" term of the REPR-ALIGN reference code's Qwen3 path (L_mdm + L_path, L_path =
+          Σ sg(p_i)·CE_i / |V|), whose gradient leans on the positions the student already gets
+          right. Per position, so every layout computes it where it computes the CE.
 
 ``objective: ar`` (causal-LM pretraining of the same model) fills the same batch with the clean
 tokens as input, every position supervised whose next token belongs to its document, and the
@@ -261,6 +266,8 @@ def _two_streams(clean, noisy, labels, supervised, t, position_ids, teacher_mask
 def _loss_weights(per_token_ce: torch.Tensor, batch: DiffusionBatch, weighting: str):
     """([b, s] weight of each position's CE, [b] normaliser of each sample)."""
     weights = batch.supervised.to(per_token_ce.dtype)
+    if weighting == "path":
+        weights = weights * (1 + torch.exp(-per_token_ce.detach()))
     if weighting == "inv_t":
         weights = weights / batch.t.to(per_token_ce.dtype).unsqueeze(1)
         positions = batch.supervised.shape[1] // batch.streams
