@@ -394,9 +394,9 @@ def export_diffusion_model(cfg: Config, meta: dict, hf_state: dict, output: str)
 
 
 def transformers_tokenizer(source: str, tokenizer):
-    """megalign's tokenizer ``tokenizer`` (built from ``source``: a Hugging Face directory, a
-    SentencePiece ``.model``, exported as tokenizer.json, or a tokenizer.json file) as a
-    transformers tokenizer with its end-of-document token set."""
+    """megalign's tokenizer ``tokenizer`` (built from ``source``: a Hugging Face directory, taken
+    as it is, or a SentencePiece ``.model`` or tokenizer.json file, given the end-of-document
+    token as their eos) as a transformers tokenizer."""
     if os.path.isdir(source):
         from transformers import AutoTokenizer
 
