@@ -444,3 +444,20 @@ def test_dream_refuses_what_its_network_cannot_hold():
     assert "head size of 32" in refusal("model.head_dim=32")
     assert "block diffusion" in refusal("diffusion.block_length=8")
     assert "AR shift" in refusal("diffusion.shift=false")
+
+
+@pytest.mark.unit
+def test_the_gguf_export_refuses_what_it_cannot_write():
+    """--to gguf: what Dream cannot hold, Llama 3.x RoPE scaling (llama.cpp's Dream graph has no
+    frequency table) and tokenizers other than SentencePiece (their pre-tokenizer is named in
+    llama.cpp's tables: its converter makes those files from a --to dream export)."""
+    from megalign.config import load_config
+    from megalign.convert.dream_gguf import gguf_refusal
+
+    def refusal(*overrides):
+        return gguf_refusal(load_config([str(TINY_CONFIG)], list(overrides)))
+
+    assert refusal() is None
+    assert "mixture of experts" in refusal("model.num_experts=4")
+    assert "RoPE scaling" in refusal("model.rope_scaling_factor=8.0")
+    assert "convert_hf_to_gguf.py" in refusal("data.tokenizer=tokenizer.json")

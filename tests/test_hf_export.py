@@ -285,6 +285,32 @@ def test_dream_export_reads_as_dream_and_as_qwen2(exported, tmp_path):
     assert llama_cpp.shape == (*tokens.shape, config["vocab_size"])
     assert (llama_cpp[..., :VOCAB] - reference).abs().max() <= 1e-4
 
+    # megalign's own GGUF file (--to gguf): llama.cpp's logits and its tokenization of the corpus
+    import gzip
+
+    import gguf
+    import sentencepiece as spm
+
+    run_python(["-m", "megalign.cli.convert", "--from", "megalign", "--to", "gguf", "--input",
+                tmp / "ckpt", "--output", tmp_path / "megalign.gguf"])
+    fields = gguf.GGUFReader(tmp_path / "megalign.gguf").fields
+    assert fields["general.architecture"].contents() == "dream"
+    assert fields["diffusion.shift_logits"].contents() is True
+    assert fields["tokenizer.ggml.mask_token_id"].contents() == VOCAB
+    with gzip.open(CORPUS, "rt", encoding="utf-8") as handle:
+        # (llama.cpp does not apply SentencePiece's normaliser: runs of spaces and spaces at the
+        # ends encode differently there; the corpus has none inside its texts)
+        texts = [json.loads(line)["text"][:400].strip() for line, _ in zip(handle, range(40))]
+    (tmp_path / "texts.json").write_text(json.dumps(texts))
+    run_python([WORKERS / "llama_cpp_logits.py", "--gguf", tmp_path / "megalign.gguf",
+                "--tokens", tmp_path / "tokens.pt", "--out", tmp_path / "gguf_logits.pt",
+                "--texts", tmp_path / "texts.json"])
+    own = torch.load(tmp_path / "gguf_logits.pt")
+    assert (own[..., :VOCAB] - reference).abs().max() <= 1e-4
+    sp = spm.SentencePieceProcessor(model_file=str(TOKENIZER))
+    encoded = json.loads((tmp_path / "gguf_logits.pt.tokens.json").read_text())
+    assert encoded == [sp.encode(text) for text in texts]
+
 
 def test_a_qwen2_model_exports_to_dream_with_its_own_weights(tmp_path):
     """A Qwen2 model converted and exported to Dream's format untrained: the tensors are the

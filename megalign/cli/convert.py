@@ -4,10 +4,13 @@
         [--tp N --pp N]
     megalign-convert --from megalign --to hf --input CKPT_DIR --output HF_DIR
     megalign-convert --from megalign --to dream --input CKPT_DIR --output DREAM_DIR
+    megalign-convert --from megalign --to gguf --input CKPT_DIR --output FILE.gguf
 
 --to hf writes megalign's own transformers format (every student megalign trains); --to dream
 writes Dream's format, which Dream's code, Fast-dLLM, dllm, Diffulex and llama.cpp's converter
-read (dense Llama-family students with bidirectional decoding: docs/hugging-face.md).
+read (dense Llama-family students with bidirectional decoding: docs/hugging-face.md); --to gguf
+writes such a student trained with a SentencePiece tokenizer as a GGUF file of llama.cpp's Dream
+architecture.
 """
 
 # Imports inside functions are deliberate here: a command parses its arguments before importing
@@ -25,7 +28,7 @@ def parse_args(argv=None):
     parser = ArgumentParser(prog="megalign-convert", description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--from", dest="source", choices=["hf", "megalign"], required=True)
-    parser.add_argument("--to", dest="target", choices=["hf", "megalign", "dream"],
+    parser.add_argument("--to", dest="target", choices=["hf", "megalign", "dream", "gguf"],
                         required=True)
     parser.add_argument("--input", required=True)
     parser.add_argument("--output", required=True)
@@ -43,12 +46,15 @@ def convert(args) -> None:
 
     if args.source == args.target:
         raise ValueError("--from and --to must differ")
-    if args.target == "dream":
+    if args.target in ("dream", "gguf"):
         from megalign.convert.dream import megalign_to_dream
+        from megalign.convert.dream_gguf import megalign_to_gguf
 
         if args.source != "megalign":
-            raise ValueError("--to dream converts a megalign checkpoint (--from megalign)")
-        output = megalign_to_dream(args.input, args.output)
+            raise ValueError(f"--to {args.target} converts a megalign checkpoint "
+                             "(--from megalign)")
+        export = megalign_to_dream if args.target == "dream" else megalign_to_gguf
+        output = export(args.input, args.output)
     elif args.source == "hf":
         output = hf_to_megalign(args.input, args.output, args.gguf_file, args.tp, args.pp,
                                 args.make_vocab_size_divisible_by, args.trust_remote_code)

@@ -133,17 +133,9 @@ def _write(cfg: Config, meta: dict, hf_state: dict, output: str) -> None:
 
     from megalign.convert import modeling_megalign
 
-    m = cfg.model
     tokenizer = (build_tokenizer(cfg.data.tokenizer, cfg.data.eod_token) if cfg.data.tokenizer
                  else None)
-    state = dict(hf_state)
-    if m.tie_embeddings:
-        state.pop("lm_head.weight", None)
-    for layer in range(m.num_layers):  # Dream's q/k/v projections always have biases
-        for name in ("q_proj", "k_proj", "v_proj"):
-            weight = state[f"model.layers.{layer}.self_attn.{name}.weight"]
-            state.setdefault(f"model.layers.{layer}.self_attn.{name}.bias",
-                             torch.zeros(weight.shape[0], dtype=weight.dtype))
+    state = dream_state(cfg, hf_state)
     config = dream_config(cfg, tokenizer)
     check_names(config, state)
     os.makedirs(output)
@@ -174,6 +166,20 @@ def _write(cfg: Config, meta: dict, hf_state: dict, output: str) -> None:
             "\n## Recipe", "\nIn Dream's format (`model_type: Dream`): Dream's code, Fast-dLLM, "
             "dllm, Diffulex and llama.cpp's converter read it; `diffusion_generate` takes Dream's "
             "arguments and megalign's.\n\n## Recipe", 1))
+
+
+def dream_state(cfg: Config, hf_state: dict) -> dict:
+    """The student's tensors under Hugging Face names as Dream holds them: q/k/v biases always
+    (zero where the student has none), no output layer when the embedding is tied."""
+    m, state = cfg.model, dict(hf_state)
+    if m.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    for layer in range(m.num_layers):
+        for name in ("q_proj", "k_proj", "v_proj"):
+            weight = state[f"model.layers.{layer}.self_attn.{name}.weight"]
+            state.setdefault(f"model.layers.{layer}.self_attn.{name}.bias",
+                             torch.zeros(weight.shape[0], dtype=weight.dtype))
+    return state
 
 
 def check_names(config: dict, state: dict) -> None:

@@ -1,9 +1,11 @@
 """Logits of a GGUF file computed by llama.cpp (through llama-cpp-python's bindings to its C API),
 attending non-causally as llama.cpp's diffusion runner does: every position of each row of
---tokens, saved to --out as a [rows, positions, vocabulary] tensor. megalign cannot be imported
-here."""
+--tokens, saved to --out as a [rows, positions, vocabulary] tensor. ``--texts`` (a JSON list):
+also llama.cpp's tokenization of each text, without special tokens, to --out.tokens.json.
+megalign cannot be imported here."""
 
 import argparse
+import json
 import sys
 
 sys.modules["megalign"] = None  # any import of megalign fails
@@ -16,6 +18,7 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--gguf", required=True)
 parser.add_argument("--tokens", required=True)
 parser.add_argument("--out", required=True)
+parser.add_argument("--texts")
 args = parser.parse_args()
 
 tokens = torch.load(args.tokens)
@@ -48,5 +51,17 @@ for row in range(rows):
             np.ctypeslib.as_array(row_logits, shape=(vocabulary,)).copy())
     llama.llama_batch_free(batch)
 torch.save(logits, args.out)
+if args.texts:
+    vocab = llama.llama_model_get_vocab(model)
+    encoded = []
+    with open(args.texts, encoding="utf-8") as handle:
+        for text in json.load(handle):
+            data = text.encode("utf-8")
+            room = (llama.llama_token * (len(data) + 8))()
+            count = llama.llama_tokenize(vocab, data, len(data), room, len(room), False, False)
+            assert count >= 0, text
+            encoded.append(list(room[:count]))
+    with open(args.out + ".tokens.json", "w", encoding="utf-8") as handle:
+        json.dump(encoded, handle)
 llama.llama_free(context)
 llama.llama_model_free(model)

@@ -1,0 +1,129 @@
+"""megalign -> a GGUF file of llama.cpp's Dream architecture (``megalign-convert --from megalign
+--to gguf``), for llama.cpp's diffusion runner (``llama-diffusion-cli``).
+
+Written with the ``gguf`` package: Dream's hyperparameters, non-causal attention,
+``diffusion.shift_logits`` (position i's logits predict token i + 1, as megalign trains), the
+mask token id, the tensors under llama.cpp's names (``gguf``'s own table for the ``dream``
+architecture) and the SentencePiece vocabulary the student was trained with (pieces, scores and
+types as the ``.model`` holds them; the padded rows unused, the mask row a control token). What
+the file cannot hold is refused before anything is read or written: what Dream's format cannot
+(``dream_refusal``), Llama 3.x RoPE scaling (llama.cpp's Dream graph has no frequency table), and
+tokenizers other than SentencePiece: a BPE tokenizer's GGUF names its pre-tokenizer from
+llama.cpp's own tables, so for those ``--to dream`` and llama.cpp's ``convert_hf_to_gguf.py``
+make the file.
+"""
+
+# Imports inside functions are deliberate here: gguf and sentencepiece's model proto are read
+# only when a file is written.
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from megalign.checkpoint import resolve
+from megalign.config import Config
+from megalign.convert.checkpoints import export_config, student_for_export
+from megalign.convert.dream import MASK_TOKEN, dream_refusal, dream_state
+from megalign.data.tokenizer import build_tokenizer
+from megalign.errors import ConversionError
+from megalign.model.gpt import ffn_hidden_size
+
+
+def gguf_refusal(cfg: Config) -> Optional[str]:
+    """Why this student cannot be written as a Dream GGUF by megalign, or None."""
+    why = dream_refusal(cfg)
+    if why:
+        return f"Dream's format cannot hold {why}; export it with --to hf instead"
+    if cfg.model.rope_scaling_factor is not None:
+        return ("llama.cpp's Dream architecture has no Llama 3.x RoPE scaling "
+                "(model.rope_scaling_factor)")
+    source = cfg.data.tokenizer
+    if not source or not source.endswith(".model"):
+        return ("megalign writes the GGUF vocabulary of SentencePiece tokenizers (data.tokenizer: "
+                f"{source or 'none recorded'}); for others export with --to dream and run "
+                "llama.cpp's convert_hf_to_gguf.py on the directory, which names their "
+                "pre-tokenizer")
+    return None
+
+
+def megalign_to_gguf(source: str, output: str) -> str:
+    """The megalign checkpoint ``source`` as the GGUF file ``output``; returns its path. Written
+    to a temporary sibling renamed once complete."""
+    path = resolve(source)
+    if not output.endswith(".gguf"):
+        raise ConversionError(f"--output '{output}': name a .gguf file")
+    cfg, meta = export_config(path)
+    why = gguf_refusal(cfg)
+    if why:
+        raise ConversionError(f"checkpoint '{path}': {why}")
+    cfg, _, hf_state = student_for_export(path, cfg, meta)
+    temp = f"{output}.tmp-{os.getpid()}"
+    try:
+        _write(cfg, dream_state(cfg, hf_state), temp)
+        os.replace(temp, output)
+    finally:
+        if os.path.exists(temp):
+            os.remove(temp)
+    return output
+
+
+def sentencepiece_vocabulary(cfg: Config) -> tuple[list[bytes], list[float], list[int]]:
+    """(tokens, scores, types) of every row of the padded vocabulary: the ``.model``'s pieces,
+    then the mask row (a control token, when past the pieces) and unused padding rows."""
+    import gguf
+    from transformers.convert_slow_tokenizer import import_protobuf
+
+    proto = import_protobuf().ModelProto()
+    with open(cfg.data.tokenizer, "rb") as handle:
+        proto.ParseFromString(handle.read())
+    tokens = [piece.piece.encode("utf-8") for piece in proto.pieces]
+    scores = [piece.score for piece in proto.pieces]
+    types = [int(piece.type) for piece in proto.pieces]  # SentencePiece's numbering is GGUF's
+    for row in range(len(tokens), cfg.model.padded_vocab_size):
+        mask = row == cfg.diffusion.mask_token_id
+        tokens.append(MASK_TOKEN.encode() if mask else f"[PAD{row}]".encode())
+        scores.append(0.0)
+        types.append(int(gguf.TokenType.CONTROL if mask else gguf.TokenType.UNUSED))
+    return tokens, scores, types
+
+
+def _write(cfg: Config, state: dict, path: str) -> None:
+    import gguf
+
+    m = cfg.model
+    tokenizer = build_tokenizer(cfg.data.tokenizer, cfg.data.eod_token)
+    writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.DREAM])
+    writer.add_name("megalign diffusion student")
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_context_length(m.max_position_embeddings or m.seq_length)
+    writer.add_embedding_length(m.hidden_size)
+    writer.add_block_count(m.num_layers)
+    writer.add_feed_forward_length(ffn_hidden_size(m))
+    writer.add_head_count(m.num_attention_heads)
+    writer.add_head_count_kv(m.query_groups)
+    writer.add_rope_freq_base(float(m.rotary_base))
+    writer.add_layer_norm_rms_eps(m.norm_epsilon)
+    writer.add_causal_attention(False)
+    writer.add_diffusion_shift_logits(True)
+    tokens, scores, types = sentencepiece_vocabulary(cfg)
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_eos_token_id(tokenizer.eod)
+    writer.add_pad_token_id(tokenizer.pad)
+    writer.add_mask_token_id(cfg.diffusion.mask_token_id)
+    writer.add_add_bos_token(False)  # megalign encodes as SentencePiece does: no BOS, no EOS
+    writer.add_add_eos_token(False)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.DREAM, m.num_layers)
+    for name, tensor in sorted(state.items()):
+        gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise ConversionError(f"tensor {name} has no name in llama.cpp's Dream architecture")
+        writer.add_tensor(gguf_name, tensor.float().contiguous().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
