@@ -461,3 +461,22 @@ def test_the_gguf_export_refuses_what_it_cannot_write():
     assert "mixture of experts" in refusal("model.num_experts=4")
     assert "RoPE scaling" in refusal("model.rope_scaling_factor=8.0")
     assert "convert_hf_to_gguf.py" in refusal("data.tokenizer=tokenizer.json")
+
+
+@pytest.mark.unit
+def test_an_export_replaces_only_an_earlier_export_of_its_kind(tmp_path):
+    """--output that holds something else is refused in one line before anything is read or
+    written; an empty directory or an earlier export of the same kind is replaced."""
+    from megalign.convert.checkpoints import refuse_foreign_output
+    from megalign.errors import ConversionError
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "earlier").mkdir()
+    (tmp_path / "earlier" / "modeling_dream.py").write_text("")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    for name in ("empty", "earlier", "missing"):
+        refuse_foreign_output(str(tmp_path / name), "modeling_dream.py", "a Dream export")
+    with pytest.raises(ConversionError, match="exists and is not a Dream export; give a new"):
+        refuse_foreign_output(str(tmp_path / "other"), "modeling_dream.py", "a Dream export")
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"

@@ -249,17 +249,22 @@ def hf_to_megalign(source: str, output: str, gguf_file: Optional[str] = None, tp
 def megalign_to_hf(source: str, output: str) -> str:
     """The megalign checkpoint ``source`` as a self-contained transformers directory ``output``
     (see ``export_diffusion_model``); returns its path."""
-    cfg, meta, hf_state = student_for_export(resolve(source))
-    write_export_atomically(output, lambda directory: export_diffusion_model(cfg, meta, hf_state,
-                                                                             directory))
+    path = resolve(source)
+    cfg, meta, tokenizer = export_config(path)
+    refuse_foreign_output(output, "modeling_megalign.py", "a megalign export")
+    hf_state = student_for_export(path, cfg, meta, tokenizer)
+    write_directory_atomically(output, lambda directory: export_diffusion_model(
+        cfg, meta, hf_state, tokenizer, directory))
     return output
 
 
-def export_config(path: str) -> tuple[Config, dict]:
+def export_config(path: str) -> tuple[Config, dict, Optional[object]]:
     """The config a checkpoint was trained with, at one process, with the vocabulary sizes and
-    mask row as training resolved them; and its metadata."""
+    mask row as training resolved them; its metadata; and its tokenizer (None if it records
+    none)."""
     cfg, meta = recorded_config(path)
     cfg = replace(cfg, parallel=ParallelConfig())
+    tokenizer = None
     try:
         if cfg.data.tokenizer:
             tokenizer = build_tokenizer(cfg.data.tokenizer, cfg.data.eod_token)
@@ -272,33 +277,27 @@ def export_config(path: str) -> tuple[Config, dict]:
                                   "(model.padded_vocab_size)")
     except (ConfigError, OSError, ValueError) as err:
         raise ConversionError(f"checkpoint '{path}': {one_line(err)}") from None
-    return cfg, meta
+    return cfg, meta, tokenizer
 
 
-def student_for_export(path: str, cfg: Optional[Config] = None,
-                       meta: Optional[dict] = None) -> tuple[Config, dict, dict]:
-    """(config, metadata, the student's weights under Hugging Face names) of the checkpoint at
-    ``path``; a step-0 student's mask row initialised as training initialises it."""
-    if cfg is None:
-        cfg, meta = export_config(path)
+def student_for_export(path: str, cfg: Config, meta: dict, tokenizer) -> dict:
+    """The student's weights under Hugging Face names, from the checkpoint at ``path`` with its
+    ``export_config``; a step-0 student's mask row initialised as training initialises it."""
     chunks = _build_single_process_model(cfg)
     load_checkpoint(path, chunks)
-    if cfg.data.tokenizer:
-        vocab = Vocabulary.of(cfg, build_tokenizer(cfg.data.tokenizer, cfg.data.eod_token))
-        start_step0_student(chunks, cfg, meta, vocab)
+    if tokenizer is not None:
+        start_step0_student(chunks, cfg, meta, Vocabulary.of(cfg, tokenizer))
     m = cfg.model
-    return cfg, meta, megatron_to_hf(full_tensors(chunks, "param"), asdict(m),
-                                     m.padded_vocab_size)
+    return megatron_to_hf(full_tensors(chunks, "param"), asdict(m), m.padded_vocab_size)
 
 
-def write_export_atomically(output: str, write) -> None:
-    """``write(directory)`` as ``write_directory_atomically``; an ``output`` that exists is
-    replaced only when it is an earlier export (it holds modeling_megalign.py)."""
+def refuse_foreign_output(output: str, marker: str, kind: str) -> None:
+    """An ``output`` that exists is replaced only when it is an earlier export of the same
+    ``kind`` (it holds the file ``marker``)."""
     if os.path.isdir(output) and os.listdir(output) and not os.path.isfile(
-            os.path.join(output, "modeling_megalign.py")):
-        raise ConversionError(f"--output '{output}' exists and is not a megalign export; give a "
-                              "new directory")
-    write_directory_atomically(output, write)
+            os.path.join(output, marker)):
+        raise ConversionError(f"--output '{output}' exists and is not {kind}; give a new "
+                              "directory")
 
 
 def write_directory_atomically(output: str, write) -> None:
@@ -324,7 +323,8 @@ def write_modeling_files(output: str) -> None:
     shutil.copy(decoding.__file__, os.path.join(output, "decoding.py"))
 
 
-def export_diffusion_model(cfg: Config, meta: dict, hf_state: dict, output: str) -> None:
+def export_diffusion_model(cfg: Config, meta: dict, hf_state: dict, tokenizer,
+                           output: str) -> None:
     """Weights (safetensors), config, megalign's modeling file with ``diffusion_generate``,
     generation defaults, tokenizer and a model card: loads with transformers alone
     (``AutoModel.from_pretrained(output, trust_remote_code=True)``)."""
@@ -333,8 +333,6 @@ def export_diffusion_model(cfg: Config, meta: dict, hf_state: dict, output: str)
     from megalign.convert import modeling_megalign
 
     m = cfg.model
-    tokenizer = (build_tokenizer(cfg.data.tokenizer, cfg.data.eod_token) if cfg.data.tokenizer
-                 else None)
     config = modeling_megalign.MegalignDiffusionConfig(
         arch=m.arch, vocab_size=m.padded_vocab_size, hidden_size=m.hidden_size,
         intermediate_size=ffn_hidden_size(m), num_hidden_layers=m.num_layers,

@@ -29,12 +29,12 @@ from megalign.config import Config
 from megalign.convert.checkpoints import (
     export_config,
     model_card,
+    refuse_foreign_output,
     student_for_export,
     transformers_tokenizer,
     write_directory_atomically,
 )
 from megalign.convert.hf import LLAMA3_ROPE
-from megalign.data.tokenizer import build_tokenizer
 from megalign.diffusion import decoding
 from megalign.diffusion.objective import streams
 from megalign.errors import ConversionError
@@ -114,27 +114,23 @@ def megalign_to_dream(source: str, output: str) -> str:
     """The megalign checkpoint ``source`` as a Dream-format directory ``output``; returns its
     path. Refused (ConversionError, nothing written) when Dream cannot hold the student."""
     path = resolve(source)
-    cfg, meta = export_config(path)
+    cfg, meta, tokenizer = export_config(path)
     why = dream_refusal(cfg)
     if why:
         raise ConversionError(f"checkpoint '{path}': Dream's format cannot hold {why}; export it "
                               "with --to hf instead")
-    if os.path.isdir(output) and os.listdir(output) and not os.path.isfile(
-            os.path.join(output, "modeling_dream.py")):
-        raise ConversionError(f"--output '{output}' exists and is not a Dream export; give a "
-                              "new directory")
-    cfg, meta, hf_state = student_for_export(path, cfg, meta)
-    write_directory_atomically(output, lambda directory: _write(cfg, meta, hf_state, directory))
+    refuse_foreign_output(output, "modeling_dream.py", "a Dream export")
+    hf_state = student_for_export(path, cfg, meta, tokenizer)
+    write_directory_atomically(output, lambda directory: _write(cfg, meta, hf_state, tokenizer,
+                                                                directory))
     return output
 
 
-def _write(cfg: Config, meta: dict, hf_state: dict, output: str) -> None:
+def _write(cfg: Config, meta: dict, hf_state: dict, tokenizer, output: str) -> None:
     from safetensors.torch import save_file
 
     from megalign.convert import modeling_megalign
 
-    tokenizer = (build_tokenizer(cfg.data.tokenizer, cfg.data.eod_token) if cfg.data.tokenizer
-                 else None)
     state = dream_state(cfg, hf_state)
     config = dream_config(cfg, tokenizer)
     check_names(config, state)

@@ -25,7 +25,6 @@ from megalign.checkpoint import resolve
 from megalign.config import Config
 from megalign.convert.checkpoints import export_config, student_for_export
 from megalign.convert.dream import MASK_TOKEN, dream_refusal, dream_state
-from megalign.data.tokenizer import build_tokenizer
 from megalign.errors import ConversionError
 from megalign.model.gpt import ffn_hidden_size
 
@@ -53,14 +52,14 @@ def megalign_to_gguf(source: str, output: str) -> str:
     path = resolve(source)
     if not output.endswith(".gguf"):
         raise ConversionError(f"--output '{output}': name a .gguf file")
-    cfg, meta = export_config(path)
+    cfg, meta, tokenizer = export_config(path)
     why = gguf_refusal(cfg)
     if why:
         raise ConversionError(f"checkpoint '{path}': {why}")
-    cfg, _, hf_state = student_for_export(path, cfg, meta)
+    hf_state = student_for_export(path, cfg, meta, tokenizer)
     temp = f"{output}.tmp-{os.getpid()}"
     try:
-        _write(cfg, dream_state(cfg, hf_state), temp)
+        _write(cfg, dream_state(cfg, hf_state), tokenizer, temp)
         os.replace(temp, output)
     finally:
         if os.path.exists(temp):
@@ -88,11 +87,10 @@ def sentencepiece_vocabulary(cfg: Config) -> tuple[list[bytes], list[float], lis
     return tokens, scores, types
 
 
-def _write(cfg: Config, state: dict, path: str) -> None:
+def _write(cfg: Config, state: dict, tokenizer, path: str) -> None:
     import gguf
 
     m = cfg.model
-    tokenizer = build_tokenizer(cfg.data.tokenizer, cfg.data.eod_token)
     writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.DREAM])
     writer.add_name("megalign diffusion student")
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
