@@ -21,10 +21,9 @@ LAYOUTS = {
     "tp2pp2": (2, 2, 4, []),
     # sequence parallel: each TP rank holds half the positions of every hidden state
     "tp2pp2sp": (2, 2, 4, ["parallel.sequence_parallel=true"]),
-    # the teacher keeps its LM head on the last stage and logs its AR loss
-    "tp2pp2tl": (2, 2, 4, ["align.log_teacher_loss=true"]),
-    # one teacher forward for the step's 2 micro-batches (the others: one per micro-batch)
-    "tp2pp2g2": (2, 2, 4, ["align.teacher_microbatches=2"]),
+    # one teacher forward for the step's 2 micro-batches (the others: one per micro-batch); the
+    # teacher keeps its LM head on the last stage and logs its AR loss
+    "tp2pp2g2": (2, 2, 4, ["align.teacher_microbatches=2", "align.log_teacher_loss=true"]),
     "dp2": (1, 1, 2, []),
     # interleaved 1F1B: 2 virtual stages per PP rank, one layer per model chunk, and the teacher
     # run once per step on every chunk
@@ -309,9 +308,9 @@ def test_teacher_is_frozen_and_outside_the_optimizer(runs):
             assert not rank["teacher_has_grad"], name
             assert not rank["teacher_requires_grad"], name
             assert not rank["teacher_in_optimizer"], name
-            keeps_head = name == "tp2pp2tl" and rank["is_last_stage"]
+            keeps_head = name == "tp2pp2g2" and rank["is_last_stage"]
             assert rank["teacher_output_layer"] == keeps_head, name
-        assert (run["summary"]["align"]["teacher_loss"] is None) == (name != "tp2pp2tl"), name
+        assert (run["summary"]["align"]["teacher_loss"] is None) == (name != "tp2pp2g2"), name
 
 
 @pytest.mark.parametrize("layout", layouts_to_check(["tp1pp2", "tp2pp2", "tp2pp2sp", "tp2pp2g2",
@@ -615,7 +614,7 @@ def test_moe_alignment_matches_across_layouts_and_plain_pytorch(moe_runs, data_o
 @pytest.mark.slow
 def test_logged_teacher_loss_matches_plain_pytorch_reference(runs, reference):
     """The teacher's AR loss on the supervised positions, logged by the layout that asks for it."""
-    assert runs["tp2pp2tl"]["summary"]["align"]["teacher_loss"] == pytest.approx(
+    assert runs["tp2pp2g2"]["summary"]["align"]["teacher_loss"] == pytest.approx(
         reference["teacher_loss"], rel=RTOL)
 
 
