@@ -21,18 +21,23 @@ embedding and the tied output layer, as the paper's scripts do; ``none``) and th
 (``full`` sequence, ``block`` diffusion). Every setting has λ = 0 and the largest λ under the
 first freeze setting with every seed of ``--seeds`` (block diffusion with the first
 ``--mode-seeds``); the first (smallest) setting also the other λ and freeze settings with the
-first seed. A seed sets the data order and the noise; the evaluation (``evaluation.seed``) is the
-same for every arm, so at step 0 every arm of a mode scores the same and arms are compared on the
-same text with the same masks.
+first seed. Recipes (each arm records one: ``plain``, the masked-diffusion loss alone;
+``repr-align``, λ > 0; the ``--terms``: ``path``, ``hybrid-ar``, ``logit-kd``; ``+`` joins
+them): every term of ``--terms`` is added to λ = 0 and the largest λ wherever those arms run (in
+the modes the term trains in), with the first ``--term-seeds`` seeds. A seed sets the data order
+and the noise; the evaluation (``evaluation.seed``) is the same for every arm, so at step 0 every
+arm of a mode scores the same and arms are compared on the same text with the same masks.
 
 Measured inside training every ``--eval-interval`` steps, with standard errors and per-sample
 values: ``val_nelbo`` (held-out KJV), ``val_ood_nelbo`` (the Devil's Dictionary, never trained
 on), ``gen_ppl`` (continuations of held-out prompts scored by the AR model) with ``gen_distinct``.
-Per aligned arm and metric: the acceleration curve (``megalign/evaluation/acceleration.py``)
-against the λ = 0 arm of the same setting, mode, freeze and seed, its value at the end, the paired
-per-sample difference at the end; per (setting, mode, freeze, λ, metric): the median over seeds
-with a 95% t interval, and the same in compute (step time measured alone after the arms, and
-FLOPs per step). Writes ``results.json``, ``results.md`` and ``curves.png`` /
+Per arm of another recipe and metric, against the plain arm of the same setting, mode, freeze and
+seed: the acceleration curve (``megalign/evaluation/acceleration.py``) and its value at the end
+(the paper's reading), the strict reading (the steps to the plain arm's final value over the steps
+the plain arm first reached it in), the paired per-sample difference at the end; per (setting,
+mode, freeze, recipe, λ, metric): the median over seeds with a 95% t interval under both
+readings, and the same in compute (step time measured alone after the arms for repr-align, FLOPs
+per step for every recipe). Writes ``results.json``, ``results.md`` and ``curves.png`` /
 ``acceleration.png`` under ``--out``; trailing ``key.sub=value`` arguments go to every run.
 """
 
@@ -59,6 +64,7 @@ from megalign.evaluation.acceleration import (  # noqa: E402
     acceleration_curve,
     final_ratio,
     spread_over_seeds,
+    strict_ratio,
 )
 from megalign.evaluation.statistics import paired_difference  # noqa: E402
 
@@ -69,6 +75,17 @@ STUDY_CONFIG = REPO / "bench" / "configs" / "study_ar.yaml"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FREEZE = {"embedding": ["optimizer.freeze=[embedding,output_layer]"], "none": []}
 MODES = ("full", "block", "anneal")
+# the loss terms a recipe may add to masked diffusion (and REPR-ALIGN, λ > 0): name -> (overrides,
+# the modes it trains in)
+TERMS = {
+    # the REPR-ALIGN reference code's path term (diffusion.loss_weighting=path)
+    "path": (["diffusion.loss_weighting=path"], MODES),
+    # the student's own next-token loss, Nemotron-Labs-Diffusion's weights (full sequence only:
+    # megalign refuses it beside block diffusion and annealing)
+    "hybrid-ar": (["diffusion.ar_loss_weight=1.0", "diffusion.dlm_loss_weight=0.3"], ("full",)),
+    # teacher-logit distillation, KL(teacher || student) at the supervised positions, weight 1
+    "logit-kd": (["align.kd_weight=1.0"], MODES),
+}
 # metric -> (direction, label): +1 higher is better, -1 lower is better
 METRICS = {
     "val_nelbo": (-1, "held-out NELBO (KJV)"),
@@ -102,6 +119,11 @@ def parse_args(argv=None):
     parser.add_argument("--weight-seeds", type=int, default=1,
                         help="seeds of the λ other than 0 and the largest (the first N of "
                              "--seeds), on the smallest setting")
+    parser.add_argument("--terms", nargs="*", choices=tuple(TERMS), default=[],
+                        help="other recipes: each term added to λ = 0 and to the largest λ "
+                             "wherever those arms run (the modes it trains in)")
+    parser.add_argument("--term-seeds", type=int, default=1,
+                        help="seeds of the --terms arms (the first N of --seeds)")
     parser.add_argument("--block-length", type=int, default=32, help="--modes block")
     parser.add_argument("--anneal-iters", type=int, help="--modes anneal (default: steps / 4)")
     parser.add_argument("--lr", type=float, default=3e-4)
@@ -278,9 +300,19 @@ def smollm2_ar(args) -> dict:
 # ----------------------------------------------------------------------------- arms
 
 
-def arms_of(args) -> list[tuple[str, str, str, float, int]]:
-    """(setting, mode, freeze, λ, seed) of every run, seeds in order (a run cut short keeps whole
-    comparisons): see the module docstring."""
+def recipe_name(weight: float, terms) -> str:
+    """An arm's recipe: ``plain`` (masked diffusion alone), ``repr-align`` (λ > 0), a term of
+    ``TERMS``, or several joined by ``+``."""
+    return "+".join([*(["repr-align"] if weight else []), *terms]) or "plain"
+
+
+def recipe_of(record: dict) -> str:
+    return recipe_name(record["align_weight"], record.get("terms", ()))
+
+
+def arms_of(args) -> list[tuple[str, str, str, float, int, tuple]]:
+    """(setting, mode, freeze, λ, seed, terms) of every run, seeds in order (a run cut short keeps
+    whole comparisons): see the module docstring."""
     paired = sorted({args.weights[0], max(args.weights)})
     first_freeze, first_setting = args.freeze[0], setting_name(args.sizes[0])
     arms = []
@@ -290,28 +322,33 @@ def arms_of(args) -> list[tuple[str, str, str, float, int]]:
             for mode in args.modes:
                 if mode != "full" and (setting != first_setting or index >= args.mode_seeds):
                     continue
-                arms += [(setting, mode, first_freeze, weight, seed) for weight in paired]
+                arms += [(setting, mode, first_freeze, weight, seed, ()) for weight in paired]
+                if index < args.term_seeds:  # the other recipes where the paired arms run
+                    arms += [(setting, mode, first_freeze, weight, seed, (term,))
+                             for term in args.terms if mode in TERMS[term][1]
+                             for weight in paired]
         if index < args.weight_seeds:  # the other λ: the smallest setting, the first N seeds
-            arms += [(first_setting, "full", first_freeze, weight, seed)
+            arms += [(first_setting, "full", first_freeze, weight, seed, ())
                      for weight in args.weights if weight not in paired]
         if index == 0:  # the other freeze settings: the smallest setting, the first seed
-            arms += [(first_setting, "full", freeze, weight, seed) for freeze in args.freeze[1:]
-                     for weight in args.weights]
+            arms += [(first_setting, "full", freeze, weight, seed, ())
+                     for freeze in args.freeze[1:] for weight in args.weights]
     return arms
 
 
-def arm_key(record: dict) -> tuple[str, str, str, float, int]:
-    """(setting, mode, freeze, λ, seed) of an arm's record in results.json."""
-    return tuple(record[k] for k in ("setting", "mode", "freeze", "align_weight", "seed"))
+def arm_key(record: dict) -> tuple[str, str, str, float, int, tuple]:
+    """(setting, mode, freeze, λ, seed, terms) of an arm's record in results.json."""
+    return (*(record[k] for k in ("setting", "mode", "freeze", "align_weight", "seed")),
+            tuple(record.get("terms", ())))
 
 
 def train_arm(args, base: list, out: Path, arm: tuple, data: str, heldout: str, ood: str,
               extra=(), steps=None, evaluate=True, save=False) -> dict:
     """One fresh training run (``save``: its final checkpoint in ``<run>/checkpoints``); returns
     its held-out curves, step times and alignment cosines."""
-    setting, mode, freeze, weight, seed = arm
+    setting, mode, freeze, weight, seed, terms = arm
     steps = steps or args.steps
-    name = f"{mode}_{freeze}_lambda{weight:g}_seed{seed}"
+    name = "_".join([mode, freeze, *terms, f"lambda{weight:g}", f"seed{seed}"])
     run_dir = out / "runs" / setting / name if evaluate else out / "runs" / "timing" / name
     if run_dir.exists():
         shutil.rmtree(run_dir)  # metrics are appended: a fresh directory per arm
@@ -327,6 +364,7 @@ def train_arm(args, base: list, out: Path, arm: tuple, data: str, heldout: str, 
     run_python(["-m", "megalign.cli.train", *base,
                 "parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=1",
                 f"seed={seed}", f"align.weight={weight}", *FREEZE[freeze],
+                *(override for term in terms for override in TERMS[term][0]),
                 *mode_overrides(args, mode),
                 f"optimizer.lr={args.lr}", "schedule.lr_decay_style=constant",
                 f"data.paths=[{data}]", "data.split='100,0,0'",
@@ -340,7 +378,8 @@ def train_arm(args, base: list, out: Path, arm: tuple, data: str, heldout: str, 
     wall = time.perf_counter() - start
     metrics = read_jsonl(run_dir / "metrics.jsonl")
     record = {"setting": setting, "mode": mode, "freeze": freeze, "align_weight": weight,
-              "seed": seed, "run_dir": str(run_dir.relative_to(out)),
+              "seed": seed, "terms": list(terms), "recipe": recipe_name(weight, terms),
+              "run_dir": str(run_dir.relative_to(out)),
               "median_step_time_s": statistics.median(m["step_time_s"] for m in metrics),
               "wall_time_s": wall}
     if not evaluate:
@@ -362,7 +401,8 @@ def train_arm(args, base: list, out: Path, arm: tuple, data: str, heldout: str, 
 
 def step_costs(args, base: list, out: Path, data: str, heldout: str, ood: str) -> dict:
     """Per mode, the median step time of λ = 0 and the largest λ, each trained alone with 2
-    threads (after the arms, so on an otherwise idle machine), and the FLOPs per step."""
+    threads (after the arms, so on an otherwise idle machine), and the FLOPs per step; the FLOPs
+    of every recipe over the plain recipe's (``flops_ratio_by_recipe``)."""
     from megalign.data.tokenizer import build_tokenizer
     from megalign.data.vocabulary import Vocabulary
     from megalign.diffusion.objective import streams
@@ -372,7 +412,7 @@ def step_costs(args, base: list, out: Path, data: str, heldout: str, ood: str) -
     plain, aligned = 0.0, max(args.weights)
     for mode in args.modes:
         times = {weight: train_arm(args, base, out, ("timing", mode, args.freeze[0], weight,
-                                                     args.seeds[0]), data, heldout, ood,
+                                                     args.seeds[0], ()), data, heldout, ood,
                                    steps=args.time_steps, evaluate=False)["median_step_time_s"]
                  for weight in (plain, aligned)}
         cfg = arm_config(base, mode_overrides(args, mode))
@@ -380,10 +420,21 @@ def step_costs(args, base: list, out: Path, data: str, heldout: str, ood: str) -
         positions = streams(cfg.diffusion, cfg.model.seq_length)
         flops = {w: step_flops(cfg, vocab.padded, aligned=w > 0, streams=positions)
                  for w in times}
+        by_recipe = {}
+        for terms in [(), *[(term,) for term in args.terms if mode in TERMS[term][1]]]:
+            recipe = arm_config(base, [*mode_overrides(args, mode),
+                                       *(o for term in terms for o in TERMS[term][0])])
+            for weight in (plain, aligned):
+                positions = streams(recipe.diffusion, recipe.model.seq_length)
+                distils = recipe.align.kd_weight > 0
+                by_recipe[recipe_name(weight, terms)] = step_flops(
+                    recipe, vocab.padded, aligned=weight > 0 or distils, streams=positions,
+                    teacher_head=distils) / flops[plain]
         costs[mode] = {"step_time_s": {f"{w:g}": t for w, t in times.items()},
                        "flops_per_step": {f"{w:g}": f for w, f in flops.items()},
                        "time_ratio": times[aligned] / times[plain],
-                       "flops_ratio": flops[aligned] / flops[plain]}
+                       "flops_ratio": flops[aligned] / flops[plain],
+                       "flops_ratio_by_recipe": by_recipe}
     return costs
 
 
@@ -405,25 +456,28 @@ def arm_config(base: list, extra: list):
 
 
 def baseline_of(arm: dict, arms: list[dict]):
-    return next((a for a in arms if a["align_weight"] == 0 and all(
+    """The plain arm (λ = 0, no other term) of ``arm``'s setting, mode, freeze and seed."""
+    return next((a for a in arms if recipe_of(a) == "plain" and all(
         a[key] == arm[key] for key in ("setting", "mode", "freeze", "seed"))), None)
 
 
 def compare(arms: list[dict]) -> list[dict]:
-    """Per aligned arm and metric, against its λ = 0 arm: the acceleration curve, its final value
-    (in steps, and in compute where step costs were measured) and the paired per-sample
-    difference at the end (arm − baseline, mean and 95% interval)."""
+    """Per arm of another recipe and metric, against its plain arm: the acceleration curve, its
+    final value (the paper's reading), the strict reading, and the paired per-sample difference
+    at the end (arm − baseline, mean and 95% interval)."""
     for arm in arms:
         base = baseline_of(arm, arms)
         arm["acceleration"], arm["final_ratio"], arm["final_status"] = {}, {}, {}
-        arm["paired_final"] = {}
-        if base is None or arm["align_weight"] == 0:
+        arm["strict_ratio"], arm["strict_status"], arm["paired_final"] = {}, {}, {}
+        if base is None or base is arm:
             continue
         for metric, (direction, _) in METRICS.items():
             curve = acceleration_curve(base["curves"][metric], arm["curves"][metric], direction)
             arm["acceleration"][metric] = curve
             arm["final_ratio"][metric], arm["final_status"][metric] = final_ratio(
                 curve, base["curves"][metric])
+            arm["strict_ratio"][metric], arm["strict_status"][metric] = strict_ratio(
+                base["curves"][metric], arm["curves"][metric], direction)
         for key, values in arm["final_samples"].items():
             other = base["final_samples"].get(key)
             if values and other and len(values) == len(other):
@@ -432,30 +486,49 @@ def compare(arms: list[dict]) -> list[dict]:
     return arms
 
 
+def cost_ratios(cost: dict, recipe: str) -> dict:
+    """A recipe's step cost over the plain recipe's: in time (measured for repr-align only) and in
+    FLOPs."""
+    ratios = {}
+    if recipe == "repr-align":
+        ratios = {kind: cost[f"{kind}_ratio"] for kind in ("time", "flops")
+                  if f"{kind}_ratio" in cost}
+    if recipe in cost.get("flops_ratio_by_recipe", {}):
+        ratios["flops"] = cost["flops_ratio_by_recipe"][recipe]
+    return ratios
+
+
+def target_met(spread: dict, seeds: int) -> bool:
+    """The target: at most half the steps in the median over 3 or more seeds, every seed at most
+    0.75."""
+    return bool(spread["all_defined"] and seeds >= 3 and spread["median"] <= 0.5
+                and spread["max"] <= 0.75)
+
+
 def summarize(arms: list[dict], costs: dict) -> list[dict]:
-    """Per (setting, mode, freeze, λ, metric): the final ratio's spread over seeds, in steps and in
-    compute, and whether the target holds (median <= 0.5 and every seed <= 0.75)."""
+    """Per (setting, mode, freeze, recipe, λ, metric): both readings' spread over seeds, in steps
+    and in compute, and whether the target holds under each."""
     groups = {}
     for arm in arms:
-        if arm["align_weight"] and arm.get("final_ratio"):
-            key = (arm["setting"], arm["mode"], arm["freeze"], arm["align_weight"])
+        if arm.get("final_ratio"):
+            key = (arm["setting"], arm["mode"], arm["freeze"], recipe_of(arm), arm["align_weight"])
             groups.setdefault(key, []).append(arm)
     rows = []
-    for (setting, mode, freeze, weight), members in groups.items():
+    for (setting, mode, freeze, recipe, weight), members in groups.items():
         for metric in METRICS:
             ratios = [a["final_ratio"].get(metric) for a in members]
-            row = {"setting": setting, "mode": mode, "freeze": freeze, "align_weight": weight,
-                   "metric": metric, "seeds": [a["seed"] for a in members],
+            strict = [a.get("strict_ratio", {}).get(metric) for a in members]
+            row = {"setting": setting, "mode": mode, "freeze": freeze, "recipe": recipe,
+                   "align_weight": weight, "metric": metric, "seeds": [a["seed"] for a in members],
                    "status": [a["final_status"].get(metric) for a in members],
-                   "steps": spread_over_seeds(ratios)}
-            cost = costs.get(mode)
-            for kind in ("time", "flops"):
-                if cost and f"{kind}_ratio" in cost:
-                    scaled = [None if r is None else r * cost[f"{kind}_ratio"] for r in ratios]
-                    row[kind] = spread_over_seeds(scaled)
-            steps = row["steps"]
-            row["target_met"] = bool(steps["all_defined"] and len(ratios) >= 3
-                                     and steps["median"] <= 0.5 and steps["max"] <= 0.75)
+                   "strict_status": [a.get("strict_status", {}).get(metric) for a in members],
+                   "steps": spread_over_seeds(ratios), "strict": spread_over_seeds(strict)}
+            for kind, ratio in cost_ratios(costs.get(mode, {}), recipe).items():
+                row[kind] = spread_over_seeds([None if r is None else r * ratio for r in ratios])
+                row[f"strict_{kind}"] = spread_over_seeds(
+                    [None if r is None else r * ratio for r in strict])
+            row["target_met"] = target_met(row["steps"], len(ratios))
+            row["target_met_strict"] = target_met(row["strict"], len(strict))
             finals = [a["final"][metric] for a in members]
             base_finals = [baseline_of(a, arms)["final"][metric] for a in members]
             row["final_minus_baseline"] = [None if f is None or b is None else f - b
@@ -479,37 +552,50 @@ def interval(spread: dict) -> str:
     return "–" if not ci else f"[{ci[0]:.2f}, {ci[1]:.2f}]"
 
 
+def per_seed(ratios: list, statuses: list) -> str:
+    return ", ".join(status if r is None else f"{r:.2f}" for r, status in zip(ratios, statuses))
+
+
 def table(results: dict) -> str:
-    lines = ["| setting | mode | frozen | λ | metric | final ratio per seed (steps) | median | "
-             "95% CI of the mean | in time: median | in FLOPs: median | aligned − plain at the "
-             "end, per seed (paired 95% CI) | target |",
-             "|---" * 12 + "|"]
+    """Per recipe and metric against the plain arm: the paper's reading (steps to the plain arm's
+    value at its last evaluation, over that step) and the strict one (steps to the plain arm's
+    final value, over the steps the plain arm first reached it in), each per seed, median and 95%
+    interval, and in FLOPs; the paired difference at the end; the target under each reading."""
+    lines = ["| setting | mode | frozen | recipe | λ | metric | paper's reading per seed (steps) | "
+             "median | 95% CI | strict reading per seed | median | 95% CI | in time: median "
+             "(paper's) | in FLOPs: median (paper's / strict) | recipe − plain at the end, per "
+             "seed (paired 95% CI) | target (paper's / strict) |",
+             "|---" * 16 + "|"]
     for row in results["summary"]:
-        steps = row["steps"]
-        per_seed = ", ".join(status if r is None else f"{r:.2f}"
-                             for r, status in zip(steps["ratios"], row["status"]))
+        steps, strict = row["steps"], row.get("strict", spread_over_seeds([]))
         paired = "; ".join("–" if p is None else f"{p[0]:+.3f} [{p[1]:+.3f}, {p[2]:+.3f}]"
                            for p in row["paired_final"])
+        flops = (f"{fmt(row.get('flops', {}).get('median'))} / "
+                 f"{fmt(row.get('strict_flops', {}).get('median'))}")
+        target = " / ".join("met" if row.get(key) else "not met"
+                            for key in ("target_met", "target_met_strict"))
         lines.append(
-            f"| {row['setting']} | {row['mode']} | {row['freeze']} | {row['align_weight']:g} | "
-            f"{METRICS[row['metric']][1]} | {per_seed} | {fmt(steps['median'])} | "
-            f"{interval(steps)} | {fmt(row.get('time', {}).get('median'))} | "
-            f"{fmt(row.get('flops', {}).get('median'))} | {paired} | "
-            f"{'met' if row['target_met'] else 'not met'} |")
+            f"| {row['setting']} | {row['mode']} | {row['freeze']} | "
+            f"{row.get('recipe', 'repr-align')} | {row['align_weight']:g} | "
+            f"{METRICS[row['metric']][1]} | {per_seed(steps['ratios'], row['status'])} | "
+            f"{fmt(steps['median'])} | {interval(steps)} | "
+            f"{per_seed(strict['ratios'], row.get('strict_status', []))} | "
+            f"{fmt(strict['median'])} | {interval(strict)} | "
+            f"{fmt(row.get('time', {}).get('median'))} | {flops} | {paired} | {target} |")
     return "\n".join(lines) + "\n"
 
 
 def curves_table(results: dict) -> str:
     """Every arm's metrics at the start and the end, with standard errors."""
-    lines = ["| setting | mode | frozen | λ | seed | " + " | ".join(
+    lines = ["| setting | mode | frozen | recipe | λ | seed | " + " | ".join(
                  f"{label}: start → end (s.e.)" for _, label in METRICS.values()) +
-             " | distinct tokens at the end |", "|---" * (6 + len(METRICS)) + "|"]
+             " | distinct tokens at the end |", "|---" * (7 + len(METRICS)) + "|"]
     for arm in results["arms"]:
         cells = []
         for metric in METRICS:
             curve, se = arm["curves"][metric], arm["se"][metric]
             cells.append(f"{fmt(curve[0][1], 3)} → {fmt(curve[-1][1], 3)} ({fmt(se[-1][1], 3)})")
-        lines.append(f"| {arm['setting']} | {arm['mode']} | {arm['freeze']} | "
+        lines.append(f"| {arm['setting']} | {arm['mode']} | {arm['freeze']} | {recipe_of(arm)} | "
                      f"{arm['align_weight']:g} | {arm['seed']} | " + " | ".join(cells) +
                      f" | {fmt(arm['final'].get('gen_distinct'))} |")
     return "\n".join(lines) + "\n"
@@ -531,8 +617,8 @@ def median_curve(curves: list) -> list:
 
 def plot(results: dict, out: Path) -> None:
     """curves.png: each metric against the step, one column per (setting, mode, freeze), a line
-    per arm (colour: λ; thin: each seed); acceleration.png: each aligned arm's acceleration
-    curve, per seed, with the median over seeds in bold."""
+    per arm (colour: recipe and λ; thin: each seed); acceleration.png: each non-plain arm's
+    acceleration curve (the paper's reading), per seed, with the median over seeds in bold."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -540,7 +626,9 @@ def plot(results: dict, out: Path) -> None:
 
     arms, columns = results["arms"], groups_of(results["arms"])
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    weights = sorted({a["align_weight"] for a in arms})
+    # a line per (recipe, λ)
+    lines = sorted({(recipe_of(a), a["align_weight"]) for a in arms},
+                   key=lambda line: (line[0] != "plain", line))
     for name, kind in (("curves.png", "curves"), ("acceleration.png", "acceleration")):
         fig, axes = plt.subplots(len(METRICS), len(columns), squeeze=False,
                                  figsize=(4.6 * len(columns), 3.2 * len(METRICS)))
@@ -548,10 +636,11 @@ def plot(results: dict, out: Path) -> None:
             members = [a for a in arms if (a["setting"], a["mode"], a["freeze"]) == group]
             for row, (metric, (_, label)) in enumerate(METRICS.items()):
                 axis = axes[row][column]
-                for weight in weights:
-                    color = colors[weights.index(weight) % len(colors)]
+                for index, line in enumerate(lines):
+                    color = colors[index % len(colors)]
                     curves = [a[kind].get(metric) if kind == "acceleration" else
-                              a["curves"][metric] for a in members if a["align_weight"] == weight]
+                              a["curves"][metric] for a in members
+                              if (recipe_of(a), a["align_weight"]) == line]
                     curves = [c for c in curves if c]
                     for curve in curves:
                         points = [(s, v) for s, v in curve if v is not None]
@@ -560,11 +649,11 @@ def plot(results: dict, out: Path) -> None:
                     points = median_curve(curves)
                     if points:
                         axis.plot(*zip(*points), color=color, linewidth=2, marker="o",
-                                  markersize=3, label=f"λ = {weight:g} (median)")
+                                  markersize=3, label=f"{line[0]}, λ = {line[1]:g} (median)")
                 if kind == "acceleration":
                     axis.axhline(1.0, color="grey", linewidth=0.8)
                     axis.axhline(0.5, color="grey", linewidth=0.8, linestyle="--")
-                    axis.set_ylabel("steps to λ=0's value / k")
+                    axis.set_ylabel("steps to plain's value / k")
                 axis.set_title(f"{group[0]}, {group[1]}, frozen {group[2]}:\n{label}", fontsize=9)
                 axis.set_xlabel("step k" if kind == "acceleration" else "step")
                 if axis.get_legend_handles_labels()[0]:
@@ -630,7 +719,8 @@ def main(argv=None) -> int:
     lock = threading.Lock()
 
     def run(arm):
-        print(f"> {arm[0]}: {arm[1]}, frozen {arm[2]}, λ = {arm[3]:g}, seed {arm[4]}: "
+        print(f"> {arm[0]}: {arm[1]}, frozen {arm[2]}, {recipe_name(arm[3], arm[5])}, "
+              f"λ = {arm[3]:g}, seed {arm[4]}: "
               f"{args.steps} steps", flush=True)
         # the students of the largest setting's first seed are kept (bench/decode.py reads them)
         keep = arm[0] == setting_name(args.sizes[-1]) and arm[4] == args.seeds[0]

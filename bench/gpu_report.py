@@ -31,7 +31,8 @@ def flops_per_token(cfg) -> float:
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     vocab = padded_vocab_size(cfg.model, tokenizer.vocab_size, tokenizer.mask)
     streams = stream_count(cfg.diffusion.block_length, cfg.model.seq_length)
-    flops = step_flops(cfg, vocab, aligned=cfg.align.weight > 0, streams=streams)
+    flops = step_flops(cfg, vocab, aligned=cfg.align.uses_teacher, streams=streams,
+                       teacher_head=cfg.align.kd_weight > 0)
     return flops / (cfg.data.global_batch_size * cfg.model.seq_length)
 
 

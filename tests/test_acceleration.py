@@ -11,6 +11,7 @@ from megalign.evaluation.acceleration import (
     final_ratio,
     spread_over_seeds,
     steps_to_reach,
+    strict_ratio,
 )
 from megalign.model.flops import step_flops
 
@@ -44,6 +45,23 @@ def test_acceleration_curve_by_hand():
     assert final_ratio(acceleration_curve(flat, ALIGNED, -1), flat) == (None, "undefined")
 
 
+def test_strict_ratio_by_hand():
+    # a monotone baseline: both readings agree (ALIGNED reaches 4.4 at 300; the baseline at 400)
+    assert strict_ratio(BASELINE, ALIGNED, -1) == (pytest.approx(0.75), "reached")
+    # a baseline that gets worse late: its final 4.6 was first reached at 100 + (5 - 4.6) /
+    # (5 - 4.4) x 100; ALIGNED reaches 4.6 at 250
+    late = [[0, 8.0], [100, 5.0], [200, 4.4], [300, 4.8], [400, 4.6]]
+    assert strict_ratio(late, ALIGNED, -1) == (pytest.approx(250 / (100 + 100 * 0.4 / 0.6)),
+                                               "reached")
+    # the paper's reading credits the aligned run with the baseline's late loss: 250 / 400
+    assert final_ratio(acceleration_curve(late, ALIGNED, -1), late) == (pytest.approx(0.625),
+                                                                        "reached")
+    assert strict_ratio(BASELINE, [[0, 8.0], [400, 5.5]], -1) == (None, "not reached")
+    assert strict_ratio([[0, 8.0], [100, 7.0], [200, 8.0]], ALIGNED, -1) == (None, "undefined")
+    assert strict_ratio([[0, 0.1], [10, 0.3]], [[0, 0.1], [10, 0.5]], +1) == (
+        pytest.approx(0.5), "reached")  # higher is better: 0.3 at 5 against 10
+
+
 def test_spread_over_seeds():
     spread = spread_over_seeds([0.4, 0.5, 0.6])
     assert spread["median"] == 0.5 and spread["all_defined"] and spread["max"] == 0.6
@@ -64,6 +82,8 @@ def test_step_flops_by_hand():
     plain = 3 * 16 * 3 * (layers + head)
     assert step_flops(cfg, 256, aligned=False) == plain
     assert step_flops(cfg, 256, aligned=True) == plain + 3 * 16 * layers  # teacher: no LM head
+    # distillation: the teacher's LM head too
+    assert step_flops(cfg, 256, aligned=True, teacher_head=True) == plain + 3 * 16 * (layers + head)
     block = 3 * 3 * 32 * (2 * (2 * params + 4 * 32 * 64) + head)  # two streams: 32 positions
     assert step_flops(cfg, 256, aligned=False, streams=2) == block
     # a mixture of 8 experts of 48, top 2, and a gated shared expert of 96: per token the router

@@ -5,6 +5,7 @@ aligned layers (the layouts are checked against each other in test_equivalence.p
 import pytest
 import torch
 
+from megalign.align.distill import cross_entropy, cross_entropy_and_kl
 from megalign.align.loss import alignment_loss, normalised_layer_weights, stage_alignment
 
 pytestmark = pytest.mark.unit
@@ -63,3 +64,31 @@ def test_logged_loss_is_lambda_times_the_weighted_distances():
     weights = {0: 0.5, 2: 0.5}
     distances = [0.2, 0.9, 0.4]  # per aligned index, gathered from every stage
     assert alignment_loss(distances, weights, weight=10.0) == pytest.approx(10 * (0.1 + 0.2))
+
+
+def test_distillation_terms_are_the_cross_entropy_and_kl_of_the_softmaxes_with_gradients():
+    """``cross_entropy_and_kl`` on one rank: the student's cross-entropy and KL(softmax(teacher)
+    || softmax(student)) per position, with their gradients, and ``cross_entropy`` leaves its
+    logits as they were (the TP shards: test_equivalence.py)."""
+    generator = torch.Generator().manual_seed(3)
+    student = torch.randn(2, 5, 11, generator=generator, requires_grad=True)
+    teacher = 3 * torch.randn(2, 5, 11, generator=generator)
+    labels = torch.randint(0, 11, (2, 5), generator=generator)
+    up_ce, up_kl = torch.rand(2, 5, generator=generator), torch.rand(2, 5, generator=generator)
+    ce, kl = cross_entropy_and_kl(student, teacher, labels, 0)
+    ((ce * up_ce).sum() + (kl * up_kl).sum()).backward()
+    reference = student.detach().clone().requires_grad_(True)
+    log_p, log_q = teacher.log_softmax(-1), reference.log_softmax(-1)
+    expected_kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    expected_ce = torch.nn.functional.cross_entropy(reference.view(-1, 11), labels.view(-1),
+                                                    reduction="none").view(2, 5)
+    ((expected_ce * up_ce).sum() + (expected_kl * up_kl).sum()).backward()
+    assert torch.allclose(kl, expected_kl, atol=1e-6) and torch.allclose(ce, expected_ce,
+                                                                         atol=1e-6)
+    assert torch.allclose(student.grad, reference.grad, atol=1e-6)
+    assert torch.allclose(cross_entropy_and_kl(teacher, teacher, labels, 0)[1],
+                          torch.zeros(2, 5), atol=1e-6)
+    kept = teacher.clone()
+    assert torch.allclose(cross_entropy(teacher, labels, 0), torch.nn.functional.cross_entropy(
+        teacher.view(-1, 11), labels.view(-1), reduction="none").view(2, 5), atol=1e-6)
+    assert torch.equal(teacher, kept)

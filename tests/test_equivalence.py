@@ -497,7 +497,7 @@ def plain_reference(run, data_overrides, extra=(), student_input=None) -> dict:
         raw = next(iterator)
         batch = make_batch(raw["tokens"], raw["position_ids"], raw["sample_index"],
                            MaskedDiffusion.of(cfg), Vocabulary.of(cfg, tok), with_teacher=True,
-                           annealed=True,
+                           training=True,
                            response=raw.get("response"))
         if student_input is None:
             tokens, blocked, positions = batch.input_tokens, batch.student_mask, None
@@ -517,12 +517,24 @@ def plain_reference(run, data_overrides, extra=(), student_input=None) -> dict:
                                         m.num_attention_heads, m.num_query_groups, **shape,
                                         aux=[])
         sup = supervised.float()
-        repeat = tokens.shape[1] // labels.shape[1]  # block diffusion: both streams predict
+        # two streams (block diffusion, the hybrid objective): both predict the next tokens
+        repeat = tokens.shape[1] // labels.shape[1]
         ce = token_ce(logits, labels.repeat(1, repeat))
         if cfg.diffusion.loss_weighting == "path":  # the reference code's L_mdm + L_path
             diffusion = (ce * sup * (1 + torch.exp(-ce.detach()))).sum() / sup.sum()
+        elif cfg.diffusion.ar_loss_weight:  # [noisy | clean]: diffusion CE, then next-token CE
+            noisy, clean = (ce * sup).chunk(2, dim=1)
+            diffusion = (cfg.diffusion.dlm_loss_weight * noisy.sum()
+                         + cfg.diffusion.ar_loss_weight * clean.sum()) / sup.sum()
         else:
             diffusion = (ce * sup).sum() / sup.sum()
+        if cfg.align.kd_weight:  # KL(teacher || student) where the diffusion CE is taken
+            student = F.log_softmax(logits.transpose(0, 1), dim=-1)
+            teacher = F.log_softmax(t_logits.transpose(0, 1), dim=-1).repeat(1, repeat, 1)
+            kl = (teacher.exp() * (teacher - student)).sum(-1)
+            supervised_diffusion = (aligned.float() if cfg.diffusion.ar_loss_weight else sup)
+            diffusion = diffusion + cfg.align.kd_weight * (kl * supervised_diffusion).sum() / (
+                sup.sum())
         t_sup = batch.supervised_targets.float()
         teacher_loss += float((token_ce(t_logits, labels) * t_sup).sum() / t_sup.sum()) / num_mb
         weight = aligned.float()[:, : labels.shape[1]].T  # the (noisy) positions the teacher sees
@@ -627,7 +639,11 @@ MODES = {"block": [f"diffusion.block_length={BLOCK}"],
          # the layouts and against the plain reference without launches of its own
          "anneal": ["diffusion.anneal_iters=1", "diffusion.loss_weighting=path"],
          # diffusion SFT on the bundled instruction set (data.paths: the sft_prefix fixture)
-         "sft": ["data.sft=true"]}
+         "sft": ["data.sft=true"],
+         # the hybrid objective with Nemotron-Labs-Diffusion's weights, and teacher-logit
+         # distillation beside REPR-ALIGN (the teacher's logits mirrored onto both streams)
+         "hybrid_kd": ["diffusion.ar_loss_weight=1.0", "diffusion.dlm_loss_weight=0.3",
+                       "align.kd_weight=0.5"]}
 
 
 def mode_overrides(mode: str, request) -> list[str]:
@@ -656,6 +672,22 @@ def mode_runs(request, mode_core_runs, tmp_path_factory, data_overrides, ar_chec
                    **run_layouts(out / mode, more, data_overrides, ar_checkpoint,
                                  mode_overrides(mode, request))}
             for mode in MODES}
+
+
+@pytest.fixture(scope="module")
+def hybrid_kd_more_runs(tmp_path_factory, data_overrides, ar_checkpoint):
+    """The hybrid objective and distillation under TP alone and PP alone (MODE_LAYOUTS has TP and
+    PP together)."""
+    return run_layouts(tmp_path_factory.mktemp("hybrid_kd_more"),
+                       {name: LAYOUTS[name] for name in ("tp2pp1", "tp1pp2")}, data_overrides,
+                       ar_checkpoint, MODES["hybrid_kd"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["tp2pp1", "tp1pp2"])
+def test_hybrid_and_distillation_match_under_tp_alone_and_pp_alone(mode_core_runs,
+                                                                   hybrid_kd_more_runs, layout):
+    assert_runs_match(mode_core_runs["hybrid_kd"]["tp1pp1"], hybrid_kd_more_runs[layout])
 
 
 @pytest.fixture(scope="module")
@@ -807,11 +839,46 @@ def sft_student_input(raw, batch, cfg):
     return batch.input_tokens, batch.student_mask, None, supervised, supervised
 
 
+def hybrid_student_input(raw, batch, cfg):
+    """[noisy; clean], written out position by position: a noisy position sees the noisy
+    positions of its document, a clean one the clean positions of its document up to itself; the
+    noisy stream is supervised where a masked token follows, the clean one wherever a token of
+    the same document follows."""
+    from megalign.data.tokenizer import build_tokenizer
+    from megalign.data.vocabulary import Vocabulary
+    from megalign.diffusion.masking import sample_noise
+
+    vocab = Vocabulary.of(cfg, build_tokenizer(cfg.data.tokenizer))
+    clean = raw["tokens"][:, :-1]
+    b, s = clean.shape
+    _, masked = sample_noise(raw["sample_index"], s + 1, cfg.seed, cfg.diffusion.eps)
+    noisy = torch.where(masked[:, :s], torch.full_like(clean, vocab.mask), clean)
+    blocked = torch.ones(b, 1, 2 * s, 2 * s, dtype=torch.bool)
+    for row in range(b):
+        docs = _document_ids(clean[row].tolist(), vocab.eod)
+        for q in range(2 * s):
+            for k in range(2 * s):
+                qi, ki = q % s, k % s
+                if docs[qi] == docs[ki] and (q < s) == (k < s):
+                    blocked[row, 0, q, k] = q >= s and ki > qi
+    following = raw["tokens"][:, 1:]
+    in_document = (clean != vocab.eod) & (following != vocab.pad)
+    diffusion = masked[:, 1:] & in_document
+    supervised = torch.cat([diffusion, in_document], dim=1)
+    aligned = torch.cat([diffusion, torch.zeros_like(diffusion)], dim=1)
+    tokens = torch.cat([noisy, clean], dim=1)
+    # the library builds the same batch
+    assert torch.equal(batch.input_tokens, tokens) and torch.equal(batch.student_mask, blocked)
+    assert torch.equal(batch.supervised | batch.next_token, supervised)
+    assert torch.equal(batch.aligned, aligned) and in_document.sum() > diffusion.sum() > 0
+    return tokens, blocked, torch.cat([torch.arange(s), torch.arange(s)]), supervised, aligned
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_training_modes_match_plain_pytorch_reference(request, mode_core_runs, data_overrides,
                                                       mode):
     inputs = {"block": block_student_input, "anneal": anneal_student_input,
-              "sft": sft_student_input}[mode]
+              "sft": sft_student_input, "hybrid_kd": hybrid_student_input}[mode]
     reference = plain_reference(mode_core_runs[mode]["tp1pp1"], data_overrides,
                                 mode_overrides(mode, request), student_input=inputs)
     assert_matches_reference(mode_core_runs[mode]["tp1pp1"], reference)

@@ -43,11 +43,11 @@ def test_annealing_starts_causal_and_ends_bidirectional():
     objective = MaskedDiffusion.of(_config(anneal_iters=3))
     tokens, positions, _ = _sample()
     docs = document_ids(tokens[:, :SEQ], EOD)
-    first = make_batch(tokens, positions, torch.tensor([0, 0]), objective, VOCAB, annealed=True)
+    first = make_batch(tokens, positions, torch.tensor([0, 0]), objective, VOCAB, training=True)
     assert torch.equal(first.student_mask, attention_mask(docs, causal=True))
-    done = make_batch(tokens, positions, torch.tensor([12, 40]), objective, VOCAB, annealed=True)
+    done = make_batch(tokens, positions, torch.tensor([12, 40]), objective, VOCAB, training=True)
     assert torch.equal(done.student_mask, attention_mask(docs, causal=False))  # 3 x 4 samples on
-    halfway = make_batch(tokens, positions, torch.tensor([6, 6]), objective, VOCAB, annealed=True)
+    halfway = make_batch(tokens, positions, torch.tensor([6, 6]), objective, VOCAB, training=True)
     opened = (~halfway.student_mask & attention_mask(docs, causal=True)).sum()
     assert 0 < opened < (~attention_mask(docs, causal=False)
                          & attention_mask(docs, causal=True)).sum()
@@ -109,8 +109,51 @@ def test_one_block_is_the_plain_batch():
     assert one.streams == 1
 
 
+def test_hybrid_batch_adds_the_clean_stream_read_causally():
+    tokens, positions, indices = _sample()
+    plain = make_batch(tokens, positions, indices, _objective(), VOCAB, with_teacher=True)
+    objective = _objective(ar_loss_weight=1.0, dlm_loss_weight=0.3)
+    batch = make_batch(tokens, positions, indices, objective, VOCAB, with_teacher=True,
+                       training=True)
+    clean = tokens[:, :SEQ]
+    assert batch.streams == 2 and objective.streams == 2
+    assert torch.equal(batch.input_tokens, torch.cat([plain.input_tokens, clean], 1))
+    assert torch.equal(batch.labels, torch.cat([tokens[:, 1:], tokens[:, 1:]], 1))
+    assert torch.equal(batch.position_ids, torch.cat([positions, positions], 1))
+    nothing = torch.zeros_like(plain.supervised)
+    assert torch.equal(batch.supervised, torch.cat([plain.supervised, nothing], 1))
+    assert torch.equal(batch.aligned, batch.supervised)
+    following = torch.cat([(clean != EOD) & (tokens[:, 1:] != PAD)])
+    assert torch.equal(batch.next_token, torch.cat([nothing, following], 1))
+    assert not following[:, 5].any() and following[:, 6].all()  # the first document's end
+    allowed = ~batch.student_mask[0, 0]
+    docs = document_ids(clean, EOD)[0]
+    same = docs.unsqueeze(1) == docs.unsqueeze(0)
+    assert torch.equal(allowed[:SEQ, :SEQ], same)  # noisy: bidirectional in its document
+    assert torch.equal(allowed[SEQ:, SEQ:], same & torch.ones(SEQ, SEQ, dtype=torch.bool).tril())
+    assert not allowed[:SEQ, SEQ:].any() and not allowed[SEQ:, :SEQ].any()
+    # one loss: (0.3 x diffusion sum + 1.0 x next-token sum) / (diffusion normaliser + positions)
+    ce = torch.rand(2, 2 * SEQ)
+    noisy, rest = (ce * batch.supervised).chunk(2, 1)[0], (ce * batch.next_token).chunk(2, 1)[1]
+    total, count = loss_terms(ce, batch, "none")
+    assert int(count) == int(plain.supervised.sum() + following.sum())
+    assert float(total) == pytest.approx(float(0.3 * noisy.sum() + rest.sum()))
+    t = batch.t.unsqueeze(1)
+    total, count = loss_terms(ce, batch, "inv_t")
+    assert int(count) == 2 * SEQ + int(following.sum())
+    assert float(total) == pytest.approx(float(0.3 * (noisy / t).sum() + rest.sum()))
+    # evaluation reads the diffusion model alone
+    evaluated = make_batch(tokens, positions, indices, objective, VOCAB, with_teacher=True)
+    assert evaluated.streams == 1 and evaluated.next_token is None
+    assert torch.equal(evaluated.input_tokens, plain.input_tokens)
+
+
 @pytest.mark.parametrize("diffusion, message", [
     ({"block_length": 0}, "diffusion.block_length=0 must be >= 1"),
+    ({"ar_loss_weight": 1.0, "block_length": 4}, "block-causal"),
+    ({"ar_loss_weight": 1.0, "anneal_iters": 2}, "set one of them"),
+    ({"dlm_loss_weight": 0.3}, "the next-token term, which is off"),
+    ({"ar_loss_weight": -1.0}, "must be >= 0"),
     ({"anneal_iters": -1}, "diffusion.anneal_iters=-1 must be >= 0"),
     ({"block_length": 4, "anneal_iters": 2}, "set one of them"),
 ])
@@ -169,6 +212,9 @@ def test_the_model_card_names_the_training_mode():
         "- attention annealed from causal to bidirectional over the first 3 steps",
         "- diffusion SFT: only response tokens noised and supervised, starting from "
         "`runs/x/checkpoints`"]
+    hybrid = _config(ar_loss_weight=1.0, dlm_loss_weight=0.3)
+    assert "next-token loss on the clean sequence (weight 1) beside the diffusion loss (weight " \
+           "0.3)" in training_mode_lines(hybrid)[0]
 
 
 def test_packed_documents_carry_what_the_masks_do():

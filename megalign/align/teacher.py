@@ -6,7 +6,8 @@ wrapped in DDP nor given to the optimizer, runs in eval mode under ``no_grad`` o
 and skips the LM head: its decoder keeps the final norm (an aligned state) but ``GPTModel``'s
 post-processing (output layer, logits) is switched off, unless ``align.log_teacher_loss`` asks for
 the teacher's AR loss on the supervised positions (a reference for the student's diffusion loss,
-logged as ``teacher_loss``).
+logged as ``teacher_loss``) or ``align.kd_weight`` for its logits (distillation: the last stage
+hands the student's loss its vocabulary shard of them).
 
 ``align.teacher_microbatches: g`` runs it once per group of g consecutive micro-batches, on
 their concatenation: the same arithmetic per sample, but a g-th of the forwards, kernel launches
@@ -32,6 +33,7 @@ from typing import Optional
 import torch
 from megatron.core import parallel_state
 
+from megalign.align.distill import cross_entropy, vocab_shard
 from megalign.align.teacher_stream import TeacherStream
 from megalign.config import AlignConfig, Config
 from megalign.diffusion.objective import DiffusionBatch
@@ -45,6 +47,8 @@ from megalign.model.hidden_states import HiddenStateRecorder
 class TeacherOutput:
     states: dict[int, torch.Tensor]  # the aligned states on this chunk
     token_loss: Optional[torch.Tensor]  # [b, s] AR cross-entropy (log_teacher_loss, last stage)
+    # [b, s, V / TP] (packed: [1, b·s, V / TP]) the logits' shard (align.kd_weight, last stage)
+    logits: Optional[torch.Tensor] = None
 
 
 def teacher_dtype(align: AlignConfig, precision: str, gpu: bool) -> torch.dtype:
@@ -66,15 +70,18 @@ def teacher_build(cfg: Config) -> ModelBuild:
 
 class Teacher:
     """The teacher's model chunks on this rank (one per virtual pipeline stage), built as
-    ``build`` says (``teacher_build``); ``log_loss``: keep the LM head for the AR loss."""
+    ``build`` says (``teacher_build``); the last stage keeps the LM head for the AR ``loss``
+    (logged) and to hand on its ``logits`` (distillation)."""
 
     def __init__(self, build: ModelBuild, vocab_size: int, ar_state_dicts: list[dict],
-                 aligned: set[int], log_loss: bool = False):
+                 aligned: set[int], loss: bool = False, logits: bool = False):
         self.dtype = build.params_dtype
         self.chunks = build_chunks(build, vocab_size)
         self.sends_output = [not chunk.post_process for chunk in self.chunks]
-        self.computes_loss = [chunk.post_process and log_loss for chunk in self.chunks]
-        for chunk, state, keeps_head in zip(self.chunks, ar_state_dicts, self.computes_loss):
+        self.computes_loss = [chunk.post_process and loss for chunk in self.chunks]
+        self.hands_logits = [chunk.post_process and logits for chunk in self.chunks]
+        heads = [loss or hands for loss, hands in zip(self.computes_loss, self.hands_logits)]
+        for chunk, state, keeps_head in zip(self.chunks, ar_state_dicts, heads):
             chunk.load_state_dict(state, strict=True)
             if not keeps_head:  # hidden states only: no output layer, no logits
                 chunk.post_process = False
@@ -123,6 +130,7 @@ class Teacher:
         micro-batches, concatenated along the batch dimension); one output per micro-batch."""
         model = self.chunks[chunk]
         sizes = [batch.clean_tokens.shape[0] for batch in batches]
+        length = batches[0].clean_tokens.shape[1]
         packed = batches[0].packed is not None  # one row of all the samples, as THD
         documents = concatenated([b.packed for b in batches]) if packed else None
 
@@ -140,11 +148,17 @@ class Teacher:
                   else None)
         with self.recorders[chunk].recording_scope() as recorded:
             output = model(tokens, joined([b.sequence_positions for b in batches]), mask,
-                           labels=labels, packed_seq_params=documents)
+                           labels=None if self.hands_logits[chunk] else labels,
+                           packed_seq_params=documents)
         if self.sends_output[chunk]:
             self.stream.send(output)
+        logits = [None] * len(batches)
+        if self.hands_logits[chunk]:  # the output is the logits' shard
+            logits = output.split([b * (length if packed else 1) for b in sizes],
+                                  dim=1 if packed else 0)
+            if labels is not None:
+                output = cross_entropy(output, labels, *vocab_shard(output.shape[-1]))
         if packed:  # [Σb·s, 1, h]: each micro-batch's rows in turn (/TP under SP: one batch)
-            length = batches[0].clean_tokens.shape[1]
             rows = [b * length // self._sequence_divisor for b in sizes]
             states = {index: state.split(rows, dim=0) for index, state in recorded.items()}
             token_losses = ([part.view(b, length) for part, b in
@@ -154,7 +168,8 @@ class Teacher:
             states = {index: state.split(sizes, dim=1)  # [s, b, h] per micro-batch
                       for index, state in recorded.items()}
             token_losses = output.split(sizes) if labels is not None else [None] * len(batches)
-        return [TeacherOutput({index: parts[i] for index, parts in states.items()}, token_losses[i])
+        return [TeacherOutput({index: parts[i] for index, parts in states.items()}, token_losses[i],
+                              logits[i])
                 for i in range(len(batches))]
 
     def finish_step(self) -> None:
@@ -171,7 +186,7 @@ def planned_parameter_bytes(cfg: Config, table: list[tuple[str, int]], frozen: s
     one rank) in the teacher's dtype, without the LM head unless ``align.log_teacher_loss``, and
     net of the ``frozen`` student tensors it shares (``align.share_frozen``, same dtype only)."""
     element = teacher_dtype(cfg.align, cfg.precision, gpu).itemsize
-    head = 0 if cfg.align.log_teacher_loss else sum(
+    head = 0 if cfg.align.log_teacher_loss or cfg.align.kd_weight else sum(
         n for name, n in table if name == "output_layer.weight")
     shared, notes = 0, []
     if cfg.align.share_frozen and element == student_element:
@@ -208,3 +223,17 @@ def planned_score_bytes(cfg: Config, gpu: bool) -> int:
     return memory.attention_score_bytes(
         cfg, cfg.align.teacher_microbatches * cfg.data.micro_batch_size, rows,
         cfg.model.seq_length, teacher_dtype(cfg.align, cfg.precision, gpu).itemsize)
+
+
+def planned_logit_bytes(cfg: Config, vocab_size: int, gpu: bool) -> int:
+    """Distillation's bytes on the last stage: the teacher's logits (this rank's vocabulary
+    shard) for a group of micro-batches in its dtype, their copy for the second stream under
+    block diffusion or the hybrid objective, and the KL's fp32 workspace: the student's
+    log-softmax and the gradient it keeps (q - p)."""
+    p, m = cfg.parallel, cfg.model
+    rows = m.seq_length // p.context_parallel_size * cfg.data.micro_batch_size
+    shard = vocab_size // p.tensor_model_parallel_size
+    element = teacher_dtype(cfg.align, cfg.precision, gpu).itemsize
+    streams = memory.student_build(cfg).streams
+    group = cfg.align.teacher_microbatches * rows * shard * element
+    return group + streams * rows * shard * ((element if streams == 2 else 0) + 2 * memory.FP32)

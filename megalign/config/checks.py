@@ -134,6 +134,10 @@ def check_context_parallel(cfg: Config) -> None:
     refused = (  # (key, its value, the value that turns it off, why)
         ("diffusion.block_length", cfg.diffusion.block_length, "null",
          "block diffusion's two streams are not split over context-parallel ranks"),
+        ("diffusion.ar_loss_weight", cfg.diffusion.ar_loss_weight, "0",
+         "the hybrid objective's second stream is not split over context-parallel ranks"),
+        ("align.kd_weight", cfg.align.kd_weight, "0",
+         "distillation runs without context parallelism"),
         ("evaluation.generation_samples", cfg.evaluation.generation_samples, "0",
          "decoding runs without context parallelism (megalign-eval scores a checkpoint's "
          "samples)"),
@@ -159,6 +163,9 @@ def check_document_format(cfg: Config) -> None:
                f"{d.block_length})")
     elif d.anneal_iters and cfg.objective != "ar":
         why = f"cannot carry annealed attention (diffusion.anneal_iters={d.anneal_iters})"
+    elif d.ar_loss_weight and cfg.objective != "ar":
+        why = (f"cannot carry the hybrid objective's two streams (diffusion.ar_loss_weight="
+               f"{d.ar_loss_weight:g})")
     elif cp > 1:
         why = (f"is not split over context-parallel ranks yet (parallel.context_parallel_size="
                f"{cp})")
@@ -170,6 +177,10 @@ def check_document_format(cfg: Config) -> None:
 def _check_training_settings(cfg: Config) -> None:
     """Alignment, recomputation, FP8 and held-out evaluation against the model they train."""
     m, a = cfg.model, cfg.align
+    if a.kd_weight and not cfg.diffusion.shift:
+        raise ConfigError(f"align.kd_weight={a.kd_weight:g} with diffusion.shift=false: the "
+                          "teacher's position i predicts token i + 1, an unshifted student's its "
+                          "own token; set diffusion.shift=true or align.kd_weight=0")
     if a.layers is not None:
         bad = [i for i in a.layers if not isinstance(i, int) or not 0 <= i <= m.num_layers]
         if bad or not a.layers:
@@ -235,9 +246,11 @@ def _check_causal_lm(cfg: Config) -> None:
     """objective=ar trains the causal model alone: nothing to align to, no masks to learn."""
     diffusion_only = {
         "align.weight": (cfg.align.weight, 0.0),
+        "align.kd_weight": (cfg.align.kd_weight, 0.0),
         "diffusion.block_length": (cfg.diffusion.block_length, None),
         "diffusion.anneal_iters": (cfg.diffusion.anneal_iters, 0),
         "diffusion.loss_weighting": (cfg.diffusion.loss_weighting, "none"),
+        "diffusion.ar_loss_weight": (cfg.diffusion.ar_loss_weight, 0.0),
         "data.sft": (cfg.data.sft, False),
         "evaluation.infill_span": (cfg.evaluation.infill_span, 0),
         "evaluation.generation_samples": (cfg.evaluation.generation_samples, 0),

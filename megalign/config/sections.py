@@ -275,6 +275,13 @@ class DiffusionConfig(Section):
     # document's start) is noised and attended bidirectionally, seeing only the clean earlier
     # blocks; None = the whole sequence is one block (plain masked diffusion)
     block_length: Optional[int] = None
+    # hybrid AR + diffusion (NVIDIA's ar_to_dlm recipe): in training the student also reads the
+    # clean sequence causally, as a second stream, and learns its next tokens; the loss is
+    # (dlm_loss_weight x diffusion sum + ar_loss_weight x next-token sum) / (the diffusion
+    # normaliser + the next-token positions). 0 = off; Nemotron-Labs-Diffusion's: 1.0 with 0.3
+    ar_loss_weight: float = 0.0
+    # the diffusion term's weight in the hybrid objective (Nemotron-Labs-Diffusion's: 0.3)
+    dlm_loss_weight: float = 1.0
 
     def check(self) -> None:
         if not 0.0 < self.eps < 0.5:
@@ -288,6 +295,20 @@ class DiffusionConfig(Section):
         if self.anneal_iters < 0:
             raise ConfigError(f"diffusion.anneal_iters={self.anneal_iters} must be >= 0 "
                               "(0: no annealing)")
+        if self.ar_loss_weight < 0 or self.dlm_loss_weight <= 0:
+            raise ConfigError(f"diffusion.ar_loss_weight={self.ar_loss_weight} must be >= 0 and "
+                              f"diffusion.dlm_loss_weight={self.dlm_loss_weight} > 0")
+        if not self.ar_loss_weight and self.dlm_loss_weight != 1.0:
+            raise ConfigError(f"diffusion.dlm_loss_weight={self.dlm_loss_weight} weighs the "
+                              "diffusion term against the next-token term, which is off: set "
+                              "diffusion.ar_loss_weight > 0 or diffusion.dlm_loss_weight=1.0")
+        if self.ar_loss_weight and self.block_length:
+            raise ConfigError("diffusion.ar_loss_weight with diffusion.block_length: the next-"
+                              "token stream is causal, while block diffusion's clean stream is "
+                              "block-causal and its decoding reads it so; set one of them")
+        if self.ar_loss_weight and self.anneal_iters:
+            raise ConfigError("diffusion.ar_loss_weight with diffusion.anneal_iters: annealing "
+                              "is not combined with the next-token stream; set one of them")
 
 
 @dataclass
@@ -296,7 +317,11 @@ class AlignConfig(Section):
 
     KEY: ClassVar[str] = "align"
 
-    weight: float = 0.0  # lambda; 0 = plain diffusion training (no teacher is built)
+    weight: float = 0.0  # lambda; 0 = no alignment (nor a teacher, unless kd_weight > 0)
+    # teacher-logit distillation: this weight times KL(teacher || student) of the next-token
+    # distributions at the supervised positions, computed on the vocabulary shards
+    # (megalign/align/distill.py), added to the diffusion loss with its normaliser; 0 = off
+    kd_weight: float = 0.0
     layers: Optional[list[int]] = None  # aligned state indices 0..L (0 = embedding, L = final norm)
     layer_weights: Optional[list[float]] = None  # same length as layers; normalised to sum 1
     # auto: fp32 for precision=fp32, else bf16
@@ -311,9 +336,15 @@ class AlignConfig(Section):
 
     def check(self) -> None:
         self.at_least(0, "weight")
+        self.at_least(0, "kd_weight")
         if self.teacher_microbatches < 1:
             raise ConfigError(f"align.teacher_microbatches={self.teacher_microbatches} must be "
                               ">= 1 (1 = one teacher forward per micro-batch)")
+
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether training builds and runs the frozen teacher (alignment or distillation)."""
+        return self.weight > 0 or self.kd_weight > 0
 
 
 @dataclass

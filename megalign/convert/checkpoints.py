@@ -55,7 +55,7 @@ from megalign.convert.tokenizer import sentencepiece_as_transformers
 from megalign.data.tokenizer import MASK_CANDIDATES, build_tokenizer
 from megalign.data.vocabulary import Vocabulary
 from megalign.diffusion import decoding
-from megalign.diffusion.objective import streams
+from megalign.diffusion.objective import block_diffusion
 from megalign.errors import ConfigError, first_line, one_line
 from megalign.loading import recorded_config, start_step0_student
 from megalign.model.gather import full_tensors
@@ -349,7 +349,7 @@ def export_diffusion_model(cfg: Config, meta: dict, hf_state: dict, tokenizer,
         tie_word_embeddings=m.tie_embeddings, mask_token_id=cfg.diffusion.mask_token_id,
         shift=cfg.diffusion.shift, document_attention=m.document_attention,
         diffusion_block_length=(cfg.diffusion.block_length
-                                if streams(cfg.diffusion, m.seq_length) == 2 else None),
+                                if block_diffusion(cfg.diffusion, m.seq_length) else None),
         sample_vocab_size=tokenizer.vocab_size if tokenizer else m.padded_vocab_size,
         eos_token_id=tokenizer.eod if tokenizer else None,
         pad_token_id=tokenizer.pad if tokenizer else None)
@@ -420,6 +420,13 @@ def training_mode_lines(cfg: Config) -> list[str]:
         lines.append("- diffusion SFT: only response tokens noised and supervised"
                      + (f", starting from `{cfg.model.student_checkpoint}`"
                         if cfg.model.student_checkpoint else ""))
+    if d.ar_loss_weight:
+        lines.append(f"- hybrid objective: the student's own next-token loss on the clean "
+                     f"sequence (weight {d.ar_loss_weight:g}) beside the diffusion loss (weight "
+                     f"{d.dlm_loss_weight:g}); it samples as a plain diffusion model")
+    if cfg.align.kd_weight:
+        lines.append(f"- distilled from the AR teacher's next-token distributions (KL, weight "
+                     f"{cfg.align.kd_weight:g})")
     return lines
 
 

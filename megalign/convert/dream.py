@@ -36,7 +36,7 @@ from megalign.convert.checkpoints import (
 )
 from megalign.convert.hf import LLAMA3_ROPE
 from megalign.diffusion import decoding
-from megalign.diffusion.objective import streams
+from megalign.diffusion.objective import block_diffusion
 from megalign.errors import ConversionError
 from megalign.model.gpt import ffn_hidden_size
 
@@ -58,7 +58,7 @@ def dream_refusal(cfg: Config) -> Optional[str]:
     if m.kv_channels != m.hidden_size // m.num_attention_heads:
         return (f"a head size of {m.kv_channels} (Dream's is hidden / heads = "
                 f"{m.hidden_size // m.num_attention_heads})")
-    if streams(d, m.seq_length) == 2:
+    if block_diffusion(d, m.seq_length):
         return (f"block diffusion (blocks of {d.block_length}): Dream decodes with bidirectional "
                 "attention, not block-causal")
     if not d.shift:

@@ -28,6 +28,15 @@ Loss per micro-batch, as (sum, normaliser) so Megatron's schedule divides by the
           Σ sg(p_i)·CE_i / |V|), whose gradient leans on the positions the student already gets
           right. Per position, so every layout computes it where it computes the CE.
 
+The hybrid objective (``diffusion.ar_loss_weight``, NVIDIA's ar_to_dlm recipe for Nemotron-Labs-
+Diffusion) adds the student's own next-token loss in training: the input is ``[noisy; clean]``
+again, the noisy stream attending only itself (as in plain masked diffusion, per document) and the
+clean stream only itself, causally (per document); the noisy stream's supervised positions carry
+the diffusion CE, the clean stream's positions with a next token in their document the next-token
+CE. One loss for both, as Megatron-Bridge's ar_to_dlm step computes it: (dlm_loss_weight x the
+diffusion sum + ar_loss_weight x the next-token sum) / (the diffusion normaliser + the next-token
+positions). Evaluation and sampling read the noisy stream's model alone (one stream).
+
 ``objective: ar`` (causal-LM pretraining of the same model) fills the same batch with the clean
 tokens as input, every position supervised whose next token belongs to its document, and the
 causal (per-document) mask: the plain next-token loss.
@@ -66,6 +75,11 @@ class DiffusionBatch:
     # the documents as THD (student and teacher alike; then no masks): the model takes the
     # micro-batch flattened to [1, b·s] (``as_model_takes``); the batch itself stays [b, s]
     packed: Optional[PackedSeqParams] = None
+    # the hybrid objective: [b, 2s] the clean stream's positions trained on their next token, and
+    # the weights of the two terms (``diffusion.dlm_loss_weight``, ``diffusion.ar_loss_weight``)
+    next_token: Optional[torch.Tensor] = None
+    dlm_weight: float = 1.0
+    ar_weight: float = 0.0
 
     def __post_init__(self):
         if self.aligned is None:
@@ -138,8 +152,14 @@ class MaskedDiffusion:
 
 
 def streams(diffusion: DiffusionConfig, seq_length: int) -> int:
-    """Positions per sequence position in the student's input: 2 under block diffusion."""
-    return stream_count(diffusion.block_length, seq_length)
+    """Positions per sequence position in the student's training input: 2 under block diffusion
+    and the hybrid objective."""
+    return stream_count(diffusion.block_length, seq_length, diffusion.ar_loss_weight > 0)
+
+
+def block_diffusion(diffusion: DiffusionConfig, seq_length: int) -> bool:
+    """Whether the student is trained (and decodes) in blocks shorter than the sequence."""
+    return stream_count(diffusion.block_length, seq_length) == 2
 
 
 def make_batch(
@@ -150,13 +170,14 @@ def make_batch(
     vocab: Vocabulary,
     with_teacher: bool = False,
     noise: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-    annealed: bool = False,
+    training: bool = False,
     response: Optional[torch.Tensor] = None,
 ) -> DiffusionBatch:
     """``tokens`` [b, s+1] clean sample tokens (Megatron sample with its extra token); ``noise``
     (t [b], mask [b, s+1]) replaces the training draw, e.g. for evaluation on a t grid.
-    ``annealed``: the student's attention is that of its training sample under
-    ``diffusion.anneal_iters`` (training); otherwise bidirectional (evaluation, the final model).
+    ``training``: the student's input is its training sample's: attention annealed under
+    ``diffusion.anneal_iters``, the next-token stream under ``diffusion.ar_loss_weight``;
+    otherwise the final model's (evaluation: bidirectional, one stream).
     ``response`` [b, s+1] (diffusion SFT): only these tokens are noised, so only they are
     supervised; the prompt stays clean."""
     d, eod, pad = objective.diffusion, vocab.eod, vocab.pad
@@ -183,16 +204,16 @@ def make_batch(
         docs = document_ids(clean, eod)
         student_mask = attention_mask(docs, causal=False)
         teacher_mask = attention_mask(docs, causal=True) if with_teacher else None
-    if annealed and d.anneal_iters:
+    if training and d.anneal_iters:
         fractions = anneal_fraction(sample_indices, d.anneal_iters, objective.samples_per_step)
         later = torch.ones(seq, seq, dtype=torch.bool).triu(1)
         closed = (later & ~open_future(sample_indices, fractions, seq, objective.seed)).unsqueeze(1)
         closed = closed.to(tokens.device)
         student_mask = closed if student_mask is None else student_mask | closed
-    if objective.streams == 2:
+    if block_diffusion(d, objective.seq_length):
         return _two_streams(clean, input_tokens, labels.contiguous(), supervised, t, position_ids,
                             teacher_mask, sample_indices, objective, eod)
-    return DiffusionBatch(
+    batch = DiffusionBatch(
         clean_tokens=clean,
         input_tokens=input_tokens,
         labels=labels.contiguous(),
@@ -204,6 +225,9 @@ def make_batch(
         sample_indices=sample_indices,
         packed=packed,
     )
+    if training and d.ar_loss_weight:
+        return _with_next_token_stream(batch, tokens, vocab, objective, response)
+    return batch
 
 
 def causal_lm_batch(tokens: torch.Tensor, position_ids: torch.Tensor, sample_indices: torch.Tensor,
@@ -263,6 +287,45 @@ def _two_streams(clean, noisy, labels, supervised, t, position_ids, teacher_mask
     )
 
 
+def _with_next_token_stream(batch: DiffusionBatch, tokens: torch.Tensor, vocab: Vocabulary,
+                            objective: MaskedDiffusion,
+                            response: Optional[torch.Tensor]) -> DiffusionBatch:
+    """The hybrid objective's training example (see the module docstring): ``batch`` (one
+    stream) with the clean sequence read causally as a second stream."""
+    clean = batch.clean_tokens
+    b, seq = clean.shape
+    later = torch.ones(seq, seq, dtype=torch.bool, device=clean.device).triu(1)
+    if objective.document_attention:
+        docs = document_ids(clean, vocab.eod)
+        other = docs.unsqueeze(2) != docs.unsqueeze(1)
+        noisy_closed, clean_closed = other, other | later
+    else:
+        noisy_closed = torch.zeros(b, seq, seq, dtype=torch.bool, device=clean.device)
+        clean_closed = later.expand(b, seq, seq)
+    closed = torch.cat([torch.cat([noisy_closed, torch.ones_like(noisy_closed)], dim=2),
+                        torch.cat([torch.ones_like(clean_closed), clean_closed], dim=2)], dim=1)
+    following = tokens[:, 1:].contiguous()
+    next_token = clean != vocab.eod  # the next token starts a new document: no target
+    if vocab.pad != vocab.eod:
+        next_token &= following != vocab.pad
+    if response is not None:  # diffusion SFT: the response's tokens only
+        next_token &= response[:, 1:].to(clean.device)
+    nothing = torch.zeros_like(batch.supervised)
+    return replace(
+        batch,
+        input_tokens=torch.cat([batch.input_tokens, clean], dim=1),
+        labels=torch.cat([batch.labels, following], dim=1),
+        supervised=torch.cat([batch.supervised, nothing], dim=1),
+        position_ids=torch.cat([batch.position_ids, batch.position_ids], dim=1),
+        student_mask=closed.unsqueeze(1),
+        aligned=torch.cat([batch.supervised, nothing], dim=1),
+        streams=2,
+        next_token=torch.cat([nothing, next_token], dim=1),
+        dlm_weight=objective.diffusion.dlm_loss_weight,
+        ar_weight=objective.diffusion.ar_loss_weight,
+    )
+
+
 def _loss_weights(per_token_ce: torch.Tensor, batch: DiffusionBatch, weighting: str):
     """([b, s] weight of each position's CE, [b] normaliser of each sample)."""
     weights = batch.supervised.to(per_token_ce.dtype)
@@ -274,6 +337,10 @@ def _loss_weights(per_token_ce: torch.Tensor, batch: DiffusionBatch, weighting: 
         counts = torch.full((batch.supervised.shape[0],), positions, device=per_token_ce.device)
     else:
         counts = batch.supervised.sum(dim=1)
+    if batch.next_token is not None:  # the hybrid objective
+        next_token = batch.next_token.to(per_token_ce.dtype)
+        weights = batch.dlm_weight * weights + batch.ar_weight * next_token
+        counts = counts + batch.next_token.sum(dim=1)
     return weights, counts
 
 

@@ -29,7 +29,7 @@ from megalign.config import Config
 from megalign.data.vocabulary import Vocabulary
 from megalign.diffusion import decoding
 from megalign.diffusion.decoding import LogitsSource, SamplerConfig
-from megalign.diffusion.objective import streams
+from megalign.diffusion.objective import block_diffusion
 
 
 def for_model(cfg: Config, sampler: SamplerConfig) -> SamplerConfig:
@@ -37,7 +37,7 @@ def for_model(cfg: Config, sampler: SamplerConfig) -> SamplerConfig:
     block-diffusion student (``diffusion.block_length``) its blocks left to right,
     block-causally, without the positions after the block."""
     sampler = replace(sampler, shift=cfg.diffusion.shift)
-    if streams(cfg.diffusion, cfg.model.seq_length) == 1:
+    if not block_diffusion(cfg.diffusion, cfg.model.seq_length):
         return sampler
     return decoding.for_block_diffusion(sampler, cfg.diffusion.block_length)
 

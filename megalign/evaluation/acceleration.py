@@ -8,6 +8,11 @@ evaluation interval. A value the aligned run never reaches gives None. Where the
 better than at its start (step 0, where both runs are the same model), the ratio is undefined
 (any run is "there" at step 0) and the point is left out. In compute, each ratio is multiplied by
 the aligned step's cost over the plain step's (time or FLOPs).
+
+That reading credits the aligned run whenever the plain run gets worse late (forgetting,
+overfitting): its value at the last k is then one it had reached long before k. The strict reading
+(``strict_ratio``) asks for the plain run's final value and divides the steps the aligned run needs
+to reach it by the steps the plain run itself first reached it in.
 """
 
 from __future__ import annotations
@@ -62,6 +67,24 @@ def final_ratio(curve: list, baseline: list) -> tuple[Optional[float], str]:
     if not curve or curve[-1][0] != last:
         return None, "undefined"
     return curve[-1][1], "reached" if curve[-1][1] is not None else "not reached"
+
+
+def strict_ratio(baseline: list, aligned: list, direction: int) -> tuple[Optional[float], str]:
+    """(ratio, status) of the strict reading: the steps ``aligned`` needs to reach the baseline's
+    final value over the steps the baseline first reached it in (both interpolated). Status as
+    ``final_ratio``'s: ``reached``, ``not reached`` or ``undefined`` (the baseline ended no better
+    than it started)."""
+    points = [(step, value) for step, value in baseline
+              if value is not None and math.isfinite(value)]
+    start = next((value for step, value in points if step == 0), None)
+    if not points or start is None or direction * (points[-1][1] - start) <= 0:
+        return None, "undefined"
+    final = points[-1][1]
+    own = steps_to_reach(baseline, final, direction)
+    steps = steps_to_reach(aligned, final, direction)
+    if steps is None:
+        return None, "not reached"
+    return steps / own, "reached"
 
 
 def spread_over_seeds(ratios: list) -> dict:

@@ -38,12 +38,15 @@ def forward_flops_per_token(cfg: Config, vocab_size: int, positions: int,
     return layers + (2 * m.hidden_size * vocab_size if lm_head else 0)
 
 
-def step_flops(cfg: Config, vocab_size: int, aligned: bool, streams: int = 1) -> int:
+def step_flops(cfg: Config, vocab_size: int, aligned: bool, streams: int = 1,
+               teacher_head: bool = False) -> int:
     """FLOPs of one optimizer step: the student's forward and backward over the global batch's
-    positions (``streams`` = 2 under block diffusion) and, when ``aligned``, the frozen
-    teacher's forward without its LM head over the clean sequences."""
+    positions (``streams`` = 2 under block diffusion and the hybrid objective) and, when
+    ``aligned`` (the teacher runs), the frozen teacher's forward over the clean sequences, without
+    its LM head unless ``teacher_head`` (distillation)."""
     sequences = cfg.data.global_batch_size
     seq = cfg.model.seq_length
     student = 3 * forward_flops_per_token(cfg, vocab_size, streams * seq) * streams * seq
-    teacher = forward_flops_per_token(cfg, vocab_size, seq, lm_head=False) * seq if aligned else 0
+    teacher = (forward_flops_per_token(cfg, vocab_size, seq, lm_head=teacher_head) * seq
+               if aligned else 0)
     return sequences * (student + teacher)

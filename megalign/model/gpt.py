@@ -75,7 +75,7 @@ def check_platform(cfg: Config) -> None:
             "document_attention or diffusion.anneal_iters): Transformer Engine's context-parallel "
             "attention has no arbitrary-mask form; set model.document_attention=false and "
             "diffusion.anneal_iters=0, or parallel.context_parallel_size=1")
-    if (packs_documents(cfg) and cfg.parallel.sequence_parallel and cfg.align.weight > 0
+    if (packs_documents(cfg) and cfg.parallel.sequence_parallel and cfg.align.uses_teacher
             and cfg.align.teacher_microbatches > 1):
         raise ConfigError(
             f"align.teacher_microbatches={cfg.align.teacher_microbatches} with packed documents "
@@ -151,7 +151,8 @@ class ModelBuild:
         return cls(model=cfg.model, parallel=cfg.parallel, params_dtype=params_dtype,
                    attention=attention_mask_type(cfg, causal),
                    streams=1 if causal else stream_count(cfg.diffusion.block_length,
-                                                         cfg.model.seq_length),
+                                                         cfg.model.seq_length,
+                                                         cfg.diffusion.ar_loss_weight > 0),
                    recompute=cfg.recompute, fp8=cfg.fp8 if fp8 else None,
                    packed=packs_documents(cfg))
 
@@ -288,13 +289,15 @@ def build_chunks(build: ModelBuild, vocab_size: int) -> list:
 def packs_documents(cfg: Config) -> bool:
     """Whether the run's micro-batches carry their documents as THD (Megatron-Core
     ``PackedSeqParams``) instead of an explicit mask: ``model.document_format``, whose "auto" is
-    THD where Transformer Engine runs. Block diffusion and annealing always take a mask, as does
-    context parallelism (its THD partition is not implemented)."""
+    THD where Transformer Engine runs. Block diffusion, annealing and the hybrid objective's two
+    streams always take a mask, as does context parallelism (its THD partition is not
+    implemented)."""
     m, d = cfg.model, cfg.diffusion
     if not m.document_attention or m.document_format == "mask":
         return False
     diffusion = cfg.objective != "ar"
-    if diffusion and (d.anneal_iters or (d.block_length and d.block_length < m.seq_length)):
+    if diffusion and (d.anneal_iters or d.ar_loss_weight
+                      or (d.block_length and d.block_length < m.seq_length)):
         return False
     if m.document_format == "thd":
         return True
@@ -303,10 +306,12 @@ def packs_documents(cfg: Config) -> bool:
 
 def attention_mask_type(cfg: Config, causal: bool) -> AttnMaskType:
     """How the run's model attends: causal (the AR model) or bidirectional, through an explicit
-    mask (``megalign.model.attention``) under document attention, block diffusion or annealing,
-    or inside each packed document under THD (the mask type then says causal or not)."""
+    mask (``megalign.model.attention``) under document attention, block diffusion, annealing or
+    the hybrid objective, or inside each packed document under THD (the mask type then says
+    causal or not)."""
     d = cfg.diffusion
-    explicit = cfg.model.document_attention or (not causal and (d.anneal_iters or d.block_length))
+    two_streams_or_annealed = d.anneal_iters or d.block_length or d.ar_loss_weight
+    explicit = cfg.model.document_attention or (not causal and two_streams_or_annealed)
     if explicit and not packs_documents(cfg):
         return AttnMaskType.arbitrary  # explicit mask from megalign.model.attention
     return AttnMaskType.causal if causal else AttnMaskType.no_mask
@@ -332,7 +337,8 @@ def build_gpt(build: ModelBuild, vocab_size: int, vp_stage=None) -> GPTModel:
         vp_stage=vp_stage,
     )
     if (build.streams == 2 or build.packed) and m.arch == "llama":
-        # block diffusion's two streams, or a THD micro-batch's samples, each numbered from 0
+        # two streams (block diffusion, the hybrid objective), or a THD micro-batch's samples,
+        # each numbered from 0
         use_stream_positions(model)
     if m.arch == "gpt2" and model.pre_process:
         # Megatron-Core makes the learned position embedding in fp32 whatever params_dtype is;

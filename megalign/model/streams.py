@@ -1,8 +1,9 @@
-"""Two-stream inputs for block diffusion: ``[noisy sequence; clean sequence]`` in one sequence.
+"""Two-stream inputs: ``[noisy sequence; clean sequence]`` in one sequence (block diffusion, and the
+hybrid AR + diffusion objective).
 
 Learned absolute positions read the ``position_ids`` the batch gives (each stream numbered from
 0); Megatron-Core's rotary embedding numbers positions by their index instead, which would place
-the clean stream after the noisy one. ``use_stream_positions`` gives a block-diffusion student a
+the clean stream after the noisy one. ``use_stream_positions`` gives a two-stream student a
 rotary embedding that, for a two-stream input (``position_ids`` whose second half repeats the
 first), returns the first half's angles twice, so a noisy position and the clean one it mirrors
 share their angle and the attention scores between streams depend on the true offset. A THD
@@ -21,10 +22,12 @@ from typing import Optional
 import torch
 
 
-def stream_count(block_length: Optional[int], seq_length: int) -> int:
-    """Positions per sequence position in a diffusion student's input: 2 under block diffusion
-    (blocks shorter than the sequence), else 1."""
-    return 2 if block_length and block_length < seq_length else 1
+def stream_count(block_length: Optional[int], seq_length: int,
+                 next_token_stream: bool = False) -> int:
+    """Positions per sequence position in a diffusion student's training input: 2 under block
+    diffusion (blocks shorter than the sequence) or with the hybrid objective's next-token
+    stream, else 1."""
+    return 2 if next_token_stream or (block_length and block_length < seq_length) else 1
 
 
 def is_two_stream(position_ids: torch.Tensor) -> bool:

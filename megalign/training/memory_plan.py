@@ -33,6 +33,7 @@ ITEMS = {  # key: what a reader sees
     "scorer_parameters": "causal scorer of generated samples",
     "activations": "activations of the micro-batches in flight",
     "teacher_states": "aligned teacher states held for the backward",
+    "distillation": "teacher logits and the KL's workspace (distillation, last stage)",
     "loss_workspace": "logits' softmax and gradient (last stage)",
     "score_buffer": "attention score buffer (local spec, kept between steps)",
     "attention_backward": "attention backward's score gradients (local spec, one layer)",
@@ -75,7 +76,7 @@ def plan(cfg: Config, vocab_size: int, world_size: int, gpu: bool) -> list[Stage
     dp = world_size // p.replica_size
     microbatches = cfg.data.global_batch_size // (cfg.data.micro_batch_size * dp)
     element = memory.BF16 if cfg.precision != "fp32" else memory.FP32  # weights, activations
-    aligned = cfg.align.weight > 0
+    aligned, uses_teacher = cfg.align.weight > 0, cfg.align.uses_teacher
     positions = memory.student_build(cfg).streams * m.seq_length
     batch = cfg.data.micro_batch_size
     vpp = p.virtual_pipeline_model_parallel_size or 1
@@ -90,7 +91,7 @@ def plan(cfg: Config, vocab_size: int, world_size: int, gpu: bool) -> list[Stage
                   "gradients": optimizer.gradient_bytes(trainable),
                   "optimizer_states": optimizer.state_bytes(cfg, table, dp)}
         notes = []
-        if aligned:
+        if uses_teacher:
             bytes_["teacher_parameters"], notes = teacher.planned_parameter_bytes(
                 cfg, table, frozen, element, gpu)
         scorer = planned_scorer_bytes(cfg, total, element)
@@ -107,10 +108,12 @@ def plan(cfg: Config, vocab_size: int, world_size: int, gpu: bool) -> list[Stage
         if stage == p.pipeline_model_parallel_size - 1:
             bytes_["loss_workspace"] = memory.loss_workspace_bytes(cfg, vocab_size, positions,
                                                                    batch)
+            if cfg.align.kd_weight > 0:
+                bytes_["distillation"] = teacher.planned_logit_bytes(cfg, vocab_size, gpu)
         if not gpu:  # Megatron-Core's global buffer for the local spec's attention scores:
             rows = positions // p.context_parallel_size  # one for student and teacher if they
             student = memory.attention_score_bytes(cfg, batch, rows, positions, element)
-            teacher_scores = teacher.planned_score_bytes(cfg, gpu) if aligned else 0
+            teacher_scores = teacher.planned_score_bytes(cfg, gpu) if uses_teacher else 0
             same_dtype = teacher.teacher_dtype(cfg.align, cfg.precision, gpu).itemsize == element
             bytes_["score_buffer"] = (max(student, teacher_scores) if same_dtype  # share a dtype
                                       else student + teacher_scores)

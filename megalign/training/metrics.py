@@ -112,6 +112,9 @@ def console_line(record: dict, train_iters: int) -> str:
         f"learning rate: {record['lr']:.6E}",
         f"loss: {record['loss']:.6E}",
         f"diffusion loss: {record['diffusion_loss']:.6E}",
+        *([f"dlm term: {record['dlm_loss']:.6E}", f"ar term: {record['ar_loss']:.6E}"]
+          if "ar_loss" in record else []),
+        *([f"kd term: {record['kd_loss']:.6E}"] if "kd_loss" in record else []),
         f"align loss: {record['align_loss']:.6E}",
         *([f"teacher loss: {record['teacher_loss']:.6E}"] if "teacher_loss" in record else []),
         *([f"attention open: {record['attention_open']:.3f}"]

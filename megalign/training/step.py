@@ -1,7 +1,13 @@
 """The per-micro-batch forward step given to Megatron-Core's schedules, and per-step statistics.
 
 Under ``objective: ar`` the same step trains the causal model on next-token batches (no teacher);
-its "diffusion loss" is then the next-token loss.
+its "diffusion loss" is then the next-token loss. Under the hybrid objective
+(``diffusion.ar_loss_weight``) it is the diffusion and next-token terms weighted together, as
+minimised; each term is also kept as its own mean. With distillation (``align.kd_weight``) the
+last stage's student returns its logits, the loss path computes the cross-entropy and the KL to
+the teacher's logits from them (``megalign.align.distill``), and the "diffusion loss" includes
+``kd_weight`` x the KL summed over the supervised positions (the same normaliser); the mean KL is
+kept too.
 
 Every pipeline stage reads the same micro-batch (the masks are a function of the sample index)
 and runs, in order: the teacher's layers of this stage on the clean tokens (REPR-ALIGN only; once
@@ -25,6 +31,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.utils import unwrap_model
 
+from megalign.align.distill import cross_entropy_and_kl, vocab_shard
 from megalign.align.injection import attach_loss
 from megalign.align.loss import alignment_loss, mirror_streams, stage_alignment
 from megalign.align.teacher import Teacher
@@ -52,9 +59,14 @@ class StepStats:
     diffusion: torch.Tensor = None  # [1] float64: the diffusion loss (last stage)
     teacher: torch.Tensor = None  # [1] float64: the teacher's AR loss (log_teacher_loss)
     layer_distance: torch.Tensor = None  # [L+1] float64: per aligned layer, sum of (1 - mean cos)
+    # [2] float64: the hybrid objective's diffusion and next-token terms, each its own mean
+    terms: torch.Tensor = None
+    kd: torch.Tensor = None  # [1] float64: the mean KL to the teacher's logits (distillation)
 
     def __post_init__(self):
         self.diffusion = torch.zeros(1, dtype=torch.float64, device=device())
+        self.terms = torch.zeros(2, dtype=torch.float64, device=device())
+        self.kd = torch.zeros(1, dtype=torch.float64, device=device())
         self.teacher = torch.zeros(1, dtype=torch.float64, device=device())
         self.layer_distance = torch.zeros(self.num_layers + 1, dtype=torch.float64, device=device())
 
@@ -67,6 +79,11 @@ class StepResult:
     teacher_loss: Optional[float] = None  # with align.log_teacher_loss
     # mixture of experts: each layer's load-balancing loss as added to the loss (coefficient in)
     moe_aux_loss: Optional[list] = None
+    # the hybrid objective: its diffusion and next-token terms, each its own mean (diffusion_loss
+    # is then the two weighted together, as minimised)
+    dlm_loss: Optional[float] = None
+    ar_loss: Optional[float] = None
+    kd_loss: Optional[float] = None  # distillation: the mean KL (diffusion_loss includes it)
 
     @property
     def loss(self) -> float:
@@ -90,9 +107,11 @@ class DiffusionStep:
         self.vocab = vocab
         self._chunk_of = {id(chunk): index for index, chunk in enumerate(students)}
         self._computes_loss = [chunk.post_process for chunk in students]
+        self.aligns = teacher is not None and cfg.align.weight > 0
+        self.distils = teacher is not None and cfg.align.kd_weight > 0
         self.recorders = (
             [HiddenStateRecorder(chunk, set(layer_weights)) for chunk in students]
-            if teacher is not None
+            if self.aligns
             else None
         )
         # where each chunk's aligned layers go in the per-step sums (on the device: no copy per use)
@@ -133,7 +152,7 @@ class DiffusionStep:
         else:
             batch = make_batch(raw["tokens"].to(device()), raw["position_ids"].to(device()),
                                raw["sample_index"], self.objective, self.vocab,
-                               with_teacher=self.teacher is not None, annealed=True,
+                               with_teacher=self.teacher is not None, training=True,
                                response=raw.get("response"))
         return batch.for_context_rank(self.cp_size, self.cp_rank)
 
@@ -156,17 +175,19 @@ class DiffusionStep:
             loss_sum, count = self._over_context(*loss_terms(teacher.token_loss, replace(
                 batch, supervised=batch.supervised_targets, streams=1), "none"))
             self.stats.teacher += (loss_sum / count.clamp(min=1)).double()
-        recording = (self.recorders[chunk].recording_scope() if self.teacher is not None
+        recording = (self.recorders[chunk].recording_scope() if self.aligns
                      else nullcontext({}))
         with recording as student_states:
             output = model(
                 batch.as_model_takes(batch.input_tokens),
                 batch.as_model_takes(batch.position_ids),
                 batch.student_mask,
-                labels=batch.as_model_takes(batch.labels) if last_stage else None,
+                # with distillation the loss path takes the logits
+                labels=(batch.as_model_takes(batch.labels) if last_stage and not self.distils
+                        else None),
                 packed_seq_params=batch.packed,
             )
-        if self.teacher is not None:
+        if self.aligns:
             alignment = stage_alignment(
                 student_states,
                 teacher.states if batch.streams == 1 else
@@ -181,7 +202,8 @@ class DiffusionStep:
                 output = attach_loss(output, self.cfg.align.weight * alignment.loss,
                                      self._aux_scale())
             self._record_alignment(alignment, chunk, first)
-        return output, partial(self._loss, batch, first)
+        return output, partial(self._loss, batch, first,
+                               teacher.logits if self.distils and last_stage else None)
 
     def _next_microbatch(self, data_iterator, chunk: int):
         """This chunk's next micro-batch and its teacher output. The teacher runs once per group
@@ -208,12 +230,25 @@ class DiffusionStep:
         if first:
             self.first.distances(index, distances)
 
-    def _loss(self, batch: DiffusionBatch, first: bool, per_token_ce: torch.Tensor):
+    def _loss(self, batch: DiffusionBatch, first: bool, teacher_logits: Optional[torch.Tensor],
+              output: torch.Tensor):
+        """``output``: the per-token cross-entropy, or with distillation the logits' shard."""
+        per_token_ce, kl = output, None
+        if teacher_logits is not None:
+            if batch.streams == 2:  # [noisy; clean]: both streams mirror the sequence's positions
+                teacher_logits = torch.cat([teacher_logits, teacher_logits], dim=1)
+            per_token_ce, kl = cross_entropy_and_kl(output, teacher_logits,
+                                                    batch.as_model_takes(batch.labels),
+                                                    *vocab_shard(output.shape[-1]))
         per_token_ce = per_token_ce.view(batch.labels.shape)  # [1, b·s] of packed documents
         loss_sum, count = loss_terms(per_token_ce, batch, self.cfg.diffusion.loss_weighting)
+        if kl is not None:
+            loss_sum = loss_sum + self._distillation(kl.view(batch.labels.shape), batch)
         whole_sum, count = self._over_context(loss_sum, count)
         value = (whole_sum / count.clamp(min=1)).double().reshape(1)
         self.stats.diffusion += value
+        if batch.next_token is not None:
+            self._record_terms(per_token_ce, batch)
         if first:
             self.first.diffusion_loss(value)
         # the schedule divides by the whole sequence's count; DDP's mean over the context ranks
@@ -221,29 +256,53 @@ class DiffusionStep:
         share = loss_sum * self.cp_size if self.cp_size > 1 else loss_sum
         return share, count, {"diffusion_loss": value}
 
+    def _distillation(self, kl: torch.Tensor, batch: DiffusionBatch) -> torch.Tensor:
+        """``align.kd_weight`` x the KL to the teacher's next-token distribution summed over the
+        supervised positions (each stream's against the teacher's same position); its mean is
+        kept for the log."""
+        supervised = batch.supervised.to(kl.dtype)
+        total = (kl * supervised).sum()
+        whole, count = self._over_context(total, batch.supervised.sum())
+        self.stats.kd += (whole / count.clamp(min=1)).double()
+        return self.cfg.align.kd_weight * total
+
+    def _record_terms(self, per_token_ce: torch.Tensor, batch: DiffusionBatch) -> None:
+        """The hybrid objective's two terms, each as its own mean, for the log."""
+        diffusion = self._over_context(*loss_terms(
+            per_token_ce, replace(batch, next_token=None), self.cfg.diffusion.loss_weighting))
+        next_token = self._over_context((per_token_ce.float() * batch.next_token).sum(),
+                                        batch.next_token.sum())
+        self.stats.terms += torch.stack([(total / count.clamp(min=1)).double()
+                                         for total, count in (diffusion, next_token)])
+
     def reduce(self) -> StepResult:
         """Means over micro-batches and DP ranks; per-layer values gathered from every stage."""
         L = self.cfg.model.num_layers
         distances = self.stats.layer_distance
-        values = torch.cat([self.stats.diffusion, self.stats.teacher, distances])
+        values = torch.cat([self.stats.diffusion, self.stats.teacher, self.stats.terms,
+                            self.stats.kd, distances])
         values = _sum_over_pipeline_then_mean_over_dp(values) / self.num_microbatches
-        distances = values[2:].tolist()
+        distances = values[5:].tolist()
         align_cos = [
-            (1.0 - distances[i]) if i in self.layer_weights and self.teacher is not None else None
+            (1.0 - distances[i]) if i in self.layer_weights and self.aligns else None
             for i in range(L + 1)
         ]
         align_loss = 0.0
-        if self.teacher is not None:
+        if self.aligns:
             align_loss = alignment_loss(distances, self.layer_weights, self.cfg.align.weight)
         logs_teacher = self.teacher is not None and self.cfg.align.log_teacher_loss
         aux = (aux_loss_per_layer(self.num_microbatches, self.cfg.model.moe_aux_loss_coeff)
                if self.cfg.model.num_experts else None)
+        hybrid = self.cfg.diffusion.ar_loss_weight > 0
         return StepResult(float(values[0]), float(align_loss), align_cos,
-                          float(values[1]) if logs_teacher else None, aux)
+                          float(values[1]) if logs_teacher else None, aux,
+                          float(values[2]) if hybrid else None,
+                          float(values[3]) if hybrid else None,
+                          float(values[4]) if self.distils else None)
 
     def first_microbatch_dump(self) -> dict:
         """The watched first micro-batch's inputs and loss terms (collective: every rank)."""
-        return self.first.dump(self.layer_weights, self.cfg.align.weight, self.teacher is not None,
+        return self.first.dump(self.layer_weights, self.cfg.align.weight, self.aligns,
                                self.cfg.diffusion.loss_weighting, self.cfg.diffusion.shift)
 
 

@@ -63,9 +63,10 @@ def build_models(cfg: Config, vocab: Vocabulary, ar_checkpoint: Optional[str]):
     )
     ar_weights = [chunk.state_dict() for chunk in students]
     teacher = None
-    if cfg.align.weight > 0:
-        teacher = Teacher(teacher_build(cfg), vocab.padded, ar_weights, set(layer_weights),
-                          log_loss=cfg.align.log_teacher_loss)
+    if cfg.align.uses_teacher:
+        aligned = set(layer_weights) if cfg.align.weight > 0 else set()
+        teacher = Teacher(teacher_build(cfg), vocab.padded, ar_weights, aligned,
+                          loss=cfg.align.log_teacher_loss, logits=cfg.align.kd_weight > 0)
     scorer = None
     if cfg.evaluation.interval and cfg.evaluation.generation_samples:
         scorer = build_chunks(ModelBuild.of(cfg, causal=True, params_dtype=dtype), vocab.padded)
@@ -189,10 +190,14 @@ class Trainer:
                                    iteration * cfg.data.global_batch_size)
             record["attention_open"] = float(anneal_fraction(
                 samples, cfg.diffusion.anneal_iters, cfg.data.global_batch_size).mean())
-        if self.teacher is not None:
+        if self.cfg.align.weight > 0:
             record["align_cos"] = result.align_cos
         if result.teacher_loss is not None:
             record["teacher_loss"] = result.teacher_loss
+        if result.ar_loss is not None:
+            record["dlm_loss"], record["ar_loss"] = result.dlm_loss, result.ar_loss
+        if result.kd_loss is not None:
+            record["kd_loss"] = result.kd_loss
         if result.moe_aux_loss is not None:
             record["moe_aux_loss"] = sum(result.moe_aux_loss)
         if self.expert_load is not None:
