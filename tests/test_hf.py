@@ -447,6 +447,25 @@ def test_dream_refuses_what_its_network_cannot_hold():
 
 
 @pytest.mark.unit
+def test_the_fast_dllm_v2_export_says_why_it_cannot_hold_a_student():
+    """Fast-dLLM v2's format holds block-diffusion Qwen2 students decoded its way; megalign's
+    block decoding differs (blocks from the prompt's end, the block opener from the clean
+    stream), so every student is refused with the reason (docs/hugging-face.md)."""
+    from megalign.config import load_config
+    from megalign.convert.fast_dllm import DECODING, fast_dllm_v2_refusal
+
+    def refusal(*overrides):
+        return fast_dllm_v2_refusal(load_config([str(TINY_CONFIG)], list(overrides)))
+
+    assert "without block diffusion" in refusal()
+    assert refusal("diffusion.block_length=8") == DECODING
+    assert "counts blocks from the prompt's end" in DECODING
+    assert "mixture of experts (Fast-dLLM v2's" in refusal("diffusion.block_length=8",
+                                                           "model.num_experts=4")
+    assert "AR shift" in refusal("diffusion.block_length=8", "diffusion.shift=false")
+
+
+@pytest.mark.unit
 def test_the_gguf_export_refuses_what_it_cannot_write():
     """--to gguf: what Dream cannot hold, Llama 3.x RoPE scaling (llama.cpp's Dream graph has no
     frequency table) and tokenizers other than SentencePiece (their pre-tokenizer is named in

@@ -239,6 +239,10 @@ def test_dream_export_reads_as_dream_and_as_qwen2(exported, tmp_path):
         assert outcome.code == 2 and reason in outcome.stderr, outcome.stderr
         assert len(outcome.stderr.strip().splitlines()) == 1 and not export.exists()
         return
+    refused = run_main(main, ["--from", "megalign", "--to", "fast-dllm-v2", "--input",
+                              str(tmp / "ckpt"), "--output", str(export)])
+    assert refused.code == 2 and "without block diffusion" in refused.stderr, refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and not export.exists()
     run_python(["-m", "megalign.cli.convert", "--from", "megalign", "--to", "dream", "--input",
                 tmp / "ckpt", "--output", export])
     config = json.loads((export / "config.json").read_text())

@@ -5,12 +5,14 @@
     megalign-convert --from megalign --to hf --input CKPT_DIR --output HF_DIR
     megalign-convert --from megalign --to dream --input CKPT_DIR --output DREAM_DIR
     megalign-convert --from megalign --to gguf --input CKPT_DIR --output FILE.gguf
+    megalign-convert --from megalign --to fast-dllm-v2 ...   (refused: why, in one line)
 
 --to hf writes megalign's own transformers format (every student megalign trains); --to dream
 writes Dream's format, which Dream's code, Fast-dLLM, dllm, Diffulex and llama.cpp's converter
 read (dense Llama-family students with bidirectional decoding: docs/hugging-face.md); --to gguf
 writes such a student trained with a SentencePiece tokenizer as a GGUF file of llama.cpp's Dream
-architecture.
+architecture; --to fast-dllm-v2 says why Fast-dLLM v2's format cannot hold the student (its block
+decoding differs from megalign's).
 """
 
 # Imports inside functions are deliberate here: a command parses its arguments before importing
@@ -28,7 +30,8 @@ def parse_args(argv=None):
     parser = ArgumentParser(prog="megalign-convert", description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--from", dest="source", choices=["hf", "megalign"], required=True)
-    parser.add_argument("--to", dest="target", choices=["hf", "megalign", "dream", "gguf"],
+    parser.add_argument("--to", dest="target",
+                        choices=["hf", "megalign", "dream", "gguf", "fast-dllm-v2"],
                         required=True)
     parser.add_argument("--input", required=True)
     parser.add_argument("--output", required=True)
@@ -46,14 +49,16 @@ def convert(args) -> None:
 
     if args.source == args.target:
         raise ValueError("--from and --to must differ")
-    if args.target in ("dream", "gguf"):
+    if args.target in ("dream", "gguf", "fast-dllm-v2"):
         from megalign.convert.dream import megalign_to_dream
         from megalign.convert.dream_gguf import megalign_to_gguf
+        from megalign.convert.fast_dllm import megalign_to_fast_dllm_v2
 
         if args.source != "megalign":
             raise ValueError(f"--to {args.target} converts a megalign checkpoint "
                              "(--from megalign)")
-        export = megalign_to_dream if args.target == "dream" else megalign_to_gguf
+        export = {"dream": megalign_to_dream, "gguf": megalign_to_gguf,
+                  "fast-dllm-v2": megalign_to_fast_dllm_v2}[args.target]
         output = export(args.input, args.output)
     elif args.source == "hf":
         output = hf_to_megalign(args.input, args.output, args.gguf_file, args.tp, args.pp,

@@ -44,20 +44,30 @@ MODELING_FILES = ("configuration_dream.py", "modeling_dream.py", "modeling_megal
 MASK_TOKEN = "<|mask|>"  # the mask token's text where the tokenizer has none (Dream's)
 
 
-def dream_refusal(cfg: Config) -> Optional[str]:
-    """Why Dream's format cannot hold this student, or None. Dream's network is Qwen2's (RMSNorm,
-    SwiGLU, rotary positions, q/k/v biases, head size = hidden / heads, no norm on queries and
-    keys), dense, bidirectional, and its decoding shifts logits right by one."""
-    m, d = cfg.model, cfg.diffusion
+def network_refusal(cfg: Config, name: str) -> Optional[str]:
+    """What of this student the Qwen2 network of ``name``'s format (Dream's, Fast-dLLM v2's)
+    cannot hold, or None: it is RMSNorm, SwiGLU, rotary positions, q/k/v biases, head size =
+    hidden / heads, no norm on queries and keys, dense."""
+    m = cfg.model
     if m.arch == "gpt2":
-        return "GPT-2's LayerNorm, GeLU and learned positions (Dream's network is Qwen2's)"
+        return f"GPT-2's LayerNorm, GeLU and learned positions ({name}'s network is Qwen2's)"
     if m.num_experts:
-        return "a mixture of experts (Dream's MLPs are dense)"
+        return f"a mixture of experts ({name}'s MLPs are dense)"
     if m.qk_norm:
-        return "RMSNorm on queries and keys (Qwen3's; Dream has none)"
+        return f"RMSNorm on queries and keys (Qwen3's; {name} has none)"
     if m.kv_channels != m.hidden_size // m.num_attention_heads:
-        return (f"a head size of {m.kv_channels} (Dream's is hidden / heads = "
+        return (f"a head size of {m.kv_channels} ({name}'s is hidden / heads = "
                 f"{m.hidden_size // m.num_attention_heads})")
+    return None
+
+
+def dream_refusal(cfg: Config) -> Optional[str]:
+    """Why Dream's format cannot hold this student, or None. Dream's network is Qwen2's
+    (``network_refusal``), bidirectional, and its decoding shifts logits right by one."""
+    m, d = cfg.model, cfg.diffusion
+    network = network_refusal(cfg, "Dream")
+    if network:
+        return network
     if block_diffusion(d, m.seq_length):
         return (f"block diffusion (blocks of {d.block_length}): Dream decodes with bidirectional "
                 "attention, not block-causal")
