@@ -641,9 +641,10 @@ MODES = {"block": [f"diffusion.block_length={BLOCK}"],
          # diffusion SFT on the bundled instruction set (data.paths: the sft_prefix fixture)
          "sft": ["data.sft=true"],
          # the hybrid objective with Nemotron-Labs-Diffusion's weights, and teacher-logit
-         # distillation beside REPR-ALIGN (the teacher's logits mirrored onto both streams)
+         # distillation beside REPR-ALIGN (the teacher's logits mirrored onto both streams; its
+         # logged loss computed from the logits it hands over)
          "hybrid_kd": ["diffusion.ar_loss_weight=1.0", "diffusion.dlm_loss_weight=0.3",
-                       "align.kd_weight=0.5"]}
+                       "align.kd_weight=0.5", "align.log_teacher_loss=true"]}
 
 
 def mode_overrides(mode: str, request) -> list[str]:
@@ -759,19 +760,27 @@ def _document_ids(tokens: list[int], eod: int) -> list[int]:
     return ids
 
 
-def block_student_input(raw, batch, cfg):
-    """The two-stream input written out position by position: [noisy; clean], a noisy position
-    sees its own noisy block and the clean earlier blocks, a clean one the clean blocks up to its
-    own; the token opening a block is predicted from the clean stream."""
+def _noised(raw, cfg):
+    """(vocabulary, clean tokens [b, s], the noise draw over the s + 1 tokens, the masked input)
+    of a micro-batch, drawn from (seed, sample index) as training draws it."""
     from megalign.data.tokenizer import build_tokenizer
     from megalign.data.vocabulary import Vocabulary
     from megalign.diffusion.masking import sample_noise
 
     vocab = Vocabulary.of(cfg, build_tokenizer(cfg.data.tokenizer))
     clean = raw["tokens"][:, :-1]
-    b, s = clean.shape
+    s = clean.shape[1]
     _, masked = sample_noise(raw["sample_index"], s + 1, cfg.seed, cfg.diffusion.eps)
-    noisy = torch.where(masked[:, :s], torch.full_like(clean, vocab.mask), clean)
+    return vocab, clean, masked, torch.where(masked[:, :s], torch.full_like(clean, vocab.mask),
+                                             clean)
+
+
+def block_student_input(raw, batch, cfg):
+    """The two-stream input written out position by position: [noisy; clean], a noisy position
+    sees its own noisy block and the clean earlier blocks, a clean one the clean blocks up to its
+    own; the token opening a block is predicted from the clean stream."""
+    vocab, clean, masked, noisy = _noised(raw, cfg)
+    b, s = clean.shape
     blocked = torch.ones(b, 1, 2 * s, 2 * s, dtype=torch.bool)
     for row in range(b):
         docs = _document_ids(clean[row].tolist(), vocab.eod)
@@ -844,15 +853,8 @@ def hybrid_student_input(raw, batch, cfg):
     positions of its document, a clean one the clean positions of its document up to itself; the
     noisy stream is supervised where a masked token follows, the clean one wherever a token of
     the same document follows."""
-    from megalign.data.tokenizer import build_tokenizer
-    from megalign.data.vocabulary import Vocabulary
-    from megalign.diffusion.masking import sample_noise
-
-    vocab = Vocabulary.of(cfg, build_tokenizer(cfg.data.tokenizer))
-    clean = raw["tokens"][:, :-1]
+    vocab, clean, masked, noisy = _noised(raw, cfg)
     b, s = clean.shape
-    _, masked = sample_noise(raw["sample_index"], s + 1, cfg.seed, cfg.diffusion.eps)
-    noisy = torch.where(masked[:, :s], torch.full_like(clean, vocab.mask), clean)
     blocked = torch.ones(b, 1, 2 * s, 2 * s, dtype=torch.bool)
     for row in range(b):
         docs = _document_ids(clean[row].tolist(), vocab.eod)
@@ -882,6 +884,9 @@ def test_training_modes_match_plain_pytorch_reference(request, mode_core_runs, d
     reference = plain_reference(mode_core_runs[mode]["tp1pp1"], data_overrides,
                                 mode_overrides(mode, request), student_input=inputs)
     assert_matches_reference(mode_core_runs[mode]["tp1pp1"], reference)
+    if mode == "hybrid_kd":  # the teacher's loss from the logits it hands to distillation
+        assert mode_core_runs[mode]["tp1pp1"]["summary"]["align"]["teacher_loss"] == (
+            pytest.approx(reference["teacher_loss"], rel=RTOL))
 
 
 @pytest.mark.slow

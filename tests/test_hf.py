@@ -467,9 +467,10 @@ def test_the_fast_dllm_v2_export_says_why_it_cannot_hold_a_student():
 
 @pytest.mark.unit
 def test_the_gguf_export_refuses_what_it_cannot_write():
-    """--to gguf: what Dream cannot hold, Llama 3.x RoPE scaling (llama.cpp's Dream graph has no
-    frequency table) and tokenizers other than SentencePiece (their pre-tokenizer is named in
-    llama.cpp's tables: its converter makes those files from a --to dream export)."""
+    """--to gguf: dense students as Dream, mixtures of experts as RND1 (Qwen3-MoE's network);
+    what those cannot hold, Llama 3.x RoPE scaling (neither graph has a frequency table) and
+    tokenizers other than SentencePiece (their pre-tokenizer is named in llama.cpp's tables: its
+    converter makes those files from a --to dream export)."""
     from megalign.config import load_config
     from megalign.convert.dream_gguf import gguf_refusal
 
@@ -477,7 +478,14 @@ def test_the_gguf_export_refuses_what_it_cannot_write():
         return gguf_refusal(load_config([str(TINY_CONFIG)], list(overrides)))
 
     assert refusal() is None
-    assert "mixture of experts" in refusal("model.num_experts=4")
+    qwen3_moe = ("model.num_experts=4", "model.qk_norm=true", "model.moe_router_pre_softmax=false")
+    assert refusal(*qwen3_moe) is None
+    assert refusal(*qwen3_moe, "diffusion.shift=false") is None  # the shift is recorded
+    assert "without RMSNorm on queries and keys" in refusal("model.num_experts=4")
+    assert "not renormalised" in refusal(*qwen3_moe[:2], "model.moe_router_pre_softmax=true")
+    assert "shared expert" in refusal(*qwen3_moe, "model.moe_shared_expert_ffn_hidden_size=48")
+    assert "block diffusion" in refusal(*qwen3_moe, "diffusion.block_length=8")
+    assert "queries and keys (Qwen3's" in refusal("model.qk_norm=true")  # dense Qwen3: neither
     assert "RoPE scaling" in refusal("model.rope_scaling_factor=8.0")
     assert "convert_hf_to_gguf.py" in refusal("data.tokenizer=tokenizer.json")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_hf import VOCAB, tiny_hf_model
+from test_hf import VOCAB, family_model, tiny_hf_model
 
 from conftest import CORPUS, TINY_CONFIG, TOKENIZER, WORKERS, run_python
 
@@ -57,9 +57,13 @@ DREAM_OPTION_SETS = [
                 params=["llama", "qwen2_moe", "qwen3_moe", "gpt2", "qwen3_moe_block"])
 def exported(request, tmp_path_factory, data_overrides):
     """A tiny HF model converted, trained 2 steps with REPR-ALIGN by megalign (``_block``: by block
-    diffusion, blocks of 8), and exported."""
+    diffusion, blocks of 8), and exported. Qwen3-MoE renormalises its top k (Qwen3-30B-A3B's
+    router; Qwen2-MoE's does not)."""
     kind, tmp = request.param, tmp_path_factory.mktemp(f"export_{request.param}")
-    tiny_hf_model(kind.removesuffix("_block")).save_pretrained(tmp / "hf")
+    base = kind.removesuffix("_block")
+    model = (family_model(base, norm_topk_prob=True) if base == "qwen3_moe"
+             else tiny_hf_model(base))
+    model.save_pretrained(tmp / "hf")
     run_python(["-m", "megalign.cli.convert", "--from", "hf", "--to", "megalign", "--input",
                 tmp / "hf", "--output", tmp / "ml"])
     run_python(["-m", "megalign.cli.train", "--config", TINY_CONFIG,
@@ -238,6 +242,8 @@ def test_dream_export_reads_as_dream_and_as_qwen2(exported, tmp_path):
         reason = "GPT-2" if kind == "gpt2" else "mixture of experts"
         assert outcome.code == 2 and reason in outcome.stderr, outcome.stderr
         assert len(outcome.stderr.strip().splitlines()) == 1 and not export.exists()
+        if kind == "qwen3_moe":  # llama.cpp's RND1 architecture holds it
+            assert_rnd1_gguf_logits(tmp, tmp_path)
         return
     refused = run_main(main, ["--from", "megalign", "--to", "fast-dllm-v2", "--input",
                               str(tmp / "ckpt"), "--output", str(export)])
@@ -314,6 +320,30 @@ def test_dream_export_reads_as_dream_and_as_qwen2(exported, tmp_path):
     sp = spm.SentencePieceProcessor(model_file=str(TOKENIZER))
     encoded = json.loads((tmp_path / "gguf_logits.pt.tokens.json").read_text())
     assert encoded == [sp.encode(text) for text in texts]
+
+
+def assert_rnd1_gguf_logits(tmp: Path, out: Path) -> None:
+    """--to gguf writes the trained Qwen3-MoE student as llama.cpp's RND1 architecture (experts
+    stacked per projection, QK-norm, the shift recorded), whose non-causal logits llama.cpp
+    computes within 1e-4 of megalign's."""
+    import gguf
+
+    torch.manual_seed(1)
+    tokens = torch.randint(0, VOCAB, (2, 40))
+    tokens[:, 10:30:3] = VOCAB  # mask tokens
+    torch.save(tokens, out / "tokens.pt")
+    run_python([WORKERS / "student_logits.py", "--checkpoint", tmp / "ckpt", "--tokens",
+                out / "tokens.pt", "--out", out / "megalign_logits.pt"])
+    reference = torch.load(out / "megalign_logits.pt")[..., :VOCAB]
+    run_python(["-m", "megalign.cli.convert", "--from", "megalign", "--to", "gguf", "--input",
+                tmp / "ckpt", "--output", out / "rnd1.gguf"])
+    fields = gguf.GGUFReader(out / "rnd1.gguf").fields
+    assert fields["general.architecture"].contents() == "rnd1"
+    assert fields["rnd1.expert_count"].contents() == 4
+    assert fields["diffusion.shift_logits"].contents() is True
+    run_python([WORKERS / "llama_cpp_logits.py", "--gguf", out / "rnd1.gguf", "--tokens",
+                out / "tokens.pt", "--out", out / "rnd1_logits.pt"])
+    assert (torch.load(out / "rnd1_logits.pt")[..., :VOCAB] - reference).abs().max() <= 1e-4
 
 
 def test_a_qwen2_model_exports_to_dream_with_its_own_weights(tmp_path):

@@ -1,16 +1,21 @@
-"""megalign -> a GGUF file of llama.cpp's Dream architecture (``megalign-convert --from megalign
---to gguf``), for llama.cpp's diffusion runner (``llama-diffusion-cli``).
+"""megalign -> a GGUF file for llama.cpp's diffusion runner (``llama-diffusion-cli``):
+``megalign-convert --from megalign --to gguf``. Dense students as llama.cpp's ``dream``
+architecture (Qwen2's network); mixture-of-experts students as its ``rnd1`` architecture
+(Qwen3-MoE's network: RMSNorm on queries and keys, a softmax router whose top-k weights are
+renormalised, no shared expert; RND1 is Radical Numerics' diffusion model converted from
+Qwen3-30B-A3B).
 
-Written with the ``gguf`` package: Dream's hyperparameters, non-causal attention,
-``diffusion.shift_logits`` (position i's logits predict token i + 1, as megalign trains), the
-mask token id, the tensors under llama.cpp's names (``gguf``'s own table for the ``dream``
-architecture) and the SentencePiece vocabulary the student was trained with (pieces, scores and
-types as the ``.model`` holds them; the padded rows unused, the mask row a control token). What
-the file cannot hold is refused before anything is read or written: what Dream's format cannot
-(``dream_refusal``), Llama 3.x RoPE scaling (llama.cpp's Dream graph has no frequency table), and
-tokenizers other than SentencePiece: a BPE tokenizer's GGUF names its pre-tokenizer from
-llama.cpp's own tables, so for those ``--to dream`` and llama.cpp's ``convert_hf_to_gguf.py``
-make the file.
+Written with the ``gguf`` package: the architecture's hyperparameters, non-causal attention,
+``diffusion.shift_logits`` (whether position i's logits predict token i + 1, as megalign trains
+by default), the mask token id, the tensors under llama.cpp's names (``gguf``'s own table for the
+architecture; each layer's experts stacked into one tensor per projection, as llama.cpp holds
+them) and the SentencePiece vocabulary the student was trained with (pieces, scores and types as
+the ``.model`` holds them; the padded rows unused, the mask row a control token). What the file
+cannot hold is refused before anything is read or written: what Dream's format cannot
+(``dream_refusal``) or RND1's network cannot (``rnd1_refusal``), Llama 3.x RoPE scaling (neither
+graph has a frequency table), and tokenizers other than SentencePiece: a BPE tokenizer's GGUF
+names its pre-tokenizer from llama.cpp's own tables, so for those ``--to dream`` and llama.cpp's
+``convert_hf_to_gguf.py`` make the file.
 """
 
 # Imports inside functions are deliberate here: gguf and sentencepiece's model proto are read
@@ -25,17 +30,46 @@ from megalign.checkpoint import resolve
 from megalign.config import Config
 from megalign.convert.checkpoints import export_config, student_for_export
 from megalign.convert.dream import MASK_TOKEN, dream_refusal, dream_state
+from megalign.diffusion.objective import block_diffusion
 from megalign.errors import ConversionError
 from megalign.model.gpt import ffn_hidden_size
 
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")  # each expert's SwiGLU, Hugging Face's names
+
+
+def rnd1_refusal(cfg: Config) -> Optional[str]:
+    """Why llama.cpp's RND1 architecture (Qwen3-MoE's network, attending non-causally) cannot
+    hold this mixture-of-experts student, or None."""
+    m, d = cfg.model, cfg.diffusion
+    if not m.qk_norm:
+        return ("a mixture of experts without RMSNorm on queries and keys (llama.cpp's one "
+                "mixture-of-experts diffusion architecture, RND1, is Qwen3-MoE's network)")
+    if m.qkv_bias:
+        return "q/k/v biases (RND1's Qwen3-MoE network has none)"
+    if m.moe_shared_expert_ffn_hidden_size:
+        return "a shared expert (RND1's Qwen3-MoE network has none)"
+    if m.moe_router_pre_softmax:
+        return ("expert weights not renormalised over the top k (model.moe_router_pre_softmax="
+                "true; RND1 renormalises them, as Qwen3-MoE with norm_topk_prob does)")
+    if block_diffusion(d, m.seq_length):
+        return (f"block diffusion (blocks of {d.block_length}): llama.cpp's diffusion graphs "
+                "attend the whole sequence, not block-causally")
+    return None
+
 
 def gguf_refusal(cfg: Config) -> Optional[str]:
-    """Why this student cannot be written as a Dream GGUF by megalign, or None."""
-    why = dream_refusal(cfg)
-    if why:
-        return f"Dream's format cannot hold {why}; export it with --to hf instead"
+    """Why megalign cannot write this student as a GGUF file llama.cpp's diffusion runner reads,
+    or None."""
+    if cfg.model.num_experts:
+        why = rnd1_refusal(cfg)
+        if why:
+            return f"llama.cpp's RND1 architecture cannot hold {why}; export it with --to hf"
+    else:
+        why = dream_refusal(cfg)
+        if why:
+            return f"Dream's format cannot hold {why}; export it with --to hf instead"
     if cfg.model.rope_scaling_factor is not None:
-        return ("llama.cpp's Dream architecture has no Llama 3.x RoPE scaling "
+        return ("llama.cpp's Dream and RND1 architectures have no Llama 3.x RoPE scaling "
                 "(model.rope_scaling_factor)")
     source = cfg.data.tokenizer
     if not source or not source.endswith(".model"):
@@ -57,14 +91,32 @@ def megalign_to_gguf(source: str, output: str) -> str:
     if why:
         raise ConversionError(f"checkpoint '{path}': {why}")
     hf_state = student_for_export(path, cfg, meta, tokenizer)
+    state = rnd1_state(cfg, hf_state) if cfg.model.num_experts else dream_state(cfg, hf_state)
     temp = f"{output}.tmp-{os.getpid()}"
     try:
-        _write(cfg, dream_state(cfg, hf_state), tokenizer, temp)
+        _write(cfg, state, tokenizer, temp)
         os.replace(temp, output)
     finally:
         if os.path.exists(temp):
             os.remove(temp)
     return output
+
+
+def rnd1_state(cfg: Config, hf_state: dict) -> dict:
+    """The student's tensors under Hugging Face names, each layer's experts stacked into one
+    [experts, out, in] tensor per projection (``mlp.experts.gate_proj``, ...), as llama.cpp holds
+    them; no output layer when the embedding is tied."""
+    import torch
+
+    m, state = cfg.model, dict(hf_state)
+    if m.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    for layer in range(m.num_layers):
+        prefix = f"model.layers.{layer}.mlp.experts."
+        for projection in PROJECTIONS:
+            state[f"{prefix}{projection}.weight"] = torch.stack([
+                state.pop(f"{prefix}{e}.{projection}.weight") for e in range(m.num_experts)])
+    return state
 
 
 def sentencepiece_vocabulary(cfg: Config) -> tuple[list[bytes], list[float], list[int]]:
@@ -91,7 +143,8 @@ def _write(cfg: Config, state: dict, tokenizer, path: str) -> None:
     import gguf
 
     m = cfg.model
-    writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.DREAM])
+    arch = gguf.MODEL_ARCH.RND1 if m.num_experts else gguf.MODEL_ARCH.DREAM
+    writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[arch])
     writer.add_name("megalign diffusion student")
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
     writer.add_context_length(m.max_position_embeddings or m.seq_length)
@@ -100,10 +153,16 @@ def _write(cfg: Config, state: dict, tokenizer, path: str) -> None:
     writer.add_feed_forward_length(ffn_hidden_size(m))
     writer.add_head_count(m.num_attention_heads)
     writer.add_head_count_kv(m.query_groups)
+    writer.add_key_length(m.kv_channels)
+    writer.add_value_length(m.kv_channels)
+    if m.num_experts:
+        writer.add_expert_count(m.num_experts)
+        writer.add_expert_used_count(m.moe_topk)
+        writer.add_expert_feed_forward_length(m.moe_ffn_hidden_size or ffn_hidden_size(m))
     writer.add_rope_freq_base(float(m.rotary_base))
     writer.add_layer_norm_rms_eps(m.norm_epsilon)
     writer.add_causal_attention(False)
-    writer.add_diffusion_shift_logits(True)
+    writer.add_diffusion_shift_logits(cfg.diffusion.shift)
     tokens, scores, types = sentencepiece_vocabulary(cfg)
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")
@@ -115,11 +174,12 @@ def _write(cfg: Config, state: dict, tokenizer, path: str) -> None:
     writer.add_mask_token_id(cfg.diffusion.mask_token_id)
     writer.add_add_bos_token(False)  # megalign encodes as SentencePiece does: no BOS, no EOS
     writer.add_add_eos_token(False)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.DREAM, m.num_layers)
+    names = gguf.get_tensor_name_map(arch, m.num_layers)
     for name, tensor in sorted(state.items()):
         gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
-            raise ConversionError(f"tensor {name} has no name in llama.cpp's Dream architecture")
+            raise ConversionError(f"tensor {name} has no name in llama.cpp's "
+                                  f"{gguf.MODEL_ARCH_NAMES[arch]} architecture")
         writer.add_tensor(gguf_name, tensor.float().contiguous().numpy())
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

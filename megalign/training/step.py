@@ -173,7 +173,7 @@ class DiffusionStep:
         first = self.first is not None and self.first.watches(batch)
         if teacher is not None and teacher.token_loss is not None:
             loss_sum, count = self._over_context(*loss_terms(teacher.token_loss, replace(
-                batch, supervised=batch.supervised_targets, streams=1), "none"))
+                batch, supervised=batch.supervised_targets, streams=1, next_token=None), "none"))
             self.stats.teacher += (loss_sum / count.clamp(min=1)).double()
         recording = (self.recorders[chunk].recording_scope() if self.aligns
                      else nullcontext({}))
