@@ -80,7 +80,8 @@ class Teacher:
         self.sends_output = [not chunk.post_process for chunk in self.chunks]
         self.computes_loss = [chunk.post_process and loss for chunk in self.chunks]
         self.hands_logits = [chunk.post_process and logits for chunk in self.chunks]
-        heads = [loss or hands for loss, hands in zip(self.computes_loss, self.hands_logits)]
+        heads = [computes or hands for computes, hands in zip(self.computes_loss,
+                                                              self.hands_logits)]
         for chunk, state, keeps_head in zip(self.chunks, ar_state_dicts, heads):
             chunk.load_state_dict(state, strict=True)
             if not keeps_head:  # hidden states only: no output layer, no logits
@@ -228,8 +229,8 @@ def planned_score_bytes(cfg: Config, gpu: bool) -> int:
 def planned_logit_bytes(cfg: Config, vocab_size: int, gpu: bool) -> int:
     """Distillation's bytes on the last stage: the teacher's logits (this rank's vocabulary
     shard) for a group of micro-batches in its dtype, their copy for the second stream under
-    block diffusion or the hybrid objective, and the KL's fp32 workspace: the student's
-    log-softmax and the gradient it keeps (q - p)."""
+    block diffusion or the hybrid objective, and the KL's fp32 workspace: the student's and the
+    teacher's distributions (q and p), which its backward keeps."""
     p, m = cfg.parallel, cfg.model
     rows = m.seq_length // p.context_parallel_size * cfg.data.micro_batch_size
     shard = vocab_size // p.tensor_model_parallel_size
