@@ -97,6 +97,48 @@ def test_context_parallelism_and_thd_by_hand():
 
 
 @pytest.mark.unit
+def test_evaluation_between_steps_by_hand():
+    """The hand computation above with evaluation inside the run: batches of 8 scored (every rank
+    holds their whole vocabulary's fp32 logits, the cross-entropy's contiguous copy and its
+    log-softmax) and 2 prompts of 16 continued by 32 tokens in blocks of 8 (the last stage holds
+    the previous step's logits, the model's output and its transposed copy, then five copies of
+    a block's rows); the score buffer grows to the batch of 8. Evaluation runs between steps, so
+    the peak counts the larger of it and a step's working memory, not both."""
+    evaluating = ["evaluation.interval=10", "evaluation.batch_size=8", "evaluation.samples=8",
+                  "evaluation.generation_samples=2"]
+    stages = memory_plan.plan(load_config([TINY_CONFIG], [*HAND, *evaluating]), 4224, 2, False)
+    base = memory_plan.plan(load_config([TINY_CONFIG], HAND), 4224, 2, False)
+    scoring = 8 * 128 * 4224 * 3 * 4
+    decoding = 2 * 48 * 4224 * 3 * 4 + 5 * 2 * 8 * 4224 * 4
+    assert scoring > decoding
+    assert [s.bytes["evaluation"] for s in stages] == [scoring, scoring]
+    assert [s.bytes["score_buffer"] for s in stages] == [8 * 4 * 128 * 128 * 4] * 2
+    step_items = ("activations", "teacher_states", "loss_workspace", "attention_backward")
+    for stage, before in zip(stages, base):
+        step = sum(stage.bytes.get(k, 0) for k in step_items)
+        held = (sum(stage.bytes.values()) - step - stage.bytes["evaluation"])
+        assert stage.total == held + max(step, scoring)
+        assert held == before.total - step + 8 * 4 * 128 * 128 * 4 - 2 * 4 * 128 * 128 * 4 + \
+            stage.bytes["scorer_parameters"]
+    # under CP2 the last stage gathers the ranks' parts (its own half beside the three copies)
+    cp = memory_plan.plan(load_config([TINY_CONFIG], [*HAND, *evaluating,
+                                                      "parallel.context_parallel_size=2",
+                                                      "evaluation.generation_samples=0"]),
+                          4224, 4, False)
+    assert [s.bytes["evaluation"] for s in cp] == [scoring, scoring // 3 // 2 + scoring]
+    # generation outgrows scoring with batches of 1 and long continuations
+    longer = [*HAND, *evaluating, "evaluation.batch_size=1", "evaluation.prompt_length=32",
+              "evaluation.gen_length=96"]
+    long = memory_plan.plan(load_config([TINY_CONFIG], longer), 4224, 2, False)
+    assert long[0].bytes["evaluation"] == 128 * 4224 * 3 * 4
+    assert long[1].bytes["evaluation"] == 2 * 128 * 4224 * 3 * 4 + 5 * 2 * 8 * 4224 * 4
+    # in bf16 the last stage's output is bf16 and its fp32 copy is made beside it
+    bf16 = memory_plan.plan(load_config([TINY_CONFIG], [*longer, "precision=bf16"]), 4224, 2,
+                            False)
+    assert bf16[1].bytes["evaluation"] == 2 * 128 * 4224 * (4 + 2 * 2 + 4) + 5 * 2 * 8 * 4224 * 4
+
+
+@pytest.mark.unit
 def test_optimizer_sharding_bf16_and_recomputation_change_what_they_should():
     def plan(*extra, world=2):
         return memory_plan.plan(load_config([TINY_CONFIG], [*HAND, *extra]), 4224, world, False)[0]
@@ -264,10 +306,10 @@ def test_the_probe_counts_live_tensors():
     (1, ["parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=1",
          "model.hidden_size=512"]),
     # evaluation inside the run (held-out and unseen-corpus NELBO, generation and its causal
-    # scorer) at the start and the end
-    (2, ["parallel.tensor_model_parallel_size=1", "model.hidden_size=512",
-         "evaluation.interval=3", "evaluation.samples=4", "evaluation.generation_samples=2",
-         "evaluation.ood_paths=[{corpus}]"]),
+    # scorer) at the start and the end, its batches of 32 outgrowing the training step's peak
+    (2, ["parallel.tensor_model_parallel_size=1", "model.hidden_size=256",
+         "evaluation.interval=3", "evaluation.samples=32", "evaluation.batch_size=32",
+         "evaluation.generation_samples=4", "evaluation.ood_paths=[{corpus}]"]),
     (4, ["parallel.tensor_model_parallel_size=1", "parallel.virtual_pipeline_model_parallel_size=2",
          "precision=bf16", "optimizer.distributed=true", "optimizer.freeze=[embedding]",
          "recompute.granularity=full", "model.hidden_size=1024"]),

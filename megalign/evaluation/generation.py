@@ -19,7 +19,6 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from megalign.config import Config
 from megalign.diffusion.decoding import until_eos
 from megalign.diffusion.sampler import sample
 from megalign.evaluation.statistics import Estimate, estimate
@@ -110,9 +109,3 @@ def student_generation_quality(students: list, ar_logits_fn: Callable, batches: 
         ar_logits_fn, heldout_prompts(batches, count, prompt_length),
         lambda token: tokenizer.decode([token]), vocab.eod)
 
-
-def planned_scorer_bytes(cfg: Config, parameters: int, element: int) -> int:
-    """The causal AR model that scores generated samples during training
-    (``evaluation.generation_samples``): this stage's ``parameters`` of ``element`` bytes."""
-    e = cfg.evaluation
-    return parameters * element if e.interval and e.generation_samples else 0

@@ -5,14 +5,17 @@ activations of the micro-batches the pipeline schedule keeps in flight; whether 
 should be known before a multi-node job queues, not after it runs out of memory. Megatron-LM
 prints a theoretical estimate for plain pretraining; this one also counts the teacher (net of the
 frozen tensors it shares with the student), the aligned teacher states held until each micro-batch's
-backward, block diffusion's two streams, the causal scorer of generated samples and, on CPU, the
-attention's scores and their gradients in the backward.
+backward, block diffusion's two streams, the causal scorer of generated samples, evaluation's
+working memory between steps and, on CPU, the attention's scores and their gradients in the
+backward.
 
 The plan asks each component for its own bytes: the model chunks (``megalign.model.memory``:
 parameters, activations, masks, scores, logits), the teacher (``megalign.align.teacher``), the
-optimizer (``megalign.training.optimizer``) and evaluation (``megalign.evaluation.generation``);
-what it owns itself is the pipeline schedule's rule for how many micro-batches are in flight.
-Every rank of one pipeline stage holds the same amounts, so the plan is per stage.
+optimizer (``megalign.training.optimizer``) and evaluation (``megalign.evaluation.memory``);
+what it owns itself is the pipeline schedule's rule for how many micro-batches are in flight, and
+that evaluation runs between steps: a stage's peak is what it always holds plus the larger of a
+step's working memory and evaluation's. Every rank of one pipeline stage holds the same amounts,
+so the plan is per stage.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from dataclasses import dataclass, field
 
 from megalign.align import teacher
 from megalign.config import Config
-from megalign.evaluation.generation import planned_scorer_bytes
+from megalign.evaluation import memory as evaluation
 from megalign.model import memory
 from megalign.training import optimizer
 
@@ -37,7 +40,12 @@ ITEMS = {  # key: what a reader sees
     "loss_workspace": "logits' softmax and gradient (last stage)",
     "score_buffer": "attention score buffer (local spec, kept between steps)",
     "attention_backward": "attention backward's score gradients (local spec, one layer)",
+    "evaluation": "evaluation's logits, between steps (in the total if above a step's)",
 }
+# a training step's working memory, freed before evaluation runs
+STEP_ITEMS = ("activations", "teacher_states", "distillation", "loss_workspace",
+              "attention_backward")
+WIDTH = max(map(len, ITEMS.values()))
 
 
 @dataclass
@@ -53,7 +61,11 @@ class StageMemory:
 
     @property
     def total(self) -> int:
-        return sum(self.bytes.values())
+        """The peak: what the stage always holds, plus the larger of a training step's working
+        memory and evaluation's (which runs between steps)."""
+        step = sum(v for k, v in self.bytes.items() if k in STEP_ITEMS)
+        held = sum(v for k, v in self.bytes.items() if k not in STEP_ITEMS and k != "evaluation")
+        return held + max(step, self.bytes.get("evaluation", 0))
 
 
 def in_flight(cfg: Config, stage: int, microbatches: int) -> int:
@@ -94,7 +106,7 @@ def plan(cfg: Config, vocab_size: int, world_size: int, gpu: bool) -> list[Stage
         if uses_teacher:
             bytes_["teacher_parameters"], notes = teacher.planned_parameter_bytes(
                 cfg, table, frozen, element, gpu)
-        scorer = planned_scorer_bytes(cfg, total, element)
+        scorer = evaluation.planned_scorer_bytes(cfg, total, element)
         if scorer:
             bytes_["scorer_parameters"] = scorer
         held = in_flight(cfg, stage, microbatches)
@@ -105,7 +117,8 @@ def plan(cfg: Config, vocab_size: int, world_size: int, gpu: bool) -> list[Stage
         bytes_["activations"] = held * (kept + mask) + recomputing
         if aligned:
             bytes_["teacher_states"] = teacher.planned_state_bytes(cfg, stage, held, gpu)
-        if stage == p.pipeline_model_parallel_size - 1:
+        last = stage == p.pipeline_model_parallel_size - 1
+        if last:
             bytes_["loss_workspace"] = memory.loss_workspace_bytes(cfg, vocab_size, positions,
                                                                    batch)
             if cfg.align.kd_weight > 0:
@@ -115,9 +128,13 @@ def plan(cfg: Config, vocab_size: int, world_size: int, gpu: bool) -> list[Stage
             student = memory.attention_score_bytes(cfg, batch, rows, positions, element)
             teacher_scores = teacher.planned_score_bytes(cfg, gpu) if uses_teacher else 0
             same_dtype = teacher.teacher_dtype(cfg.align, cfg.precision, gpu).itemsize == element
+            student = max(student, evaluation.planned_score_buffer_bytes(cfg, element))
             bytes_["score_buffer"] = (max(student, teacher_scores) if same_dtype  # share a dtype
                                       else student + teacher_scores)
             bytes_["attention_backward"] = memory.attention_backward_bytes(cfg, positions, batch)
+        working = evaluation.planned_working_bytes(cfg, vocab_size, element, last)
+        if working:
+            bytes_["evaluation"] = working
         stages.append(StageMemory(stage, bytes_, total, trainable, held, notes))
     return stages
 
@@ -129,7 +146,7 @@ def describe(stages: list[StageMemory]) -> list[str]:
         lines.append(f"stage {stage.stage}: {mib(stage.total)} per rank ({stage.parameters:,} "
                      f"student parameters, {stage.trainable:,} trainable; {stage.in_flight} "
                      "micro-batches in flight)")
-        lines += [f"  {ITEMS[key]:<58} {mib(value):>12}" for key, value in stage.bytes.items()]
+        lines += [f"  {ITEMS[key]:<{WIDTH}} {mib(value):>12}" for key, value in stage.bytes.items()]
         lines += [f"  note: {note}" for note in stage.notes]
     return lines
 
