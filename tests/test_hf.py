@@ -467,12 +467,13 @@ def test_the_fast_dllm_v2_export_says_why_it_cannot_hold_a_student():
 
 @pytest.mark.unit
 def test_the_gguf_export_refuses_what_it_cannot_write():
-    """--to gguf: dense students as Dream, mixtures of experts as RND1 (Qwen3-MoE's network);
-    what those cannot hold, Llama 3.x RoPE scaling (neither graph has a frequency table) and
+    """--to gguf: dense students as Dream, mixtures of experts as RND1 (Qwen3-MoE's network)
+    or, when their top k is not renormalised, LLaDA-MoE (heads x head size = hidden size); what
+    those cannot hold, Llama 3.x RoPE scaling (no graph has a frequency table) and
     tokenizers other than SentencePiece (their pre-tokenizer is named in llama.cpp's tables: its
     converter makes those files from a --to dream export)."""
     from megalign.config import load_config
-    from megalign.convert.dream_gguf import gguf_refusal
+    from megalign.convert.dream_gguf import gguf_refusal, moe_architecture
 
     def refusal(*overrides):
         return gguf_refusal(load_config([str(TINY_CONFIG)], list(overrides)))
@@ -482,7 +483,13 @@ def test_the_gguf_export_refuses_what_it_cannot_write():
     assert refusal(*qwen3_moe) is None
     assert refusal(*qwen3_moe, "diffusion.shift=false") is None  # the shift is recorded
     assert "without RMSNorm on queries and keys" in refusal("model.num_experts=4")
-    assert "not renormalised" in refusal(*qwen3_moe[:2], "model.moe_router_pre_softmax=true")
+    llada_moe = (*qwen3_moe[:2], "model.moe_router_pre_softmax=true")  # 4 heads of 16 = 64
+    assert refusal(*llada_moe) is None
+    assert [moe_architecture(load_config([str(TINY_CONFIG)], list(overrides)))
+            for overrides in (qwen3_moe, llada_moe)] == ["rnd1", "llada-moe"]
+    wide_heads = refusal(*llada_moe, "model.head_dim=32")
+    assert "not renormalised" in wide_heads and "4 heads of 32 != hidden size 64" in wide_heads
+    assert refusal(*qwen3_moe, "model.head_dim=32") is None  # RND1 takes any head size
     assert "shared expert" in refusal(*qwen3_moe, "model.moe_shared_expert_ffn_hidden_size=48")
     assert "block diffusion" in refusal(*qwen3_moe, "diffusion.block_length=8")
     assert "queries and keys (Qwen3's" in refusal("model.qk_norm=true")  # dense Qwen3: neither

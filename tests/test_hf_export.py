@@ -243,7 +243,7 @@ def test_dream_export_reads_as_dream_and_as_qwen2(exported, tmp_path):
         assert outcome.code == 2 and reason in outcome.stderr, outcome.stderr
         assert len(outcome.stderr.strip().splitlines()) == 1 and not export.exists()
         if kind == "qwen3_moe":  # llama.cpp's RND1 architecture holds it
-            assert_rnd1_gguf_logits(tmp, tmp_path)
+            assert_moe_gguf_logits(tmp / "ckpt", tmp_path, "rnd1")
         return
     refused = run_main(main, ["--from", "megalign", "--to", "fast-dllm-v2", "--input",
                               str(tmp / "ckpt"), "--output", str(export)])
@@ -322,28 +322,50 @@ def test_dream_export_reads_as_dream_and_as_qwen2(exported, tmp_path):
     assert encoded == [sp.encode(text) for text in texts]
 
 
-def assert_rnd1_gguf_logits(tmp: Path, out: Path) -> None:
-    """--to gguf writes the trained Qwen3-MoE student as llama.cpp's RND1 architecture (experts
-    stacked per projection, QK-norm, the shift recorded), whose non-causal logits llama.cpp
-    computes within 1e-4 of megalign's."""
+def assert_moe_gguf_logits(checkpoint: Path, out: Path, architecture: str) -> None:
+    """--to gguf writes the trained mixture-of-experts student as llama.cpp's ``architecture``
+    (experts stacked per projection, QK-norm, the shift recorded), whose non-causal logits
+    llama.cpp computes within 1e-4 of megalign's."""
     import gguf
 
     torch.manual_seed(1)
     tokens = torch.randint(0, VOCAB, (2, 40))
     tokens[:, 10:30:3] = VOCAB  # mask tokens
     torch.save(tokens, out / "tokens.pt")
-    run_python([WORKERS / "student_logits.py", "--checkpoint", tmp / "ckpt", "--tokens",
+    run_python([WORKERS / "student_logits.py", "--checkpoint", checkpoint, "--tokens",
                 out / "tokens.pt", "--out", out / "megalign_logits.pt"])
     reference = torch.load(out / "megalign_logits.pt")[..., :VOCAB]
+    path = out / f"{architecture}.gguf"
     run_python(["-m", "megalign.cli.convert", "--from", "megalign", "--to", "gguf", "--input",
-                tmp / "ckpt", "--output", out / "rnd1.gguf"])
-    fields = gguf.GGUFReader(out / "rnd1.gguf").fields
-    assert fields["general.architecture"].contents() == "rnd1"
-    assert fields["rnd1.expert_count"].contents() == 4
+                checkpoint, "--output", path])
+    fields = gguf.GGUFReader(path).fields
+    assert fields["general.architecture"].contents() == architecture
+    assert fields[f"{architecture}.expert_count"].contents() == 4
     assert fields["diffusion.shift_logits"].contents() is True
-    run_python([WORKERS / "llama_cpp_logits.py", "--gguf", out / "rnd1.gguf", "--tokens",
-                out / "tokens.pt", "--out", out / "rnd1_logits.pt"])
-    assert (torch.load(out / "rnd1_logits.pt")[..., :VOCAB] - reference).abs().max() <= 1e-4
+    run_python([WORKERS / "llama_cpp_logits.py", "--gguf", path, "--tokens", out / "tokens.pt",
+                "--out", out / f"{architecture}_logits.pt"])
+    logits = torch.load(out / f"{architecture}_logits.pt")[..., :VOCAB]
+    assert (logits - reference).abs().max() <= 1e-4
+
+
+@pytest.mark.slow
+def test_a_moe_student_whose_top_k_is_not_renormalised_runs_in_llama_cpp(tmp_path,
+                                                                         data_overrides):
+    """A Qwen3-MoE student whose router keeps the softmax's top-k weights as they are (no
+    renormalisation: LLaDA-MoE's router) with heads x head size = hidden size and a tied
+    embedding, trained a step: --to gguf writes llama.cpp's LLaDA-MoE architecture (the embedding
+    written again as its required output layer), and llama.cpp's logits equal megalign's."""
+    family_model("qwen3_moe", head_dim=16, tie_word_embeddings=True).save_pretrained(
+        tmp_path / "hf")
+    run_python(["-m", "megalign.cli.convert", "--from", "hf", "--to", "megalign", "--input",
+                tmp_path / "hf", "--output", tmp_path / "ml"])
+    run_python(["-m", "megalign.cli.train", "--config", TINY_CONFIG,
+                "--config", tmp_path / "ml" / "megalign.yaml", *data_overrides,
+                "parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=1",
+                "schedule.train_iters=1", "schedule.warmup_iters=0", "optimizer.lr=1e-2",
+                f"logging.run_dir={tmp_path}/run", f"checkpoint.save={tmp_path}/ckpt"])
+    assert "moe_router_pre_softmax: true" in (tmp_path / "ml" / "megalign.yaml").read_text()
+    assert_moe_gguf_logits(tmp_path / "ckpt", tmp_path, "llada-moe")
 
 
 def test_a_qwen2_model_exports_to_dream_with_its_own_weights(tmp_path):

@@ -11,7 +11,8 @@
 writes Dream's format, which Dream's code, Fast-dLLM, dllm, Diffulex and llama.cpp's converter
 read (dense Llama-family students with bidirectional decoding: docs/hugging-face.md); --to gguf
 writes such a student trained with a SentencePiece tokenizer as a GGUF file of llama.cpp's Dream
-architecture; --to fast-dllm-v2 says why Fast-dLLM v2's format cannot hold the student (its block
+architecture (mixtures of experts with QK-norm as its RND1 or LLaDA-MoE architecture, by their
+router); --to fast-dllm-v2 says why Fast-dLLM v2's format cannot hold the student (its block
 decoding differs from megalign's).
 """
 

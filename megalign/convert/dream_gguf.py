@@ -1,9 +1,10 @@
 """megalign -> a GGUF file for llama.cpp's diffusion runner (``llama-diffusion-cli``):
 ``megalign-convert --from megalign --to gguf``. Dense students as llama.cpp's ``dream``
-architecture (Qwen2's network); mixture-of-experts students as its ``rnd1`` architecture
-(Qwen3-MoE's network: RMSNorm on queries and keys, a softmax router whose top-k weights are
-renormalised, no shared expert; RND1 is Radical Numerics' diffusion model converted from
-Qwen3-30B-A3B).
+architecture (Qwen2's network); mixture-of-experts students with RMSNorm on queries and keys and
+no shared expert as one of its two diffusion MoE architectures, by their router: ``rnd1``
+(Radical Numerics' diffusion model converted from Qwen3-30B-A3B: Qwen3-MoE's network, the top-k
+weights renormalised) or ``llada-moe`` (inclusionAI's LLaDA-MoE: the top-k weights of the softmax
+over all experts kept as they are, heads x head size = hidden size, an output layer of its own).
 
 Written with the ``gguf`` package: the architecture's hyperparameters, non-causal attention,
 ``diffusion.shift_logits`` (whether position i's logits predict token i + 1, as megalign trains
@@ -12,10 +13,10 @@ architecture; each layer's experts stacked into one tensor per projection, as ll
 them) and the SentencePiece vocabulary the student was trained with (pieces, scores and types as
 the ``.model`` holds them; the padded rows unused, the mask row a control token). What the file
 cannot hold is refused before anything is read or written: what Dream's format cannot
-(``dream_refusal``) or RND1's network cannot (``rnd1_refusal``), Llama 3.x RoPE scaling (neither
-graph has a frequency table), and tokenizers other than SentencePiece: a BPE tokenizer's GGUF
-names its pre-tokenizer from llama.cpp's own tables, so for those ``--to dream`` and llama.cpp's
-``convert_hf_to_gguf.py`` make the file.
+(``dream_refusal``) or llama.cpp's MoE architectures cannot (``moe_refusal``), Llama 3.x RoPE
+scaling (no graph has a frequency table), and tokenizers other than SentencePiece: a BPE
+tokenizer's GGUF names its pre-tokenizer from llama.cpp's own tables, so for those ``--to dream``
+and llama.cpp's ``convert_hf_to_gguf.py`` make the file.
 """
 
 # Imports inside functions are deliberate here: gguf and sentencepiece's model proto are read
@@ -37,20 +38,29 @@ from megalign.model.gpt import ffn_hidden_size
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")  # each expert's SwiGLU, Hugging Face's names
 
 
-def rnd1_refusal(cfg: Config) -> Optional[str]:
-    """Why llama.cpp's RND1 architecture (Qwen3-MoE's network, attending non-causally) cannot
-    hold this mixture-of-experts student, or None."""
+def moe_architecture(cfg: Config) -> str:
+    """llama.cpp's diffusion architecture for this mixture-of-experts student's router:
+    ``llada-moe`` when the top-k weights are not renormalised, else ``rnd1``."""
+    return "llada-moe" if cfg.model.moe_router_pre_softmax else "rnd1"
+
+
+def moe_refusal(cfg: Config) -> Optional[str]:
+    """Why neither of llama.cpp's mixture-of-experts diffusion architectures (RND1, LLaDA-MoE:
+    RMSNorm on queries and keys, attending non-causally) can hold this student, or None."""
     m, d = cfg.model, cfg.diffusion
     if not m.qk_norm:
-        return ("a mixture of experts without RMSNorm on queries and keys (llama.cpp's one "
-                "mixture-of-experts diffusion architecture, RND1, is Qwen3-MoE's network)")
+        return ("a mixture of experts without RMSNorm on queries and keys (llama.cpp's "
+                "mixture-of-experts diffusion architectures, RND1 and LLaDA-MoE, have it)")
     if m.qkv_bias:
-        return "q/k/v biases (RND1's Qwen3-MoE network has none)"
+        return "q/k/v biases (RND1 and LLaDA-MoE have none)"
     if m.moe_shared_expert_ffn_hidden_size:
-        return "a shared expert (RND1's Qwen3-MoE network has none)"
-    if m.moe_router_pre_softmax:
-        return ("expert weights not renormalised over the top k (model.moe_router_pre_softmax="
-                "true; RND1 renormalises them, as Qwen3-MoE with norm_topk_prob does)")
+        return "a shared expert (RND1 and LLaDA-MoE have none)"
+    if (moe_architecture(cfg) == "llada-moe"
+            and m.num_attention_heads * m.kv_channels != m.hidden_size):
+        return (f"expert weights not renormalised over the top k (model.moe_router_pre_softmax="
+                f"true) with {m.num_attention_heads} heads of {m.kv_channels} != hidden size "
+                f"{m.hidden_size} (LLaDA-MoE, which does not renormalise, has heads x head size "
+                "= hidden size; RND1, which allows other head sizes, renormalises)")
     if block_diffusion(d, m.seq_length):
         return (f"block diffusion (blocks of {d.block_length}): llama.cpp's diffusion graphs "
                 "attend the whole sequence, not block-causally")
@@ -61,16 +71,17 @@ def gguf_refusal(cfg: Config) -> Optional[str]:
     """Why megalign cannot write this student as a GGUF file llama.cpp's diffusion runner reads,
     or None."""
     if cfg.model.num_experts:
-        why = rnd1_refusal(cfg)
+        why = moe_refusal(cfg)
         if why:
-            return f"llama.cpp's RND1 architecture cannot hold {why}; export it with --to hf"
+            return (f"llama.cpp's mixture-of-experts diffusion architectures cannot hold {why}; "
+                    "export it with --to hf")
     else:
         why = dream_refusal(cfg)
         if why:
             return f"Dream's format cannot hold {why}; export it with --to hf instead"
     if cfg.model.rope_scaling_factor is not None:
-        return ("llama.cpp's Dream and RND1 architectures have no Llama 3.x RoPE scaling "
-                "(model.rope_scaling_factor)")
+        return ("llama.cpp's Dream, RND1 and LLaDA-MoE architectures have no Llama 3.x RoPE "
+                "scaling (model.rope_scaling_factor)")
     source = cfg.data.tokenizer
     if not source or not source.endswith(".model"):
         return ("megalign writes the GGUF vocabulary of SentencePiece tokenizers (data.tokenizer: "
@@ -91,7 +102,7 @@ def megalign_to_gguf(source: str, output: str) -> str:
     if why:
         raise ConversionError(f"checkpoint '{path}': {why}")
     hf_state = student_for_export(path, cfg, meta, tokenizer)
-    state = rnd1_state(cfg, hf_state) if cfg.model.num_experts else dream_state(cfg, hf_state)
+    state = moe_state(cfg, hf_state) if cfg.model.num_experts else dream_state(cfg, hf_state)
     temp = f"{output}.tmp-{os.getpid()}"
     try:
         _write(cfg, state, tokenizer, temp)
@@ -102,15 +113,18 @@ def megalign_to_gguf(source: str, output: str) -> str:
     return output
 
 
-def rnd1_state(cfg: Config, hf_state: dict) -> dict:
+def moe_state(cfg: Config, hf_state: dict) -> dict:
     """The student's tensors under Hugging Face names, each layer's experts stacked into one
     [experts, out, in] tensor per projection (``mlp.experts.gate_proj``, ...), as llama.cpp holds
-    them; no output layer when the embedding is tied."""
+    them; a tied embedding is written once for RND1 (which reads it as the output layer) and
+    twice for LLaDA-MoE (which requires an output layer)."""
     import torch
 
     m, state = cfg.model, dict(hf_state)
-    if m.tie_embeddings:
+    if m.tie_embeddings and moe_architecture(cfg) == "rnd1":
         state.pop("lm_head.weight", None)
+    elif m.tie_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
     for layer in range(m.num_layers):
         prefix = f"model.layers.{layer}.mlp.experts."
         for projection in PROJECTIONS:
@@ -143,7 +157,9 @@ def _write(cfg: Config, state: dict, tokenizer, path: str) -> None:
     import gguf
 
     m = cfg.model
-    arch = gguf.MODEL_ARCH.RND1 if m.num_experts else gguf.MODEL_ARCH.DREAM
+    arch = (gguf.MODEL_ARCH.DREAM if not m.num_experts else
+            gguf.MODEL_ARCH.LLADA_MOE if moe_architecture(cfg) == "llada-moe" else
+            gguf.MODEL_ARCH.RND1)
     writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[arch])
     writer.add_name("megalign diffusion student")
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
