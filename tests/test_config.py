@@ -279,3 +279,25 @@ def test_a_section_is_checked_and_read_only_however_it_is_built():
     with pytest.raises(ConfigError, match=r"model.arch='gpt3' is not one of \['llama', 'gpt2'\]"):
         ModelConfig(arch="gpt3")
     assert choices(ModelConfig, "arch") == ("llama", "gpt2")
+
+
+@pytest.mark.unit
+def test_cp_comm_type_offers_the_names_megatron_core_passes_to_transformer_engine():
+    """parallel.cp_comm_type goes to Megatron-Core's config unchanged and on to Transformer
+    Engine, which refuses any other spelling (``all_gather``, not ``allgather``): every choice is
+    one that TransformerConfig's own documentation of the field names."""
+    import importlib.util
+    import typing
+    from pathlib import Path
+
+    from megalign.config.sections import ParallelConfig
+
+    # read as text: importing Megatron-Core's config runs ldconfig on 0.19 (a process)
+    package = importlib.util.find_spec("megatron").submodule_search_locations[0]
+    source = (Path(package) / "core" / "transformer" / "transformer_config.py").read_text()
+    documented = source[source.index("cp_comm_type:"):]
+    documented = documented[:documented.index('"""', documented.index('"""') + 3)]
+    choices = typing.get_args(typing.get_type_hints(ParallelConfig)["cp_comm_type"])
+    assert choices
+    for choice in choices:
+        assert f'"{choice}"' in documented, choice

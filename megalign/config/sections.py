@@ -229,7 +229,7 @@ class ParallelConfig(Section):
     context_parallel_size: int = 1
     # how Transformer Engine's context-parallel attention exchanges keys and values (GPU); without
     # TE megalign's core attention all-gathers them over the context-parallel group
-    cp_comm_type: Literal["p2p", "a2a", "allgather", "a2a+p2p"] = "p2p"
+    cp_comm_type: Literal["p2p", "a2a", "all_gather", "a2a+p2p"] = "p2p"
 
     @property
     def replica_size(self) -> int:
