@@ -6,6 +6,7 @@ from megalign.config.checks import (
                                     check_batches,
                                     check_vocabulary,
                                     data_parallel_size,
+                                    evaluation_batch_size,
                                     mask_token_id,
                                     padded_vocab_size,
                                     required_vocab_size,
@@ -47,7 +48,8 @@ __all__ = [
     "EvaluationConfig", "Fp8Config", "LoggingConfig", "ModelConfig", "OptimizerConfig",
     "ParallelConfig", "RecomputeConfig", "ResilienceConfig", "ScheduleConfig", "Section",
     "CONFIG_DIR", "check_batches", "check_vocabulary", "choices", "config_from_dict",
-    "data_parallel_size", "expand_config_dir", "load_config", "mask_token_id", "padded_vocab_size",
+    "data_parallel_size", "evaluation_batch_size", "expand_config_dir", "load_config",
+    "mask_token_id", "padded_vocab_size",
     "parse_blend", "parse_override", "parse_yaml", "required_vocab_size", "set_dotted", "to_dict",
     "validate",
 ]

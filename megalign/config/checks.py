@@ -45,6 +45,11 @@ def data_parallel_size(cfg: Config, world_size: int) -> int:
     return world_size // cfg.parallel.replica_size
 
 
+def evaluation_batch_size(cfg: Config) -> int:
+    """The samples evaluation scores at once: ``evaluation.batch_size``, else the micro-batch."""
+    return cfg.evaluation.batch_size or cfg.data.micro_batch_size
+
+
 def check_vocabulary(cfg: Config, tokenizer_vocab: int, tokenizer_mask: Optional[int]) -> None:
     """The padded vocabulary holds the tokenizer and the mask token, and splits over TP."""
     tp = cfg.parallel.tensor_model_parallel_size
@@ -236,7 +241,7 @@ def _check_evaluation(cfg: Config) -> None:
             "(megalign/model/inference.py) does not run the interleaved schedule; set "
             "parallel.virtual_pipeline_model_parallel_size=null or evaluation.interval=0 "
             "and score checkpoints with megalign-eval")
-    batch = e.batch_size or cfg.data.micro_batch_size
+    batch = evaluation_batch_size(cfg)
     if e.interval and e.samples < batch:
         raise ConfigError(f"evaluation.samples={e.samples} is fewer than one batch "
                           f"(evaluation.batch_size={batch})")

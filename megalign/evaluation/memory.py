@@ -11,7 +11,7 @@ cross-entropy reads the real vocabulary's columns, a few percent fewer).
 
 from __future__ import annotations
 
-from megalign.config import Config
+from megalign.config import Config, evaluation_batch_size
 from megalign.diffusion.decoding import default_block_length
 from megalign.model.memory import FP32, attention_score_bytes
 
@@ -30,7 +30,7 @@ def planned_working_bytes(cfg: Config, vocab_size: int, element: int, last_stage
     e = cfg.evaluation
     if not e.interval:
         return 0
-    batch = e.batch_size or cfg.data.micro_batch_size
+    batch = evaluation_batch_size(cfg)
     length = cfg.model.seq_length
     needs = [_scoring_bytes(cfg, batch, length, vocab_size, element, last_stage)]
     if last_stage and e.generation_samples:
@@ -45,13 +45,11 @@ def planned_working_bytes(cfg: Config, vocab_size: int, element: int, last_stage
 def planned_score_buffer_bytes(cfg: Config, element: int) -> int:
     """The local spec's attention-score buffer at evaluation's batch size (Megatron-Core's global
     buffer keeps the largest it was asked for; evaluation attends one stream of every position)."""
-    e = cfg.evaluation
-    if not e.interval:
+    if not cfg.evaluation.interval:
         return 0
     length = cfg.model.seq_length
     rows = length // cfg.parallel.context_parallel_size
-    return attention_score_bytes(cfg, e.batch_size or cfg.data.micro_batch_size, rows, length,
-                                 element)
+    return attention_score_bytes(cfg, evaluation_batch_size(cfg), rows, length, element)
 
 
 def _scoring_bytes(cfg: Config, batch: int, length: int, vocab_size: int, element: int,
@@ -70,7 +68,7 @@ def _scoring_bytes(cfg: Config, batch: int, length: int, vocab_size: int, elemen
     if not last_stage:
         return scoring
     shard = positions // cp * vocab_size // tp
-    output = shard * (2 * element + (FP32 if element != FP32 else 0))  # [s, b], [b, s], fp32
+    output = shard * _returned_bytes(element)
     local = whole // cp  # this rank's positions, the whole vocabulary
     over_tp = shard * FP32 + 2 * local if tp > 1 else 0
     over_cp = local + 3 * whole if cp > 1 else 0
@@ -84,5 +82,11 @@ def _decoding_bytes(cfg: Config, batch: int, length: int, block: int, vocab_size
     and its transposed copy, all of the whole sequence at the last block; then ``predict``'s five
     fp32 copies of the block's rows (the rows, masked, exponentiated, normalised, the draws)."""
     width = vocab_size // cfg.parallel.tensor_model_parallel_size
-    forward = batch * length * width * (FP32 + 2 * element + (FP32 if element != FP32 else 0))
+    forward = batch * length * width * (FP32 + _returned_bytes(element))
     return forward + 5 * batch * block * width * FP32
+
+
+def _returned_bytes(element: int) -> int:
+    """Bytes per logit while ``forward_vocab_shard`` returns them: the output layer's [s, b], its
+    [b, s] copy, and their fp32 copy when the model computes in another dtype."""
+    return 2 * element + (FP32 if element != FP32 else 0)

@@ -16,7 +16,7 @@ import time
 from functools import partial
 from typing import Optional
 
-from megalign.config import Config
+from megalign.config import Config, evaluation_batch_size
 from megalign.data.vocabulary import Vocabulary
 from megalign.diffusion.decoding import SamplerConfig
 from megalign.diffusion.objective import MaskedDiffusion
@@ -46,7 +46,7 @@ class Validator:
         self.objective = MaskedDiffusion.of(cfg)
         self.heldout, self.ood = [], []
         if e.interval:
-            batch_size = e.batch_size or cfg.data.micro_batch_size
+            batch_size = evaluation_batch_size(cfg)
             read = partial(heldout_batches, tokenizer=tokenizer, seq_length=cfg.model.seq_length,
                            seed=e.seed, samples=e.samples, batch_size=batch_size,
                            cache_dir=cache_dir, document_attention=cfg.model.document_attention,
